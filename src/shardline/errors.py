@@ -1,0 +1,138 @@
+"""Every error shardline raises, grouped by cause.
+
+`ShardlineError` is the root; the CLI prints ``str(exc)`` of any subclass as a
+one-line message and exits non-zero. Errors from botocore, aiohttp and the OS
+are translated into these at the boundary (``raise ... from exc``), so callers
+never need to know which library failed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShardlineError",
+    "ConfigurationError",
+    "InputError",
+    "SourceNotFoundError",
+    "SourceAccessError",
+    "ObjectChangedError",
+    "LineTooLongError",
+    "StorageError",
+    "RetryableStorageError",
+    "MarkerConflictError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "AuthenticationError",
+    "FrameTooLargeError",
+    "ShardFailedError",
+    "CommandFailedError",
+    "CoverageError",
+    "JobFailedError",
+]
+
+
+class ShardlineError(Exception):
+    """Root of every error shardline raises on purpose."""
+
+
+# --- configuration and input: the user can fix these -------------------------
+
+
+class ConfigurationError(ShardlineError):
+    """Invalid settings: bad shard count, delimiter, endpoint, missing table."""
+
+
+class InputError(ShardlineError):
+    """The input object itself is unusable."""
+
+
+class SourceNotFoundError(InputError):
+    """The file, bucket or key does not exist."""
+
+
+class SourceAccessError(InputError):
+    """The source exists but cannot be read (permissions, not a file)."""
+
+
+class ObjectChangedError(InputError):
+    """The object's ETag (or a local file's identity) changed mid-job."""
+
+
+class LineTooLongError(InputError):
+    """A line exceeds the configured ``max_line_bytes``; names its offset."""
+
+    def __init__(self, *, offset: int, limit: int) -> None:
+        super().__init__(
+            f"line starting before offset {offset} is longer than "
+            f"max_line_bytes={limit}"
+        )
+        self.offset = offset
+        self.limit = limit
+
+
+# --- storage (S3, DynamoDB, local disk) ---------------------------------------
+
+
+class StorageError(ShardlineError):
+    """A storage request failed for good."""
+
+
+class RetryableStorageError(StorageError):
+    """A transient storage failure (throttling, 5xx, reset, timeout)."""
+
+
+class MarkerConflictError(StorageError):
+    """A boundary marker already exists with a different value: corruption."""
+
+
+# --- the exchange protocol ----------------------------------------------------
+
+
+class ProtocolError(ShardlineError):
+    """A frame or session violated the exchange protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol forbids (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something malformed, unexpected or unauthenticated."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """A frame's MAC did not verify under the job's secret."""
+
+
+class FrameTooLargeError(RemoteProtocolError):
+    """A frame header announced more than the maximum frame size."""
+
+
+# --- shards and jobs ----------------------------------------------------------
+
+
+class ShardFailedError(ShardlineError):
+    """One shard could not be completed; the message names it and the cause."""
+
+    def __init__(self, shard: int, cause: str) -> None:
+        super().__init__(f"shard {shard} failed: {cause}")
+        self.shard = shard
+        self.cause = cause
+
+
+class CommandFailedError(ShardlineError):
+    """The per-shard command exited non-zero (or could not be started)."""
+
+    def __init__(self, *, returncode: int, stderr_tail: str) -> None:
+        detail = stderr_tail.strip().splitlines()[-1:] or ["(no stderr)"]
+        super().__init__(f"command exited with status {returncode}: {detail[0]}")
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class CoverageError(ShardlineError):
+    """The emitted ranges do not tile the object exactly."""
+
+
+class JobFailedError(ShardlineError):
+    """A job failed; wraps the first shard or coverage error."""

@@ -1,0 +1,91 @@
+# The shard task: everything a worker needs to run one shard attempt.  The
+# coordinator builds it, a backend delivers it (a local process's stdin, a
+# Lambda invoke event) and the worker parses it; both sides agree on it here.
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import ConfigurationError
+from ._ranges import ShardRange, check_delimiter, nominal_starts
+
+__all__ = ["TASK_VERSION", "ShardTask"]
+
+TASK_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardTask:
+    """One shard attempt.  `secret` authenticates the exchange session."""
+
+    job_id: str
+    shard: int
+    shards: int
+    attempt: int
+    source: str  # "s3://bucket/key" or a local path
+    size: int
+    etag: str
+    delimiter: bytes = b"\n"
+    command: str | None = None  # run with `sh -c`; None passes bytes through
+    output_path: str  # where this attempt writes its output
+    exchange_host: str | None = None  # None: no exchange (markers and own scan only)
+    exchange_port: int | None = None
+    secret: bytes = b""
+    markers_table: str
+    max_line_bytes: int | None = None
+    part_size_bytes: int = 8 * 1024 * 1024
+    max_in_flight_bytes: int = 32 * 1024 * 1024
+    #: Serialised shardline.aws.AwsSettings; credentials only for the embedded endpoint.
+    aws: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_delimiter(self.delimiter)
+        nominal_starts(self.size, self.shards)  # validates size and shards
+        if not 0 <= self.shard < self.shards:
+            raise ConfigurationError(f"task shard {self.shard} outside 0..{self.shards - 1}")
+        if self.attempt < 0:
+            raise ConfigurationError(f"task attempt must be >= 0, got {self.attempt}")
+        if (self.exchange_host is None) != (self.exchange_port is None):
+            raise ConfigurationError("task needs both exchange_host and exchange_port, or neither")
+        if self.max_line_bytes is not None and self.max_line_bytes < 1:
+            raise ConfigurationError(f"max_line_bytes must be >= 1, got {self.max_line_bytes}")
+        if self.part_size_bytes < 1 or self.max_in_flight_bytes < self.part_size_bytes:
+            raise ConfigurationError(
+                f"need 1 <= part_size_bytes ({self.part_size_bytes}) <= "
+                f"max_in_flight_bytes ({self.max_in_flight_bytes})"
+            )
+
+    @property
+    def range(self) -> ShardRange:
+        starts = nominal_starts(self.size, self.shards)
+        return ShardRange(
+            index=self.shard, shards=self.shards, start=starts[self.shard], end=starts[self.shard + 1], size=self.size
+        )
+
+    def neighbour_range(self, index: int) -> ShardRange:
+        starts = nominal_starts(self.size, self.shards)
+        return ShardRange(index=index, shards=self.shards, start=starts[index], end=starts[index + 1], size=self.size)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["delimiter"] = self.delimiter.hex()
+        data["secret"] = self.secret.hex()
+        data["version"] = TASK_VERSION
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ShardTask:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            version = data.pop("version", None)
+            if version != TASK_VERSION:
+                raise ValueError(f"task version {version!r}, expected {TASK_VERSION}")
+            data["delimiter"] = bytes.fromhex(data["delimiter"])
+            data["secret"] = bytes.fromhex(data["secret"])
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigurationError(f"invalid shard task: {exc}") from None
