@@ -1,0 +1,205 @@
+"""AWS client configuration and error translation, shared by worker and coordinator.
+
+Settings are built once at the edge (the CLI, a Lambda event) and passed
+down; nothing below reads the environment except botocore itself, which
+honours the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
+``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL_DYNAMODB``) for every field left
+as None here.  botocore's own retries are off: `shardline.retry` is the one
+retry loop, and it needs to see every failure to resume ranged GETs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    ConfigurationError,
+    ObjectChangedError,
+    RetryableStorageError,
+    ShardlineError,
+    SourceAccessError,
+    SourceNotFoundError,
+    StorageError,
+)
+
+__all__ = [
+    "AwsSettings",
+    "aws_configured",
+    "client",
+    "translate_error",
+]
+
+DEFAULT_REGION = "us-east-1"
+
+_RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalServerError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "TransactionInProgressException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+_ACCESS_CODES = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidObjectState"})
+_CHANGED_CODES = frozenset({"PreconditionFailed", "412"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AwsSettings:
+    """How to reach S3 and DynamoDB.  None means "let botocore decide"."""
+
+    region: str | None = None
+    s3_endpoint_url: str | None = None
+    dynamodb_endpoint_url: str | None = None
+    #: Static credentials for both services (tests, explicit configuration).
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    #: Static credentials for DynamoDB only: the embedded endpoint's, so that
+    #: S3 keeps using the standard credential chain.
+    dynamodb_access_key_id: str | None = None
+    dynamodb_secret_access_key: str | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_pool_connections: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AwsSettings:
+        return cls(**data)
+
+
+def aws_configured(environ: dict[str, str] | None = None, home: Path | None = None) -> bool:
+    """True if the environment names any AWS credentials or endpoint.
+
+    Looks only at variables and config files, never at instance metadata, so
+    deciding to run embedded costs no network round trip.
+    """
+    env = os.environ if environ is None else environ
+    keys = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL_DYNAMODB",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_LAMBDA_FUNCTION_NAME",
+    )
+    if any(env.get(key) for key in keys):
+        return True
+    base = Path.home() if home is None else home
+    files = [env.get("AWS_SHARED_CREDENTIALS_FILE"), env.get("AWS_CONFIG_FILE")]
+    candidates = [Path(f) for f in files if f] + [base / ".aws" / "credentials", base / ".aws" / "config"]
+    return any(path.is_file() for path in candidates)
+
+
+@functools.lru_cache(maxsize=16)
+def _session(settings: AwsSettings, service: str) -> Any:
+    """One session per configuration: clients made from it share loaded models."""
+    import aioboto3
+
+    key, secret = settings.access_key_id, settings.secret_access_key
+    if service == "dynamodb" and settings.dynamodb_access_key_id:
+        key, secret = settings.dynamodb_access_key_id, settings.dynamodb_secret_access_key
+    return aioboto3.Session(aws_access_key_id=key, aws_secret_access_key=secret, region_name=settings.region)
+
+
+@asynccontextmanager
+async def client(settings: AwsSettings, service: str) -> AsyncIterator[Any]:
+    """An aiobotocore client for `service` ("s3" or "dynamodb"), closed on exit."""
+    from aiobotocore.config import AioConfig
+    from botocore.exceptions import NoRegionError
+
+    session = _session(settings, service)
+    endpoint = settings.s3_endpoint_url if service == "s3" else settings.dynamodb_endpoint_url
+    config = AioConfig(
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        # total_max_attempts counts the first request too: exactly one try.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=settings.max_pool_connections,
+        # S3-compatible servers (moto, SeaweedFS, MinIO) want path-style URLs.
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    region = settings.region or session.region_name or DEFAULT_REGION
+    try:
+        async with session.client(service, endpoint_url=endpoint, region_name=region, config=config) as c:
+            yield c
+    except NoRegionError as exc:  # pragma: no cover - region always set above
+        raise ConfigurationError(f"no AWS region configured: {exc}") from exc
+
+
+def error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or (str(status) if status else "")
+
+
+def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
+    """Map a botocore / aiohttp / OS error about `what` to a ShardlineError.
+
+    Retryable causes become RetryableStorageError, so `shardline.retry` can
+    tell them apart from failures no retry will fix.
+    """
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, ShardlineError):
+        return exc
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ConfigurationError(f"{what}: no usable AWS credentials ({exc})")
+    if isinstance(exc, ParamValidationError):
+        return ConfigurationError(f"{what}: {exc}")
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        message = exc.response.get("Error", {}).get("Message") or code
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _CHANGED_CODES or status == 412:
+            return ObjectChangedError(f"{what}: the object changed during the job (ETag no longer matches)")
+        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+            return RetryableStorageError(f"{what}: {code}: {message}")
+        if code in _NOT_FOUND_CODES:
+            kind = "bucket" if code == "NoSuchBucket" else "object"
+            return SourceNotFoundError(f"{what}: no such {kind} ({code})")
+        if code in _ACCESS_CODES:
+            return SourceAccessError(f"{what}: access denied ({code}: {message})")
+        return StorageError(f"{what}: {code}: {message}")
+    if isinstance(exc, (BotoCoreError, OSError, asyncio.TimeoutError, TimeoutError)):
+        return RetryableStorageError(f"{what}: {type(exc).__name__}: {exc}")
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover
+        aiohttp = None  # type: ignore[assignment]
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
+        return RetryableStorageError(f"{what}: {type(exc).__name__}: {exc}")
+    return StorageError(f"{what}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,405 @@
+# Where bytes come from: an S3 object or a local file.
+#
+# An ObjectSource answers two questions and nothing more: how big is the
+# object and which version is it (`stat`), and "fill this buffer with bytes
+# [start, start + len(buffer)) of that version" (`read_into`, one request).
+# Retries, resumption and concurrency live one layer up in `_reader`; a
+# source only has to make every failure a shardline error and report how far
+# it got before failing.
+#
+# Partial progress: `read_into` takes an optional `on_bytes(count)` callback,
+# called on the event loop thread each time `count` more bytes have been
+# copied into the buffer, in order.  When `read_into` raises, the sum of the
+# counts reported so far is the number of valid bytes at the front of the
+# buffer, so the caller resumes at `start + sum` without refetching them.
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import errno
+import os
+import stat as stat_module
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar
+
+from .aws import AwsSettings, client, translate_error
+from .errors import (
+    ConfigurationError,
+    ObjectChangedError,
+    RetryableStorageError,
+    SourceAccessError,
+    SourceNotFoundError,
+    StorageError,
+)
+
+__all__ = [
+    "ObjectInfo",
+    "ObjectSource",
+    "LocalFileSource",
+    "S3Source",
+    "OnBytes",
+    "open_source",
+    "parse_s3_url",
+]
+
+#: Called with the number of bytes just copied into the caller's buffer.
+OnBytes = Callable[[int], None]
+
+#: Bytes copied per step.  Bounds how much one thread hop (local) or one body
+#: read (S3) handles, and so how often progress is reported.
+_CHUNK_BYTES = 1024 * 1024
+
+_S3_SCHEME = "s3://"
+_NOT_FOUND_STATUS = 404
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectInfo:
+    """Size and version of an object; `etag` pins every later read to it."""
+
+    size: int
+    etag: str
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError(f"object size must be >= 0, got {self.size}")
+
+
+class ObjectSource(abc.ABC):
+    """One object, read by ranges.  Use as an async context manager."""
+
+    #: "s3://bucket/key" or the local path; used in every message.
+    description: str
+
+    @abc.abstractmethod
+    async def stat(self) -> ObjectInfo:
+        """Size and ETag of the object as it is now (one request, no retry).
+
+        Raises SourceNotFoundError, SourceAccessError, or StorageError
+        (RetryableStorageError for transient causes).
+        """
+
+    @abc.abstractmethod
+    async def read_into(
+        self,
+        start: int,
+        view: memoryview,
+        *,
+        etag: str,
+        on_bytes: OnBytes | None = None,
+    ) -> None:
+        """Fill `view` with bytes [start, start + len(view)) of version `etag`.
+
+        One request; an empty `view` makes none.  Progress is reported through
+        `on_bytes` (see the module comment).  Raises RetryableStorageError for
+        transient failures, including a body that ends early;
+        ObjectChangedError if the object is no longer version `etag`.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections or file descriptors; safe to call twice."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r})"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split "s3://bucket/key" into (bucket, key); the key may contain '/'."""
+    if not url.startswith(_S3_SCHEME):
+        raise ConfigurationError(f"not an S3 URL (expected s3://bucket/key): {url!r}")
+    bucket, slash, key = url[len(_S3_SCHEME) :].partition("/")
+    if not bucket:
+        raise ConfigurationError(f"S3 URL has no bucket (expected s3://bucket/key): {url!r}")
+    if not slash or not key:
+        raise ConfigurationError(f"S3 URL has no key (expected s3://bucket/key): {url!r}")
+    return bucket, key
+
+
+def open_source(location: str, aws: AwsSettings) -> ObjectSource:
+    """An S3Source for "s3://bucket/key", else a LocalFileSource for the path."""
+    if location.startswith(_S3_SCHEME):
+        bucket, key = parse_s3_url(location)
+        return S3Source(bucket, key, aws=aws)
+    return LocalFileSource(location)
+
+
+def _check_range(start: int, view: memoryview) -> None:
+    if start < 0:
+        raise ValueError(f"read start must be >= 0, got {start}")
+    if view.readonly:
+        raise ValueError("read_into needs a writable buffer")
+
+
+# --- local files --------------------------------------------------------------
+
+
+def _local_etag(st: os.stat_result) -> str:
+    """A version tag for a local file: changes whenever it is replaced or written."""
+    return f"local-{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` at `offset` without an intermediate copy where possible."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
+class LocalFileSource(ObjectSource):
+    """A local file, read with `os.pread` in the default thread pool.
+
+    The ETag is derived from (st_dev, st_ino, st_size, st_mtime_ns), and every
+    read re-checks it with `fstat` after reading, so a file written to or
+    truncated mid-job raises ObjectChangedError rather than mixing versions.
+    The descriptor is opened on first use and kept until `aclose`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.description = self.path
+        self._fd: int | None = None
+        self._closed = False
+        # Thread-pool reads still running, so aclose never closes their fd.
+        self._in_flight: set[asyncio.Future[Any]] = set()
+
+    async def stat(self) -> ObjectInfo:
+        st = await self._in_thread(os.fstat, self._open())
+        return ObjectInfo(size=st.st_size, etag=_local_etag(st))
+
+    async def read_into(
+        self,
+        start: int,
+        view: memoryview,
+        *,
+        etag: str,
+        on_bytes: OnBytes | None = None,
+    ) -> None:
+        _check_range(start, view)
+        if not view:
+            return
+        fd = self._open()
+        filled = 0
+        while filled < len(view):
+            chunk = view[filled : filled + _CHUNK_BYTES]
+            count = await self._in_thread(self._read_chunk, fd, chunk, start + filled, etag)
+            filled += count
+            if on_bytes is not None:
+                on_bytes(count)
+
+    def _read_chunk(self, fd: int, chunk: memoryview, offset: int, etag: str) -> int:
+        """One pread, then prove the file is still version `etag` (thread pool)."""
+        try:
+            count = _pread_into(fd, chunk, offset)
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise translate_error(exc, what=f"reading {self.path}") from exc
+        if _local_etag(st) != etag:
+            raise ObjectChangedError(
+                f"{self.path}: the file changed during the job "
+                f"(expected version {etag}, found {_local_etag(st)})"
+            )
+        if count == 0:
+            raise StorageError(
+                f"{self.path}: asked for bytes from offset {offset} but the file has "
+                f"only {st.st_size} bytes"
+            )
+        return count
+
+    def _open(self) -> int:
+        """The file's descriptor, opened on first use.
+
+        Synchronous on purpose: with no await between the check and the
+        assignment, concurrent first reads cannot open the file twice.
+        """
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._fd is not None:
+            return self._fd
+        # O_NONBLOCK keeps open() of a FIFO from hanging; regular files ignore it.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as exc:
+            raise self._open_error(exc) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            os.close(fd)
+            raise self._open_error(exc) from exc
+        if not stat_module.S_ISREG(mode):
+            os.close(fd)
+            kind = "is a directory" if stat_module.S_ISDIR(mode) else "not a regular file"
+            raise SourceAccessError(f"cannot read {self.path}: {kind}")
+        self._fd = fd
+        return fd
+
+    def _open_error(self, exc: OSError) -> Exception:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return SourceNotFoundError(f"no such file: {self.path}")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return SourceAccessError(f"cannot read {self.path}: permission denied")
+        if exc.errno == errno.EISDIR:
+            return SourceAccessError(f"cannot read {self.path}: is a directory")
+        return SourceAccessError(f"cannot read {self.path}: {exc.strerror or exc}")
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        # Shielded: a cancelled caller must not leave a pread running on a
+        # descriptor that aclose is about to close (or the OS to reuse).
+        future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+        self._in_flight.add(future)
+        future.add_done_callback(self._forget)
+        return await asyncio.shield(future)
+
+    def _forget(self, future: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(future)
+        if not future.cancelled():
+            future.exception()  # retrieved: a cancelled caller never will
+
+    async def aclose(self) -> None:
+        self._closed = True
+        while self._in_flight:
+            await wait_uncancellable(asyncio.gather(*self._in_flight, return_exceptions=True))
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+# --- S3 -----------------------------------------------------------------------
+
+
+class S3Source(ObjectSource):
+    """An S3 object, read with ranged GETs pinned by If-Match to one ETag.
+
+    The aiobotocore client is created on first use (so constructing a source
+    costs nothing) and closed by `aclose`.
+    """
+
+    def __init__(self, bucket: str, key: str, *, aws: AwsSettings) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.description = f"s3://{bucket}/{key}"
+        self._aws = aws
+        self._exit_stack = AsyncExitStack()
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+        self._closed = False
+
+    async def stat(self) -> ObjectInfo:
+        s3 = await self._s3()
+        try:
+            response = await s3.head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as exc:
+            if _http_status(exc) == _NOT_FOUND_STATUS:
+                # HEAD responses carry no error body, so a 404 cannot say
+                # whether the bucket or the key is missing; ask the bucket.
+                raise await self._not_found_error() from exc
+            raise translate_error(exc, what=self.description) from exc
+        return ObjectInfo(size=int(response["ContentLength"]), etag=str(response["ETag"]))
+
+    async def _not_found_error(self) -> Exception:
+        s3 = await self._s3()
+        try:
+            await s3.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            if _http_status(exc) == _NOT_FOUND_STATUS:
+                return SourceNotFoundError(f"no such bucket {self.bucket!r}")
+            return translate_error(exc, what=self.description)
+        return SourceNotFoundError(f"no such key {self.key!r} in bucket {self.bucket!r}")
+
+    async def read_into(
+        self,
+        start: int,
+        view: memoryview,
+        *,
+        etag: str,
+        on_bytes: OnBytes | None = None,
+    ) -> None:
+        _check_range(start, view)
+        if not view:
+            return
+        wanted = len(view)
+        # Half-open everywhere else; the Range header's end is inclusive.
+        byte_range = f"bytes={start}-{start + wanted - 1}"
+        what = f"{self.description} {byte_range}"
+        s3 = await self._s3()
+        try:
+            response = await s3.get_object(Bucket=self.bucket, Key=self.key, Range=byte_range, IfMatch=etag)
+        except Exception as exc:
+            raise translate_error(exc, what=what) from exc
+        body = response["Body"]
+        try:
+            length = int(response.get("ContentLength", -1))
+            if length != wanted:
+                # Not a transient failure: the server answered a different range
+                # (past the end of the object, or Range ignored).
+                raise StorageError(
+                    f"{what}: server sent {length} bytes (Content-Range "
+                    f"{response.get('ContentRange')!r}) for a {wanted}-byte range"
+                )
+            filled = 0
+            while filled < wanted:
+                try:
+                    data = await body.read(min(_CHUNK_BYTES, wanted - filled))
+                except Exception as exc:
+                    raise translate_error(exc, what=f"{what} after {filled} bytes") from exc
+                if not data:
+                    raise RetryableStorageError(f"{what}: body ended after {filled} of {wanted} bytes")
+                view[filled : filled + len(data)] = data
+                filled += len(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
+        finally:
+            # Closing an unfinished body drops its connection rather than
+            # returning a half-read stream to the pool.
+            body.close()
+
+    async def _s3(self) -> Any:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    self._client = await self._exit_stack.enter_async_context(client(self._aws, "s3"))
+        return self._client
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._client = None
+        await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError, else None."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+async def wait_uncancellable(future: asyncio.Future[Any]) -> None:
+    """Await `future` to the end even if we are cancelled meanwhile, then re-raise."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if future.done():
+                break
+            cancelled = True
+    future.result()
+    if cancelled:
+        raise asyncio.CancelledError

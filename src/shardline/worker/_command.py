@@ -1,0 +1,506 @@
+# The worker's per-shard output stage: where a shard's emitted bytes go.
+#
+# `PassthroughOutput` copies them unchanged into the output file; its writes
+# run in a worker thread so a slow disk never stalls the event loop.
+#
+# `CommandOutput` feeds them to `sh -c COMMAND`, whose stdout *is* the output
+# file (the descriptor is handed to the child, so output never passes through
+# Python).  Strategy:
+#
+# - Backpressure is exact: the stdin pipe transport gets a high-water mark of
+#   zero, so `write()` returns only once the kernel pipe has taken every byte.
+#   Nothing piles up in user space, and the caller may reuse its buffer as
+#   soon as `write()` returns.  Input goes in bounded chunks so the transport
+#   never holds a copy of a whole 8 MiB part.
+# - A command that stops reading early (`head -1`) is not an error, exactly as
+#   in `cat file | head -1`: further input is dropped and the exit status
+#   alone decides.
+# - stderr is drained by the protocol callback for the whole life of the
+#   process, so a chatty command can never deadlock against a full stderr
+#   pipe; only its last `stderr_tail_bytes` are kept, for the error message.
+# - The command runs in its own session, hence its own process group, so an
+#   abort kills the shell *and* everything it started.
+#
+# The low-level `loop.subprocess_exec` with our own protocol is used instead
+# of `asyncio.create_subprocess_exec`: on Python 3.11 `Process.wait()` only
+# returns once every pipe is closed, so a background process left holding
+# stderr would hang `finish()` although the shell has exited.  The protocol
+# sees the exit itself, and `finish()` gives such stragglers a short grace
+# before killing them, so nothing writes into the output after it is measured.
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import errno
+import fcntl
+import logging
+import os
+import signal
+import stat
+import subprocess
+from collections.abc import Mapping
+from types import TracebackType
+from typing import IO, BinaryIO, Self, cast
+
+from ..errors import CommandFailedError, StorageError
+
+__all__ = ["ShardOutput", "PassthroughOutput", "CommandOutput"]
+
+log = logging.getLogger("shardline.worker.command")
+
+#: Largest slice handed to the stdin transport at once.  Bounds the copy the
+#: transport keeps of bytes the pipe has not taken yet.
+_STDIN_CHUNK_BYTES = 256 * 1024
+
+#: Requested capacity of the stdin pipe (Linux only, best effort).  The 64 KiB
+#: default costs the command a wake-up per 64 KiB; 1 MiB is the default limit
+#: for unprivileged processes (/proc/sys/fs/pipe-max-size).
+_STDIN_PIPE_CAPACITY_BYTES = 1024 * 1024
+
+#: How long `finish()` waits, after the shell exits, for everything else that
+#: holds its stderr (background processes it left behind) before killing them.
+_BACKGROUND_GRACE_S = 2.0
+
+#: How long an abort waits for the killed process to be reaped before giving up
+#: with a warning (a process in uninterruptible sleep cannot die at once).
+_KILL_WAIT_S = 10.0
+
+#: Shell conventions for a command that could not be executed.
+_STATUS_NOT_FOUND = 127
+_STATUS_NOT_EXECUTABLE = 126
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    FINISHING = "finishing"
+    FINISHED = "finished"
+    CLOSED = "closed"
+
+
+class ShardOutput(abc.ABC):
+    """Where a shard's emitted input bytes go.
+
+    Use as an async context manager (entering calls `start()` unless it was
+    already called; leaving calls `aclose()`), or call the methods directly:
+    `start()`, any number of `write()`, then `finish()`.  One task drives an
+    output; `aclose()` aborts and is idempotent and cancellation-safe.
+    """
+
+    def __init__(self) -> None:
+        #: Input bytes accepted so far (every byte of every completed `write()`).
+        self.bytes_in = 0
+        self._state = _State.NEW
+        self._cleanup: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._state is _State.NEW:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Open the output (and start the command, if any)."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Hand over `data`; returns once it is accepted, so `data` may be reused."""
+
+    @abc.abstractmethod
+    async def finish(self) -> int:
+        """End of input: wait for completion and return the output file's size."""
+
+    async def aclose(self) -> None:
+        """Abort unless finished: stop any command, close every file.
+
+        The cleanup runs in its own task under a shield, so cancelling the
+        caller cannot interrupt it halfway; a second call waits for the same
+        cleanup.
+        """
+        if self._cleanup is None:
+            self._state = _State.CLOSED
+            self._cleanup = asyncio.ensure_future(self._abort())
+        await asyncio.shield(self._cleanup)
+
+    @abc.abstractmethod
+    async def _abort(self) -> None:
+        """Release whatever is still held; idempotent, logs instead of raising."""
+
+    def _advance(self, expected: _State, new: _State, action: str) -> None:
+        if self._state is not expected:
+            raise RuntimeError(
+                f"cannot {action} a {type(self).__name__} that is {self._state.value}"
+            )
+        self._state = new
+
+    def _require_running(self, action: str) -> None:
+        self._advance(_State.RUNNING, _State.RUNNING, action)
+
+
+def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
+    return StorageError(f"cannot {action} shard output {path!r}: {exc.strerror or exc}")
+
+
+class PassthroughOutput(ShardOutput):
+    """Writes the input unchanged to `output_path` (created or truncated)."""
+
+    def __init__(self, output_path: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self._path = os.fspath(output_path)
+        self._file: BinaryIO | None = None
+        # The write running in a worker thread; an abort waits for it rather
+        # than closing the file under its feet.
+        self._pending_write: asyncio.Future[int] | None = None
+
+    async def start(self) -> None:
+        self._advance(_State.NEW, _State.RUNNING, "start")
+        # Opened on the loop thread: an open abandoned in a worker thread by a
+        # cancelled caller would leak its descriptor.
+        try:
+            self._file = open(self._path, "wb")  # closed by finish() or aclose()
+        except OSError as exc:
+            self._state = _State.CLOSED
+            raise _storage_error("open", self._path, exc) from exc
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._require_running("write to")
+        assert self._file is not None
+        size = memoryview(data).nbytes
+        if not size:
+            return
+        self._pending_write = asyncio.ensure_future(asyncio.to_thread(self._file.write, data))
+        try:
+            # Shielded: if we are cancelled the thread keeps writing anyway,
+            # and `_abort()` waits for it.
+            await asyncio.shield(self._pending_write)
+        except OSError as exc:
+            raise _storage_error("write", self._path, exc) from exc
+        self.bytes_in += size
+
+    async def finish(self) -> int:
+        self._advance(_State.RUNNING, _State.FINISHING, "finish")
+        assert self._file is not None
+        try:
+            await asyncio.to_thread(self._file.close)  # flushes
+        except OSError as exc:
+            await self.aclose()
+            raise _storage_error("write", self._path, exc) from exc
+        except BaseException:
+            await self.aclose()
+            raise
+        self._file = None
+        self._state = _State.FINISHED
+        return self.bytes_in
+
+    async def _abort(self) -> None:
+        if self._pending_write is not None:
+            await asyncio.wait({self._pending_write})
+            if not self._pending_write.cancelled():
+                # Mark any error retrieved: the writer has raised it already,
+                # or was cancelled and no longer cares.
+                self._pending_write.exception()
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                await asyncio.to_thread(file.close)
+            except OSError as exc:
+                log.warning("closing aborted output %s: %s", self._path, exc)
+
+
+class _CommandProtocol(asyncio.SubprocessProtocol):
+    """Watches the command: its exit, its stderr, and flow control of its stdin."""
+
+    def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.stderr_closed: asyncio.Future[None] = loop.create_future()
+        self.stdin_lost = False
+        self.stderr_tail = bytearray()
+        self._stderr_tail_bytes = stderr_tail_bytes
+        self._forward_stderr = forward_stderr
+        self._stdin_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def input_refused(self) -> bool:
+        """True once nothing more can reach the command: it closed its stdin
+        or exited.  Exit counts because a background process it left behind
+        may still hold the pipe open (uvloop even leaks copies of it into
+        every child), and waiting on that would block for its lifetime."""
+        return self.stdin_lost or self.exited.done()
+
+    async def stdin_drained(self) -> None:
+        """Wait until the pipe has taken everything written, or input is refused."""
+        while self._stdin_paused and not self.input_refused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def _wake_writer(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- protocol callbacks ----------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._stdin_paused = True
+
+    def resume_writing(self) -> None:
+        self._stdin_paused = False
+        self._wake_writer()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd != 2:
+            return
+        if self._forward_stderr is not None:
+            try:
+                self._forward_stderr.write(data)
+                self._forward_stderr.flush()
+            except (OSError, ValueError) as exc:
+                # Keep draining regardless: a reader that stops makes the
+                # command block on a full stderr pipe.
+                log.warning("cannot forward command stderr any more: %s", exc)
+                self._forward_stderr = None
+        self.stderr_tail += data
+        excess = len(self.stderr_tail) - self._stderr_tail_bytes
+        if excess > 0:
+            del self.stderr_tail[:excess]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 0:
+            self.stdin_lost = True
+            self._wake_writer()
+        elif fd == 2 and not self.stderr_closed.done():
+            self.stderr_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+        self._wake_writer()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone (PermissionError: macOS, for a group of zombies)
+
+
+async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> bool:
+    """Wait for `future` without cancelling it on timeout."""
+    done, _ = await asyncio.wait({future}, timeout=timeout_s)
+    return bool(done)
+
+
+class CommandOutput(ShardOutput):
+    """Pipes the input through ``sh -c command``; its stdout becomes `output_path`.
+
+    `env` adds to (not replaces) the inherited environment.  Only the last
+    `stderr_tail_bytes` of stderr are kept, for `CommandFailedError`; pass
+    `forward_stderr` to also copy all of it there as it arrives (written from
+    the event loop, so give it something that does not block for long, such
+    as ``sys.stderr.buffer``).
+    """
+
+    def __init__(
+        self,
+        command: str,
+        output_path: str | os.PathLike[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stderr_tail_bytes: int = 8192,
+        forward_stderr: IO[bytes] | None = None,
+    ) -> None:
+        super().__init__()
+        if stderr_tail_bytes < 0:
+            raise ValueError(f"stderr_tail_bytes must be >= 0, not {stderr_tail_bytes}")
+        self._command = command
+        self._path = os.fspath(output_path)
+        self._extra_env = dict(env) if env is not None else None
+        self._stderr_tail_bytes = stderr_tail_bytes
+        self._forward_stderr = forward_stderr
+        #: Input bytes accepted but discarded, never offered to the command,
+        #: because it had stopped taking input (also counted in `bytes_in`).
+        self.bytes_dropped = 0
+        self._output_fd: int | None = None
+        self._pid: int | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._protocol: _CommandProtocol | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The shell's pid, which is also its process group id; None before start."""
+        return self._pid
+
+    @property
+    def stderr_tail(self) -> str:
+        """The last `stderr_tail_bytes` of the command's stderr so far, decoded."""
+        if self._protocol is None:
+            return ""
+        return self._protocol.stderr_tail.decode("utf-8", errors="replace")
+
+    async def start(self) -> None:
+        self._advance(_State.NEW, _State.RUNNING, "start")
+        try:
+            self._output_fd = os.open(
+                self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
+            )
+        except OSError as exc:
+            self._state = _State.CLOSED
+            raise _storage_error("open", self._path, exc) from exc
+        env = {**os.environ, **self._extra_env} if self._extra_env is not None else None
+        try:
+            self._transport, self._protocol = await asyncio.get_running_loop().subprocess_exec(
+                lambda: _CommandProtocol(
+                    stderr_tail_bytes=self._stderr_tail_bytes,
+                    forward_stderr=self._forward_stderr,
+                ),
+                "sh",
+                "-c",
+                self._command,
+                stdin=subprocess.PIPE,
+                stdout=self._output_fd,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._close_output_fd()
+            self._state = _State.CLOSED
+            status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
+            raise CommandFailedError(
+                returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            # Cancelled while spawning: asyncio has already killed the child.
+            self._close_output_fd()
+            self._state = _State.CLOSED
+            raise
+        self._pid = self._transport.get_pid()
+        # uvloop's pipe transports do not derive from asyncio.WriteTransport.
+        self._stdin = cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
+        if not self._stdin.is_closing():  # it is if the command has exited already
+            try:
+                # Pause at the first byte left over, resume only when none is.
+                self._stdin.set_write_buffer_limits(high=0)
+                _enlarge_pipe(self._stdin)
+            except BaseException:
+                await self.aclose()
+                raise
+        log.debug("started %r as pid %d, output %s", self._command, self._pid, self._path)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._require_running("write to")
+        assert self._stdin is not None and self._protocol is not None
+        view = memoryview(data).cast("B")
+        for offset in range(0, len(view), _STDIN_CHUNK_BYTES):
+            if self._protocol.input_refused or self._stdin.is_closing():
+                self._drop(len(view) - offset, offered=self.bytes_in + offset)
+                break
+            self._stdin.write(view[offset : offset + _STDIN_CHUNK_BYTES])
+            await self._protocol.stdin_drained()
+            self._require_running("write to")  # not aborted by another task meanwhile
+        self.bytes_in += len(view)
+
+    def _drop(self, size: int, *, offered: int) -> None:
+        if not self.bytes_dropped:
+            log.debug("pid %s took no more input after %d bytes; dropping the rest", self._pid, offered)
+        self.bytes_dropped += size
+
+    async def finish(self) -> int:
+        self._advance(_State.RUNNING, _State.FINISHING, "finish")
+        assert self._transport is not None and self._protocol is not None
+        assert self._stdin is not None
+        try:
+            if not self._stdin.is_closing():
+                # Nothing is buffered (write() waits for the pipe): EOF at once.
+                self._stdin.close()
+            await self._protocol.exited
+            await self._wait_for_background_processes()
+            self._advance(_State.FINISHING, _State.FINISHING, "finish")  # not aborted meanwhile
+        except BaseException:
+            await self.aclose()
+            raise
+        returncode = self._transport.get_returncode()
+        assert returncode is not None
+        output_bytes = self._output_size()
+        self._transport.close()
+        self._transport = None
+        self._close_output_fd()
+        self._state = _State.FINISHED
+        if returncode != 0:
+            log.debug("pid %d exited with status %d", self._pid, returncode)
+            raise CommandFailedError(returncode=returncode, stderr_tail=self.stderr_tail)
+        return output_bytes
+
+    async def _wait_for_background_processes(self) -> None:
+        """After the shell exited: wait for stderr EOF, killing stragglers if it is late."""
+        assert self._protocol is not None and self._pid is not None
+        if await _completes_within(self._protocol.stderr_closed, _BACKGROUND_GRACE_S):
+            return
+        # Something still holds stderr, so the group is not empty and its id
+        # cannot have been reused: safe to signal.
+        log.warning(
+            "command %r exited but left a background process holding its stderr; "
+            "killing process group %d",
+            self._command,
+            self._pid,
+        )
+        _kill_group(self._pid)
+        if not await _completes_within(self._protocol.stderr_closed, _KILL_WAIT_S):
+            log.warning("stderr of process group %d still open; closing it anyway", self._pid)
+
+    def _output_size(self) -> int:
+        assert self._output_fd is not None
+        st = os.fstat(self._output_fd)
+        # The child shares our open file, so this counts all it wrote.  A
+        # non-regular output (/dev/null, a FIFO) has no size to report.
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+    def _close_output_fd(self) -> None:
+        if self._output_fd is not None:
+            fd, self._output_fd = self._output_fd, None
+            os.close(fd)
+
+    async def _abort(self) -> None:
+        transport, protocol, self._transport = self._transport, self._protocol, None
+        if transport is not None and protocol is not None:
+            pid = transport.get_pid()
+            # Signal the group only while someone in it is known to live (the
+            # unreaped shell, or whoever still holds stderr), so that its id
+            # cannot have been reused by an unrelated group.
+            if transport.get_returncode() is None or not protocol.stderr_closed.done():
+                _kill_group(pid)
+                log.info("aborted command %r: killed process group %d", self._command, pid)
+            if self._stdin is not None and not self._stdin.is_closing():
+                self._stdin.abort()  # discard input the command will never read
+            if not await _completes_within(protocol.exited, _KILL_WAIT_S):
+                log.warning("process %d still not reaped %.0fs after SIGKILL", pid, _KILL_WAIT_S)
+            transport.close()
+        self._close_output_fd()
+
+
+def _enlarge_pipe(stdin: asyncio.WriteTransport) -> None:
+    """Best effort: Linux only, and only where the transport exposes its pipe
+    (asyncio does, uvloop does not)."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    pipe = stdin.get_extra_info("pipe")
+    if set_size is None or pipe is None:
+        return
+    try:
+        fcntl.fcntl(pipe.fileno(), set_size, _STDIN_PIPE_CAPACITY_BYTES)
+    except (OSError, ValueError) as exc:  # ValueError: the command already closed it
+        log.debug("keeping the default stdin pipe size: %s", exc)

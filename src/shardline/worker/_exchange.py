@@ -1,0 +1,215 @@
+# The worker's TCP session with the coordinator's exchange (DESIGN §3).
+#
+# A thin asyncio shell around protocol.ExchangeSession: the worker dials out
+# (Lambda accepts no inbound TCP), says HELLO, then sends its HEAD fragment,
+# asks for its neighbours' heads with WANT, heartbeats with PROGRESS and
+# reports DONE or FAILED.  A background task reads pushed FRAGMENTs into a
+# dict.  Losing the session never stops the shard: fragments it did not get
+# are taken from markers or S3 instead; only the final report needs the
+# coordinator, and for that the client reconnects.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ..errors import ProtocolError, ShardlineError
+from ..protocol import (
+    CLOSED,
+    NEED_DATA,
+    Ack,
+    Error,
+    ExchangeSession,
+    Fragment,
+    Frame,
+    Head,
+    Pending,
+    Want,
+)
+
+__all__ = ["ExchangeClient", "ExchangeUnavailable"]
+
+log = logging.getLogger("shardline.worker.exchange")
+
+_READ_BYTES = 256 * 1024
+
+
+class ExchangeUnavailable(ShardlineError):
+    """The coordinator's exchange could not be reached or rejected us."""
+
+
+class ExchangeClient:
+    """One shard attempt's connection to the exchange; use as an async context manager."""
+
+    def __init__(
+        self, *, host: str, port: int, job_id: str, shard: int, attempt: int, secret: bytes, connect_timeout_s: float = 10.0
+    ) -> None:
+        self._address = (host, port)
+        self._identity = dict(job_id=job_id, shard=shard, attempt=attempt, secret=secret)
+        self._connect_timeout_s = connect_timeout_s
+        self._session: ExchangeSession | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
+        self._fragments: dict[int, Fragment] = {}
+        self._wanted: set[int] = set()
+        self._answered: set[int] = set()  # WANTs answered with FRAGMENT or PENDING
+        self._answer_arrived = asyncio.Event()
+        self._head: Head | None = None  # resent after a reconnect
+        self._ack: asyncio.Future[Ack] | None = None
+        self.connected = False
+        self.rejection: str | None = None  # set when the coordinator sent ERROR
+
+    async def __aenter__(self) -> ExchangeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def connect(self) -> None:
+        """Open the session (HELLO / WELCOME) and resend earlier WANTs."""
+        await self._drop_connection()
+        session = ExchangeSession.client(**self._identity)  # type: ignore[arg-type]
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self._address), self._connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ExchangeUnavailable(f"cannot reach exchange at {self._address[0]}:{self._address[1]}: {exc}") from exc
+        self._session, self._reader, self._writer = session, reader, writer
+        try:
+            writer.write(session.send(session.hello))  # type: ignore[arg-type]
+            await writer.drain()
+            welcome = await asyncio.wait_for(self._read_frame(), self._connect_timeout_s)
+        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+            await self._drop_connection()
+            raise ExchangeUnavailable(f"exchange handshake failed: {exc}") from exc
+        if isinstance(welcome, Error) or welcome is None:
+            await self._drop_connection()
+            reason = welcome.message if isinstance(welcome, Error) else "connection closed"
+            raise ExchangeUnavailable(f"exchange refused the session: {reason}")
+        self.connected = True
+        self._read_task = asyncio.create_task(self._read_loop(), name="exchange-reader")
+        if self._head is not None:
+            await self._send(self._head)
+        for shard in sorted(self._wanted):
+            await self._send(Want(shard=shard))
+
+    async def _read_frame(self) -> Frame | None:
+        assert self._session is not None and self._reader is not None
+        while True:
+            frame = self._session.next_frame()
+            if frame is CLOSED:
+                return None
+            if frame is not NEED_DATA:
+                return frame  # type: ignore[return-value]
+            self._session.receive_data(await self._reader.read(_READ_BYTES))
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self._read_frame()
+                if frame is None:
+                    break
+                if isinstance(frame, (Fragment, Pending)):
+                    if isinstance(frame, Fragment):
+                        self._fragments[frame.shard] = frame
+                    self._answered.add(frame.shard)
+                    self._answer_arrived.set()
+                elif isinstance(frame, Ack):
+                    if self._ack is not None and not self._ack.done():
+                        self._ack.set_result(frame)
+                elif isinstance(frame, Error):
+                    self.rejection = frame.message
+                    log.warning("exchange closed our session: %s", frame.message)
+                    break
+        except (OSError, ProtocolError) as exc:
+            log.warning("exchange session lost: %s", exc)
+        finally:
+            self.connected = False
+            self._answer_arrived.set()
+            if self._ack is not None and not self._ack.done():
+                self._ack.set_exception(ExchangeUnavailable(self.rejection or "exchange session lost before ACK"))
+
+    async def _send(self, frame: Frame) -> None:
+        async with self._send_lock:
+            if not self.connected or self._writer is None or self._session is None:
+                raise ExchangeUnavailable("not connected to the exchange")
+            try:
+                self._writer.write(self._session.send(frame))
+                await self._writer.drain()
+            except OSError as exc:
+                self.connected = False
+                raise ExchangeUnavailable(f"exchange write failed: {exc}") from exc
+
+    async def send(self, frame: Frame) -> bool:
+        """Best-effort send; False if the session is gone (the shard goes on)."""
+        try:
+            await self._send(frame)
+            return True
+        except ExchangeUnavailable as exc:
+            log.info("exchange send of %s skipped: %s", frame.TYPE.name, exc)
+            return False
+
+    async def publish_head(self, head: Head) -> bool:
+        """Send our HEAD (and again after any reconnect); False if not connected now."""
+        self._head = head
+        return await self.send(head)
+
+    async def want(self, shard: int) -> None:
+        """Ask to be pushed `shard`'s head fragment as soon as it is known."""
+        self._wanted.add(shard)
+        await self.send(Want(shard=shard))
+
+    async def fragment(self, shard: int, *, answer_timeout_s: float) -> Fragment | None:
+        """The head of `shard` if it has been pushed to us, else None.
+
+        If our WANT for `shard` is still unanswered on a live session, wait
+        up to `answer_timeout_s` for the answer: one round trip to the
+        coordinator is far cheaper than the S3 reads a fallback costs.
+        """
+        if shard not in self._wanted:
+            await self.want(shard)  # a tail that runs past our next neighbour
+        deadline = asyncio.get_running_loop().time() + answer_timeout_s
+        while shard not in self._fragments and shard not in self._answered and self.connected:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self._answer_arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._answer_arrived.wait(), remaining)
+        return self._fragments.get(shard)
+
+    async def report(self, frame: Frame, *, timeout_s: float, reconnect_attempts: int = 3) -> Ack:
+        """Send DONE or FAILED and wait for the coordinator's ACK, reconnecting if needed."""
+        last_error: Exception | None = None
+        for _ in range(reconnect_attempts):
+            try:
+                if not self.connected:
+                    await self.connect()
+                self._ack = asyncio.get_running_loop().create_future()
+                await self._send(frame)
+                return await asyncio.wait_for(self._ack, timeout_s)
+            except (ExchangeUnavailable, asyncio.TimeoutError) as exc:
+                last_error = exc
+                if self.rejection is not None:
+                    break  # fenced or refused: reconnecting will not help
+                await self._drop_connection()
+                await asyncio.sleep(0.2)
+        raise ExchangeUnavailable(f"could not report {frame.TYPE.name} to the exchange: {last_error}")
+
+    async def _drop_connection(self) -> None:
+        self.connected = False
+        task, self._read_task = self._read_task, None
+        writer, self._writer = self._writer, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def aclose(self) -> None:
+        await asyncio.shield(self._drop_connection())

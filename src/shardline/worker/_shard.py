@@ -1,0 +1,403 @@
+# Runs one shard attempt end to end (DESIGN §3, §4).
+#
+# 1. Download [s_i - 1, s_{i+1}) with concurrent ranged GETs; the first bytes
+#    settle h_i (HeadScanner).  Publish the boundary as a DynamoDB marker and
+#    the head fragment [s_i, h_i) over the exchange, without waiting on either.
+# 2. Stream [h_i, s_{i+1}) to the output (command stdin or passthrough file)
+#    while the download continues.
+# 3. Complete the tail [s_{i+1}, h_{i+1}) one neighbour at a time, preferring
+#    a fragment already pushed over TCP, then the neighbour's marker plus one
+#    exact ranged GET, then our own forward scan.  All three give the same
+#    bytes because every read is pinned to the object's ETag.  A neighbour
+#    with no line start extends the tail to the next neighbour.
+# 4. Report DONE {emitted range, bytes, checksum, which tail paths were used}.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from ..aws import AwsSettings, client
+from ..errors import MarkerConflictError, RetryableStorageError, ShardlineError
+from ..protocol import (
+    NEED_DATA,
+    Boundary,
+    Done,
+    Failed,
+    Head,
+    HeadScanner,
+    LineLengthGuard,
+    Marker,
+    Progress,
+    ShardRange,
+    ShardTask,
+)
+from ..retry import RetryPolicy
+from ..sources import ObjectSource, open_source
+from ._command import CommandOutput, PassthroughOutput, ShardOutput
+from ._exchange import ExchangeClient, ExchangeUnavailable
+from ._markers import MarkerStore
+from ._reader import RangedReader, ReaderSettings, fetch_range
+
+__all__ = ["ShardResult", "TailSource", "WorkerSettings", "run_task"]
+
+log = logging.getLogger("shardline.worker.shard")
+
+
+class TailSource:
+    """How one neighbour's head fragment was obtained (reported in DONE)."""
+
+    PUSHED = "pushed"  # bytes pushed to us over the exchange
+    MARKER = "marker"  # offset from a marker (or a data-less push), bytes by exact GET
+    SCAN = "scan"  # our own forward scan in the object
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSettings:
+    """Worker tuning that does not travel in the task."""
+
+    #: Head fragments up to this size travel over TCP; larger ones are
+    #: announced without data and the neighbour reads them from the object.
+    fragment_push_limit_bytes: int = 1024 * 1024
+    heartbeat_interval_s: float = 1.0
+    #: How long the tail waits for the exchange to answer an outstanding WANT.
+    want_answer_timeout_s: float = 2.0
+    report_timeout_s: float = 30.0
+    #: A forward scan starts with this many bytes and doubles up to a part.
+    scan_initial_bytes: int = 64 * 1024
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    stderr_tail_bytes: int = 8192
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardResult:
+    boundary: Boundary
+    emitted_start: int
+    emitted_end: int
+    checksum: str
+    output_bytes: int
+    tail_sources: tuple[str, ...]
+    committed: bool | None  # None when run without an exchange
+
+    @property
+    def bytes(self) -> int:
+        return self.emitted_end - self.emitted_start
+
+
+async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -> ShardResult:
+    """Run one shard attempt described by `task`; raises ShardlineError on failure.
+
+    The failure is also reported to the exchange (FAILED) when there is one.
+    """
+    settings = settings or WorkerSettings()
+    aws = AwsSettings.from_dict(task.aws)
+    exchange: ExchangeClient | None = None
+    async with AsyncExitStack() as stack:
+        if task.exchange_host is not None and task.exchange_port is not None:
+            exchange = ExchangeClient(
+                host=task.exchange_host,
+                port=task.exchange_port,
+                job_id=task.job_id,
+                shard=task.shard,
+                attempt=task.attempt,
+                secret=task.secret,
+            )
+            stack.push_async_callback(exchange.aclose)
+            try:
+                await exchange.connect()
+            except ExchangeUnavailable as exc:
+                # The handshake only saves work; the shard can still finish.
+                log.warning("shard %d: %s; continuing without the exchange", task.shard, exc)
+        try:
+            source = await stack.enter_async_context(open_source(task.source, aws))
+            dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
+            output = _make_output(task, settings)
+            stack.push_async_callback(output.aclose)
+            run = _ShardRun(
+                task=task,
+                settings=settings,
+                source=source,
+                markers=MarkerStore(dynamodb, task.markers_table, retry_policy=settings.retry),
+                exchange=exchange,
+                output=output,
+            )
+            result = await run.execute()
+        except ShardlineError as exc:
+            if exchange is not None:
+                failed = Failed(kind=type(exc).__name__, message=str(exc), retryable=isinstance(exc, RetryableStorageError))
+                with contextlib.suppress(ExchangeUnavailable):
+                    await exchange.report(failed, timeout_s=settings.report_timeout_s)
+            raise
+        if exchange is None:
+            return result
+        ack = await exchange.report(
+            Done(
+                emitted_start=result.emitted_start,
+                emitted_end=result.emitted_end,
+                line_start=result.boundary.line_start,
+                bytes=result.bytes,
+                checksum=result.checksum,
+                output_bytes=result.output_bytes,
+                tail_sources=list(result.tail_sources),
+            ),
+            timeout_s=settings.report_timeout_s,
+        )
+        return ShardResult(
+            boundary=result.boundary,
+            emitted_start=result.emitted_start,
+            emitted_end=result.emitted_end,
+            checksum=result.checksum,
+            output_bytes=result.output_bytes,
+            tail_sources=result.tail_sources,
+            committed=ack.committed,
+        )
+
+
+def _make_output(task: ShardTask, settings: WorkerSettings) -> ShardOutput:
+    if task.command is None:
+        return PassthroughOutput(task.output_path)
+    env = {
+        "SHARDLINE_JOB_ID": task.job_id,
+        "SHARDLINE_SHARD": str(task.shard),
+        "SHARDLINE_SHARDS": str(task.shards),
+        "SHARDLINE_ATTEMPT": str(task.attempt),
+    }
+    return CommandOutput(task.command, task.output_path, env=env, stderr_tail_bytes=settings.stderr_tail_bytes)
+
+
+class _ShardRun:
+    def __init__(
+        self,
+        *,
+        task: ShardTask,
+        settings: WorkerSettings,
+        source: ObjectSource,
+        markers: MarkerStore,
+        exchange: ExchangeClient | None,
+        output: ShardOutput,
+    ) -> None:
+        self.task = task
+        self.settings = settings
+        self.source = source
+        self.markers = markers
+        self.exchange = exchange
+        self.output = output
+        self.shard = task.range
+        self.reader_settings = ReaderSettings(
+            part_size_bytes=task.part_size_bytes, max_in_flight_bytes=task.max_in_flight_bytes, retry=settings.retry
+        )
+        self.emitted = 0
+        self.crc = 0
+        self.guard: LineLengthGuard | None = None
+
+    async def execute(self) -> ShardResult:
+        await self.output.start()
+        if self.exchange is not None and not self.shard.is_last:
+            await self.exchange.want(self.shard.index + 1)
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.shard.index}")
+        try:
+            boundary, publish = await self._stream_own_range()
+            tail_sources: tuple[str, ...] = ()
+            if boundary.line_start:
+                tail_sources = await self._complete_tail()
+                if self.guard is not None:
+                    self.guard.finish()
+            await publish
+            output_bytes = await self.output.finish()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        emitted_start = boundary.head_end  # an empty range at s_{i+1} when no line starts here
+        log.info(
+            "shard %d attempt %d: emitted [%d, %d) %d bytes, tail via %s",
+            self.shard.index,
+            self.task.attempt,
+            emitted_start,
+            emitted_start + self.emitted,
+            self.emitted,
+            ",".join(tail_sources) or "-",
+        )
+        return ShardResult(
+            boundary=boundary,
+            emitted_start=emitted_start,
+            emitted_end=emitted_start + self.emitted,
+            checksum=f"crc32:{self.crc:08x}",
+            output_bytes=output_bytes,
+            tail_sources=tail_sources,
+            committed=None,
+        )
+
+    # -- step 1 and 2: our own range -------------------------------------------
+
+    async def _stream_own_range(self) -> tuple[Boundary, asyncio.Future[None]]:
+        """Download our range, settle h_i, publish it, and emit [h_i, s_{i+1})."""
+        shard = self.shard
+        scanner = HeadScanner(shard, self.task.delimiter, max_line_bytes=self.task.max_line_bytes)
+        boundary = scanner.result
+        if boundary is not None and not boundary.line_start:
+            return boundary, asyncio.ensure_future(self._publish(boundary, b""))  # empty range
+        head = bytearray()  # [s_i, ...) while it fits the push limit
+        head_fits = True
+        publish: asyncio.Future[None] | None = None
+        if boundary is not None:  # shard 0: h_0 = 0, nothing to scan
+            self._start_emitting(boundary.head_end)
+            publish = asyncio.ensure_future(self._publish(boundary, b""))
+        position = shard.fetch_start
+        try:
+            async with RangedReader(
+                self.source, start=shard.fetch_start, end=shard.end, etag=self.task.etag, settings=self.reader_settings
+            ) as reader:
+                async for chunk in reader:
+                    chunk_start, position = position, position + len(chunk)
+                    if boundary is None:
+                        decision = scanner.feed(chunk)
+                        if decision is not NEED_DATA:
+                            boundary = decision  # type: ignore[assignment]
+                    # Collect head-fragment bytes until the fragment is complete.
+                    if publish is None:
+                        head_end = boundary.head_end if boundary is not None else position
+                        low, high = max(chunk_start, shard.start), min(position, head_end)
+                        if high > low and head_fits:
+                            if len(head) + (high - low) <= self.settings.fragment_push_limit_bytes:
+                                head += chunk[low - chunk_start : high - chunk_start]
+                            else:
+                                head_fits, head = False, bytearray()
+                        if boundary is not None and position >= boundary.head_end:
+                            publish = asyncio.ensure_future(self._publish(boundary, bytes(head) if head_fits else None))
+                            if boundary.line_start:
+                                self._start_emitting(boundary.head_end)
+                                await self._emit(chunk[boundary.head_end - chunk_start :])
+                        continue
+                    if boundary is not None and boundary.line_start:
+                        await self._emit(chunk)
+        except BaseException:
+            if publish is not None:
+                publish.cancel()
+            raise
+        assert boundary is not None and publish is not None, "the scanner decides by the end of the range"
+        return boundary, publish
+
+    def _start_emitting(self, start: int) -> None:
+        if self.task.max_line_bytes is not None:
+            self.guard = LineLengthGuard(self.task.delimiter, self.task.max_line_bytes, start=start)
+
+    async def _emit(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        if self.guard is not None:
+            self.guard.feed(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.emitted += len(data)
+        await self.output.write(data)
+
+    async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
+        """Marker to DynamoDB and head fragment to the exchange, concurrently."""
+        marker = Marker(
+            job_id=self.task.job_id, shard=self.shard.index, attempt=self.task.attempt, boundary=boundary, etag=self.task.etag
+        )
+        steps = [self.markers.publish(marker)]
+        if self.exchange is not None:
+            head = Head(
+                shard=self.shard.index,
+                start=boundary.start,
+                head_end=boundary.head_end,
+                line_start=boundary.line_start,
+                has_data=fragment is not None,
+                data=fragment or b"",
+            )
+            steps.append(self.exchange.publish_head(head))
+        await asyncio.gather(*steps)
+
+    # -- step 3: the tail --------------------------------------------------------
+
+    async def _complete_tail(self) -> tuple[str, ...]:
+        sources: list[str] = []
+        for index in range(self.shard.index + 1, self.task.shards):
+            boundary, how = await self._neighbour_head(self.task.neighbour_range(index))
+            sources.append(how)
+            if boundary.line_start:
+                break
+        return tuple(sources)
+
+    async def _neighbour_head(self, neighbour: ShardRange) -> tuple[Boundary, str]:
+        """Emit neighbour's head fragment [s_j, h_j) and return its boundary."""
+        pushed = None
+        if self.exchange is not None:
+            pushed = await self.exchange.fragment(neighbour.index, answer_timeout_s=self.settings.want_answer_timeout_s)
+        if pushed is not None:
+            boundary = Boundary(start=pushed.start, head_end=pushed.head_end, line_start=pushed.line_start)
+            self._check_neighbour(neighbour, boundary, "pushed fragment")
+            if pushed.has_data:
+                await self._emit(pushed.data)
+                return boundary, TailSource.PUSHED
+            await self._emit_range(neighbour.start, boundary.head_end)
+            return boundary, TailSource.MARKER
+        marker = await self.markers.lookup(self.task.job_id, neighbour.index)
+        if marker is not None:
+            if marker.etag != self.task.etag:
+                raise MarkerConflictError(
+                    f"marker of shard {neighbour.index} is pinned to etag {marker.etag}, this job to {self.task.etag}"
+                )
+            self._check_neighbour(neighbour, marker.boundary, "marker")
+            await self._emit_range(neighbour.start, marker.boundary.head_end)
+            return marker.boundary, TailSource.MARKER
+        return await self._scan_head(neighbour), TailSource.SCAN
+
+    def _check_neighbour(self, neighbour: ShardRange, boundary: Boundary, what: str) -> None:
+        expected_end = boundary.head_end if boundary.line_start else neighbour.end
+        if boundary.start != neighbour.start or not neighbour.start <= boundary.head_end <= neighbour.end or (
+            boundary.head_end != expected_end
+        ):
+            raise MarkerConflictError(
+                f"{what} of shard {neighbour.index} says {boundary}, outside its range "
+                f"[{neighbour.start}, {neighbour.end})"
+            )
+        if boundary.line_start and boundary.head_end == neighbour.end:
+            raise MarkerConflictError(f"{what} of shard {neighbour.index} puts a line start at its range end")
+
+    async def _emit_range(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        async with RangedReader(
+            self.source, start=start, end=end, etag=self.task.etag, settings=self.reader_settings
+        ) as reader:
+            async for chunk in reader:
+                await self._emit(chunk)
+
+    async def _scan_head(self, neighbour: ShardRange) -> Boundary:
+        """Find h_j ourselves with growing exact reads, emitting [s_j, h_j) as we go."""
+        scanner = HeadScanner(neighbour, self.task.delimiter, max_line_bytes=self.task.max_line_bytes)
+        if scanner.result is not None:
+            boundary = scanner.result
+            await self._emit_range(neighbour.start, boundary.head_end)
+            return boundary
+        position = neighbour.fetch_start
+        window = self.settings.scan_initial_bytes
+        while True:
+            end = min(neighbour.end, position + window)
+            data = await fetch_range(self.source, position, end, etag=self.task.etag, retry=self.settings.retry)
+            decision = scanner.feed(data)
+            stop = end if decision is NEED_DATA else min(end, decision.head_end)  # type: ignore[union-attr]
+            low = max(position, neighbour.start)
+            if stop > low:
+                await self._emit(data[low - position : stop - position])
+            if decision is not NEED_DATA:
+                boundary: Boundary = decision  # type: ignore[assignment]
+                # The scanner can decide "no line start" one byte before the
+                # range ends; the fragment still runs to the end.
+                await self._emit_range(max(end, neighbour.start), boundary.head_end)
+                return boundary
+            position = end
+            window = min(window * 2, self.task.part_size_bytes)
+
+    async def _heartbeat(self) -> None:
+        if self.exchange is None:
+            return
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self.exchange.send(Progress(bytes_emitted=self.emitted))
