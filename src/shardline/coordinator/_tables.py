@@ -1,0 +1,81 @@
+# DynamoDB tables the coordinator needs, created on demand when allowed.
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ..aws import error_code, translate_error
+from ..errors import ConfigurationError
+from ..protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
+
+__all__ = ["ensure_marker_table", "marker_table_create_command"]
+
+log = logging.getLogger("shardline.coordinator.tables")
+
+_ACTIVE_WAIT_S = 120.0
+
+
+def marker_table_create_command(table: str) -> str:
+    """The AWS CLI command that creates the marker table by hand."""
+    return (
+        f"aws dynamodb create-table --table-name {table} "
+        "--attribute-definitions AttributeName=job,AttributeType=S AttributeName=shard,AttributeType=N "
+        "--key-schema AttributeName=job,KeyType=HASH AttributeName=shard,KeyType=RANGE "
+        "--billing-mode PAY_PER_REQUEST && "
+        f"aws dynamodb update-time-to-live --table-name {table} "
+        f"--time-to-live-specification Enabled=true,AttributeName={MARKER_TTL_ATTRIBUTE}"
+    )
+
+
+async def ensure_marker_table(dynamodb: Any, table: str, *, create: bool = True) -> None:
+    """Make sure `table` exists and is ACTIVE, creating it if allowed."""
+    how = f"create it with: {marker_table_create_command(table)}"
+    status = await _table_status(dynamodb, table)
+    if status is None:
+        if not create:
+            raise ConfigurationError(f"DynamoDB table {table!r} does not exist; {how}")
+        try:
+            await dynamodb.create_table(
+                TableName=table,
+                KeySchema=MARKER_KEY_SCHEMA,
+                AttributeDefinitions=MARKER_ATTRIBUTE_DEFINITIONS,
+                BillingMode="PAY_PER_REQUEST",
+            )
+            log.info("created DynamoDB table %s", table)
+        except Exception as exc:
+            code = error_code(exc)
+            if code == "ResourceInUseException":
+                pass  # someone else created it first
+            elif code in ("AccessDeniedException", "UnrecognizedClientException", "403"):
+                raise ConfigurationError(
+                    f"DynamoDB table {table!r} does not exist and cannot be created ({code}); {how}"
+                ) from exc
+            else:
+                raise translate_error(exc, what=f"creating DynamoDB table {table!r}") from exc
+        with_ttl = True
+    else:
+        with_ttl = False
+    deadline = asyncio.get_running_loop().time() + _ACTIVE_WAIT_S
+    while (status := await _table_status(dynamodb, table)) != "ACTIVE":
+        if asyncio.get_running_loop().time() > deadline:
+            raise ConfigurationError(f"DynamoDB table {table!r} is still {status} after {_ACTIVE_WAIT_S:.0f}s")
+        await asyncio.sleep(0.5)
+    if with_ttl:
+        try:
+            await dynamodb.update_time_to_live(
+                TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": MARKER_TTL_ATTRIBUTE}
+            )
+        except Exception as exc:  # markers then live until deleted by hand; not fatal
+            log.warning("could not enable TTL on %s: %s", table, exc)
+
+
+async def _table_status(dynamodb: Any, table: str) -> str | None:
+    try:
+        response = await dynamodb.describe_table(TableName=table)
+    except Exception as exc:
+        if error_code(exc) == "ResourceNotFoundException":
+            return None
+        raise translate_error(exc, what=f"describing DynamoDB table {table!r}") from exc
+    return str(response["Table"]["TableStatus"])

@@ -1,0 +1,134 @@
+"""Running a whole job inside one process: the composition root of `shardline run`.
+
+This module wires the coordinator to workers and, with no AWS configuration,
+to an embedded DynamoDB-compatible endpoint (moto's server, in-process, on
+127.0.0.1).  It is the one place allowed to import both `coordinator` and
+`worker`: `InProcessBackend` runs shards as asyncio tasks in this process
+(same worker code, no process start-up cost), which benchmarks and tests
+with many shards use; `shardline run` uses local worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import BinaryIO
+
+from .aws import AwsSettings, client
+from .coordinator import (
+    Backend,
+    CoordinatorSettings,
+    ExchangeServer,
+    JobProgress,
+    JobReport,
+    JobSpec,
+    LocalProcessBackend,
+    WorkerExit,
+    ensure_marker_table,
+    run_job,
+)
+from .errors import ShardlineError
+from .protocol import ShardTask
+
+__all__ = ["EmbeddedDynamoDB", "InProcessBackend", "run_embedded"]
+
+log = logging.getLogger("shardline.embedded")
+
+_EMBEDDED_KEY = "shardline-embedded"
+#: In-process shards share one event loop and CPU; more at once only queues.
+DEFAULT_INPROCESS_CONCURRENCY = 64
+
+
+class EmbeddedDynamoDB:
+    """moto's DynamoDB-compatible server on 127.0.0.1, in a thread of this process."""
+
+    def __init__(self) -> None:
+        self._server = None
+        self.url: str | None = None
+
+    def start(self) -> str:
+        from moto.server import ThreadedMotoServer
+
+        # moto logs every request through werkzeug at INFO; keep our stderr clean.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        log.info("embedded DynamoDB endpoint on %s", self.url)
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def settings(self, base: AwsSettings) -> AwsSettings:
+        """`base` with DynamoDB pointed here (S3 keeps its own configuration)."""
+        assert self.url is not None, "start() first"
+        return replace(
+            base,
+            dynamodb_endpoint_url=self.url,
+            dynamodb_access_key_id=_EMBEDDED_KEY,
+            dynamodb_secret_access_key=_EMBEDDED_KEY,
+            region=base.region or "us-east-1",
+        )
+
+
+class InProcessBackend(Backend):
+    """Runs each shard attempt as an asyncio task in this process."""
+
+    name = "inprocess"
+
+    def __init__(self, *, max_concurrent: int = DEFAULT_INPROCESS_CONCURRENCY) -> None:
+        self._slots = asyncio.Semaphore(max_concurrent)
+
+    async def run(self, task: ShardTask) -> WorkerExit:
+        from .worker import run_task
+
+        async with self._slots:
+            try:
+                await run_task(task)
+            except ShardlineError as exc:
+                return WorkerExit(ok=False, detail=f"worker failed: {exc}")
+        return WorkerExit(ok=True, detail="finished")
+
+
+async def run_embedded(
+    spec: JobSpec,
+    *,
+    out: BinaryIO,
+    aws: AwsSettings,
+    embedded_dynamodb: bool,
+    backend: Backend | None = None,
+    settings: CoordinatorSettings = CoordinatorSettings(),
+    create_tables: bool = True,
+    on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
+) -> JobReport:
+    """Run one job with an in-process coordinator.
+
+    With `embedded_dynamodb`, markers go to a moto server started for this
+    job; otherwise to the DynamoDB that `aws` (or the standard AWS
+    configuration) names.  The backend defaults to local worker processes.
+    """
+    embedded: EmbeddedDynamoDB | None = None
+    try:
+        if embedded_dynamodb:
+            embedded = EmbeddedDynamoDB()
+            await asyncio.to_thread(embedded.start)
+            aws = embedded.settings(aws)
+        async with client(aws, "dynamodb") as dynamodb:
+            await ensure_marker_table(dynamodb, settings.markers_table, create=create_tables)
+        backend = backend or LocalProcessBackend()
+        async with ExchangeServer(host="127.0.0.1") as exchange:
+            try:
+                return await run_job(
+                    spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings, on_start=on_start
+                )
+            finally:
+                await backend.aclose()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
