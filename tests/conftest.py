@@ -1,0 +1,63 @@
+"""Shared fixtures: one moto server (S3 + DynamoDB) per test session."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import Endpoint, MotoServer  # noqa: E402
+
+from shardline.aws import AwsSettings  # noqa: E402
+
+# Never let botocore wander off to instance metadata from a test.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def moto() -> Endpoint:
+    server = MotoServer()
+    endpoint = server.start()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def aws_settings(moto: Endpoint) -> AwsSettings:
+    """Settings that point both services at the session's moto server."""
+    return AwsSettings(
+        region=moto.region,
+        s3_endpoint_url=moto.url,
+        dynamodb_endpoint_url=moto.url,
+        access_key_id=moto.access_key_id,
+        secret_access_key=moto.secret_access_key,
+        read_timeout_s=10.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def s3(moto: Endpoint):
+    """A plain synchronous boto3 S3 client for arranging test data."""
+    return boto3.client(
+        "s3",
+        endpoint_url=moto.url,
+        region_name=moto.region,
+        aws_access_key_id=moto.access_key_id,
+        aws_secret_access_key=moto.secret_access_key,
+    )
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
+    s3.create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,216 @@
+"""`shardline run` as a user runs it: a subprocess with real worker processes.
+
+The embedded default (no AWS configuration at all) starts its own
+DynamoDB-compatible endpoint; s3:// sources use the moto server through the
+standard AWS environment variables, and one test uses SeaweedFS as a second,
+independent S3 implementation.  Bad input must give a one-line error naming
+the cause and a non-zero exit, never partial output presented as success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corpus import CORPUS
+from jobs import sequential_reference
+from servers import Endpoint, SeaweedServer
+
+SHARDLINE = [sys.executable, "-m", "shardline"]
+SED = "s/^/>/"
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a machine with no AWS configuration whatsoever."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_CA_BUNDLE"}
+    env.update({"HOME": str(home), "AWS_EC2_METADATA_DISABLED": "true", **extra})
+    return env
+
+
+def shardline(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*SHARDLINE, *args], env=env, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    "name", ["empty", "tiny-no-trailing", "long-line-spanning-shards", "crlf", "utf8", "aligned-4", "random-mix"]
+)
+def test_embedded_identity_and_sed(tmp_path, home, name):
+    data, _ = CORPUS[name]
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    env = clean_env(home)
+    identity = shardline("run", str(path), "-n", "4", env=env)
+    assert identity.returncode == 0, identity.stderr.decode()
+    assert identity.stdout == data
+    sed = shardline("run", str(path), "-n", "4", "--", "sed", SED, env=env)
+    assert sed.returncode == 0, sed.stderr.decode()
+    assert sed.stdout == sequential_reference(data, f"sed '{SED}'")
+    assert sed.stderr == b""  # quiet when stderr is not a terminal
+
+
+def test_n_far_above_size_and_nul_delimiter(tmp_path, home):
+    data = b"a\0bb\0c"
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    result = shardline("run", str(path), "-n", "16", "--delimiter", "\\0", "--stats", env=clean_env(home))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == data
+    stats = json.loads(result.stderr.decode().strip().splitlines()[-1])
+    assert stats["shards"] == 16 and stats["output_bytes"] == len(data)
+
+
+def test_hundreds_of_in_process_shards(tmp_path, home):
+    data, _ = CORPUS["nul-no-trailing"]
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    args = ("run", str(path), "-n", "300", "--workers", "inprocess", "--delimiter", "\\0")
+    result = shardline(*args, env=clean_env(home))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == data
+
+
+def test_single_command_argument_is_a_shell_line(tmp_path, home):
+    path = tmp_path / "input"
+    path.write_bytes(b"b\na\nc\na\n" * 50)
+    result = shardline("run", str(path), "-n", "3", "--", "sort | uniq -c | wc -l", env=clean_env(home))
+    assert result.returncode == 0, result.stderr.decode()
+    # Each shard reports its own count of distinct lines.
+    assert [int(x) for x in result.stdout.split()] == [3, 3, 3]
+
+
+def test_s3_source_on_moto(tmp_path, home, moto: Endpoint, s3, bucket):
+    data, _ = CORPUS["random-mix"]
+    s3.put_object(Bucket=bucket, Key="dir/object.txt", Body=data)
+    env = clean_env(home, **moto.env())
+    result = shardline("run", f"s3://{bucket}/dir/object.txt", "-n", "5", "--", "sed", SED, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == sequential_reference(data, f"sed '{SED}'")
+
+
+def test_s3_source_on_seaweedfs(tmp_path, home):
+    import boto3
+
+    server = SeaweedServer()
+    endpoint = server.start()
+    try:
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint.url,
+            region_name=endpoint.region,
+            aws_access_key_id=endpoint.access_key_id,
+            aws_secret_access_key=endpoint.secret_access_key,
+        )
+        s3.create_bucket(Bucket="shardline-test")
+        data, _ = CORPUS["random-mix"]
+        s3.put_object(Bucket="shardline-test", Key="object.txt", Body=data)
+        env = clean_env(
+            home,
+            AWS_ENDPOINT_URL_S3=endpoint.url,
+            AWS_ACCESS_KEY_ID=endpoint.access_key_id,
+            AWS_SECRET_ACCESS_KEY=endpoint.secret_access_key,
+            AWS_DEFAULT_REGION=endpoint.region,
+        )
+        # SeaweedFS speaks no DynamoDB: markers go to the embedded endpoint.
+        result = shardline("run", "s3://shardline-test/object.txt", "-n", "6", "--markers", "embedded", env=env)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout == data
+    finally:
+        server.stop()
+
+
+def _one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, result.stderr.decode()
+    assert lines[0].startswith("shardline") and "Traceback" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["run", "{missing}"], 1, "no such file"),
+        (["run", "{dir}"], 1, "is a directory"),
+        (["run", "{file}", "-n", "0"], 2, "must be >= 1"),
+        (["run", "{file}", "--delimiter", "ab"], 2, "one byte"),
+        (["run", "{file}", "--delimiter", "é"], 2, "one byte"),
+        (["run", "{file}", "--", "no-such-command-xyz"], 1, "not found"),
+        (["run", "{file}", "--", "exit 3"], 1, "status 3"),
+        (["run", "{file}", "--max-line-bytes", "3"], 1, "longer than max_line_bytes=3"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, home, args, status, message):
+    file = tmp_path / "input"
+    file.write_bytes(b"hello\nworld\n")
+    paths = {"missing": tmp_path / "nope", "dir": tmp_path, "file": file}
+    result = shardline(*[a.format(**paths) for a in args], env=clean_env(home))
+    assert result.returncode == status
+    assert message in _one_line_error(result)
+    assert result.stdout == b""
+
+
+def test_failed_shard_is_named(tmp_path, home):
+    file = tmp_path / "input"
+    file.write_bytes(b"".join(b"%d\n" % i for i in range(100)))
+    # Only the shard that sees line 50 fails, with its stderr in the message.
+    command = "grep -q '^50$' && { echo 'bad record 50' >&2; exit 4; } || cat"
+    result = shardline("run", str(file), "-n", "4", "--", command, env=clean_env(home))
+    assert result.returncode == 1
+    line = _one_line_error(result)
+    assert "shard 1 failed" in line and "status 4" in line and "bad record 50" in line
+
+
+@pytest.mark.parametrize(("location", "message"), [("nokey", "no such key 'nokey'"), (None, "no such bucket")])
+def test_missing_s3_bucket_or_key(home, moto: Endpoint, bucket, location, message):
+    url = f"s3://{bucket}/{location}" if location else "s3://no-such-bucket-xyz/key"
+    result = shardline("run", url, env=clean_env(home, **moto.env()))
+    assert result.returncode == 1
+    assert message in _one_line_error(result)
+
+
+def test_s3_without_any_configuration_says_so(home):
+    result = shardline("run", "s3://bucket/key", env=clean_env(home))
+    assert result.returncode == 2
+    assert "needs AWS configuration" in _one_line_error(result)
+
+
+def test_s3_object_overwritten_mid_job_fails_with_etag_error(tmp_path, home, moto: Endpoint, s3, bucket):
+    data = b"".join(b"record %08d\n" % i for i in range(100_000))  # 1.6 MB
+    s3.put_object(Bucket=bucket, Key="k", Body=data)
+    # Shard 0's command overwrites the object before reading anything; tiny
+    # parts keep shard 0 downloading (paused by backpressure) until then, so
+    # its next GET, pinned by If-Match, must see the change.
+    overwrite = (
+        f"{sys.executable} -c \"import boto3; boto3.client('s3').put_object(Bucket='{bucket}', Key='k', Body=b'new')\""
+    )
+    command = f'if [ "$SHARDLINE_SHARD" = 0 ]; then {overwrite}; fi; cat'
+    env = clean_env(home, **moto.env())
+    result = shardline(
+        "run", f"s3://{bucket}/k", "-n", "2", "--part-size", "4K", "--parts-in-flight", "1", "--", command, env=env
+    )
+    assert result.returncode == 1
+    assert "changed" in _one_line_error(result)
+    assert len(result.stdout) < len(data)  # never the whole answer
+
+
+def test_local_file_modified_mid_job_fails(tmp_path, home):
+    path = tmp_path / "input"
+    data = b"".join(b"record %08d\n" % i for i in range(100_000))
+    path.write_bytes(data)
+    command = f'if [ "$SHARDLINE_SHARD" = 0 ]; then echo more >> {path}; fi; cat'
+    result = shardline(
+        "run", str(path), "-n", "2", "--part-size", "4K", "--parts-in-flight", "1", "--", command, env=clean_env(home)
+    )
+    assert result.returncode == 1
+    assert "changed" in _one_line_error(result)
