@@ -160,6 +160,19 @@ def test_bad_input_is_one_line_error(tmp_path, home, args, status, message):
     assert result.stdout == b""
 
 
+def test_unreadable_file(tmp_path, home):
+    path = tmp_path / "secret.txt"
+    path.write_bytes(b"hidden\n")
+    path.chmod(0)
+    command = [*SHARDLINE, "run", str(path), "-n", "2"]
+    if os.geteuid() == 0:
+        # Root reads any file: drop the capabilities that let it.
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all", *command]
+    result = subprocess.run(command, env=clean_env(home), capture_output=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot read {path}: permission denied" in _one_line_error(result)
+
+
 def test_failed_shard_is_named(tmp_path, home):
     file = tmp_path / "input"
     file.write_bytes(b"".join(b"%d\n" % i for i in range(100)))

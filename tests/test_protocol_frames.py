@@ -876,3 +876,11 @@ def test_garbage_only_raises_remote_protocol_errors(garbage: bytes, state: str, 
         assert session.state is SessionState.BROKEN
         with pytest.raises(LocalProtocolError):
             session.next_frame()
+
+
+def test_building_an_invalid_frame_is_a_local_error():
+    # Our own bug, not the peer's: the decoder reports the same check as Remote.
+    with pytest.raises(LocalProtocolError, match="data is 1 bytes"):
+        Head(shard=1, start=0, head_end=5, line_start=True, has_data=True, data=b"x")
+    with pytest.raises(LocalProtocolError, match="no line starts"):
+        Done(emitted_start=0, emitted_end=3, line_start=False, bytes=3, checksum="", output_bytes=0)

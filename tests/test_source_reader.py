@@ -235,16 +235,6 @@ async def test_directory_is_not_readable(tmp_path: Path) -> None:
     assert str(caught.value) == f"cannot read {tmp_path}: is a directory"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
-async def test_unreadable_file(tmp_path: Path) -> None:
-    path = tmp_path / "secret.txt"
-    path.write_bytes(b"x")
-    path.chmod(0)
-    async with LocalFileSource(path) as source:
-        with pytest.raises(SourceAccessError, match=f"cannot read {path}: permission denied"):
-            await source.stat()
-
-
 async def test_missing_bucket(aws_settings: AwsSettings) -> None:
     async with S3Source("no-such-bucket-shardline", "k", aws=aws_settings) as source:
         with pytest.raises(SourceNotFoundError) as caught:

@@ -3,7 +3,8 @@
 Everything environment-dependent is decided here, once: whether to run with
 an embedded DynamoDB endpoint, the event loop, logging.  Exit status: 0 on
 success, 1 when the job or input fails, 2 for usage and configuration
-errors, 130 on interrupt, 141 when stdout is closed early.
+errors, 130 on interrupt, 141 when stdout is closed early, 143 on SIGTERM
+(the job is cancelled and its workers stopped first).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -144,7 +146,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="shards running at once (default: 2 x CPUs processes, or 64 in-process tasks)",
     )
-    run.add_argument("--spool-dir", default=None, help="where shard outputs wait for their turn (default: temp dir)")
+    run.add_argument(
+        "--spool-dir",
+        default=None,
+        help="where shard outputs wait for their turn (default: /dev/shm if it has room for twice the "
+        "object, else the temp dir)",
+    )
     run.add_argument("--stats", action="store_true", help="print a JSON summary of the job to stderr at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress display, even on a terminal")
     _add_common(run)
@@ -256,11 +263,13 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
     out = sys.stdout.buffer
 
     async def go() -> int:
+        _cancel_on_sigterm()
         display = _ProgressDisplay(sys.stderr) if show_progress else None
         if args.workers == "inprocess":
             backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
         else:
             backend = LocalProcessBackend(max_processes=args.max_processes)
+            await backend.prestart(spec.shards)
         try:
             report = await run_embedded(
                 spec,
@@ -288,7 +297,19 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
             print(json.dumps(summary), file=sys.stderr)
         return 0
 
-    return _run_loop(go, use_uvloop=not args.no_uvloop)
+    try:
+        return _run_loop(go, use_uvloop=not args.no_uvloop)
+    except asyncio.CancelledError:
+        print("shardline: terminated; job cancelled and its workers stopped", file=sys.stderr)
+        return 143
+
+
+def _cancel_on_sigterm() -> None:
+    """Turn SIGTERM into cancellation of the running job, so every worker
+    process is stopped on the way out instead of being orphaned."""
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

@@ -125,9 +125,22 @@ class CommandFailedError(ShardlineError):
 
     def __init__(self, *, returncode: int, stderr_tail: str) -> None:
         detail = stderr_tail.strip().splitlines()[-1:] or ["(no stderr)"]
-        super().__init__(f"command exited with status {returncode}: {detail[0]}")
+        if returncode < 0:
+            how = f"command killed by signal {_signal_name(-returncode)}"
+        else:
+            how = f"command exited with status {returncode}"
+        super().__init__(f"{how}: {detail[0]}")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 class CoverageError(ShardlineError):

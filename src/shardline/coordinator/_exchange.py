@@ -232,15 +232,7 @@ class ExchangeServer:
         return None
 
     async def _push(self, connection: _Connection, head: Head) -> None:
-        fragment = Fragment(
-            shard=head.shard,
-            start=head.start,
-            head_end=head.head_end,
-            line_start=head.line_start,
-            has_data=head.has_data,
-            data=head.data,
-        )
         try:
-            await connection.send(fragment)
+            await connection.send(Fragment.relaying(head))
         except OSError as exc:  # the waiter left; it will use the marker or scan
             log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)

@@ -49,7 +49,7 @@ from ..sources import ObjectInfo, open_source
 from ._backends import Backend
 from ._exchange import ExchangeServer
 
-__all__ = ["CoordinatorSettings", "JobProgress", "JobReport", "JobSpec", "ShardReport", "run_job"]
+__all__ = ["CoordinatorSettings", "JobProgress", "JobReport", "JobSpec", "ShardReport", "choose_spool_dir", "run_job"]
 
 log = logging.getLogger("shardline.coordinator.job")
 
@@ -79,7 +79,7 @@ class JobSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorSettings:
     markers_table: str = DEFAULT_MARKER_TABLE
-    #: Where shard outputs wait for their turn; None means the system temp dir.
+    #: Where shard outputs wait for their turn; None picks one (`choose_spool_dir`).
     spool_dir: str | None = None
     #: Address workers use to reach the exchange (the listener's own by default).
     advertise_host: str | None = None
@@ -237,6 +237,25 @@ class _Job:
         return None
 
 
+#: Memory-backed and usually mounted; writing there skips disk writeback,
+#: which costs more than the download itself on slow disks.
+_MEMORY_SPOOL = "/dev/shm"
+_SPOOL_HEADROOM_BYTES = 256 * 1024 * 1024
+
+
+def choose_spool_dir(object_size: int) -> str:
+    """tmpfs when it can hold twice the object (outputs rarely outgrow their
+    input by more), else the system temp dir."""
+    try:
+        stat = os.statvfs(_MEMORY_SPOOL)
+    except OSError:
+        return tempfile.gettempdir()
+    free = stat.f_bavail * stat.f_frsize
+    if os.access(_MEMORY_SPOOL, os.W_OK) and free >= 2 * object_size + _SPOOL_HEADROOM_BYTES:
+        return _MEMORY_SPOOL
+    return tempfile.gettempdir()
+
+
 class _CoverageCheck:
     """Checks, shard by shard in order, that emitted ranges tile [0, size)."""
 
@@ -281,7 +300,7 @@ async def run_job(
         info = await source.stat()
     job_id = uuid.uuid4().hex[:16]
     secret = new_job_secret()
-    spool = tempfile.mkdtemp(prefix=f"shardline-{job_id}-", dir=settings.spool_dir)
+    spool = tempfile.mkdtemp(prefix=f"shardline-{job_id}-", dir=settings.spool_dir or choose_spool_dir(info.size))
     host, port = exchange.address
     tasks = [
         ShardTask(

@@ -96,12 +96,19 @@ class FrameType(enum.IntEnum):
 
 
 def _require(condition: bool, message: str) -> None:
+    """Frame validation.  Building a bad frame is our bug (Local); the
+    decoder re-raises the same failure as the peer's (Remote)."""
     if not condition:
-        raise RemoteProtocolError(message)
+        raise LocalProtocolError(message)
 
 
 def _is_nonce(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_remote(condition: bool, message: str) -> None:
+    if not condition:
+        raise RemoteProtocolError(message)
 
 
 def _is_count(value: Any) -> bool:
@@ -187,6 +194,18 @@ class Fragment(_BoundaryFrame):
     """Coordinator -> worker: a neighbour's boundary and head fragment."""
 
     TYPE: ClassVar[FrameType] = FrameType.FRAGMENT
+
+    @classmethod
+    def relaying(cls, head: Head) -> Fragment:
+        """The FRAGMENT that passes `head` on to the neighbour that wants it."""
+        return cls(
+            shard=head.shard,
+            start=head.start,
+            head_end=head.head_end,
+            line_start=head.line_start,
+            has_data=head.has_data,
+            data=head.data,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,16 +378,16 @@ def _encode_payload(frame: Frame) -> bytes:
 
 
 def _decode_payload(frame_type: FrameType, payload: bytes) -> Frame:
-    _require(len(payload) >= _META_LENGTH.size, f"{frame_type.name} payload shorter than its meta length")
+    _check_remote(len(payload) >= _META_LENGTH.size, f"{frame_type.name} payload shorter than its meta length")
     (meta_length,) = _META_LENGTH.unpack_from(payload)
-    _require(meta_length <= MAX_META_BYTES, f"{frame_type.name} meta of {meta_length} bytes is too large")
+    _check_remote(meta_length <= MAX_META_BYTES, f"{frame_type.name} meta of {meta_length} bytes is too large")
     end = _META_LENGTH.size + meta_length
-    _require(end <= len(payload), f"{frame_type.name} meta length exceeds payload")
+    _check_remote(end <= len(payload), f"{frame_type.name} meta length exceeds payload")
     try:
         meta = json.loads(payload[_META_LENGTH.size : end].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"{frame_type.name} meta is not valid JSON: {exc}") from None
-    _require(isinstance(meta, dict), f"{frame_type.name} meta is not an object")
+    _check_remote(isinstance(meta, dict), f"{frame_type.name} meta is not an object")
     cls = _FRAME_CLASSES[frame_type]
     expected = {f.name for f in fields(cls) if f.name != "data"}
     required = {
@@ -376,10 +395,12 @@ def _decode_payload(frame_type: FrameType, payload: bytes) -> Frame:
     }
     unknown = set(meta) - expected
     missing = required - set(meta)
-    _require(not unknown, f"{frame_type.name} has unknown fields {sorted(unknown)}")
-    _require(not missing, f"{frame_type.name} lacks fields {sorted(missing)}")
+    _check_remote(not unknown, f"{frame_type.name} has unknown fields {sorted(unknown)}")
+    _check_remote(not missing, f"{frame_type.name} lacks fields {sorted(missing)}")
     try:
         return cls(data=bytes(payload[end:]), **meta)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(str(exc)) from None
     except TypeError as exc:
         raise RemoteProtocolError(f"{frame_type.name} fields invalid: {exc}") from None
 

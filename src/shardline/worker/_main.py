@@ -60,4 +60,9 @@ def run_task_file(stream: BinaryIO, *, use_uvloop: bool = True) -> int:
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Import the heavy libraries before blocking on stdin: a pre-started
+    # worker is then warm by the time the coordinator sends its task.
+    import aioboto3  # noqa: F401
+    import aiobotocore.session  # noqa: F401
+
     return run_task_file(sys.stdin.buffer)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import zlib
 from contextlib import AsyncExitStack
@@ -146,15 +147,7 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
             ),
             timeout_s=settings.report_timeout_s,
         )
-        return ShardResult(
-            boundary=result.boundary,
-            emitted_start=result.emitted_start,
-            emitted_end=result.emitted_end,
-            checksum=result.checksum,
-            output_bytes=result.output_bytes,
-            tail_sources=result.tail_sources,
-            committed=ack.committed,
-        )
+        return dataclasses.replace(result, committed=ack.committed)
 
 
 def _make_output(task: ShardTask, settings: WorkerSettings) -> ShardOutput:

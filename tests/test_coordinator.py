@@ -1,0 +1,169 @@
+"""The coordinator: marker table handling, the tiling check, and an exchange
+that shrugs off rogue clients while a real job runs through it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+
+import pytest
+
+from reference import reference_split
+from shardline.aws import client
+from shardline.coordinator import (
+    ExchangeServer,
+    JobSpec,
+    WorkerExit,
+    ensure_marker_table,
+    marker_table_create_command,
+    run_job,
+)
+from shardline.coordinator._job import _CoverageCheck
+from shardline.embedded import InProcessBackend
+from shardline.errors import ConfigurationError, CoverageError
+from shardline.protocol import Done, ExchangeSession, ShardTask, Want
+
+DATA = b"".join(b"row %05d\n" % i for i in range(500))
+
+
+async def test_missing_table_is_reported_with_the_create_command(aws_settings):
+    table = f"missing-{uuid.uuid4().hex[:8]}"
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        with pytest.raises(ConfigurationError) as info:
+            await ensure_marker_table(dynamodb, table, create=False)
+    assert table in str(info.value)
+    assert marker_table_create_command(table) in str(info.value)
+
+
+async def test_missing_table_is_created_on_demand_with_ttl(aws_settings):
+    table = f"created-{uuid.uuid4().hex[:8]}"
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, table)
+        await ensure_marker_table(dynamodb, table)  # idempotent
+        ttl = await dynamodb.describe_time_to_live(TableName=table)
+    assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
+
+
+def _done(start: int, end: int, line_start: bool = True) -> Done:
+    return Done(
+        emitted_start=start, emitted_end=end, line_start=line_start, bytes=end - start, checksum="", output_bytes=0
+    )
+
+
+def test_coverage_accepts_an_exact_tiling_with_empty_shards():
+    check = _CoverageCheck(30)
+    check.admit(0, 0, 10, _done(0, 25))
+    check.admit(1, 10, 20, _done(20, 20, line_start=False))  # a long line covers shard 1
+    check.admit(2, 20, 30, _done(25, 30))
+    check.finish()
+
+
+@pytest.mark.parametrize(
+    ("results", "message"),
+    [
+        ([_done(0, 16), _done(18, 30)], r"gap: bytes \[16, 18\) before shard 1"),
+        ([_done(0, 20), _done(18, 30)], r"overlap: bytes \[18, 20\) emitted twice \(shard 1\)"),
+        ([_done(0, 15), _done(15, 29)], r"gap: bytes \[29, 30\) at the end"),
+        ([_done(0, 15), _done(9, 30)], r"shard 1 emitted from 9, outside its range \[15, 30\)"),
+    ],
+)
+def test_coverage_names_gaps_and_overlaps(results, message):
+    check = _CoverageCheck(30)
+    with pytest.raises(CoverageError, match=message):
+        for index, done in enumerate(results):
+            check.admit(index, 15 * index, 15 * (index + 1), done)
+        check.finish()
+
+
+class GatedBackend(InProcessBackend):
+    """Holds every shard until `gate` is set, so the job is live meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.tasks: list[ShardTask] = []
+
+    async def run(self, task: ShardTask) -> WorkerExit:
+        self.tasks.append(task)
+        await self.gate.wait()
+        return await super().run(task)
+
+
+async def _rogue(address: tuple[str, int], payload: bytes) -> bytes:
+    """Send `payload`, then return whatever the exchange answers before closing."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(payload)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 15)
+    writer.close()
+    return answer
+
+
+async def test_rogue_clients_are_dropped_and_the_job_is_unaffected(tmp_path, aws_settings):
+    path = tmp_path / "input"
+    path.write_bytes(DATA)
+    backend = GatedBackend()
+    out = io.BytesIO()
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, "shardline-markers")
+    async with ExchangeServer() as exchange:
+        job = asyncio.create_task(
+            run_job(JobSpec(source=str(path), shards=4), aws=aws_settings, backend=backend, exchange=exchange, out=out)
+        )
+        while len(backend.tasks) < 4:
+            await asyncio.sleep(0.01)
+        task = backend.tasks[1]
+        wrong_secret = ExchangeSession.client(job_id=task.job_id, shard=1, attempt=0, secret=b"x" * 32)
+        unknown_job = ExchangeSession.client(job_id="no-such-job", shard=1, attempt=0, secret=task.secret)
+        stale = ExchangeSession.client(job_id=task.job_id, shard=1, attempt=7, secret=task.secret)
+        oversized = b"SL\x01\x03" + (1 << 30).to_bytes(4, "big")
+        answers = [
+            await _rogue(exchange.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            await _rogue(exchange.address, oversized),
+            await _rogue(exchange.address, wrong_secret.send(wrong_secret.hello)),
+            await _rogue(exchange.address, unknown_job.send(unknown_job.hello)),
+        ]
+        assert answers == [b""] * 4  # dropped without a word
+        assert exchange.rejected_connections == 4
+        # A stale attempt with the right secret is welcomed, then told it is not current.
+        answer = await _rogue(exchange.address, stale.send(stale.hello))
+        stale.receive_data(answer)
+        stale.receive_data(b"")
+        frames = [stale.next_frame(), stale.next_frame()]
+        assert "not current" in frames[1].message
+        backend.gate.set()
+        report = await job
+    assert out.getvalue() == DATA
+    assert [s.bytes for s in report.shards] == [len(p) for p in reference_split(DATA, 4, b"\n")]
+
+
+async def test_replayed_session_is_dropped(tmp_path, aws_settings):
+    # Bytes recorded from a genuine worker session (HELLO, then WANT), replayed
+    # on a new connection: the exchange answers with a fresh nonce, so the
+    # recorded WANT fails authentication and nothing is pushed.
+    path = tmp_path / "input"
+    path.write_bytes(DATA)
+    backend = GatedBackend()
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, "shardline-markers")
+    async with ExchangeServer() as exchange:
+        spec = JobSpec(source=str(path), shards=2)
+        job = asyncio.create_task(run_job(spec, aws=aws_settings, backend=backend, exchange=exchange, out=io.BytesIO()))
+        while len(backend.tasks) < 2:
+            await asyncio.sleep(0.01)
+        task = backend.tasks[0]
+        genuine = ExchangeSession.client(job_id=task.job_id, shard=0, attempt=0, secret=task.secret)
+        reader, writer = await asyncio.open_connection(*exchange.address)
+        recorded = genuine.send(genuine.hello)
+        writer.write(recorded)
+        welcome = await reader.read(65536)
+        genuine.receive_data(welcome)
+        assert genuine.next_frame().TYPE.name == "WELCOME"
+        recorded += genuine.send(Want(shard=1))
+        writer.close()
+        answer = await _rogue(exchange.address, recorded)
+        assert len(answer) == len(welcome)  # a WELCOME, and then nothing
+        assert exchange.rejected_connections == 1
+        backend.gate.set()
+        await job
