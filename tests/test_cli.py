@@ -9,6 +9,7 @@ the cause and a non-zero exit, never partial output presented as success.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -19,7 +20,12 @@ import pytest
 
 from corpus import CORPUS
 from jobs import sequential_reference
+from reference import reference_split
 from servers import Endpoint, SeaweedServer
+from shardline.aws import client
+from shardline.coordinator import ensure_marker_table
+from shardline.protocol import ShardTask
+from shardline.sources import LocalFileSource
 
 SHARDLINE = [sys.executable, "-m", "shardline"]
 SED = "s/^/>/"
@@ -227,3 +233,36 @@ def test_local_file_modified_mid_job_fails(tmp_path, home):
     )
     assert result.returncode == 1
     assert "changed" in _one_line_error(result)
+
+
+def test_worker_command_runs_one_shard_by_hand(tmp_path, home, moto: Endpoint, aws_settings):
+    data, _ = CORPUS["random-mix"]
+    path = tmp_path / "input"
+    path.write_bytes(data)
+
+    async def prepare() -> str:
+        async with client(aws_settings, "dynamodb") as dynamodb:
+            await ensure_marker_table(dynamodb, "shardline-markers")
+        async with LocalFileSource(path) as source:
+            return (await source.stat()).etag
+
+    task = ShardTask(
+        job_id="by-hand",
+        shard=1,
+        shards=3,
+        attempt=0,
+        source=str(path),
+        size=len(data),
+        etag=asyncio.run(prepare()),
+        output_path=str(tmp_path / "out"),
+        markers_table="shardline-markers",
+    )
+    (tmp_path / "task.json").write_text(task.to_json())
+    env = clean_env(home, **moto.env())
+    result = shardline("worker", "--task", str(tmp_path / "task.json"), env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["tail_sources"] == ["scan"] and summary["committed"] is None
+    assert (tmp_path / "out").read_bytes() == reference_split(data, 3, b"\n")[1]
+    bad = shardline("worker", "--task", str(path), env=env)
+    assert bad.returncode == 2 and "invalid shard task" in _one_line_error(bad)
