@@ -350,14 +350,17 @@ class S3Source(ObjectSource):
                     f"{what}: server sent {length} bytes (Content-Range "
                     f"{response.get('ContentRange')!r}) for a {wanted}-byte range"
                 )
+            read_chunk = _chunk_reader(body)
             filled = 0
             while filled < wanted:
                 try:
-                    data = await body.read(min(_CHUNK_BYTES, wanted - filled))
+                    data = await read_chunk(min(_CHUNK_BYTES, wanted - filled))
                 except Exception as exc:
                     raise translate_error(exc, what=f"{what} after {filled} bytes") from exc
                 if not data:
                     raise RetryableStorageError(f"{what}: body ended after {filled} of {wanted} bytes")
+                if filled + len(data) > wanted:
+                    raise StorageError(f"{what}: server sent more than the {wanted} bytes of the range")
                 view[filled : filled + len(data)] = data
                 filled += len(data)
                 if on_bytes is not None:
@@ -380,6 +383,24 @@ class S3Source(ObjectSource):
         self._closed = True
         self._client = None
         await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
+
+
+def _chunk_reader(body: Any) -> Callable[[int], Any]:
+    """The cheapest way to pull the next bytes off a GET body.
+
+    aiobotocore's StreamingBody.read(n) joins aiohttp's buffered network
+    chunks into one new bytes object (a full extra copy of every part);
+    aiohttp's readany() hands over the next chunk as it arrived.  Falls back
+    to read(n) for a body that is not aiohttp-backed.
+    """
+    content = getattr(getattr(body, "__wrapped__", None), "content", None)
+    if content is not None and hasattr(content, "readany"):
+
+        async def readany(_limit: int) -> bytes:
+            return await content.readany()
+
+        return readany
+    return body.read
 
 
 def _http_status(exc: BaseException) -> int | None:
