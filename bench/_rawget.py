@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             import uvloop
         except ImportError:
             args.loop = "asyncio"
-    if args.loop == "uvloop":
-        result = uvloop.run(_main(args))
-    else:
-        result = asyncio.run(_main(args))
+    result = uvloop.run(_main(args)) if args.loop == "uvloop" else asyncio.run(_main(args))
     result["loop"] = args.loop
     print(json.dumps(result), flush=True)
     return 0

@@ -26,11 +26,11 @@ import boto3
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # servers.py: SeaweedServer
 
-from servers import SeaweedServer  # noqa: E402
-
 from shardline.aws import AwsSettings, client  # noqa: E402
 from shardline.sources import open_source  # noqa: E402
 from shardline.worker._reader import RangedReader, ReaderSettings  # noqa: E402
+
+from servers import SeaweedServer  # noqa: E402
 
 MiB = 1024 * 1024
 BUCKET, KEY = "shardline-bench", "reader-object"

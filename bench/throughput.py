@@ -112,7 +112,7 @@ def generate(size: int, line_bytes: int, seed: int, chunk: int) -> Iterator[byte
             shuffled = bytearray(ALPHABET)
             rng.shuffle(shuffled)
             table = bytearray(range(256))
-            for src, dst in zip(ALPHABET, shuffled):
+            for src, dst in zip(ALPHABET, shuffled, strict=False):
                 table[src] = dst
             offset = rng.randrange(len(block))
             pending += (block[offset:] + block[:offset]).translate(table)
@@ -155,7 +155,7 @@ def create_bucket(s3, timeout_s: float = 60.0) -> None:
         try:
             s3.create_bucket(Bucket=BUCKET)
             return
-        except Exception as exc:  # noqa: BLE001 - anything but "it exists" is retried
+        except Exception as exc:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code")
             if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 return
@@ -168,9 +168,7 @@ def upload_object(s3, key: str, size: int, line_bytes: int, seed: int) -> dict:
     """Generate and multipart-upload the object; return its size, sha256, etag and timings."""
     digest = hashlib.sha256()
     t0 = time.perf_counter()
-    upload_id = s3.create_multipart_upload(Bucket=BUCKET, Key=key, ContentType="application/octet-stream")[
-        "UploadId"
-    ]
+    upload_id = s3.create_multipart_upload(Bucket=BUCKET, Key=key, ContentType="application/octet-stream")["UploadId"]
     parts: list[dict] = []
     try:
         with concurrent.futures.ThreadPoolExecutor(UPLOAD_THREADS) as pool:
@@ -403,7 +401,7 @@ def run_raw(ctx: Context, n: int) -> dict:
             for p in procs:
                 kill_group(p)
     reports = []
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=False)):
         if p.returncode != 0:
             raise RuntimeError(f"raw worker {i} exited with {p.returncode}: {err.strip()[-2000:]}")
         reports.append(json.loads(out.strip().splitlines()[-1]))
@@ -467,9 +465,7 @@ def cli_available(ctx: Context) -> tuple[bool, str]:
     if not path or not os.access(path, os.X_OK):
         return False, f"no shardline executable at {path!r}"
     try:
-        probe = subprocess.run(
-            [path, "run", "--help"], env=ctx.cli_env, capture_output=True, text=True, timeout=60
-        )
+        probe = subprocess.run([path, "run", "--help"], env=ctx.cli_env, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"`shardline run --help` failed: {exc}"
     if probe.returncode != 0:
@@ -540,7 +536,7 @@ def print_table(result: dict) -> None:
             ("shardline / raw", per_n["ratio_shardline_over_raw"]),
             ("  / raw transfer", per_n["ratio_shardline_over_raw_transfer"]),
         ):
-            print(f"{'':>3}  {label:<17} {'':>9} {('%.3f' % ratio) if ratio is not None else '-':>8}")
+            print(f"{'':>3}  {label:<17} {'':>9} {f'{ratio:.3f}' if ratio is not None else '-':>8}")
     print(f"\nresults: {result['json_path']}")
 
 
@@ -620,13 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
 
     t_begin = time.monotonic()
-    size = int(round(args.size_gib * GiB))
+    size = round(args.size_gib * GiB)
     seaweed = SeaweedServer(weed)
     moto = None
     moto_log_dir = None
     result: dict = {
         "status": "running",
-        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "json_path": str(args.json),
         "config": {
             "size_gib": args.size_gib,
@@ -689,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             result["dynamodb"] = {"endpoint": "moto", "table": args.marker_table}
             try:  # the CLI creates a missing table too; this keeps that out of the first run
                 create_marker_table(moto_endpoint, args.marker_table)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 result["dynamodb"]["note"] = f"table not pre-created: {exc}"
                 print(f"note: marker table not pre-created ({exc}); shardline creates it if missing")
         elif use_cli:
@@ -711,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         result["shardline"] = {"path": args.shardline, "used": use_cli, "note": note if not use_cli else "ok"}
 
         # ---- warm-up, then interleaved timing
-        for i in range(args.warmup):
+        for _ in range(args.warmup):
             w = run_raw(ctx, args.shard_counts[0])
             print(f"warm-up raw -n {w['n']}: {w['seconds']:.2f} s", flush=True)
         for n in args.shard_counts:

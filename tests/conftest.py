@@ -12,9 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import Endpoint, MotoServer  # noqa: E402
+from shardline.aws import AwsSettings
 
-from shardline.aws import AwsSettings  # noqa: E402
+from servers import Endpoint, MotoServer
 
 # Never let botocore wander off to instance metadata from a test.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")

@@ -220,14 +220,13 @@ class SeaweedServer:
 
     def stop(self, grace_s: float = 3.0) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    process.kill()  # SIGKILL to our PID only
-                    process.wait()
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()  # SIGKILL to our PID only
+                process.wait()
         for port in self._grpc_ports:
             for path in glob.glob(f"/tmp/seaweedfs-*-grpc-{port}.sock"):
                 with contextlib.suppress(OSError):

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from corpus import CORPUS
-from jobs import sequential_reference
-from reference import reference_split
-from servers import Endpoint, SeaweedServer
 from shardline.aws import client
 from shardline.coordinator import ensure_marker_table
 from shardline.protocol import ShardTask
 from shardline.sources import LocalFileSource
+
+from corpus import CORPUS
+from jobs import sequential_reference
+from reference import reference_split
+from servers import Endpoint, SeaweedServer
 
 SHARDLINE = [sys.executable, "-m", "shardline"]
 SED = "s/^/>/"
@@ -204,35 +205,34 @@ def test_s3_without_any_configuration_says_so(home):
     assert "needs AWS configuration" in _one_line_error(result)
 
 
+# Shard 0's command changes the object before it reads a byte.  Its stdin
+# pipe holds at most 1 MiB, and with one 64 KiB GET in flight the worker can
+# run only that far ahead, so with 3 MiB shards its next GETs certainly come
+# after the change and must see it.
+MID_JOB_DATA = b"".join(b"record %08d\n" % i for i in range(400_000))  # 6.4 MB
+MID_JOB_ARGS = ("-n", "2", "--part-size", "64K", "--parts-in-flight", "1")
+
+
 def test_s3_object_overwritten_mid_job_fails_with_etag_error(tmp_path, home, moto: Endpoint, s3, bucket):
-    data = b"".join(b"record %08d\n" % i for i in range(100_000))  # 1.6 MB
-    s3.put_object(Bucket=bucket, Key="k", Body=data)
-    # Shard 0's command overwrites the object before reading anything; tiny
-    # parts keep shard 0 downloading (paused by backpressure) until then, so
-    # its next GET, pinned by If-Match, must see the change.
+    s3.put_object(Bucket=bucket, Key="k", Body=MID_JOB_DATA)
     overwrite = (
         f"{sys.executable} -c \"import boto3; boto3.client('s3').put_object(Bucket='{bucket}', Key='k', Body=b'new')\""
     )
     command = f'if [ "$SHARDLINE_SHARD" = 0 ]; then {overwrite}; fi; cat'
-    env = clean_env(home, **moto.env())
-    result = shardline(
-        "run", f"s3://{bucket}/k", "-n", "2", "--part-size", "4K", "--parts-in-flight", "1", "--", command, env=env
-    )
+    result = shardline("run", f"s3://{bucket}/k", *MID_JOB_ARGS, "--", command, env=clean_env(home, **moto.env()))
     assert result.returncode == 1
     assert "changed" in _one_line_error(result)
-    assert len(result.stdout) < len(data)  # never the whole answer
+    assert len(result.stdout) < len(MID_JOB_DATA)  # never the whole answer
 
 
 def test_local_file_modified_mid_job_fails(tmp_path, home):
     path = tmp_path / "input"
-    data = b"".join(b"record %08d\n" % i for i in range(100_000))
-    path.write_bytes(data)
+    path.write_bytes(MID_JOB_DATA)
     command = f'if [ "$SHARDLINE_SHARD" = 0 ]; then echo more >> {path}; fi; cat'
-    result = shardline(
-        "run", str(path), "-n", "2", "--part-size", "4K", "--parts-in-flight", "1", "--", command, env=clean_env(home)
-    )
+    result = shardline("run", str(path), *MID_JOB_ARGS, "--", command, env=clean_env(home))
     assert result.returncode == 1
     assert "changed" in _one_line_error(result)
+    assert len(result.stdout) < len(MID_JOB_DATA)
 
 
 def test_worker_command_runs_one_shard_by_hand(tmp_path, home, moto: Endpoint, aws_settings):

@@ -40,9 +40,7 @@ async def feed(output: ShardOutput, data: bytes, chunk_bytes: int) -> None:
 
 
 def shell_reference(command: str, data: bytes) -> bytes:
-    return subprocess.run(
-        ["sh", "-c", command], input=data, stdout=subprocess.PIPE, check=True
-    ).stdout
+    return subprocess.run(["sh", "-c", command], input=data, stdout=subprocess.PIPE, check=True).stdout
 
 
 def live_group_members(pgid: int) -> list[int]:
@@ -135,9 +133,7 @@ async def test_passthrough_abort_closes_and_forbids_use(tmp_path: Path) -> None:
     [(b"", 1), (SMALL, 1), (SMALL, 7), (LINES, 65536), (LINES + SMALL, MIB), (LINES, 8 * MIB)],
     ids=["empty", "small-bytewise", "small-7", "lines-64KiB", "lines-1MiB", "lines-whole"],
 )
-async def test_command_output_matches_shell(
-    tmp_path: Path, command: str, data: bytes, chunk_bytes: int
-) -> None:
+async def test_command_output_matches_shell(tmp_path: Path, command: str, data: bytes, chunk_bytes: int) -> None:
     path = tmp_path / "out"
     async with CommandOutput(command, path) as output:
         await feed(output, data, chunk_bytes)
@@ -181,9 +177,7 @@ async def test_head_stops_reading_without_error(tmp_path: Path) -> None:
         ("kill -9 $$", -9, ""),
     ],
 )
-async def test_nonzero_exit_raises_with_stderr_tail(
-    tmp_path: Path, command: str, returncode: int, stderr: str
-) -> None:
+async def test_nonzero_exit_raises_with_stderr_tail(tmp_path: Path, command: str, returncode: int, stderr: str) -> None:
     output = CommandOutput(command, tmp_path / "out")
     async with output:
         await feed(output, LINES, MIB)
@@ -231,7 +225,7 @@ async def test_stderr_is_drained_bounded_and_forwarded(tmp_path: Path) -> None:
     output = CommandOutput(command, tmp_path / "out", stderr_tail_bytes=100, forward_stderr=forwarded)
     async with output:
         await feed(output, LINES, MIB)
-        with pytest.raises(CommandFailedError, match="status 2: last words$") as failure:
+        with pytest.raises(CommandFailedError, match=r"status 2: last words$") as failure:
             await output.finish()
     assert len(failure.value.stderr_tail.encode()) <= 100
     assert forwarded.getvalue() == b"e" * 300_000 + b"\nlast words\n"
@@ -348,12 +342,11 @@ async def test_aclose_from_another_task_interrupts_a_blocked_write(tmp_path: Pat
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.wait_for(writer, 10)
 
+
 # --- environment --------------------------------------------------------------
 
 
-async def test_env_is_added_to_the_inherited_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_env_is_added_to_the_inherited_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDLINE_TEST_INHERITED", "inherited")
     command = 'printf "%s %s %s" "$SHARDLINE_SHARD" "$SHARDLINE_ATTEMPT" "$SHARDLINE_TEST_INHERITED"'
     env = {"SHARDLINE_SHARD": "7", "SHARDLINE_ATTEMPT": "2"}

@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 
-from reference import reference_split
 from shardline.aws import client
 from shardline.coordinator import (
     ExchangeServer,
@@ -23,6 +22,8 @@ from shardline.coordinator._job import _CoverageCheck
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError, CoverageError
 from shardline.protocol import Done, ExchangeSession, ShardTask, Want
+
+from reference import reference_split
 
 DATA = b"".join(b"row %05d\n" % i for i in range(500))
 

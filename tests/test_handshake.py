@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from jobs import run_job_inprocess
-from reference import reference_split
 from shardline.aws import AwsSettings, client
 from shardline.coordinator import Backend, WorkerExit, ensure_marker_table
 from shardline.embedded import InProcessBackend
@@ -31,6 +29,9 @@ from shardline.errors import MarkerConflictError
 from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Marker, ShardTask
 from shardline.sources import open_source
 from shardline.worker import TailSource, WorkerSettings, run_task
+
+from jobs import run_job_inprocess
+from reference import reference_split
 
 # Lines of 10 bytes; with 4 shards of 25 bytes no shard starts on a line start.
 DATA = b"".join(b"line %04d\n" % i for i in range(10))
@@ -44,7 +45,9 @@ class OrderedBackend(Backend):
     def __init__(self, order: list[int]) -> None:
         self._order = order
         self._finished = {shard: asyncio.Event() for shard in order}
-        self._inner = InProcessBackend()
+        # Generous: on an overloaded machine the exchange's answer to WANT
+        # must still arrive before the worker gives up waiting for it.
+        self._inner = InProcessBackend(worker_settings=WorkerSettings(want_answer_timeout_s=60))
 
     async def run(self, task: ShardTask) -> WorkerExit:
         position = self._order.index(task.shard)
@@ -63,7 +66,9 @@ async def marker_table(aws_settings: AwsSettings) -> str:
     return DEFAULT_MARKER_TABLE
 
 
-async def _standalone_task(path: Path, shards: int, index: int, *, job_id: str, aws: AwsSettings, out: Path) -> ShardTask:
+async def _standalone_task(
+    path: Path, shards: int, index: int, *, job_id: str, aws: AwsSettings, out: Path
+) -> ShardTask:
     """A task as the coordinator would build it, but with no exchange."""
     async with open_source(str(path), aws) as source:
         info = await source.stat()

@@ -22,7 +22,8 @@ import json
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardline.errors import (
     AuthenticationError,
@@ -71,7 +72,9 @@ def lookup(job_id: str) -> bytes | None:
 
 def make_client(*, secret: bytes = SECRET, nonce: str = CLIENT_NONCE, job: str = JOB, **kw) -> ExchangeSession:
     hello = Hello(job_id=job, shard=kw.get("shard", 3), attempt=kw.get("attempt", 0), nonce=nonce)
-    return ExchangeSession(Role.CLIENT, secret=secret, hello=hello, max_frame_bytes=kw.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES))
+    return ExchangeSession(
+        Role.CLIENT, secret=secret, hello=hello, max_frame_bytes=kw.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)
+    )
 
 
 def make_server(**kw) -> ExchangeSession:
@@ -174,7 +177,16 @@ def meta_payload(meta: object, data: bytes = b"") -> bytes:
     return struct.pack("!I", len(raw)) + raw + data
 
 
-def forge(key: bytes, sequence: int, type_code: int, payload: bytes, *, magic: bytes = b"SL", version: int = 1, length: int | None = None) -> bytes:
+def forge(
+    key: bytes,
+    sequence: int,
+    type_code: int,
+    payload: bytes,
+    *,
+    magic: bytes = b"SL",
+    version: int = 1,
+    length: int | None = None,
+) -> bytes:
     header = struct.pack("!2sBBI", magic, version, type_code, len(payload) if length is None else length)
     mac = hmac.new(key, struct.pack("!Q", sequence) + header + payload, hashlib.sha256).digest()
     return header + payload + mac
@@ -194,8 +206,13 @@ def head_meta(**changes: object) -> dict[str, object]:
 
 def done_meta(**changes: object) -> dict[str, object]:
     meta: dict[str, object] = {
-        "emitted_start": 10, "emitted_end": 20, "line_start": True, "bytes": 10, "checksum": "ab" * 4,
-        "output_bytes": 7, "tail_sources": ["pushed"],
+        "emitted_start": 10,
+        "emitted_end": 20,
+        "line_start": True,
+        "bytes": 10,
+        "checksum": "ab" * 4,
+        "output_bytes": 7,
+        "tail_sources": ["pushed"],
     }
     meta.update(changes)
     return {k: v for k, v in meta.items() if v is not ...}
@@ -206,7 +223,15 @@ CLIENT_FRAMES: list[Frame] = [
     Head(shard=3, start=100, head_end=200, line_start=False, has_data=False),
     Want(shard=4),
     Progress(bytes_emitted=12345),
-    Done(emitted_start=104, emitted_end=300, line_start=True, bytes=196, checksum="0" * 64, output_bytes=9, tail_sources=["pushed", "scan"]),
+    Done(
+        emitted_start=104,
+        emitted_end=300,
+        line_start=True,
+        bytes=196,
+        checksum="0" * 64,
+        output_bytes=9,
+        tail_sources=["pushed", "scan"],
+    ),
     Failed(kind="CommandFailedError", message="exit 3: boom \u00e9", retryable=False),
     Error(message="bye"),
 ]
@@ -394,7 +419,7 @@ def test_smaller_max_frame_bytes() -> None:
     server2.receive_data(client2.send(client2.hello))
     server2.next_frame()
     server2.send(Welcome(nonce=SERVER_NONCE))
-    with pytest.raises(LocalProtocolError, match="FRAGMENT frame of .* exceeds max frame size 200"):
+    with pytest.raises(LocalProtocolError, match=r"FRAGMENT frame of .* exceeds max frame size 200"):
         server2.send(Fragment(shard=1, start=0, head_end=300, line_start=True, has_data=True, data=b"y" * 300))
 
 
@@ -482,13 +507,13 @@ BAD_SERVER_FRAMES = [
 
 @pytest.mark.parametrize("type_code, payload, match", BAD_CLIENT_FRAMES)
 def test_malformed_frame_with_a_valid_mac(type_code: int, payload: bytes, match: str) -> None:
-    client, server = open_pair()
+    _client, server = open_pair()
     assert_rejected(server, forge(server._key, 1, type_code, payload), RemoteProtocolError, match)
 
 
 @pytest.mark.parametrize("type_code, payload, match", BAD_SERVER_FRAMES)
 def test_malformed_server_frame_with_a_valid_mac(type_code: int, payload: bytes, match: str) -> None:
-    client, server = open_pair()
+    client, _server = open_pair()
     assert_rejected(client, forge(client._key, 1, type_code, payload), RemoteProtocolError, match)
 
 
@@ -499,7 +524,7 @@ def test_every_frame_type_is_covered() -> None:
 
 
 def test_optional_fields_may_be_omitted() -> None:
-    client, server = open_pair()
+    _client, server = open_pair()
     server.receive_data(forge(server._key, 1, FrameType.DONE, meta_payload(done_meta(tail_sources=...))))
     frame = server.next_frame()
     assert isinstance(frame, Done) and frame.tail_sources == []
@@ -543,7 +568,9 @@ def test_surrogate_nonces_are_remote_errors() -> None:
 
 def test_wrong_secret() -> None:
     client = make_client(secret=OTHER_SECRET)
-    assert_rejected(make_server(), client.send(client.hello), AuthenticationError, "HELLO frame #0 failed authentication")
+    assert_rejected(
+        make_server(), client.send(client.hello), AuthenticationError, "HELLO frame #0 failed authentication"
+    )
 
 
 def test_welcome_under_the_wrong_secret() -> None:
@@ -642,7 +669,14 @@ def _session_in(state: str) -> ExchangeSession:
 LEGAL_TO_RECEIVE = {
     "server await_hello": {FrameType.HELLO},
     "server send_welcome": set(),
-    "server open": {FrameType.HEAD, FrameType.WANT, FrameType.PROGRESS, FrameType.DONE, FrameType.FAILED, FrameType.ERROR},
+    "server open": {
+        FrameType.HEAD,
+        FrameType.WANT,
+        FrameType.PROGRESS,
+        FrameType.DONE,
+        FrameType.FAILED,
+        FrameType.ERROR,
+    },
     "client idle": set(),
     "client await_welcome": {FrameType.WELCOME, FrameType.ERROR},
     "client open": {FrameType.FRAGMENT, FrameType.PENDING, FrameType.ACK, FrameType.ERROR},
@@ -734,7 +768,7 @@ def test_client_sends_only_its_own_hello_once() -> None:
 
 
 def test_server_sends_welcome_once() -> None:
-    client, server = open_pair()
+    _client, server = open_pair()
     with pytest.raises(LocalProtocolError, match="cannot send WELCOME as server in state open"):
         server.send(Welcome(nonce=SERVER_NONCE))
 
@@ -761,14 +795,21 @@ def boundary_frames(draw, cls: type[Frame]) -> Frame:
     has_data = draw(st.booleans())
     data = draw(st.binary(max_size=300)) if has_data else b""
     head_end = start + (len(data) if has_data else draw(st.integers(0, 2**40)))
-    return cls(shard=draw(COUNTS), start=start, head_end=head_end, line_start=draw(st.booleans()), has_data=has_data, data=data)
+    return cls(
+        shard=draw(COUNTS), start=start, head_end=head_end, line_start=draw(st.booleans()), has_data=has_data, data=data
+    )
 
 
 @st.composite
 def done_frames(draw) -> Done:
     a, n = draw(COUNTS), draw(COUNTS)
     return Done(
-        emitted_start=a, emitted_end=a + n, line_start=n > 0 or draw(st.booleans()), bytes=n, checksum=draw(st.text(max_size=64)), output_bytes=draw(COUNTS),
+        emitted_start=a,
+        emitted_end=a + n,
+        line_start=n > 0 or draw(st.booleans()),
+        bytes=n,
+        checksum=draw(st.text(max_size=64)),
+        output_bytes=draw(COUNTS),
         tail_sources=draw(st.lists(st.sampled_from(["pushed", "marker", "scan"]), max_size=4)),
     )
 
@@ -796,7 +837,9 @@ PATTERNS = st.lists(st.integers(0, 64), min_size=1, max_size=6)
     server_frames=st.lists(SERVER_FRAME_STRATEGY, max_size=6),
     pattern=PATTERNS,
 )
-def test_arbitrary_frames_round_trip(client_frames: list[Frame], server_frames: list[Frame], pattern: list[int]) -> None:
+def test_arbitrary_frames_round_trip(
+    client_frames: list[Frame], server_frames: list[Frame], pattern: list[int]
+) -> None:
     client_bytes, server_bytes = conversation(client_frames, server_frames)
     hello = make_client().hello
     assert server_receives(chunked(b"".join(client_bytes), pattern)) == [hello, *client_frames]
@@ -810,7 +853,11 @@ JSON_VALUES = st.recursive(
     max_leaves=12,
 )
 FIELD_NAMES = sorted(
-    {f.name for cls in (Hello, Welcome, Head, Want, Pending, Progress, Done, Failed, Error, Ack) for f in dataclasses.fields(cls)}
+    {
+        f.name
+        for cls in (Hello, Welcome, Head, Want, Pending, Progress, Done, Failed, Error, Ack)
+        for f in dataclasses.fields(cls)
+    }
     | {"x", "TYPE"}
 )
 
@@ -858,8 +905,12 @@ def mutated_stream(draw) -> bytes:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    garbage=st.one_of(st.binary(max_size=200), garbage_frames(), mutated_stream(),
-                      st.lists(garbage_frames(), min_size=2, max_size=4).map(b"".join)),
+    garbage=st.one_of(
+        st.binary(max_size=200),
+        garbage_frames(),
+        mutated_stream(),
+        st.lists(garbage_frames(), min_size=2, max_size=4).map(b"".join),
+    ),
     state=st.sampled_from(sorted(LEGAL_TO_RECEIVE)),
     pattern=PATTERNS,
 )

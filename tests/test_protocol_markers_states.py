@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardline.errors import LocalProtocolError, MarkerConflictError, RemoteProtocolError
 from shardline.protocol import (
@@ -47,8 +48,11 @@ MARKERS = st.builds(
 
 def good_marker(**changes) -> Marker:
     fields = {
-        "job_id": "job-1", "shard": 4, "attempt": 0,
-        "boundary": Boundary(start=100, head_end=117, line_start=True), "etag": '"abc123"',
+        "job_id": "job-1",
+        "shard": 4,
+        "attempt": 0,
+        "boundary": Boundary(start=100, head_end=117, line_start=True),
+        "etag": '"abc123"',
     }
     fields.update(changes)
     return Marker(**fields)
@@ -103,7 +107,10 @@ MALFORMED_ITEMS = [
     pytest.param(None, id="None"),
     pytest.param([], id="list"),
     pytest.param({}, id="empty"),
-    *[pytest.param(_without(name), id=f"missing-{name}") for name in ("job", "shard", "attempt", "start", "head_end", "line_start", "etag")],
+    *[
+        pytest.param(_without(name), id=f"missing-{name}")
+        for name in ("job", "shard", "attempt", "start", "head_end", "line_start", "etag")
+    ],
     pytest.param(_with("job", "job-1"), id="job-untyped"),
     pytest.param(_with("job", {"N": "1"}), id="job-wrong-type-tag"),
     pytest.param(_with("shard", {"S": "4"}), id="shard-wrong-type-tag"),

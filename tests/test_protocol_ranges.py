@@ -9,17 +9,13 @@ delimiter, lines aligned exactly on shard starts, N > size and size 0.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from reference import (
-    reference_head_ends,
-    reference_lines,
-    reference_split,
-    reference_starts,
-)
 from shardline.errors import ConfigurationError, LineTooLongError
 from shardline.protocol import (
     NEED_DATA,
@@ -30,6 +26,13 @@ from shardline.protocol import (
     check_delimiter,
     nominal_starts,
     plan_shards,
+)
+
+from reference import (
+    reference_head_ends,
+    reference_lines,
+    reference_split,
+    reference_starts,
 )
 
 FAST = settings(max_examples=150, deadline=None)
@@ -239,8 +242,8 @@ def test_nominal_starts(size: int, shards: int) -> None:
     starts = nominal_starts(size, shards)
     assert len(starts) == shards + 1
     assert starts[0] == 0 and starts[-1] == size
-    assert all(a <= b for a, b in zip(starts, starts[1:]))
-    lengths = {b - a for a, b in zip(starts, starts[1:])}
+    assert all(a <= b for a, b in itertools.pairwise(starts))
+    lengths = {b - a for a, b in itertools.pairwise(starts)}
     assert lengths <= {size // shards, -(-size // shards)}, "ranges are as even as possible"
     if shards <= 200:
         assert list(starts) == reference_starts(size, shards)
@@ -252,7 +255,7 @@ def test_plan_shards_tiles_the_object(size: int, shards: int) -> None:
     plan = plan_shards(size, shards)
     assert [r.index for r in plan] == list(range(shards))
     assert plan[0].start == 0 and plan[-1].end == size
-    for prev, nxt in zip(plan, plan[1:]):
+    for prev, nxt in itertools.pairwise(plan):
         assert prev.end == nxt.start
     starts = reference_starts(size, shards)
     for r in plan:
@@ -480,9 +483,7 @@ def test_head_scanner_limit_when_no_line_starts_in_the_shard() -> None:
         HeadScanner(shard, b"\n", max_line_bytes=3).feed(data[3:])
     assert info.value.offset == 4
     # one more allowed byte and it is fine
-    assert HeadScanner(shard, b"\n", max_line_bytes=4).feed(data[3:]) == Boundary(
-        start=4, head_end=8, line_start=False
-    )
+    assert HeadScanner(shard, b"\n", max_line_bytes=4).feed(data[3:]) == Boundary(start=4, head_end=8, line_start=False)
 
 
 def test_head_scanner_limit_with_a_line_start() -> None:

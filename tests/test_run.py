@@ -71,11 +71,13 @@ async def test_s3_identity_and_command(s3, bucket, aws_settings, name, shards):
 
 
 async def test_nul_delimited_command_sees_whole_records(tmp_path, aws_settings):
-    data, delimiter = CORPUS["nul-delimited"]
+    data, _delimiter = CORPUS["nul-delimited"]
     path = tmp_path / "input"
     path.write_bytes(data)
     # Each shard's command counts the records it got; the sum must be exact.
-    output, _ = await run_job_inprocess(str(path), 7, aws=aws_settings, delimiter=b"\0", command="tr -cd '\\000' | wc -c")
+    output, _ = await run_job_inprocess(
+        str(path), 7, aws=aws_settings, delimiter=b"\0", command="tr -cd '\\000' | wc -c"
+    )
     assert sum(int(line) for line in output.split()) == data.count(b"\0")
 
 

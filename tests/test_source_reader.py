@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import os
 import random
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faultproxy import CannedResponse, CutBody, FaultProxy, ProxyRecord, Rule, s3_error
 
 from shardline.aws import AwsSettings
 from shardline.errors import (
@@ -28,7 +28,6 @@ from shardline.errors import (
     SourceNotFoundError,
 )
 from shardline.retry import RetryPolicy
-from shardline.worker._reader import TASK_NAME_PREFIX, RangedReader, ReaderSettings, fetch_range
 from shardline.sources import (
     LocalFileSource,
     ObjectInfo,
@@ -38,6 +37,9 @@ from shardline.sources import (
     open_source,
     parse_s3_url,
 )
+from shardline.worker._reader import TASK_NAME_PREFIX, RangedReader, ReaderSettings, fetch_range
+
+from faultproxy import CannedResponse, CutBody, FaultProxy, ProxyRecord, Rule, s3_error
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.001, max_delay_s=0.01)
 
@@ -180,9 +182,7 @@ def test_invalid_range_is_rejected() -> None:
 # --- the object changes under us ----------------------------------------------
 
 
-async def test_s3_overwritten_object_fails_with_object_changed(
-    s3, bucket: str, aws_settings: AwsSettings
-) -> None:
+async def test_s3_overwritten_object_fails_with_object_changed(s3, bucket: str, aws_settings: AwsSettings) -> None:
     s3.put_object(Bucket=bucket, Key="k", Body=b"version one\n" * 100)
     async with S3Source(bucket, "k", aws=aws_settings) as source:
         old = await source.stat()
@@ -282,7 +282,9 @@ async def test_stopping_early_cancels_in_flight_requests(make_source: MakeSource
     data = random_bytes(64 * 1024, seed=11)
     async with make_source(data) as source:
         info = await source.stat()
-        async with RangedReader(source, start=0, end=len(data), etag=info.etag, settings=settings_for(1024, 4)) as reader:
+        async with RangedReader(
+            source, start=0, end=len(data), etag=info.etag, settings=settings_for(1024, 4)
+        ) as reader:
             async for chunk in reader:
                 assert chunk == data[:1024]
                 break
@@ -445,7 +447,7 @@ async def test_resume_with_many_parts_in_flight() -> None:
     for start, end in source.requests:
         by_end[end].append(start)
     for starts in by_end.values():
-        assert all(b - a == 150 for a, b in zip(starts, starts[1:]))
+        assert all(b - a == 150 for a, b in itertools.pairwise(starts))
 
 
 async def test_retries_are_bounded() -> None:
@@ -498,7 +500,7 @@ async def test_s3_body_cut_mid_stream_resumes_after_last_received_byte(
     for record in gets:
         by_end[_range_of(record)[1]].append(record)
     for end, attempts in by_end.items():
-        for previous, resumed in zip(attempts, attempts[1:]):
+        for previous, resumed in itertools.pairwise(attempts):
             assert previous.fault is not None
             assert _range_of(resumed)[0] == _range_of(previous)[0] + previous.body_bytes
         assert attempts[-1].fault is None

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .aws import AwsSettings, client
 from .coordinator import (
@@ -33,6 +33,9 @@ from .coordinator import (
 from .errors import ShardlineError
 from .protocol import ShardTask
 
+if TYPE_CHECKING:
+    from .worker import WorkerSettings
+
 __all__ = ["EmbeddedDynamoDB", "InProcessBackend", "run_embedded"]
 
 log = logging.getLogger("shardline.embedded")
@@ -46,7 +49,7 @@ class EmbeddedDynamoDB:
     """moto's DynamoDB-compatible server on 127.0.0.1, in a thread of this process."""
 
     def __init__(self) -> None:
-        self._server = None
+        self._server: Any = None  # moto.server.ThreadedMotoServer, imported lazily
         self.url: str | None = None
 
     def start(self) -> str:
@@ -85,15 +88,18 @@ class InProcessBackend(Backend):
 
     name = "inprocess"
 
-    def __init__(self, *, max_concurrent: int = DEFAULT_INPROCESS_CONCURRENCY) -> None:
+    def __init__(
+        self, *, max_concurrent: int = DEFAULT_INPROCESS_CONCURRENCY, worker_settings: WorkerSettings | None = None
+    ) -> None:
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._worker_settings = worker_settings
 
     async def run(self, task: ShardTask) -> WorkerExit:
         from .worker import run_task
 
         async with self._slots:
             try:
-                await run_task(task)
+                await run_task(task, settings=self._worker_settings)
             except ShardlineError as exc:
                 return WorkerExit(ok=False, detail=f"worker failed: {exc}")
         return WorkerExit(ok=True, detail="finished")

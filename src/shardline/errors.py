@@ -9,25 +9,25 @@ never need to know which library failed.
 from __future__ import annotations
 
 __all__ = [
-    "ShardlineError",
-    "ConfigurationError",
-    "InputError",
-    "SourceNotFoundError",
-    "SourceAccessError",
-    "ObjectChangedError",
-    "LineTooLongError",
-    "StorageError",
-    "RetryableStorageError",
-    "MarkerConflictError",
-    "ProtocolError",
-    "LocalProtocolError",
-    "RemoteProtocolError",
     "AuthenticationError",
-    "FrameTooLargeError",
-    "ShardFailedError",
     "CommandFailedError",
+    "ConfigurationError",
     "CoverageError",
+    "FrameTooLargeError",
+    "InputError",
     "JobFailedError",
+    "LineTooLongError",
+    "LocalProtocolError",
+    "MarkerConflictError",
+    "ObjectChangedError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RetryableStorageError",
+    "ShardFailedError",
+    "ShardlineError",
+    "SourceAccessError",
+    "SourceNotFoundError",
+    "StorageError",
 ]
 
 
@@ -62,10 +62,7 @@ class LineTooLongError(InputError):
     """A line exceeds the configured ``max_line_bytes``; names its offset."""
 
     def __init__(self, *, offset: int, limit: int) -> None:
-        super().__init__(
-            f"line starting before offset {offset} is longer than "
-            f"max_line_bytes={limit}"
-        )
+        super().__init__(f"line starting before offset {offset} is longer than max_line_bytes={limit}")
         self.offset = offset
         self.limit = limit
 

@@ -36,11 +36,11 @@ from .errors import (
 )
 
 __all__ = [
+    "LocalFileSource",
     "ObjectInfo",
     "ObjectSource",
-    "LocalFileSource",
-    "S3Source",
     "OnBytes",
+    "S3Source",
     "open_source",
     "parse_s3_url",
 ]
@@ -209,13 +209,11 @@ class LocalFileSource(ObjectSource):
             raise translate_error(exc, what=f"reading {self.path}") from exc
         if _local_etag(st) != etag:
             raise ObjectChangedError(
-                f"{self.path}: the file changed during the job "
-                f"(expected version {etag}, found {_local_etag(st)})"
+                f"{self.path}: the file changed during the job (expected version {etag}, found {_local_etag(st)})"
             )
         if count == 0:
             raise StorageError(
-                f"{self.path}: asked for bytes from offset {offset} but the file has "
-                f"only {st.st_size} bytes"
+                f"{self.path}: asked for bytes from offset {offset} but the file has only {st.st_size} bytes"
             )
         return count
 

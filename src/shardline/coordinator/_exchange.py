@@ -91,7 +91,9 @@ class _JobRelay:
 class ExchangeServer:
     """The exchange listener; register jobs before their workers start."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int = 0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    ) -> None:
         self._host = host
         self._port = port
         self._max_frame_bytes = max_frame_bytes
@@ -146,7 +148,8 @@ class ExchangeServer:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        peer = "%s:%s" % writer.get_extra_info("peername")[:2]
+        host, port = writer.get_extra_info("peername")[:2]
+        peer = f"{host}:{port}"
         connection = _Connection(
             session=ExchangeSession.server(self._lookup_secret, max_frame_bytes=self._max_frame_bytes),
             writer=writer,
@@ -182,7 +185,7 @@ class ExchangeServer:
             self.rejected_connections += 1
             who = f"job {hello.job_id} shard {hello.shard} attempt {hello.attempt}" if hello else "unauthenticated peer"
             log.warning("exchange: dropped connection from %s (%s): %s", peer, who, exc)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.rejected_connections += 1
             log.warning("exchange: dropped connection from %s: no HELLO within %.0fs", peer, HELLO_TIMEOUT_S)
         except (OSError, ProtocolError) as exc:

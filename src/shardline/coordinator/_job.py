@@ -21,8 +21,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..aws import AwsSettings
@@ -270,7 +270,9 @@ class _CoverageCheck:
         if not shard_start <= start < shard_end:
             raise CoverageError(f"shard {index} emitted from {start}, outside its range [{shard_start}, {shard_end})")
         if start > self.next_start:
-            raise CoverageError(f"gap: bytes [{self.next_start}, {start}) before shard {index} were emitted by no shard")
+            raise CoverageError(
+                f"gap: bytes [{self.next_start}, {start}) before shard {index} were emitted by no shard"
+            )
         if start < self.next_start:
             raise CoverageError(f"overlap: bytes [{start}, {self.next_start}) emitted twice (shard {index})")
         self.next_start = end

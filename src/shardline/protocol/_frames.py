@@ -45,15 +45,15 @@ __all__ = [
     "Done",
     "Error",
     "ExchangeSession",
-    "Role",
     "Failed",
+    "Fragment",
     "Frame",
     "FrameType",
-    "Fragment",
     "Head",
     "Hello",
     "Pending",
     "Progress",
+    "Role",
     "SessionState",
     "Want",
     "Welcome",
@@ -175,8 +175,7 @@ class _BoundaryFrame(Frame):
         if self.has_data:
             _require(
                 len(self.data) == self.head_end - self.start,
-                f"{self.TYPE.name} data is {len(self.data)} bytes, range says "
-                f"{self.head_end - self.start}",
+                f"{self.TYPE.name} data is {len(self.data)} bytes, range says {self.head_end - self.start}",
             )
         else:
             _require(not self.data, f"{self.TYPE.name} has data but has_data is false")
@@ -271,8 +270,7 @@ class Done(Frame):
         _require(self.line_start or self.bytes == 0, "DONE emits bytes although no line starts in its range")
         _require(isinstance(self.checksum, str) and len(self.checksum) <= 64, "DONE.checksum invalid")
         _require(
-            isinstance(self.tail_sources, list)
-            and all(s in ("pushed", "marker", "scan") for s in self.tail_sources),
+            isinstance(self.tail_sources, list) and all(s in ("pushed", "marker", "scan") for s in self.tail_sources),
             "DONE.tail_sources invalid",
         )
         _require(not self.data, "DONE carries no data")
@@ -319,8 +317,7 @@ class Ack(Frame):
 
 
 _FRAME_CLASSES: dict[FrameType, type[Frame]] = {
-    cls.TYPE: cls
-    for cls in (Hello, Welcome, Head, Want, Fragment, Pending, Progress, Done, Failed, Error, Ack)
+    cls.TYPE: cls for cls in (Hello, Welcome, Head, Want, Fragment, Pending, Progress, Done, Failed, Error, Ack)
 }
 
 
@@ -390,9 +387,7 @@ def _decode_payload(frame_type: FrameType, payload: bytes) -> Frame:
     _check_remote(isinstance(meta, dict), f"{frame_type.name} meta is not an object")
     cls = _FRAME_CLASSES[frame_type]
     expected = {f.name for f in fields(cls) if f.name != "data"}
-    required = {
-        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-    }
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
     unknown = set(meta) - expected
     missing = required - set(meta)
     _check_remote(not unknown, f"{frame_type.name} has unknown fields {sorted(unknown)}")

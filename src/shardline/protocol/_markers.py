@@ -17,8 +17,8 @@ from ._ranges import Boundary
 
 __all__ = [
     "DEFAULT_MARKER_TABLE",
-    "MARKER_KEY_SCHEMA",
     "MARKER_ATTRIBUTE_DEFINITIONS",
+    "MARKER_KEY_SCHEMA",
     "MARKER_TTL_ATTRIBUTE",
     "PUT_CONDITION",
     "Marker",

@@ -67,8 +67,7 @@ class ShardRange:
             raise ConfigurationError(f"shard index {self.index} outside 0..{self.shards - 1}")
         if not 0 <= self.start <= self.end <= self.size:
             raise ConfigurationError(
-                f"shard {self.index} range [{self.start}, {self.end}) is not inside "
-                f"[0, {self.size})"
+                f"shard {self.index} range [{self.start}, {self.end}) is not inside [0, {self.size})"
             )
 
     @property
@@ -84,10 +83,7 @@ class ShardRange:
 def plan_shards(size: int, shards: int) -> list[ShardRange]:
     """All N nominal ranges; they tile [0, size) and some may be empty."""
     starts = nominal_starts(size, shards)
-    return [
-        ShardRange(index=i, shards=shards, start=starts[i], end=starts[i + 1], size=size)
-        for i in range(shards)
-    ]
+    return [ShardRange(index=i, shards=shards, start=starts[i], end=starts[i + 1], size=size) for i in range(shards)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,9 +102,7 @@ class Boundary:
 
     def __post_init__(self) -> None:
         if self.head_end < self.start:
-            raise ConfigurationError(
-                f"boundary head_end {self.head_end} is before start {self.start}"
-            )
+            raise ConfigurationError(f"boundary head_end {self.head_end} is before start {self.start}")
 
     @property
     def fragment_length(self) -> int:
@@ -125,9 +119,7 @@ class HeadScanner:
     grows past it raises LineTooLongError instead of scanning on.
     """
 
-    def __init__(
-        self, shard: ShardRange, delimiter: bytes, *, max_line_bytes: int | None = None
-    ) -> None:
+    def __init__(self, shard: ShardRange, delimiter: bytes, *, max_line_bytes: int | None = None) -> None:
         self._shard = shard
         self._delimiter = check_delimiter(delimiter)
         self._max_line_bytes = max_line_bytes

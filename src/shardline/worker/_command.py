@@ -46,7 +46,7 @@ from typing import IO, BinaryIO, Self, cast
 
 from ..errors import CommandFailedError, StorageError
 
-__all__ = ["ShardOutput", "PassthroughOutput", "CommandOutput"]
+__all__ = ["CommandOutput", "PassthroughOutput", "ShardOutput"]
 
 log = logging.getLogger("shardline.worker.command")
 
@@ -138,9 +138,7 @@ class ShardOutput(abc.ABC):
 
     def _advance(self, expected: _State, new: _State, action: str) -> None:
         if self._state is not expected:
-            raise RuntimeError(
-                f"cannot {action} a {type(self).__name__} that is {self._state.value}"
-            )
+            raise RuntimeError(f"cannot {action} a {type(self).__name__} that is {self._state.value}")
         self._state = new
 
     def _require_running(self, action: str) -> None:
@@ -167,7 +165,7 @@ class PassthroughOutput(ShardOutput):
         # Opened on the loop thread: an open abandoned in a worker thread by a
         # cancelled caller would leak its descriptor.
         try:
-            self._file = open(self._path, "wb")  # closed by finish() or aclose()
+            self._file = open(self._path, "wb")  # noqa: SIM115 - closed by finish() or aclose()
         except OSError as exc:
             self._state = _State.CLOSED
             raise _storage_error("open", self._path, exc) from exc
@@ -355,9 +353,7 @@ class CommandOutput(ShardOutput):
     async def start(self) -> None:
         self._advance(_State.NEW, _State.RUNNING, "start")
         try:
-            self._output_fd = os.open(
-                self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666
-            )
+            self._output_fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             self._state = _State.CLOSED
             raise _storage_error("open", self._path, exc) from exc
@@ -381,9 +377,7 @@ class CommandOutput(ShardOutput):
             self._close_output_fd()
             self._state = _State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
-            raise CommandFailedError(
-                returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}"
-            ) from exc
+            raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
         except BaseException:
             # Cancelled while spawning: asyncio has already killed the child.
             self._close_output_fd()
@@ -454,8 +448,7 @@ class CommandOutput(ShardOutput):
         # Something still holds stderr, so the group is not empty and its id
         # cannot have been reused: safe to signal.
         log.warning(
-            "command %r exited but left a background process holding its stderr; "
-            "killing process group %d",
+            "command %r exited but left a background process holding its stderr; killing process group %d",
             self._command,
             self._pid,
         )

@@ -43,7 +43,15 @@ class ExchangeClient:
     """One shard attempt's connection to the exchange; use as an async context manager."""
 
     def __init__(
-        self, *, host: str, port: int, job_id: str, shard: int, attempt: int, secret: bytes, connect_timeout_s: float = 10.0
+        self,
+        *,
+        host: str,
+        port: int,
+        job_id: str,
+        shard: int,
+        attempt: int,
+        secret: bytes,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self._address = (host, port)
         self._identity = dict(job_id=job_id, shard=shard, attempt=attempt, secret=secret)
@@ -74,14 +82,14 @@ class ExchangeClient:
         session = ExchangeSession.client(**self._identity)  # type: ignore[arg-type]
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*self._address), self._connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ExchangeUnavailable(f"cannot reach exchange at {self._address[0]}:{self._address[1]}: {exc}") from exc
         self._session, self._reader, self._writer = session, reader, writer
         try:
             writer.write(session.send(session.hello))  # type: ignore[arg-type]
             await writer.drain()
             welcome = await asyncio.wait_for(self._read_frame(), self._connect_timeout_s)
-        except (OSError, asyncio.TimeoutError, ProtocolError) as exc:
+        except (TimeoutError, OSError, ProtocolError) as exc:
             await self._drop_connection()
             raise ExchangeUnavailable(f"exchange handshake failed: {exc}") from exc
         if isinstance(welcome, Error) or welcome is None:
@@ -190,7 +198,7 @@ class ExchangeClient:
                 self._ack = asyncio.get_running_loop().create_future()
                 await self._send(frame)
                 return await asyncio.wait_for(self._ack, timeout_s)
-            except (ExchangeUnavailable, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ExchangeUnavailable) as exc:
                 last_error = exc
                 if self.rejection is not None:
                     break  # fenced or refused: reconnecting will not help

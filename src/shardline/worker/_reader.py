@@ -60,9 +60,7 @@ class ReaderSettings:
                 f"part_size_bytes ({self.part_size_bytes}): a part must fit in the budget"
             )
         if self.max_concurrent_requests < 1:
-            raise ConfigurationError(
-                f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}"
-            )
+            raise ConfigurationError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
         if self.retry.attempts < 1:
             raise ConfigurationError(f"retry.attempts must be >= 1, got {self.retry.attempts}")
 

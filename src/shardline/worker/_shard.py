@@ -19,13 +19,13 @@ import contextlib
 import dataclasses
 import logging
 import zlib
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from ..aws import AwsSettings, client
 from ..errors import MarkerConflictError, RetryableStorageError, ShardlineError
 from ..protocol import (
-    NEED_DATA,
     Boundary,
     Done,
     Failed,
@@ -129,7 +129,9 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
             result = await run.execute()
         except ShardlineError as exc:
             if exchange is not None:
-                failed = Failed(kind=type(exc).__name__, message=str(exc), retryable=isinstance(exc, RetryableStorageError))
+                failed = Failed(
+                    kind=type(exc).__name__, message=str(exc), retryable=isinstance(exc, RetryableStorageError)
+                )
                 with contextlib.suppress(ExchangeUnavailable):
                     await exchange.report(failed, timeout_s=settings.report_timeout_s)
             raise
@@ -249,8 +251,8 @@ class _ShardRun:
                     chunk_start, position = position, position + len(chunk)
                     if boundary is None:
                         decision = scanner.feed(chunk)
-                        if decision is not NEED_DATA:
-                            boundary = decision  # type: ignore[assignment]
+                        if isinstance(decision, Boundary):
+                            boundary = decision
                     # Collect head-fragment bytes until the fragment is complete.
                     if publish is None:
                         head_end = boundary.head_end if boundary is not None else position
@@ -291,9 +293,13 @@ class _ShardRun:
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
         """Marker to DynamoDB and head fragment to the exchange, concurrently."""
         marker = Marker(
-            job_id=self.task.job_id, shard=self.shard.index, attempt=self.task.attempt, boundary=boundary, etag=self.task.etag
+            job_id=self.task.job_id,
+            shard=self.shard.index,
+            attempt=self.task.attempt,
+            boundary=boundary,
+            etag=self.task.etag,
         )
-        steps = [self.markers.publish(marker)]
+        steps: list[Awaitable[object]] = [self.markers.publish(marker)]
         if self.exchange is not None:
             head = Head(
                 shard=self.shard.index,
@@ -343,8 +349,10 @@ class _ShardRun:
 
     def _check_neighbour(self, neighbour: ShardRange, boundary: Boundary, what: str) -> None:
         expected_end = boundary.head_end if boundary.line_start else neighbour.end
-        if boundary.start != neighbour.start or not neighbour.start <= boundary.head_end <= neighbour.end or (
-            boundary.head_end != expected_end
+        if (
+            boundary.start != neighbour.start
+            or not neighbour.start <= boundary.head_end <= neighbour.end
+            or (boundary.head_end != expected_end)
         ):
             raise MarkerConflictError(
                 f"{what} of shard {neighbour.index} says {boundary}, outside its range "
@@ -375,16 +383,16 @@ class _ShardRun:
             end = min(neighbour.end, position + window)
             data = await fetch_range(self.source, position, end, etag=self.task.etag, retry=self.settings.retry)
             decision = scanner.feed(data)
-            stop = end if decision is NEED_DATA else min(end, decision.head_end)  # type: ignore[union-attr]
+            decided = decision if isinstance(decision, Boundary) else None
+            stop = end if decided is None else min(end, decided.head_end)
             low = max(position, neighbour.start)
             if stop > low:
                 await self._emit(data[low - position : stop - position])
-            if decision is not NEED_DATA:
-                boundary: Boundary = decision  # type: ignore[assignment]
+            if decided is not None:
                 # The scanner can decide "no line start" one byte before the
                 # range ends; the fragment still runs to the end.
-                await self._emit_range(max(end, neighbour.start), boundary.head_end)
-                return boundary
+                await self._emit_range(max(end, neighbour.start), decided.head_end)
+                return decided
             position = end
             window = min(window * 2, self.task.part_size_bytes)
 
