@@ -20,7 +20,7 @@ from shardline.coordinator import (
 )
 from shardline.coordinator._job import _CoverageCheck
 from shardline.embedded import InProcessBackend
-from shardline.errors import ConfigurationError, CoverageError
+from shardline.errors import ConfigurationError, CoverageError, JobFailedError
 from shardline.protocol import Done, ExchangeSession, ShardTask, Want
 
 from reference import reference_split
@@ -168,3 +168,25 @@ async def test_replayed_session_is_dropped(tmp_path, aws_settings):
         assert exchange.rejected_connections == 1
         backend.gate.set()
         await job
+
+
+class BrokenForShardOne(InProcessBackend):
+    """A backend that cannot start shard 1 (as when spawning fails)."""
+
+    async def run(self, task: ShardTask) -> WorkerExit:
+        if task.shard == 1:
+            raise OSError(24, "Too many open files")
+        return await super().run(task)
+
+
+async def test_backend_that_cannot_start_a_shard_fails_the_job(tmp_path, aws_settings):
+    path = tmp_path / "input"
+    path.write_bytes(DATA)
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, "shardline-markers")
+    out = io.BytesIO()
+    async with ExchangeServer() as exchange:
+        spec = JobSpec(source=str(path), shards=3)
+        run = run_job(spec, aws=aws_settings, backend=BrokenForShardOne(), exchange=exchange, out=out)
+        with pytest.raises(JobFailedError, match=r"shard 1 failed: backend inprocess could not run .*open files"):
+            await asyncio.wait_for(run, 60)

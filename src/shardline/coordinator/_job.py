@@ -119,6 +119,8 @@ class _Shard:
     failure: str | None = None
     bytes_emitted: int = 0
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # committed or failed
+    #: The job's "some shard failed" event, shared by all its shards.
+    any_failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def move(self, event: ShardEvent) -> None:
         self.state = next_shard_state(self.state, event)
@@ -128,6 +130,7 @@ class _Shard:
             self.failure = cause
             self.move(ShardEvent.FAIL)
             self.settled.set()
+            self.any_failed.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,8 @@ class _Job:
         self.spec = spec
         self.info = info
         self.state = JobState.PENDING
-        self.shards = [_Shard(task=task) for task in tasks]
+        self.any_failed = asyncio.Event()
+        self.shards = [_Shard(task=task, any_failed=self.any_failed) for task in tasks]
         self.started = time.monotonic()
 
     def progress(self) -> JobProgress:
@@ -373,7 +377,12 @@ async def run_job(
 
 async def _run_attempt(job: _Job, shard: _Shard, backend: Backend) -> None:
     shard.move(ShardEvent.LAUNCH)
-    exit_ = await backend.run(shard.task)
+    try:
+        exit_ = await backend.run(shard.task)
+    except Exception as exc:  # a backend that cannot run the attempt at all
+        log.exception("job %s shard %d: backend %s failed", job.id, shard.task.shard, backend.name)
+        shard.fail(f"backend {backend.name} could not run the worker: {type(exc).__name__}: {exc}")
+        return
     if shard.state in (ShardState.STARTING, ShardState.RUNNING):
         # The runtime ended without a committed result (crash, kill, refused
         # report); an exit of 0 here still means the result never arrived.
@@ -386,8 +395,6 @@ async def _write_in_order(job: _Job, out: BinaryIO) -> int:
     written = 0
     for shard in job.shards:
         await _wait_settled(job, shard)
-        if shard.state is not ShardState.DONE:
-            raise ShardFailedError(shard.task.shard, shard.failure or "unknown failure")
         assert shard.done is not None
         index = shard.task.shard
         coverage.admit(index, starts[index], starts[index + 1], shard.done)
@@ -400,16 +407,16 @@ async def _write_in_order(job: _Job, out: BinaryIO) -> int:
 
 async def _wait_settled(job: _Job, shard: _Shard) -> None:
     """Wait for `shard`, failing early if any other shard fails meanwhile."""
-    while not shard.settled.is_set():
-        waiters = [asyncio.ensure_future(s.settled.wait()) for s in job.shards if not s.settled.is_set()]
+    if not shard.settled.is_set():
+        waiters = [asyncio.ensure_future(shard.settled.wait()), asyncio.ensure_future(job.any_failed.wait())]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
-        for other in job.shards:
-            if other.state is ShardState.FAILED:
-                raise ShardFailedError(other.task.shard, other.failure or "unknown failure")
+    if shard.state is not ShardState.DONE:
+        failed = next(s for s in job.shards if s.state is ShardState.FAILED)
+        raise ShardFailedError(failed.task.shard, failed.failure or "unknown failure")
 
 
 def _copy_file(path: str, out: BinaryIO) -> int:
