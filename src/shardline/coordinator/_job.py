@@ -43,7 +43,6 @@ from ..protocol import (
     new_job_secret,
     next_job_state,
     next_shard_state,
-    nominal_starts,
 )
 from ..sources import ObjectInfo, open_source
 from ._backends import Backend
@@ -390,14 +389,13 @@ async def _run_attempt(job: _Job, shard: _Shard, backend: Backend) -> None:
 
 
 async def _write_in_order(job: _Job, out: BinaryIO) -> int:
-    starts = nominal_starts(job.info.size, len(job.shards))
     coverage = _CoverageCheck(job.info.size)
     written = 0
     for shard in job.shards:
         await _wait_settled(job, shard)
         assert shard.done is not None
-        index = shard.task.shard
-        coverage.admit(index, starts[index], starts[index + 1], shard.done)
+        shard_range = shard.task.range
+        coverage.admit(shard_range.index, shard_range.start, shard_range.end, shard.done)
         written += await asyncio.to_thread(_copy_file, shard.task.output_path, out)
         with contextlib.suppress(OSError):
             os.unlink(shard.task.output_path)

@@ -43,12 +43,16 @@ def check_delimiter(delimiter: bytes) -> bytes:
     return bytes(delimiter)
 
 
-def nominal_starts(size: int, shards: int) -> tuple[int, ...]:
-    """The N+1 nominal starts s_0..s_N; s_0 = 0 and s_N = size."""
+def _check_plan(size: int, shards: int) -> None:
     if size < 0:
         raise ConfigurationError(f"object size must be >= 0, got {size}")
     if shards < 1:
         raise ConfigurationError(f"number of shards must be >= 1, got {shards}")
+
+
+def nominal_starts(size: int, shards: int) -> tuple[int, ...]:
+    """The N+1 nominal starts s_0..s_N; s_0 = 0 and s_N = size."""
+    _check_plan(size, shards)
     return tuple(i * size // shards for i in range(shards + 1))
 
 
@@ -70,6 +74,14 @@ class ShardRange:
                 f"shard {self.index} range [{self.start}, {self.end}) is not inside [0, {self.size})"
             )
 
+    @classmethod
+    def of(cls, size: int, shards: int, index: int) -> ShardRange:
+        """Shard `index`'s range, computed from its two starts alone (O(1))."""
+        _check_plan(size, shards)
+        return cls(
+            index=index, shards=shards, start=index * size // shards, end=(index + 1) * size // shards, size=size
+        )
+
     @property
     def is_last(self) -> bool:
         return self.index == self.shards - 1
@@ -82,8 +94,8 @@ class ShardRange:
 
 def plan_shards(size: int, shards: int) -> list[ShardRange]:
     """All N nominal ranges; they tile [0, size) and some may be empty."""
-    starts = nominal_starts(size, shards)
-    return [ShardRange(index=i, shards=shards, start=starts[i], end=starts[i + 1], size=size) for i in range(shards)]
+    _check_plan(size, shards)
+    return [ShardRange.of(size, shards, i) for i in range(shards)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError
-from ._ranges import ShardRange, check_delimiter, nominal_starts
+from ._ranges import ShardRange, check_delimiter
 
 __all__ = ["TASK_VERSION", "ShardTask"]
 
@@ -42,9 +42,7 @@ class ShardTask:
 
     def __post_init__(self) -> None:
         check_delimiter(self.delimiter)
-        nominal_starts(self.size, self.shards)  # validates size and shards
-        if not 0 <= self.shard < self.shards:
-            raise ConfigurationError(f"task shard {self.shard} outside 0..{self.shards - 1}")
+        self.neighbour_range(self.shard)  # validates size, shards and the index
         if self.attempt < 0:
             raise ConfigurationError(f"task attempt must be >= 0, got {self.attempt}")
         if (self.exchange_host is None) != (self.exchange_port is None):
@@ -59,14 +57,10 @@ class ShardTask:
 
     @property
     def range(self) -> ShardRange:
-        starts = nominal_starts(self.size, self.shards)
-        return ShardRange(
-            index=self.shard, shards=self.shards, start=starts[self.shard], end=starts[self.shard + 1], size=self.size
-        )
+        return self.neighbour_range(self.shard)
 
     def neighbour_range(self, index: int) -> ShardRange:
-        starts = nominal_starts(self.size, self.shards)
-        return ShardRange(index=index, shards=self.shards, start=starts[index], end=starts[index + 1], size=self.size)
+        return ShardRange.of(self.size, self.shards, index)
 
     def to_json(self) -> str:
         data = asdict(self)
