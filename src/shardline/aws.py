@@ -10,7 +10,6 @@ retry loop, and it needs to see every failure to resume ranged GETs.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator
@@ -132,7 +131,6 @@ def _session(settings: AwsSettings, service: str) -> Any:
 async def client(settings: AwsSettings, service: str) -> AsyncIterator[Any]:
     """An aiobotocore client for `service` ("s3" or "dynamodb"), closed on exit."""
     from aiobotocore.config import AioConfig
-    from botocore.exceptions import NoRegionError
 
     session = _session(settings, service)
     endpoint = settings.s3_endpoint_url if service == "s3" else settings.dynamodb_endpoint_url
@@ -146,11 +144,8 @@ async def client(settings: AwsSettings, service: str) -> AsyncIterator[Any]:
         s3={"addressing_style": "path"} if endpoint else None,
     )
     region = settings.region or session.region_name or DEFAULT_REGION
-    try:
-        async with session.client(service, endpoint_url=endpoint, region_name=region, config=config) as c:
-            yield c
-    except NoRegionError as exc:  # pragma: no cover - region always set above
-        raise ConfigurationError(f"no AWS region configured: {exc}") from exc
+    async with session.client(service, endpoint_url=endpoint, region_name=region, config=config) as c:
+        yield c
 
 
 def error_code(exc: BaseException) -> str:
@@ -166,6 +161,7 @@ def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
     Retryable causes become RetryableStorageError, so `shardline.retry` can
     tell them apart from failures no retry will fix.
     """
+    import aiohttp
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -194,12 +190,6 @@ def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
         if code in _ACCESS_CODES:
             return SourceAccessError(f"{what}: access denied ({code}: {message})")
         return StorageError(f"{what}: {code}: {message}")
-    if isinstance(exc, (BotoCoreError, OSError, asyncio.TimeoutError, TimeoutError)):
-        return RetryableStorageError(f"{what}: {type(exc).__name__}: {exc}")
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover
-        aiohttp = None  # type: ignore[assignment]
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, (BotoCoreError, OSError, TimeoutError, aiohttp.ClientError)):
         return RetryableStorageError(f"{what}: {type(exc).__name__}: {exc}")
     return StorageError(f"{what}: {type(exc).__name__}: {exc}")

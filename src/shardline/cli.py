@@ -252,8 +252,9 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
         part_size_bytes=args.part_size,
         max_in_flight_bytes=args.part_size * args.parts_in_flight,
     )
-    embedded = args.markers == "embedded" or (args.markers == "auto" and not aws_configured())
-    if embedded and spec.source.startswith("s3://") and not aws_configured():
+    configured = aws_configured()
+    embedded = args.markers == "embedded" or (args.markers == "auto" and not configured)
+    if embedded and spec.source.startswith("s3://") and not configured:
         raise ConfigurationError(
             f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
             "S3-compatible server); none was found in the environment"

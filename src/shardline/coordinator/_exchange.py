@@ -136,10 +136,6 @@ class ExchangeServer:
     def unregister(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
 
-    def head(self, job_id: str, shard: int) -> Head | None:
-        relay = self._jobs.get(job_id)
-        return relay.heads.get(shard) if relay else None
-
     def _lookup_secret(self, job_id: str) -> bytes | None:
         relay = self._jobs.get(job_id)
         return relay.secret if relay else None

@@ -179,7 +179,7 @@ class ExchangeClient:
         if shard not in self._wanted:
             await self.want(shard)  # a tail that runs past our next neighbour
         deadline = asyncio.get_running_loop().time() + answer_timeout_s
-        while shard not in self._fragments and shard not in self._answered and self.connected:
+        while shard not in self._answered and self.connected:  # a FRAGMENT is an answer too
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break

@@ -77,12 +77,16 @@ class WorkerSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardResult:
     boundary: Boundary
-    emitted_start: int
     emitted_end: int
     checksum: str
     output_bytes: int
     tail_sources: tuple[str, ...]
     committed: bool | None  # None when run without an exchange
+
+    @property
+    def emitted_start(self) -> int:
+        """h_i; an empty range at s_{i+1} when no line starts in the shard."""
+        return self.boundary.head_end
 
     @property
     def bytes(self) -> int:
@@ -207,25 +211,24 @@ class _ShardRun:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        emitted_start = boundary.head_end  # an empty range at s_{i+1} when no line starts here
-        log.info(
-            "shard %d attempt %d: emitted [%d, %d) %d bytes, tail via %s",
-            self.shard.index,
-            self.task.attempt,
-            emitted_start,
-            emitted_start + self.emitted,
-            self.emitted,
-            ",".join(tail_sources) or "-",
-        )
-        return ShardResult(
+        result = ShardResult(
             boundary=boundary,
-            emitted_start=emitted_start,
-            emitted_end=emitted_start + self.emitted,
+            emitted_end=boundary.head_end + self.emitted,
             checksum=f"crc32:{self.crc:08x}",
             output_bytes=output_bytes,
             tail_sources=tail_sources,
             committed=None,
         )
+        log.info(
+            "shard %d attempt %d: emitted [%d, %d) %d bytes, tail via %s",
+            self.shard.index,
+            self.task.attempt,
+            result.emitted_start,
+            result.emitted_end,
+            result.bytes,
+            ",".join(tail_sources) or "-",
+        )
+        return result
 
     # -- step 1 and 2: our own range -------------------------------------------
 
