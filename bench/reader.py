@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # servers.py: SeaweedServer
 
@@ -64,22 +62,11 @@ async def measure(args: argparse.Namespace) -> dict:
     server = SeaweedServer()
     endpoint = server.start()
     try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint.url,
-            region_name=endpoint.region,
-            aws_access_key_id=endpoint.access_key_id,
-            aws_secret_access_key=endpoint.secret_access_key,
-        )
+        s3 = endpoint.boto3_client("s3")
         s3.create_bucket(Bucket=BUCKET)
         size = args.size_mib * MiB
         s3.put_object(Bucket=BUCKET, Key=KEY, Body=os.urandom(size))
-        aws = AwsSettings(
-            region=endpoint.region,
-            s3_endpoint_url=endpoint.url,
-            access_key_id=endpoint.access_key_id,
-            secret_access_key=endpoint.secret_access_key,
-        )
+        aws = endpoint.aws_settings(dynamodb_endpoint_url=None)  # SeaweedFS has no DynamoDB
         part = args.part_mib * MiB
         times: dict[str, list[float]] = {"raw": [], "shardline": []}
         await raw_download(aws, size, part, args.in_flight)  # warm-up

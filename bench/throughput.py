@@ -129,15 +129,10 @@ def generate(size: int, line_bytes: int, seed: int, chunk: int) -> Iterator[byte
 
 
 def s3_client(endpoint):
-    import boto3
     from botocore.config import Config
 
-    return boto3.client(
+    return endpoint.boto3_client(
         "s3",
-        endpoint_url=endpoint.url,
-        region_name=endpoint.region,
-        aws_access_key_id=endpoint.access_key_id,
-        aws_secret_access_key=endpoint.secret_access_key,
         config=Config(
             s3={"addressing_style": "path"},
             retries={"max_attempts": 10, "mode": "standard"},
@@ -228,15 +223,8 @@ def start_quietly(server, log_path: Path):
 
 
 def create_marker_table(endpoint, table: str) -> None:
-    import boto3
 
-    dynamodb = boto3.client(
-        "dynamodb",
-        endpoint_url=endpoint.url,
-        region_name=endpoint.region,
-        aws_access_key_id=endpoint.access_key_id,
-        aws_secret_access_key=endpoint.secret_access_key,
-    )
+    dynamodb = endpoint.boto3_client("dynamodb")
     from shardline.protocol import _markers  # same schema as the workers use
 
     dynamodb.create_table(

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,26 +32,13 @@ def moto() -> Endpoint:
 @pytest.fixture(scope="session")
 def aws_settings(moto: Endpoint) -> AwsSettings:
     """Settings that point both services at the session's moto server."""
-    return AwsSettings(
-        region=moto.region,
-        s3_endpoint_url=moto.url,
-        dynamodb_endpoint_url=moto.url,
-        access_key_id=moto.access_key_id,
-        secret_access_key=moto.secret_access_key,
-        read_timeout_s=10.0,
-    )
+    return moto.aws_settings(read_timeout_s=10.0)
 
 
 @pytest.fixture(scope="session")
 def s3(moto: Endpoint):
     """A plain synchronous boto3 S3 client for arranging test data."""
-    return boto3.client(
-        "s3",
-        endpoint_url=moto.url,
-        region_name=moto.region,
-        aws_access_key_id=moto.access_key_id,
-        aws_secret_access_key=moto.secret_access_key,
-    )
+    return moto.boto3_client("s3")
 
 
 @pytest.fixture

@@ -34,6 +34,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from shardline.aws import AwsSettings
 
 _MOTO_CHILD = r"""
 import logging, sys
@@ -63,6 +66,30 @@ class Endpoint:
             "AWS_DEFAULT_REGION": self.region,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+
+    def boto3_client(self, service: str, **kwargs: Any) -> Any:
+        """A plain synchronous boto3 client for arranging test data."""
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            **kwargs,
+        )
+
+    def aws_settings(self, **overrides: Any) -> AwsSettings:
+        """shardline's settings pointing both services at this endpoint."""
+        fields: dict[str, Any] = {
+            "region": self.region,
+            "s3_endpoint_url": self.url,
+            "dynamodb_endpoint_url": self.url,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+        }
+        return AwsSettings(**{**fields, **overrides})
 
 
 class MotoServer:

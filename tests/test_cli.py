@@ -107,18 +107,11 @@ def test_s3_source_on_moto(tmp_path, home, moto: Endpoint, s3, bucket):
 
 
 def test_s3_source_on_seaweedfs(tmp_path, home):
-    import boto3
 
     server = SeaweedServer()
     endpoint = server.start()
     try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint.url,
-            region_name=endpoint.region,
-            aws_access_key_id=endpoint.access_key_id,
-            aws_secret_access_key=endpoint.secret_access_key,
-        )
+        s3 = endpoint.boto3_client("s3")
         s3.create_bucket(Bucket="shardline-test")
         data, _ = CORPUS["random-mix"]
         s3.put_object(Bucket="shardline-test", Key="object.txt", Body=data)
