@@ -6,13 +6,11 @@ Imports nothing outside the standard library and `shardline.errors`.
 """
 
 from ._frames import (
-    CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     Ack,
     Done,
     Error,
-    ExchangeSession,
     Failed,
     Fragment,
     Frame,
@@ -21,8 +19,6 @@ from ._frames import (
     Hello,
     Pending,
     Progress,
-    Role,
-    SessionState,
     Want,
     Welcome,
     new_job_secret,
@@ -46,6 +42,7 @@ from ._ranges import (
     nominal_starts,
     plan_shards,
 )
+from ._session import CLOSED, ExchangeSession, Role, SessionState
 from ._states import (
     JobEvent,
     JobState,
