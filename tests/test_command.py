@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shardline.errors import CommandFailedError, StorageError
-from shardline.worker._command import CommandOutput, PassthroughOutput, ShardOutput
+from shardline.command import CommandOutput, PassthroughOutput, ShardOutput
 
 MIB = 1024 * 1024
 

@@ -15,10 +15,13 @@ __all__ = [
     "CoverageError",
     "FrameTooLargeError",
     "InputError",
+    "JobCancelledError",
     "JobFailedError",
+    "JobNotFoundError",
     "LineTooLongError",
     "LocalProtocolError",
     "MarkerConflictError",
+    "NotAcceptingJobsError",
     "ObjectChangedError",
     "ProtocolError",
     "RemoteProtocolError",
@@ -27,6 +30,7 @@ __all__ = [
     "ShardlineError",
     "SourceAccessError",
     "SourceNotFoundError",
+    "StaleAttemptError",
     "StorageError",
 ]
 
@@ -140,9 +144,26 @@ def _signal_name(number: int) -> str:
         return str(number)
 
 
+class StaleAttemptError(ShardlineError):
+    """A write by a shard attempt that is no longer current: it was fenced
+    (superseded by a retry, or the shard was committed by another attempt)."""
+
+
 class CoverageError(ShardlineError):
     """The emitted ranges do not tile the object exactly."""
 
 
 class JobFailedError(ShardlineError):
     """A job failed; wraps the first shard or coverage error."""
+
+
+class JobCancelledError(ShardlineError):
+    """The job was cancelled before it finished."""
+
+
+class JobNotFoundError(ShardlineError):
+    """No job with this id is known to the coordinator."""
+
+
+class NotAcceptingJobsError(ShardlineError):
+    """The coordinator is shutting down and takes no new jobs."""

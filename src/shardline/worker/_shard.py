@@ -39,7 +39,7 @@ from ..protocol import (
 )
 from ..retry import RetryPolicy
 from ..sources import ObjectSource, open_source
-from ._command import CommandOutput, PassthroughOutput, ShardOutput
+from ..command import CommandOutput, PassthroughOutput, ShardOutput
 from ._exchange import ExchangeClient, ExchangeUnavailable
 from ._markers import MarkerStore
 from ._reader import RangedReader, ReaderSettings, fetch_range

@@ -1,4 +1,5 @@
-# The worker's per-shard output stage: where a shard's emitted bytes go.
+# Where a stream of bytes goes: a file, or a shell command's stdin.  The
+# worker's per-shard output stage, and the coordinator's reduce step.
 #
 # `PassthroughOutput` copies them unchanged into the output file; its writes
 # run in a worker thread so a slow disk never stalls the event loop.
@@ -44,11 +45,11 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, BinaryIO, Self, cast
 
-from ..errors import CommandFailedError, StorageError
+from .errors import CommandFailedError, StorageError
 
 __all__ = ["CommandOutput", "PassthroughOutput", "ShardOutput"]
 
-log = logging.getLogger("shardline.worker.command")
+log = logging.getLogger("shardline.command")
 
 #: Largest slice handed to the stdin transport at once.  Bounds the copy the
 #: transport keeps of bytes the pipe has not taken yet.

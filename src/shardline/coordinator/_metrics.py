@@ -1,0 +1,113 @@
+# Counters the coordinator keeps for `GET /metrics`, and their rendering in
+# the Prometheus text exposition format (version 0.0.4).  No client library:
+# a handful of counters and one histogram do not need one.
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["CoordinatorMetrics", "Histogram", "render_prometheus"]
+
+#: Upper bounds (seconds) for handshake waits: mostly sub-millisecond relays,
+#: up to a neighbour's cold start.
+HANDSHAKE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(eq=False)
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(init=False)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.buckets)
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self.buckets, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, cumulative count) pairs, ending with +Inf."""
+        running, pairs = 0, []
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            running += count
+            pairs.append((_number(bound), running))
+        pairs.append(("+Inf", self.count))
+        return pairs
+
+
+@dataclass(eq=False)
+class CoordinatorMetrics:
+    """Monotonic counters since the coordinator started."""
+
+    #: Attempts launched after the first, by reason: failed, start, heartbeat, total, speculative, resumed.
+    retries: Counter[str] = field(default_factory=Counter)
+    #: Deadlines missed, by kind: start, heartbeat, total.
+    deadline_misses: Counter[str] = field(default_factory=Counter)
+    #: How each committed shard completed its tail: pushed, marker, scan.
+    tail_sources: Counter[str] = field(default_factory=Counter)
+    #: Stale writes refused (exchange sessions, results) from fenced attempts.
+    fenced_writes: int = 0
+    bytes_emitted: int = 0
+    output_bytes: int = 0
+    #: Time a worker's WANT waited at the exchange for its neighbour's HEAD.
+    handshake_wait_s: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_WAIT_BUCKETS_S))
+
+
+def render_prometheus(
+    metrics: CoordinatorMetrics,
+    *,
+    jobs_by_state: Mapping[str, int],
+    shards_by_state: Mapping[str, int],
+    rejected_connections: int,
+) -> str:
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {_number(value)}")
+
+    family("shardline_jobs", "gauge", "Jobs known to this coordinator, by state.", _by("state", jobs_by_state))
+    family(
+        "shardline_shards", "gauge", "Shards of known jobs, by state.", _by("state", shards_by_state)
+    )
+    family("shardline_retries_total", "counter", "Shard attempts launched after the first, by reason.",
+           _by("reason", metrics.retries))
+    family("shardline_deadline_misses_total", "counter", "Shard attempts that missed a deadline, by kind.",
+           _by("kind", metrics.deadline_misses))
+    family("shardline_boundary_path_total", "counter",
+           "Neighbour head fragments completed by each path (pushed over TCP, marker + exact GET, own scan).",
+           _by("path", metrics.tail_sources))
+    family("shardline_fenced_writes_total", "counter", "Writes refused because their attempt was stale.",
+           [("", metrics.fenced_writes)])
+    family("shardline_bytes_emitted_total", "counter", "Input bytes emitted by committed shards.",
+           [("", metrics.bytes_emitted)])
+    family("shardline_output_bytes_total", "counter", "Output bytes of committed shards.",
+           [("", metrics.output_bytes)])
+    family("shardline_exchange_rejected_connections_total", "counter",
+           "Exchange connections dropped for protocol or authentication errors.", [("", rejected_connections)])
+    name = "shardline_handshake_wait_seconds"
+    lines.append(f"# HELP {name} Time a worker's request for its neighbour's head fragment waited at the exchange.")
+    lines.append(f"# TYPE {name} histogram")
+    for bound, count in metrics.handshake_wait_s.cumulative():
+        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+    lines.append(f"{name}_sum {_number(metrics.handshake_wait_s.total)}")
+    lines.append(f"{name}_count {metrics.handshake_wait_s.count}")
+    return "\n".join(lines) + "\n"
+
+
+def _by(label: str, values: Mapping[str, int]) -> list[tuple[str, float]]:
+    return [(f'{{{label}="{key}"}}', value) for key, value in sorted(values.items())]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

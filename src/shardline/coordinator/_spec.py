@@ -1,0 +1,229 @@
+# What a user asks for (JobSpec) and what they are shown (JobView).
+#
+# Both travel as JSON: a JobSpec is the body of `POST /jobs` and is stored
+# with the job so a restarted coordinator can resume it; a JobView is the
+# body of `GET /jobs/{id}`.  `JobSpec.from_dict` is the one place request
+# fields are validated, and every error names the field.
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigurationError
+from ..protocol import JobState, ShardState, check_delimiter
+
+__all__ = ["JobSpec", "JobView", "ShardTimeouts", "ShardView"]
+
+DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardTimeouts:
+    """Per-attempt deadlines; an attempt that misses one is stopped and retried."""
+
+    #: From the backend starting the worker to its HELLO on the exchange
+    #: (covers a Lambda cold start).
+    start_s: float = 60.0
+    #: Longest silence allowed from a connected worker (it heartbeats every second).
+    heartbeat_s: float = 30.0
+    #: From start to a committed result.
+    total_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("start_s", "heartbeat_s", "total_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigurationError(f"field 'timeouts.{name}': must be a positive number of seconds, got {value!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        return {"start_s": self.start_s, "heartbeat_s": self.heartbeat_s, "total_s": self.total_s}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    """One job: run `command` on `shards` slices of `source`.
+
+    `output` is None (ordered output kept by the coordinator and streamed to
+    whoever asks), ``s3://bucket/prefix/`` or a local directory (part files
+    plus ``_manifest.json``).  `reduce` is a shell command run once on the
+    ordered concatenation of the shard outputs; its stdout is the job's
+    result.  `backend` names one of the coordinator's backends (None: its
+    default).
+    """
+
+    source: str
+    shards: int
+    delimiter: bytes = b"\n"
+    command: str | None = None
+    output: str | None = None
+    reduce: str | None = None
+    backend: str | None = None
+    timeouts: ShardTimeouts = field(default_factory=ShardTimeouts)
+    #: Attempts per shard, the first included.
+    max_attempts: int = 3
+    max_line_bytes: int | None = None
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigurationError("field 'source': must be an s3://bucket/key URL or a local path")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise ConfigurationError(f"field 'shards': number of shards must be an integer >= 1, got {self.shards!r}")
+        try:
+            check_delimiter(self.delimiter)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"field 'delimiter': {exc}") from None
+        for name in ("command", "reduce", "output", "backend"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigurationError(f"field '{name}': must be a non-empty string when given")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigurationError(f"field 'max_attempts': must be an integer >= 1, got {self.max_attempts!r}")
+        if self.max_line_bytes is not None and (not isinstance(self.max_line_bytes, int) or self.max_line_bytes < 1):
+            raise ConfigurationError(f"field 'max_line_bytes': must be an integer >= 1, got {self.max_line_bytes!r}")
+        if not (
+            isinstance(self.part_size_bytes, int)
+            and isinstance(self.max_in_flight_bytes, int)
+            and 1 <= self.part_size_bytes <= self.max_in_flight_bytes
+        ):
+            raise ConfigurationError(
+                f"field 'part_size_bytes': need 1 <= part_size_bytes ({self.part_size_bytes!r}) <= "
+                f"max_in_flight_bytes ({self.max_in_flight_bytes!r})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form accepted by `from_dict` (the delimiter as a one-character string)."""
+        return {
+            "source": self.source,
+            "shards": self.shards,
+            "delimiter": chr(self.delimiter[0]),
+            "command": self.command,
+            "output": self.output,
+            "reduce": self.reduce,
+            "backend": self.backend,
+            "timeouts": self.timeouts.to_dict(),
+            "max_attempts": self.max_attempts,
+            "max_line_bytes": self.max_line_bytes,
+            "part_size_bytes": self.part_size_bytes,
+            "max_in_flight_bytes": self.max_in_flight_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """Validate a request body; errors name the offending field."""
+        if not isinstance(data, Mapping):
+            raise ConfigurationError("request body: must be a JSON object")
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ConfigurationError(f"field {unknown[0]!r}: unknown field (known: {', '.join(sorted(_FIELDS))})")
+        for required in ("source", "shards"):
+            if required not in data:
+                raise ConfigurationError(f"field {required!r}: required")
+        values = {key: value for key, value in data.items() if value is not None}
+        if "delimiter" in values:
+            values["delimiter"] = _delimiter(values["delimiter"])
+        if "timeouts" in values:
+            values["timeouts"] = _timeouts(values["timeouts"])
+        try:
+            return cls(**values)
+        except TypeError as exc:  # pragma: no cover - every field is checked above
+            raise ConfigurationError(f"request body: {exc}") from None
+
+
+_FIELDS = frozenset(JobSpec.__dataclass_fields__)
+
+
+def _delimiter(value: Any) -> bytes:
+    if not isinstance(value, str) or len(value) != 1 or ord(value) > 0xFF:
+        raise ConfigurationError(
+            f"field 'delimiter': must be one character standing for one byte (e.g. \"\\n\" or \"\\u0000\"), got {value!r}"
+        )
+    return bytes([ord(value)])
+
+
+def _timeouts(value: Any) -> ShardTimeouts:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("field 'timeouts': must be an object with start_s, heartbeat_s and/or total_s")
+    unknown = sorted(set(value) - {"start_s", "heartbeat_s", "total_s"})
+    if unknown:
+        raise ConfigurationError(f"field 'timeouts.{unknown[0]}': unknown (known: start_s, heartbeat_s, total_s)")
+    return ShardTimeouts(**value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardView:
+    index: int
+    state: ShardState
+    #: The attempt that committed, or the latest one launched.
+    attempt: int
+    #: Input bytes emitted so far (exact once committed).
+    bytes: int
+    #: [h_i, h_{i+1}) once committed.
+    emitted: tuple[int, int] | None
+    tail_sources: tuple[str, ...] = ()
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "state": self.state.value,
+            "attempt": self.attempt,
+            "bytes": self.bytes,
+            "emitted": list(self.emitted) if self.emitted is not None else None,
+            "tail_sources": list(self.tail_sources),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobView:
+    """A snapshot of one job, as `GET /jobs/{id}` shows it."""
+
+    id: str
+    state: JobState
+    spec: JobSpec
+    size: int | None
+    etag: str | None
+    shards: tuple[ShardView, ...]
+    created_at: float  # unix time
+    finished_at: float | None
+    error: str | None = None
+    #: Where the output went (`spec.output`), or None when the coordinator keeps it.
+    output: str | None = None
+    #: Retries launched so far (speculative attempts included).
+    retries: int = 0
+
+    @property
+    def shards_done(self) -> int:
+        return sum(shard.state is ShardState.DONE for shard in self.shards)
+
+    @property
+    def bytes_emitted(self) -> int:
+        return sum(shard.bytes for shard in self.shards)
+
+    def to_dict(self, *, with_shards: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state.value,
+            "source": self.spec.source,
+            "size": self.size,
+            "etag": self.etag,
+            "command": self.spec.command,
+            "reduce": self.spec.reduce,
+            "shards_total": self.spec.shards,
+            "shards_done": self.shards_done,
+            "bytes_emitted": self.bytes_emitted,
+            "retries": self.retries,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "output": self.output,
+        }
+        if with_shards:
+            data["shards"] = [shard.to_dict() for shard in self.shards]
+        return data
