@@ -1,14 +1,31 @@
-"""Boundary-marker items (DESIGN §3 step 2) and the job/shard state tables."""
+"""Boundary-marker items and their fenced writes (DESIGN §3 step 2, §5), and the job/shard state tables.
+
+The marker writes run against the session's moto server: the condition
+expressions are only proven by a server evaluating them.
+"""
 
 from __future__ import annotations
 
 import copy
+import re
+import time
+import uuid
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardline.errors import LocalProtocolError, MarkerConflictError, RemoteProtocolError
+from shardline.aws import AwsSettings, client
+from shardline.coordinator import ensure_marker_table
+from shardline.coordinator._store import raise_marker_fence
+from shardline.errors import (
+    ConfigurationError,
+    LocalProtocolError,
+    MarkerConflictError,
+    RemoteProtocolError,
+    StaleAttemptError,
+)
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,
@@ -25,6 +42,8 @@ from shardline.protocol import (
     next_job_state,
     next_shard_state,
 )
+from shardline.protocol._markers import MARKER_FENCE_ATTRIBUTE, marker_fence, marker_fence_request
+from shardline.worker._markers import MarkerStore
 
 # --- markers ----------------------------------------------------------------------
 
@@ -88,7 +107,42 @@ def test_marker_schema_constants() -> None:
     key = marker_key("j", 7)
     assert key == {"job": {"S": "j"}, "shard": {"N": "7"}}
     assert {name: next(iter(value)) for name, value in key.items()} == types
-    assert PUT_CONDITION == "attribute_not_exists(job)"
+    assert MARKER_FENCE_ATTRIBUTE not in types and MARKER_TTL_ATTRIBUTE not in types
+
+
+def _placeholders(request: dict, sigil: str) -> set[str]:
+    text = request["UpdateExpression"] + " " + request["ConditionExpression"]
+    return set(re.findall(re.escape(sigil) + r"\w+", text))
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pytest.param(good_marker().put_request(expires_at=9), id="put"),
+        pytest.param(marker_fence_request("job-1", 4, 2, expires_at=9), id="fence"),
+    ],
+)
+def test_marker_requests_name_exactly_what_their_expressions_use(request_: dict) -> None:
+    # DynamoDB rejects unused (and missing) expression names and values, and
+    # `start` and `shard` are reserved words: every attribute goes through a #name.
+    assert set(request_["ExpressionAttributeNames"]) == _placeholders(request_, "#")
+    assert set(request_["ExpressionAttributeValues"]) == _placeholders(request_, ":")
+    assert request_["Key"] == marker_key("job-1", 4)
+    bare = re.sub(r"[#:]\w+", "", request_["UpdateExpression"] + request_["ConditionExpression"])
+    assert not {"start", "shard", "attempt", "fence", "etag"} & set(re.findall(r"\w+", bare))
+
+
+def test_put_request_carries_the_marker() -> None:
+    marker = good_marker(attempt=3)
+    request = marker.put_request(expires_at=77)
+    assert request["ConditionExpression"] == PUT_CONDITION
+    body = {name: value for name, value in marker.to_item(expires_at=77).items() if name not in ("job", "shard")}
+    assert request["ExpressionAttributeValues"] == {f":{name}": value for name, value in body.items()}
+
+
+def test_marker_fence_request_rejects_negative_attempts() -> None:
+    with pytest.raises(ConfigurationError, match="fence"):
+        marker_fence_request("job-1", 4, -1, expires_at=9)
 
 
 def _without(name: str) -> dict:
@@ -198,6 +252,158 @@ def test_check_agrees_iff_boundary_and_etag_match(a: Marker, b: Marker) -> None:
     a.check_agrees(Marker.from_item(a.to_item(expires_at=0)))
 
 
+# --- fence and conditions, without I/O ---------------------------------------------
+
+
+def test_fence_of_an_item() -> None:
+    item = good_marker().to_item(expires_at=1)
+    assert marker_fence(None) == 0
+    assert marker_fence(item) == 0
+    assert marker_fence({**item, MARKER_FENCE_ATTRIBUTE: {"N": "5"}}) == 5
+    with pytest.raises(RemoteProtocolError, match="fence"):
+        marker_fence({**item, MARKER_FENCE_ATTRIBUTE: {"N": "-5"}})
+
+
+def test_from_stored_reads_a_fence_only_item_as_no_marker() -> None:
+    fence_only = {**marker_key("job-1", 4), MARKER_FENCE_ATTRIBUTE: {"N": "3"}, MARKER_TTL_ATTRIBUTE: {"N": "9"}}
+    assert Marker.from_stored(None) is None
+    assert Marker.from_stored({}) is None
+    assert Marker.from_stored(fence_only) is None
+    item = {**good_marker().to_item(expires_at=1), MARKER_FENCE_ATTRIBUTE: {"N": "3"}}
+    assert Marker.from_stored(item) == good_marker()
+    # part of a marker is not "no marker": it is corrupt
+    del item["head_end"]
+    with pytest.raises(RemoteProtocolError, match="malformed marker item"):
+        Marker.from_stored(item)
+
+
+def test_check_refused() -> None:
+    stored = good_marker(attempt=0).to_item(expires_at=1)
+    good_marker(attempt=2).check_refused(stored)  # the same boundary is there: nothing to do
+    with pytest.raises(StaleAttemptError, match=r"shard 4 attempt 2 .*fenced at attempt 3"):
+        good_marker(attempt=2).check_refused({**stored, MARKER_FENCE_ATTRIBUTE: {"N": "3"}})
+    with pytest.raises(MarkerConflictError, match="shard 4"):
+        good_marker(attempt=2, etag='"other"').check_refused(stored)
+    with pytest.raises(MarkerConflictError, match="no marker is stored"):
+        good_marker().check_refused(None)
+
+
+# --- fenced writes against DynamoDB (moto) -------------------------------------------
+
+
+@pytest.fixture
+async def dynamodb(aws_settings: AwsSettings):
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+        yield dynamodb
+
+
+def fresh_marker(**changes) -> Marker:
+    """good_marker() in a job of its own, so tests sharing the table never meet."""
+    return good_marker(**{"job_id": uuid.uuid4().hex, **changes})
+
+
+async def stored_item(dynamodb, job_id: str, shard: int) -> dict | None:
+    response = await dynamodb.get_item(
+        TableName=DEFAULT_MARKER_TABLE, Key=marker_key(job_id, shard), ConsistentRead=True
+    )
+    return response.get("Item")
+
+
+async def test_publish_then_lookup(dynamodb) -> None:
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    marker = fresh_marker(attempt=1)
+    assert await store.lookup(marker.job_id, marker.shard) is None
+    await store.publish(marker)
+    assert await store.lookup(marker.job_id, marker.shard) == marker
+    item = await stored_item(dynamodb, marker.job_id, marker.shard)
+    assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()
+    assert MARKER_FENCE_ATTRIBUTE not in item
+
+
+async def test_republish_is_idempotent_and_keeps_the_first_writer(dynamodb) -> None:
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    first = fresh_marker(attempt=0)
+    await store.publish(first)
+    await store.publish(first)
+    await store.publish(replace(first, attempt=2))
+    assert await store.lookup(first.job_id, first.shard) == first  # attempt 0 found it first
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"boundary": Boundary(start=100, head_end=118, line_start=True)}, id="head_end"),
+        pytest.param({"boundary": Boundary(start=100, head_end=117, line_start=False)}, id="line_start"),
+        pytest.param({"etag": '"other"'}, id="etag"),
+    ],
+)
+async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> None:
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    first = fresh_marker(attempt=0)
+    await store.publish(first)
+    other = replace(first, attempt=1, **changes)
+    with pytest.raises(MarkerConflictError, match=f"job {first.job_id} shard 4"):
+        await store.publish(other)
+    assert await store.lookup(first.job_id, first.shard) == first
+
+
+async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    marker = fresh_marker(attempt=1)
+    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 2)
+    with pytest.raises(StaleAttemptError, match=r"shard 4 attempt 1 .*fenced at attempt 2"):
+        await store.publish(marker)
+    assert await store.lookup(marker.job_id, marker.shard) is None  # the fence alone is no marker
+    for attempt in (2, 3):  # equal and higher attempts pass
+        await store.publish(replace(marker, attempt=attempt))
+    assert (await store.lookup(marker.job_id, marker.shard)).attempt == 2
+
+
+async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) -> None:
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    marker = fresh_marker(attempt=0)
+    await store.publish(marker)
+    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 1)
+    with pytest.raises(StaleAttemptError):
+        await store.publish(marker)
+    assert await store.lookup(marker.job_id, marker.shard) == marker  # the fence does not hide a marker
+
+
+async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dynamodb) -> None:
+    # Fenced first: a stale worker's view of the boundary is not evidence of corruption.
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    marker = fresh_marker(attempt=3)
+    await store.publish(marker)
+    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 3)
+    with pytest.raises(StaleAttemptError):
+        await store.publish(replace(marker, attempt=1, etag='"other"'))
+
+
+async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, ttl_s=1000)
+    marker = fresh_marker(attempt=0)
+    await store.publish(marker)
+    expires_at = (await stored_item(dynamodb, marker.job_id, marker.shard))[MARKER_TTL_ATTRIBUTE]
+    for fence in (3, 1, 3, 0):
+        await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, fence)
+    item = await stored_item(dynamodb, marker.job_id, marker.shard)
+    assert marker_fence(item) == 3
+    assert item[MARKER_TTL_ATTRIBUTE] == expires_at
+    assert Marker.from_stored(item) == marker
+    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 4)
+    assert marker_fence(await stored_item(dynamodb, marker.job_id, marker.shard)) == 4
+
+
+async def test_fence_creates_an_expiring_fence_only_item(dynamodb) -> None:
+    job_id = uuid.uuid4().hex
+    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, job_id, 7, 2)
+    item = await stored_item(dynamodb, job_id, 7)
+    assert set(item) == {"job", "shard", MARKER_FENCE_ATTRIBUTE, MARKER_TTL_ATTRIBUTE}
+    assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()
+    assert await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE).lookup(job_id, 7) is None
+
+
 # --- state tables -------------------------------------------------------------------
 #
 # Written out here independently of _states.py: every legal transition.
@@ -214,15 +420,16 @@ EXPECTED_JOB = {
 S, SE = ShardState, ShardEvent
 EXPECTED_SHARD = {
     (S.PENDING, SE.LAUNCH): S.STARTING,
+    (S.PENDING, SE.FAIL): S.FAILED,
     (S.PENDING, SE.CANCEL): S.CANCELLED,
     (S.STARTING, SE.CONNECT): S.RUNNING,
+    (S.STARTING, SE.RETRY): S.PENDING,
     (S.STARTING, SE.FAIL): S.FAILED,
     (S.STARTING, SE.CANCEL): S.CANCELLED,
     (S.RUNNING, SE.COMMIT): S.DONE,
+    (S.RUNNING, SE.RETRY): S.PENDING,
     (S.RUNNING, SE.FAIL): S.FAILED,
     (S.RUNNING, SE.CANCEL): S.CANCELLED,
-    (S.FAILED, SE.RETRY): S.PENDING,
-    (S.FAILED, SE.CANCEL): S.CANCELLED,
 }
 
 
@@ -251,8 +458,10 @@ def test_final_states() -> None:
     for state in JobState:
         outgoing = [e for e in JobEvent if (state, e) in EXPECTED_JOB]
         assert (not outgoing) == state.is_final
-    for state in (S.DONE, S.CANCELLED):
-        assert not [e for e in ShardEvent if (state, e) in EXPECTED_SHARD]
+    assert {s for s in ShardState if s.is_final} == {S.DONE, S.FAILED, S.CANCELLED}
+    for state in ShardState:
+        outgoing = [e for e in ShardEvent if (state, e) in EXPECTED_SHARD]
+        assert (not outgoing) == state.is_final
 
 
 def test_every_state_is_reachable_from_pending() -> None:

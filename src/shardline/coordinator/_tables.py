@@ -1,4 +1,8 @@
 # DynamoDB tables the coordinator needs, created on demand when allowed.
+#
+# The marker table and the jobs table share one schema (job S HASH, shard N
+# RANGE, TTL on expires_at), so one function creates either; the named
+# wrappers keep call sites readable.
 
 from __future__ import annotations
 
@@ -10,15 +14,21 @@ from ..aws import error_code, translate_error
 from ..errors import ConfigurationError
 from ..protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
 
-__all__ = ["ensure_marker_table", "marker_table_create_command"]
+__all__ = [
+    "ensure_jobs_table",
+    "ensure_marker_table",
+    "ensure_table",
+    "marker_table_create_command",
+    "table_create_command",
+]
 
 log = logging.getLogger("shardline.coordinator.tables")
 
 _ACTIVE_WAIT_S = 120.0
 
 
-def marker_table_create_command(table: str) -> str:
-    """The AWS CLI command that creates the marker table by hand."""
+def table_create_command(table: str) -> str:
+    """The AWS CLI command that creates a shardline table (markers or jobs) by hand."""
     return (
         f"aws dynamodb create-table --table-name {table} "
         "--attribute-definitions AttributeName=job,AttributeType=S AttributeName=shard,AttributeType=N "
@@ -29,9 +39,23 @@ def marker_table_create_command(table: str) -> str:
     )
 
 
+#: The name callers used before the jobs table existed.
+marker_table_create_command = table_create_command
+
+
 async def ensure_marker_table(dynamodb: Any, table: str, *, create: bool = True) -> None:
-    """Make sure `table` exists and is ACTIVE, creating it if allowed."""
-    how = f"create it with: {marker_table_create_command(table)}"
+    """Make sure the boundary-marker table exists and is ACTIVE, creating it if allowed."""
+    await ensure_table(dynamodb, table, create=create)
+
+
+async def ensure_jobs_table(dynamodb: Any, table: str, *, create: bool = True) -> None:
+    """Make sure the job-state table exists and is ACTIVE, creating it if allowed."""
+    await ensure_table(dynamodb, table, create=create)
+
+
+async def ensure_table(dynamodb: Any, table: str, *, create: bool = True) -> None:
+    """Make sure `table` exists with the shared schema and is ACTIVE, creating it if allowed."""
+    how = f"create it with: {table_create_command(table)}"
     status = await _table_status(dynamodb, table)
     if status is None:
         if not create:
@@ -67,7 +91,7 @@ async def ensure_marker_table(dynamodb: Any, table: str, *, create: bool = True)
             await dynamodb.update_time_to_live(
                 TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": MARKER_TTL_ATTRIBUTE}
             )
-        except Exception as exc:  # markers then live until deleted by hand; not fatal
+        except Exception as exc:  # items then live until deleted by hand; not fatal
             log.warning("could not enable TTL on %s: %s", table, exc)
 
 

@@ -26,10 +26,13 @@ from ._frames import (
 from ._markers import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,
+    MARKER_FENCE_ATTRIBUTE,
     MARKER_KEY_SCHEMA,
     MARKER_TTL_ATTRIBUTE,
     PUT_CONDITION,
     Marker,
+    marker_fence,
+    marker_fence_request,
     marker_key,
 )
 from ._ranges import (
@@ -58,6 +61,7 @@ __all__ = [
     "DEFAULT_MARKER_TABLE",
     "DEFAULT_MAX_FRAME_BYTES",
     "MARKER_ATTRIBUTE_DEFINITIONS",
+    "MARKER_FENCE_ATTRIBUTE",
     "MARKER_KEY_SCHEMA",
     "MARKER_TTL_ATTRIBUTE",
     "NEED_DATA",
@@ -91,6 +95,8 @@ __all__ = [
     "Want",
     "Welcome",
     "check_delimiter",
+    "marker_fence",
+    "marker_fence_request",
     "marker_key",
     "new_job_secret",
     "next_job_state",

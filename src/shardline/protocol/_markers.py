@@ -1,32 +1,48 @@
-# The DynamoDB boundary-marker item schema (DESIGN §3 step 2).  No I/O: the
-# worker's marker store turns these dicts into PutItem / GetItem calls.
+# The DynamoDB boundary-marker item schema (DESIGN §3 step 2) and the
+# requests that write it.  No I/O: the worker's marker store and the
+# coordinator send these as UpdateItem / GetItem calls.
 #
-# One item per (job, shard).  The put is conditional on the item not existing;
-# when it exists, the stored boundary must equal ours (an idempotent retry) or
-# the job is corrupt.  The attempt is recorded for diagnosis and fencing but is
-# not part of the comparison: every attempt of a shard must find the same
-# boundary because the object is pinned by ETag.
+# One item per (job, shard).  The write is an UpdateItem guarded by
+# PUT_CONDITION: it is allowed only while
+#   * the item's `fence` (an attempt number, absent = 0) is <= the writer's
+#     attempt -- the coordinator raises the fence past attempts it gave up on,
+#     so a stale worker cannot write -- and
+#   * no boundary is stored yet, or the stored boundary and etag equal ours (an
+#     idempotent retry).  A different value for the same shard is corruption.
+# `attempt` records the first writer, for diagnosis; it is not compared:
+# every attempt of a shard must find the same boundary because the object is
+# pinned by ETag.  An item holding only a fence (raised before any attempt
+# published) is "no marker yet".
+#
+# Every attribute is aliased (#name) in expressions: `start` and `shard` are
+# DynamoDB reserved words, and aliasing all of them keeps that from biting
+# whoever adds the next attribute.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigurationError, MarkerConflictError, RemoteProtocolError
+from ..errors import ConfigurationError, MarkerConflictError, RemoteProtocolError, StaleAttemptError
 from ._ranges import Boundary
 
 __all__ = [
     "DEFAULT_MARKER_TABLE",
     "MARKER_ATTRIBUTE_DEFINITIONS",
+    "MARKER_FENCE_ATTRIBUTE",
     "MARKER_KEY_SCHEMA",
     "MARKER_TTL_ATTRIBUTE",
     "PUT_CONDITION",
     "Marker",
+    "marker_fence",
+    "marker_fence_request",
     "marker_key",
 ]
 
 DEFAULT_MARKER_TABLE = "shardline-markers"
 MARKER_TTL_ATTRIBUTE = "expires_at"
+MARKER_FENCE_ATTRIBUTE = "fence"
 MARKER_KEY_SCHEMA = [
     {"AttributeName": "job", "KeyType": "HASH"},
     {"AttributeName": "shard", "KeyType": "RANGE"},
@@ -35,8 +51,26 @@ MARKER_ATTRIBUTE_DEFINITIONS = [
     {"AttributeName": "job", "AttributeType": "S"},
     {"AttributeName": "shard", "AttributeType": "N"},
 ]
-#: PutItem condition: write only if no marker exists for this (job, shard).
-PUT_CONDITION = "attribute_not_exists(job)"
+
+#: The attributes a published marker stores besides its key and TTL.
+_BODY = ("attempt", "start", "head_end", "line_start", "etag")
+
+#: The marker write's condition: fence allows our attempt, and no boundary or the same one is stored.
+PUT_CONDITION = (
+    "(attribute_not_exists(#fence) OR #fence <= :attempt) AND (attribute_not_exists(#head_end) OR "
+    "(#start = :start AND #head_end = :head_end AND #line_start = :line_start AND #etag = :etag))"
+)
+_PUT_UPDATE = (
+    "SET #attempt = if_not_exists(#attempt, :attempt), #start = :start, #head_end = :head_end, "
+    "#line_start = :line_start, #etag = :etag, #expires_at = :expires_at"
+)
+_PUT_NAMES = {f"#{name}": name for name in (*_BODY, MARKER_FENCE_ATTRIBUTE, MARKER_TTL_ATTRIBUTE)}
+
+# The fence never moves down: a lower or equal request fails its condition,
+# which the caller treats as success.  expires_at is kept when the item exists.
+_FENCE_CONDITION = "attribute_not_exists(#fence) OR #fence < :fence"
+_FENCE_UPDATE = "SET #fence = :fence, #expires_at = if_not_exists(#expires_at, :expires_at)"
+_FENCE_NAMES = {"#fence": MARKER_FENCE_ATTRIBUTE, "#expires_at": MARKER_TTL_ATTRIBUTE}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +97,17 @@ class Marker:
             MARKER_TTL_ATTRIBUTE: {"N": str(expires_at)},
         }
 
+    def put_request(self, *, expires_at: int) -> dict[str, Any]:
+        """UpdateItem arguments (all but TableName) that write this marker under PUT_CONDITION."""
+        item = self.to_item(expires_at=expires_at)
+        return {
+            "Key": self.key(),
+            "UpdateExpression": _PUT_UPDATE,
+            "ConditionExpression": PUT_CONDITION,
+            "ExpressionAttributeNames": _PUT_NAMES,
+            "ExpressionAttributeValues": {f":{name}": item[name] for name in (*_BODY, MARKER_TTL_ATTRIBUTE)},
+        }
+
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> Marker:
         try:
@@ -80,6 +125,13 @@ class Marker:
         except (KeyError, TypeError, ValueError, ConfigurationError) as exc:
             raise RemoteProtocolError(f"malformed marker item {item!r}: {exc!r}") from None
 
+    @classmethod
+    def from_stored(cls, item: Mapping[str, Any] | None) -> Marker | None:
+        """The marker a read returned, or None if nothing, or only a fence, is stored."""
+        if not item or not any(name in item for name in _BODY):
+            return None
+        return cls.from_item(dict(item))
+
     def check_agrees(self, stored: Marker) -> None:
         """Raise MarkerConflictError unless `stored` records the same boundary."""
         if stored.boundary != self.boundary or stored.etag != self.etag:
@@ -89,15 +141,64 @@ class Marker:
                 f"attempt {self.attempt} found {self.boundary} (etag {self.etag})"
             )
 
+    def check_refused(self, item: Mapping[str, Any] | None) -> None:
+        """Explain why this marker's conditional write was refused, from the item read back.
 
-def _typed(item: dict[str, Any], name: str, tag: str, kind: type) -> Any:
+        Raises StaleAttemptError if the fence is above our attempt, and
+        MarkerConflictError if another boundary is stored.  Returns quietly
+        only if the item now records our boundary under a fence that allows
+        us: the write's effect is already there.
+        """
+        fence = marker_fence(item)
+        if fence > self.attempt:
+            raise StaleAttemptError(
+                f"marker write for job {self.job_id} shard {self.shard} attempt {self.attempt} refused: "
+                f"the shard is fenced at attempt {fence}"
+            )
+        stored = Marker.from_stored(item)
+        if stored is None:
+            raise MarkerConflictError(
+                f"marker write for job {self.job_id} shard {self.shard} refused, but no marker is stored"
+            )
+        self.check_agrees(stored)
+
+
+def marker_fence(item: Mapping[str, Any] | None) -> int:
+    """The lowest attempt number a marker item still accepts writes from (0 if unfenced)."""
+    if not item or MARKER_FENCE_ATTRIBUTE not in item:
+        return 0
+    try:
+        return _count(item, MARKER_FENCE_ATTRIBUTE)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed marker fence in {item!r}: {exc!r}") from None
+
+
+def marker_fence_request(job_id: str, shard: int, min_attempt: int, *, expires_at: int) -> dict[str, Any]:
+    """UpdateItem arguments (all but TableName) that raise the fence to `min_attempt`.
+
+    Creates a fence-only item when no marker exists.  The call fails with
+    ConditionalCheckFailedException when the fence is already that high or
+    higher, which means the request has nothing to do.
+    """
+    if min_attempt < 0:
+        raise ConfigurationError(f"marker fence must be a non-negative attempt number, got {min_attempt}")
+    return {
+        "Key": marker_key(job_id, shard),
+        "UpdateExpression": _FENCE_UPDATE,
+        "ConditionExpression": _FENCE_CONDITION,
+        "ExpressionAttributeNames": _FENCE_NAMES,
+        "ExpressionAttributeValues": {":fence": {"N": str(min_attempt)}, ":expires_at": {"N": str(expires_at)}},
+    }
+
+
+def _typed(item: Mapping[str, Any], name: str, tag: str, kind: type) -> Any:
     value = item[name][tag]
     if not isinstance(value, kind):
         raise TypeError(f"{name}.{tag} is not a {kind.__name__}")
     return value
 
 
-def _count(item: dict[str, Any], name: str) -> int:
+def _count(item: Mapping[str, Any], name: str) -> int:
     value = _typed(item, name, "N", str)
     if not (value.isascii() and value.isdigit()):
         raise ValueError(f"{name}.N {value!r} is not a non-negative integer")

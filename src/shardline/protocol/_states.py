@@ -39,20 +39,24 @@ class JobEvent(str, enum.Enum):
 
 
 class ShardState(str, enum.Enum):
-    PENDING = "pending"  # planned, not launched
-    STARTING = "starting"  # launched, worker not yet connected to the exchange
-    RUNNING = "running"  # worker connected
-    DONE = "done"  # result committed
-    FAILED = "failed"  # attempt failed; may be retried
+    PENDING = "pending"  # planned, or waiting out a retry backoff
+    STARTING = "starting"  # an attempt launched, no worker connected to the exchange yet
+    RUNNING = "running"  # a worker connected
+    DONE = "done"  # an attempt's result was committed
+    FAILED = "failed"  # out of attempts, or a failure no retry can fix
     CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (ShardState.DONE, ShardState.FAILED, ShardState.CANCELLED)
 
 
 class ShardEvent(str, enum.Enum):
     LAUNCH = "launch"
     CONNECT = "connect"
     COMMIT = "commit"
+    RETRY = "retry"  # every live attempt ended without a result; another will follow
     FAIL = "fail"
-    RETRY = "retry"
     CANCEL = "cancel"
 
 
@@ -65,17 +69,20 @@ _JOB_TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (JobState.RUNNING, JobEvent.CANCEL): JobState.CANCELLED,
 }
 
+# A shard's state summarises its attempts: several may be live at once (a
+# speculative attempt beside a straggler), and the first to commit wins.
 _SHARD_TRANSITIONS: dict[tuple[ShardState, ShardEvent], ShardState] = {
     (ShardState.PENDING, ShardEvent.LAUNCH): ShardState.STARTING,
     (ShardState.STARTING, ShardEvent.CONNECT): ShardState.RUNNING,
-    (ShardState.STARTING, ShardEvent.FAIL): ShardState.FAILED,
+    (ShardState.STARTING, ShardEvent.RETRY): ShardState.PENDING,
+    (ShardState.RUNNING, ShardEvent.RETRY): ShardState.PENDING,
     (ShardState.RUNNING, ShardEvent.COMMIT): ShardState.DONE,
+    (ShardState.PENDING, ShardEvent.FAIL): ShardState.FAILED,
+    (ShardState.STARTING, ShardEvent.FAIL): ShardState.FAILED,
     (ShardState.RUNNING, ShardEvent.FAIL): ShardState.FAILED,
-    (ShardState.FAILED, ShardEvent.RETRY): ShardState.PENDING,
     (ShardState.PENDING, ShardEvent.CANCEL): ShardState.CANCELLED,
     (ShardState.STARTING, ShardEvent.CANCEL): ShardState.CANCELLED,
     (ShardState.RUNNING, ShardEvent.CANCEL): ShardState.CANCELLED,
-    (ShardState.FAILED, ShardEvent.CANCEL): ShardState.CANCELLED,
 }
 
 

@@ -1,10 +1,12 @@
 # Boundary markers in DynamoDB, the worker's side (DESIGN §3 steps 2 and 4).
 #
-# publish() is a conditional put: the first attempt to find a shard's boundary
-# writes it; any later attempt must find the same value (idempotent across
-# retries), and a different value is corruption, reported loudly.  lookup()
-# is a strongly consistent read, so a marker published before the read
-# started is always seen.
+# publish() is a conditional write (protocol PUT_CONDITION): the first
+# attempt to find a shard's boundary writes it; any later attempt must find
+# the same value (idempotent across retries), a different value is
+# corruption, reported loudly, and an attempt below the shard's fence (the
+# coordinator gave up on it) is refused with StaleAttemptError.  lookup() is
+# a strongly consistent read, so a marker published before the read started
+# is always seen; an item holding only a fence reads as no marker.
 
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import time
 from typing import Any
 
 from ..aws import error_code, translate_error
-from ..errors import MarkerConflictError
-from ..protocol import PUT_CONDITION, Marker, marker_key
+from ..protocol import Marker, marker_key
 from ..retry import RetryPolicy, retry
 
 __all__ = ["DEFAULT_MARKER_TTL_S", "MarkerStore"]
@@ -42,13 +43,17 @@ class MarkerStore:
         self._ttl_s = ttl_s
 
     async def publish(self, marker: Marker) -> None:
-        """Write `marker`, or confirm that an equal one is already stored."""
-        item = marker.to_item(expires_at=int(time.time()) + self._ttl_s)
-        what = f"marker put for job {marker.job_id} shard {marker.shard}"
+        """Write `marker`, or confirm that an equal one is already stored.
+
+        Raises MarkerConflictError if another boundary is stored and
+        StaleAttemptError if the shard is fenced above `marker.attempt`.
+        """
+        request = marker.put_request(expires_at=int(time.time()) + self._ttl_s)
+        what = f"marker write for job {marker.job_id} shard {marker.shard} attempt {marker.attempt}"
 
         async def put() -> bool:
             try:
-                await self._dynamodb.put_item(TableName=self._table, Item=item, ConditionExpression=PUT_CONDITION)
+                await self._dynamodb.update_item(TableName=self._table, **request)
                 return True
             except Exception as exc:
                 if error_code(exc) == "ConditionalCheckFailedException":
@@ -57,24 +62,24 @@ class MarkerStore:
 
         if await retry(put, policy=self._retry, describe=what):
             return
-        stored = await self.lookup(marker.job_id, marker.shard)
-        if stored is None:  # pragma: no cover - the item existed a moment ago
-            raise MarkerConflictError(f"{what}: condition failed but no marker is stored")
-        marker.check_agrees(stored)
-        log.debug("%s: identical marker already stored by attempt %d", what, stored.attempt)
+        marker.check_refused(await self._read(marker.job_id, marker.shard))
+        log.debug("%s: identical marker already stored", what)
 
     async def lookup(self, job_id: str, shard: int) -> Marker | None:
         """The stored marker of `shard`, or None if it has not been published yet."""
+        return Marker.from_stored(await self._read(job_id, shard))
+
+    async def _read(self, job_id: str, shard: int) -> dict[str, Any] | None:
         what = f"marker read for job {job_id} shard {shard}"
 
-        async def get() -> Marker | None:
+        async def get() -> dict[str, Any] | None:
             try:
                 response = await self._dynamodb.get_item(
                     TableName=self._table, Key=marker_key(job_id, shard), ConsistentRead=True
                 )
             except Exception as exc:
                 raise translate_error(exc, what=what) from exc
-            item = response.get("Item")
-            return Marker.from_item(item) if item else None
+            item: dict[str, Any] | None = response.get("Item")
+            return item
 
         return await retry(get, policy=self._retry, describe=what)

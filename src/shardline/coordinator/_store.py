@@ -1,0 +1,507 @@
+# Durable job state (DESIGN §2, §5: a restarted coordinator resumes its jobs),
+# and the coordinator's side of marker fencing.
+#
+# Layout of the jobs table: the marker table's schema (job S HASH, shard N
+# RANGE).  A job is one partition: its JobRecord at shard = JOB_RECORD_SHARD,
+# each ShardRecord at shard = its index, each as a JSON string attribute (a
+# new field needs no schema change).  `expires_at` is the TTL: a running
+# job's items are kept for a year, a final job record for `ttl_s` after it
+# finished.  The coordinator deletes jobs itself once their retention ends;
+# the TTL only reaps what a lost coordinator left behind, so a final job's
+# shard records may outlive its (invisible without it) job record.
+#
+# Ordering: the coordinator saves one shard's record from several tasks
+# (exchange hooks, the supervisor).  Writes of one key are serialised and
+# coalesced, so a slow older PutItem can never land after a newer one.
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..aws import error_code, translate_error
+from ..errors import ConfigurationError, RetryableStorageError, StorageError
+from ..protocol import MARKER_TTL_ATTRIBUTE, JobState, ShardState, marker_fence_request, marker_key
+from ..retry import RetryPolicy, retry
+from ._spec import JobSpec
+
+__all__ = [
+    "DEFAULT_JOBS_TABLE",
+    "DEFAULT_RECORD_TTL_S",
+    "JOB_RECORD_SHARD",
+    "CommittedAttempt",
+    "DynamoJobStore",
+    "JobRecord",
+    "JobStore",
+    "MemoryJobStore",
+    "ShardRecord",
+    "raise_marker_fence",
+]
+
+DEFAULT_JOBS_TABLE = "shardline-jobs"
+#: The sort key of a job's own record; shard records use their index (>= 0).
+JOB_RECORD_SHARD = -1
+#: How long a final job's record is kept after it finished.
+DEFAULT_RECORD_TTL_S = 30 * 24 * 3600
+#: Expiry of a running job's items: no job runs this long, yet an abandoned table is still reaped.
+_ACTIVE_EXPIRY_S = 365 * 24 * 3600
+#: A fence-only marker item must outlive every attempt it blocks: as long as workers keep markers.
+_FENCE_TTL_S = 7 * 24 * 3600
+_RECORD_ATTRIBUTE = "record"
+#: BatchWriteItem's limit per request.
+_BATCH_WRITE_ITEMS = 25
+
+
+# --- records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommittedAttempt:
+    """The attempt whose result a shard committed: what its DONE reported, and where its output is."""
+
+    attempt: int
+    emitted_start: int
+    emitted_end: int
+    line_start: bool
+    bytes: int
+    checksum: str
+    output_bytes: int
+    output_path: str
+    tail_sources: tuple[str, ...]
+    #: Where the part went for spec.output (None until written).
+    published: str | None = None
+    output_checksum: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "emitted_start": self.emitted_start,
+            "emitted_end": self.emitted_end,
+            "line_start": self.line_start,
+            "bytes": self.bytes,
+            "checksum": self.checksum,
+            "output_bytes": self.output_bytes,
+            "output_path": self.output_path,
+            "tail_sources": list(self.tail_sources),
+            "published": self.published,
+            "output_checksum": self.output_checksum,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CommittedAttempt:
+        return cls(**{**data, "tail_sources": tuple(data["tail_sources"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardRecord:
+    job_id: str
+    index: int
+    state: ShardState
+    #: Attempt numbers below this may have been launched: a restarted
+    #: coordinator starts here and fences everything below.
+    next_attempt: int
+    committed: CommittedAttempt | None = None
+    error: str | None = None
+    retries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.index < 0:  # JOB_RECORD_SHARD would overwrite the job's own record
+            raise ConfigurationError(f"shard index must be >= 0, got {self.index}")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "job_id": self.job_id,
+                "index": self.index,
+                "state": self.state.value,
+                "next_attempt": self.next_attempt,
+                "committed": self.committed.to_dict() if self.committed is not None else None,
+                "error": self.error,
+                "retries": self.retries,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardRecord:
+        def parse() -> ShardRecord:
+            data = json.loads(text)
+            committed = data["committed"]
+            return cls(
+                **{
+                    **data,
+                    "state": ShardState(data["state"]),
+                    "committed": CommittedAttempt.from_dict(committed) if committed is not None else None,
+                }
+            )
+
+        return _parse("shard record", text, parse)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRecord:
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    created_at: float  # unix time, like the other *_at fields
+    updated_at: float
+    finished_at: float | None
+    #: Of the source object, once known.
+    size: int | None
+    etag: str | None
+    #: Authenticates the job's exchange frames; kept so a restart can resume.
+    secret: bytes = field(repr=False)
+    spool_dir: str
+    error: str | None = None
+    #: The reduce output file, once complete.
+    result_path: str | None = None
+    #: Where _manifest.json went, once written.
+    manifest: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "job_id": self.job_id,
+                "spec": self.spec.to_dict(),
+                "state": self.state.value,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+                "finished_at": self.finished_at,
+                "size": self.size,
+                "etag": self.etag,
+                "secret": base64.b64encode(self.secret).decode("ascii"),
+                "spool_dir": self.spool_dir,
+                "error": self.error,
+                "result_path": self.result_path,
+                "manifest": self.manifest,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRecord:
+        def parse() -> JobRecord:
+            data = json.loads(text)
+            return cls(
+                **{
+                    **data,
+                    "spec": JobSpec.from_dict(data["spec"]),
+                    "state": JobState(data["state"]),
+                    "secret": base64.b64decode(data["secret"], validate=True),
+                }
+            )
+
+        return _parse("job record", text, parse)
+
+
+def _parse(what: str, text: str, parse: Callable[[], Any]) -> Any:
+    try:
+        return parse()
+    except (KeyError, TypeError, ValueError, ConfigurationError) as exc:
+        raise StorageError(f"malformed {what} in the jobs table ({exc!r}): {text[:200]!r}") from None
+
+
+# --- stores -------------------------------------------------------------------------
+
+
+class JobStore(abc.ABC):
+    """Where the coordinator keeps job and shard state."""
+
+    #: True if the state survives a coordinator restart.
+    durable: bool
+
+    @abc.abstractmethod
+    async def create_job(self, job: JobRecord, shards: Sequence[ShardRecord]) -> None:
+        """Store a new job with all its shards (before any save_* call for it)."""
+
+    @abc.abstractmethod
+    async def save_job(self, job: JobRecord) -> None:
+        """Store `job`; concurrent calls for one job follow save_shard's latest-wins rule."""
+
+    @abc.abstractmethod
+    async def save_shard(self, shard: ShardRecord) -> None:
+        """Store `shard`; returns once it, or a record saved later for the same shard, is stored.
+
+        Concurrent calls for one shard never leave an older record stored
+        after a newer one (call order decides which is newer).
+        """
+
+    @abc.abstractmethod
+    async def load_job(self, job_id: str) -> tuple[JobRecord, list[ShardRecord]] | None:
+        """The job and its shards ordered by index, or None if unknown."""
+
+    @abc.abstractmethod
+    async def list_jobs(self) -> list[JobRecord]:
+        """Every job record, oldest first (no shard records)."""
+
+    @abc.abstractmethod
+    async def delete_job(self, job_id: str) -> None:
+        """Forget the job and its shards; a no-op for an unknown job."""
+
+
+class MemoryJobStore(JobStore):
+    """Job state in this process only (embedded runs, tests)."""
+
+    durable = False
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobRecord] = {}
+        self._shards: dict[str, dict[int, ShardRecord]] = {}
+
+    async def create_job(self, job: JobRecord, shards: Sequence[ShardRecord]) -> None:
+        self._shards[job.job_id] = {shard.index: shard for shard in shards}
+        self._jobs[job.job_id] = job
+
+    async def save_job(self, job: JobRecord) -> None:
+        self._jobs[job.job_id] = job
+
+    async def save_shard(self, shard: ShardRecord) -> None:
+        self._shards.setdefault(shard.job_id, {})[shard.index] = shard
+
+    async def load_job(self, job_id: str) -> tuple[JobRecord, list[ShardRecord]] | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        shards = self._shards.get(job_id, {})
+        return job, [shards[index] for index in sorted(shards)]
+
+    async def list_jobs(self) -> list[JobRecord]:
+        return sorted(self._jobs.values(), key=lambda job: job.created_at)
+
+    async def delete_job(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        self._shards.pop(job_id, None)
+
+
+@dataclass(eq=False)
+class _KeyWrites:
+    """Writes of one item key: at most one in flight, later ones coalesced into the newest."""
+
+    latest: dict[str, Any]
+    #: Sequence number of `latest` (calls so far).
+    requested: int = 0
+    #: Sequence number of the newest item known stored.
+    written: int = 0
+    inflight: asyncio.Task[None] | None = None
+    #: Sequence number of the item `inflight` carries.
+    inflight_seq: int = 0
+
+
+class DynamoJobStore(JobStore):
+    """Job state in a DynamoDB table (see the layout at the top of this module)."""
+
+    durable = True
+
+    def __init__(
+        self,
+        dynamodb: Any,
+        table: str,
+        *,
+        retry_policy: RetryPolicy = RetryPolicy(),
+        ttl_s: int = DEFAULT_RECORD_TTL_S,
+    ) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+        self._retry = retry_policy
+        self._ttl_s = ttl_s
+        self._writes: dict[tuple[str, int], _KeyWrites] = {}
+
+    async def create_job(self, job: JobRecord, shards: Sequence[ShardRecord]) -> None:
+        items = [self._shard_item(shard) for shard in shards]
+        for start in range(0, len(items), _BATCH_WRITE_ITEMS):
+            await self._batch_write(
+                [{"PutRequest": {"Item": item}} for item in items[start : start + _BATCH_WRITE_ITEMS]],
+                what=f"creating shard records of job {job.job_id}",
+            )
+        # Last: a job record that can be listed always has its shard records.
+        await self.save_job(job)
+
+    async def save_job(self, job: JobRecord) -> None:
+        item = self._item(job.job_id, JOB_RECORD_SHARD, job.to_json(), expires_at=self._job_expiry(job))
+        await self._save(item, what=f"saving job {job.job_id}")
+
+    async def save_shard(self, shard: ShardRecord) -> None:
+        await self._save(self._shard_item(shard), what=f"saving job {shard.job_id} shard {shard.index}")
+
+    async def load_job(self, job_id: str) -> tuple[JobRecord, list[ShardRecord]] | None:
+        job: JobRecord | None = None
+        shards: list[ShardRecord] = []
+        # Query returns the partition in sort-key order: the job record (-1) first, then shards by index.
+        for item in await self._query(job_id, what=f"loading job {job_id}"):
+            text = item[_RECORD_ATTRIBUTE]["S"]
+            if int(item["shard"]["N"]) == JOB_RECORD_SHARD:
+                job = JobRecord.from_json(text)
+            else:
+                shards.append(ShardRecord.from_json(text))
+        return None if job is None else (job, shards)
+
+    async def list_jobs(self) -> list[JobRecord]:
+        what = f"listing jobs in {self._table}"
+        jobs: list[JobRecord] = []
+        start_key: dict[str, Any] | None = None
+        while True:
+            # The filter applies after the 1 MB page is read: a page may hold
+            # no job at all and still not be the last one.
+            page = await self._call(
+                self._dynamodb.scan,
+                what,
+                ConsistentRead=True,
+                FilterExpression="#shard = :job_record",
+                ExpressionAttributeNames={"#shard": "shard"},
+                ExpressionAttributeValues={":job_record": {"N": str(JOB_RECORD_SHARD)}},
+                **({"ExclusiveStartKey": start_key} if start_key else {}),
+            )
+            jobs.extend(JobRecord.from_json(item[_RECORD_ATTRIBUTE]["S"]) for item in page.get("Items", ()))
+            start_key = page.get("LastEvaluatedKey")
+            if not start_key:
+                return sorted(jobs, key=lambda job: job.created_at)
+
+    async def delete_job(self, job_id: str) -> None:
+        what = f"deleting job {job_id}"
+        keys = [marker_key(job_id, int(item["shard"]["N"])) for item in await self._query(job_id, what=what)]
+        for start in range(0, len(keys), _BATCH_WRITE_ITEMS):
+            await self._batch_write(
+                [{"DeleteRequest": {"Key": key}} for key in keys[start : start + _BATCH_WRITE_ITEMS]], what=what
+            )
+
+    # -- items -----------------------------------------------------------------------
+
+    def _shard_item(self, shard: ShardRecord) -> dict[str, Any]:
+        return self._item(shard.job_id, shard.index, shard.to_json(), expires_at=int(time.time()) + _ACTIVE_EXPIRY_S)
+
+    def _job_expiry(self, job: JobRecord) -> int:
+        if job.state.is_final:
+            return int((job.finished_at if job.finished_at is not None else job.updated_at) + self._ttl_s)
+        return int(time.time()) + _ACTIVE_EXPIRY_S
+
+    @staticmethod
+    def _item(job_id: str, shard: int, record_json: str, *, expires_at: int) -> dict[str, Any]:
+        # The jobs table shares the marker table's key schema.
+        return {
+            **marker_key(job_id, shard),
+            _RECORD_ATTRIBUTE: {"S": record_json},
+            MARKER_TTL_ATTRIBUTE: {"N": str(expires_at)},
+        }
+
+    # -- latest-wins writes ------------------------------------------------------------
+
+    async def _save(self, item: dict[str, Any], *, what: str) -> None:
+        """PutItem `item`, serialised and coalesced with the other writes of its key."""
+        key = (item["job"]["S"], int(item["shard"]["N"]))
+        writes = self._writes.get(key)
+        if writes is None:
+            writes = self._writes[key] = _KeyWrites(latest=item)
+        writes.requested += 1
+        mine = writes.requested
+        writes.latest = item
+        while writes.written < mine:
+            if writes.inflight is None:
+                writes.inflight_seq = writes.requested
+                writes.inflight = asyncio.create_task(self._write(key, writes, writes.latest, writes.requested, what))
+                # Every waiter may be cancelled; the failure then has no one to report to.
+                writes.inflight.add_done_callback(_consume_result)
+            inflight, inflight_seq = writes.inflight, writes.inflight_seq
+            try:
+                # Shielded: a cancelled caller must not abandon a request
+                # that could still land after the next one.
+                await asyncio.shield(inflight)
+            except Exception:
+                if inflight_seq >= mine:
+                    raise
+                # That write carried an older record; ours is still to be written.
+
+    async def _write(self, key: tuple[str, int], writes: _KeyWrites, item: dict[str, Any], seq: int, what: str) -> None:
+        try:
+            await self._call(self._dynamodb.put_item, what, Item=item)
+            writes.written = seq
+        finally:
+            writes.inflight = None
+            if writes.requested == seq:  # nobody waits for a newer record
+                del self._writes[key]
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _call(self, operation: Callable[..., Awaitable[Any]], what: str, **kwargs: Any) -> Any:
+        async def attempt() -> Any:
+            try:
+                return await operation(TableName=self._table, **kwargs)
+            except Exception as exc:
+                raise translate_error(exc, what=what) from exc
+
+        return await retry(attempt, policy=self._retry, describe=what)
+
+    async def _query(self, job_id: str, *, what: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        start_key: dict[str, Any] | None = None
+        while True:
+            page = await self._call(
+                self._dynamodb.query,
+                what,
+                ConsistentRead=True,
+                KeyConditionExpression="#job = :job",
+                ExpressionAttributeNames={"#job": "job"},
+                ExpressionAttributeValues={":job": {"S": job_id}},
+                **({"ExclusiveStartKey": start_key} if start_key else {}),
+            )
+            items.extend(page.get("Items", ()))
+            start_key = page.get("LastEvaluatedKey")
+            if not start_key:
+                return items
+
+    async def _batch_write(self, requests: list[dict[str, Any]], *, what: str) -> None:
+        """One BatchWriteItem, resubmitting whatever DynamoDB left unprocessed (throttling)."""
+        pending = requests
+
+        async def attempt() -> None:
+            nonlocal pending
+            try:
+                response = await self._dynamodb.batch_write_item(RequestItems={self._table: pending})
+            except Exception as exc:
+                raise translate_error(exc, what=what) from exc
+            pending = response.get("UnprocessedItems", {}).get(self._table, [])
+            if pending:
+                raise RetryableStorageError(f"{what}: {len(pending)} of {len(requests)} items left unprocessed")
+
+        await retry(attempt, policy=self._retry, describe=what)
+
+
+def _consume_result(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+# --- marker fencing -------------------------------------------------------------------
+
+
+async def raise_marker_fence(
+    dynamodb: Any,
+    table: str,
+    job_id: str,
+    shard: int,
+    min_attempt: int,
+    *,
+    retry_policy: RetryPolicy = RetryPolicy(),
+) -> None:
+    """Make `shard`'s marker refuse writes from attempts below `min_attempt`.
+
+    The fence never moves down; a missing item is created holding only the
+    fence (which reads as "no marker yet"), an existing one keeps its expiry.
+    """
+    request = marker_fence_request(job_id, shard, min_attempt, expires_at=int(time.time()) + _FENCE_TTL_S)
+    what = f"raising the marker fence of job {job_id} shard {shard} to attempt {min_attempt}"
+
+    async def update() -> None:
+        try:
+            await dynamodb.update_item(TableName=table, **request)
+        except Exception as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return  # already fenced at min_attempt or higher
+            raise translate_error(exc, what=what) from exc
+
+    await retry(update, policy=retry_policy, describe=what)
