@@ -41,7 +41,7 @@ import os
 import signal
 import stat
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import IO, BinaryIO, Self, cast
 
@@ -306,7 +306,8 @@ async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> b
 class CommandOutput(ShardOutput):
     """Pipes the input through ``sh -c command``; its stdout becomes `output_path`.
 
-    `env` adds to (not replaces) the inherited environment.  Only the last
+    `env` adds to (not replaces) the inherited environment; `args` become the
+    shell's positional parameters (``"$@"``).  Only the last
     `stderr_tail_bytes` of stderr are kept, for `CommandFailedError`; pass
     `forward_stderr` to also copy all of it there as it arrives (written from
     the event loop, so give it something that does not block for long, such
@@ -319,10 +320,12 @@ class CommandOutput(ShardOutput):
         output_path: str | os.PathLike[str],
         *,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
         stderr_tail_bytes: int = 8192,
         forward_stderr: IO[bytes] | None = None,
     ) -> None:
         super().__init__()
+        self._args = tuple(args)
         if stderr_tail_bytes < 0:
             raise ValueError(f"stderr_tail_bytes must be >= 0, not {stderr_tail_bytes}")
         self._command = command
@@ -368,6 +371,8 @@ class CommandOutput(ShardOutput):
                 "sh",
                 "-c",
                 self._command,
+                "sh",  # $0
+                *self._args,
                 stdin=subprocess.PIPE,
                 stdout=self._output_fd,
                 stderr=subprocess.PIPE,
