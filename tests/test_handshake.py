@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,12 @@ class OrderedBackend(Backend):
         # must still arrive before the worker gives up waiting for it.
         self._inner = InProcessBackend(worker_settings=WorkerSettings(want_answer_timeout_s=60))
 
-    async def run(self, task: ShardTask) -> WorkerExit:
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
         position = self._order.index(task.shard)
         if position:
             await self._finished[self._order[position - 1]].wait()
         try:
-            return await self._inner.run(task)
+            return await self._inner.run(task, on_started=on_started)
         finally:
             self._finished[task.shard].set()
 

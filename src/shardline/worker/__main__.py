@@ -1,9 +1,13 @@
-"""``python -m shardline.worker``: run one shard task read as JSON from stdin.
+"""``python -m shardline.worker [--pool]``: run shard tasks read as JSON from stdin.
 
-This is what the coordinator's local backend starts.  Exit status 0 means the
-shard finished and was reported; 1 means it failed (the error is on stderr
-and was reported to the exchange when one is configured); 2 means the task
-itself was invalid.
+Without arguments: run the one task on stdin and exit; status 0 means the
+shard finished and was reported, 1 that it failed (the error is on stderr and
+was reported to the exchange when one is configured), 2 that the task itself
+was invalid.
+
+With ``--pool`` (what the coordinator's local backend starts): run one task
+per stdin line, answer each with one JSON line ``{"ok": bool, "detail": str}``
+on stdout, and stop, cancelling any running task, at stdin EOF or SIGTERM.
 """
 
 from ._main import main

@@ -7,6 +7,11 @@
 # dict.  Losing the session never stops the shard: fragments it did not get
 # are taken from markers or S3 instead; only the final report needs the
 # coordinator, and for that the client reconnects.
+#
+# An ERROR from the coordinator is a refusal.  One that says this attempt is
+# stale (superseded by a retry, or the shard is settled) *fences* it: `fenced`
+# wakes whoever waits on `wait_fenced()`, and `report()` raises
+# StaleAttemptError instead of trying again.
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 
-from ..errors import ProtocolError, ShardlineError
+from ..errors import ProtocolError, ShardlineError, StaleAttemptError
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -28,7 +33,7 @@ from ..protocol import (
     Want,
 )
 
-__all__ = ["ExchangeClient", "ExchangeUnavailable"]
+__all__ = ["ExchangeClient", "ExchangeUnavailable", "is_stale_refusal"]
 
 log = logging.getLogger("shardline.worker.exchange")
 
@@ -37,6 +42,15 @@ _READ_BYTES = 256 * 1024
 
 class ExchangeUnavailable(ShardlineError):
     """The coordinator's exchange could not be reached or rejected us."""
+
+
+def is_stale_refusal(message: str) -> bool:
+    """Whether an ERROR from the coordinator says this attempt is no longer current.
+
+    ERROR carries only text, so the coordinator's wording is the contract:
+    a refusal of a stale attempt says "not current" or "stale".
+    """
+    return "not current" in message or "stale" in message
 
 
 class ExchangeClient:
@@ -67,6 +81,7 @@ class ExchangeClient:
         self._answer_arrived = asyncio.Event()
         self._head: Head | None = None  # resent after a reconnect
         self._ack: asyncio.Future[Ack] | None = None
+        self._fenced = asyncio.Event()
         self.connected = False
         self.rejection: str | None = None  # set when the coordinator sent ERROR
 
@@ -94,6 +109,8 @@ class ExchangeClient:
             raise ExchangeUnavailable(f"exchange handshake failed: {exc}") from exc
         if isinstance(welcome, Error) or welcome is None:
             await self._drop_connection()
+            if isinstance(welcome, Error):
+                self._refused(welcome.message)
             reason = welcome.message if isinstance(welcome, Error) else "connection closed"
             raise ExchangeUnavailable(f"exchange refused the session: {reason}")
         self.connected = True
@@ -128,7 +145,7 @@ class ExchangeClient:
                     if self._ack is not None and not self._ack.done():
                         self._ack.set_result(frame)
                 elif isinstance(frame, Error):
-                    self.rejection = frame.message
+                    self._refused(frame.message)
                     log.warning("exchange closed our session: %s", frame.message)
                     break
         except (OSError, ProtocolError) as exc:
@@ -138,6 +155,26 @@ class ExchangeClient:
             self._answer_arrived.set()
             if self._ack is not None and not self._ack.done():
                 self._ack.set_exception(ExchangeUnavailable(self.rejection or "exchange session lost before ACK"))
+
+    def _refused(self, message: str) -> None:
+        self.rejection = message
+        if is_stale_refusal(message):
+            self._fenced.set()
+
+    @property
+    def fenced(self) -> bool:
+        """True once the coordinator refused us as a stale attempt."""
+        return self._fenced.is_set()
+
+    async def wait_fenced(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for a stale-attempt refusal; returns `fenced`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._fenced.wait(), timeout_s)
+        return self.fenced
+
+    def _raise_if_fenced(self) -> None:
+        if self.fenced:
+            raise StaleAttemptError(f"the coordinator fenced this attempt: {self.rejection}")
 
     async def _send(self, frame: Frame) -> None:
         async with self._send_lock:
@@ -189,9 +226,13 @@ class ExchangeClient:
         return self._fragments.get(shard)
 
     async def report(self, frame: Frame, *, timeout_s: float, reconnect_attempts: int = 3) -> Ack:
-        """Send DONE or FAILED and wait for the coordinator's ACK, reconnecting if needed."""
+        """Send DONE or FAILED and wait for the coordinator's ACK, reconnecting if needed.
+
+        Raises StaleAttemptError if the coordinator has fenced this attempt.
+        """
         last_error: Exception | None = None
         for _ in range(reconnect_attempts):
+            self._raise_if_fenced()
             try:
                 if not self.connected:
                     await self.connect()
@@ -200,8 +241,9 @@ class ExchangeClient:
                 return await asyncio.wait_for(self._ack, timeout_s)
             except (TimeoutError, ExchangeUnavailable) as exc:
                 last_error = exc
+                self._raise_if_fenced()
                 if self.rejection is not None:
-                    break  # fenced or refused: reconnecting will not help
+                    break  # refused: reconnecting will not help
                 await self._drop_connection()
                 await asyncio.sleep(0.2)
         raise ExchangeUnavailable(f"could not report {frame.TYPE.name} to the exchange: {last_error}")

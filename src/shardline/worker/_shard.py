@@ -11,6 +11,11 @@
 #    bytes because every read is pinned to the object's ETag.  A neighbour
 #    with no line start extends the tail to the next neighbour.
 # 4. Report DONE {emitted range, bytes, checksum, which tail paths were used}.
+#
+# Alongside, a heartbeat sends PROGRESS every second, reconnects a lost
+# exchange session (rate-limited), and ends the attempt at once with
+# StaleAttemptError when the coordinator fences it: a superseded attempt
+# should stop spending S3 reads and command time, and must not report DONE.
 
 from __future__ import annotations
 
@@ -24,7 +29,14 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from ..aws import AwsSettings, client
-from ..errors import MarkerConflictError, RetryableStorageError, ShardlineError
+from ..command import CommandOutput, PassthroughOutput, ShardOutput
+from ..errors import (
+    ConfigurationError,
+    InputError,
+    MarkerConflictError,
+    ShardlineError,
+    StaleAttemptError,
+)
 from ..protocol import (
     Boundary,
     Done,
@@ -39,7 +51,6 @@ from ..protocol import (
 )
 from ..retry import RetryPolicy
 from ..sources import ObjectSource, open_source
-from ..command import CommandOutput, PassthroughOutput, ShardOutput
 from ._exchange import ExchangeClient, ExchangeUnavailable
 from ._markers import MarkerStore
 from ._reader import RangedReader, ReaderSettings, fetch_range
@@ -65,6 +76,9 @@ class WorkerSettings:
     #: announced without data and the neighbour reads them from the object.
     fragment_push_limit_bytes: int = 1024 * 1024
     heartbeat_interval_s: float = 1.0
+    #: Least time between two reconnects of a lost exchange session by the
+    #: heartbeat; well below the coordinator's heartbeat deadline (30 s).
+    reconnect_interval_s: float = 5.0
     #: How long the tail waits for the exchange to answer an outstanding WANT.
     want_answer_timeout_s: float = 2.0
     report_timeout_s: float = 30.0
@@ -133,10 +147,8 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
             result = await run.execute()
         except ShardlineError as exc:
             if exchange is not None:
-                failed = Failed(
-                    kind=type(exc).__name__, message=str(exc), retryable=isinstance(exc, RetryableStorageError)
-                )
-                with contextlib.suppress(ExchangeUnavailable):
+                failed = Failed(kind=type(exc).__name__, message=str(exc), retryable=_retryable(exc))
+                with contextlib.suppress(ExchangeUnavailable, StaleAttemptError):
                     await exchange.report(failed, timeout_s=settings.report_timeout_s)
             raise
         if exchange is None:
@@ -154,6 +166,16 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
             timeout_s=settings.report_timeout_s,
         )
         return dataclasses.replace(result, committed=ack.committed)
+
+
+#: Failures that another attempt would meet again (or that must not be
+#: retried at all: a fenced attempt's shard is someone else's now).
+_FINAL_ERRORS = (InputError, ConfigurationError, MarkerConflictError, StaleAttemptError)
+
+
+def _retryable(exc: ShardlineError) -> bool:
+    """Whether the coordinator may retry the shard after `exc` (commands, storage: yes)."""
+    return not isinstance(exc, _FINAL_ERRORS)
 
 
 def _make_output(task: ShardTask, settings: WorkerSettings) -> ShardOutput:
@@ -195,22 +217,32 @@ class _ShardRun:
 
     async def execute(self) -> ShardResult:
         await self.output.start()
-        if self.exchange is not None and not self.shard.is_last:
+        if self.exchange is None:
+            return await self._work()
+        if not self.shard.is_last:
             await self.exchange.want(self.shard.index + 1)
-        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.shard.index}")
+        work = asyncio.ensure_future(self._work())
+        heartbeat = asyncio.ensure_future(self._heartbeat(self.exchange))
         try:
-            boundary, publish = await self._stream_own_range()
-            tail_sources: tuple[str, ...] = ()
-            if boundary.line_start:
-                tail_sources = await self._complete_tail()
-                if self.guard is not None:
-                    self.guard.finish()
-            await publish
-            output_bytes = await self.output.finish()
+            # The heartbeat ends only by raising (fenced): that stops the work.
+            await asyncio.wait({work, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            work.cancel()
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await asyncio.wait({work, heartbeat})
+        if work.cancelled():
+            heartbeat.result()
+        return work.result()
+
+    async def _work(self) -> ShardResult:
+        boundary, publish = await self._stream_own_range()
+        tail_sources: tuple[str, ...] = ()
+        if boundary.line_start:
+            tail_sources = await self._complete_tail()
+            if self.guard is not None:
+                self.guard.finish()
+        await publish
+        output_bytes = await self.output.finish()
         result = ShardResult(
             boundary=boundary,
             emitted_end=boundary.head_end + self.emitted,
@@ -399,9 +431,23 @@ class _ShardRun:
             position = end
             window = min(window * 2, self.task.part_size_bytes)
 
-    async def _heartbeat(self) -> None:
-        if self.exchange is None:
-            return
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            await self.exchange.send(Progress(bytes_emitted=self.emitted))
+    async def _heartbeat(self, exchange: ExchangeClient) -> None:
+        """PROGRESS every interval, reconnecting a lost session; raises StaleAttemptError once fenced."""
+        loop = asyncio.get_running_loop()
+        reconnect_at = loop.time() + self.settings.reconnect_interval_s
+        while not await exchange.wait_fenced(self.settings.heartbeat_interval_s):
+            if exchange.rejection is not None:
+                continue  # refused for another reason: this attempt has nothing more to say
+            if not exchange.connected and loop.time() >= reconnect_at:
+                # Without this, a transient drop would let the coordinator's
+                # heartbeat deadline kill a healthy worker.
+                reconnect_at = loop.time() + self.settings.reconnect_interval_s
+                try:
+                    await exchange.connect()
+                except ExchangeUnavailable as exc:
+                    log.info("shard %d: reconnecting to the exchange failed: %s", self.shard.index, exc)
+            if exchange.connected:
+                await exchange.send(Progress(bytes_emitted=self.emitted))
+        raise StaleAttemptError(
+            f"shard {self.shard.index} attempt {self.task.attempt} was fenced by the coordinator: {exchange.rejection}"
+        )
