@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from shardline.errors import CommandFailedError, StorageError
 from shardline.command import CommandOutput, PassthroughOutput, ShardOutput
+from shardline.errors import CommandFailedError, StorageError
 
 MIB = 1024 * 1024
 

@@ -85,10 +85,10 @@ class GatedBackend(InProcessBackend):
         self.gate = asyncio.Event()
         self.tasks: list[ShardTask] = []
 
-    async def run(self, task: ShardTask) -> WorkerExit:
+    async def run(self, task: ShardTask, *, on_started) -> WorkerExit:
         self.tasks.append(task)
         await self.gate.wait()
-        return await super().run(task)
+        return await super().run(task, on_started=on_started)
 
 
 async def _rogue(address: tuple[str, int], payload: bytes) -> bytes:
@@ -173,10 +173,10 @@ async def test_replayed_session_is_dropped(tmp_path, aws_settings):
 class BrokenForShardOne(InProcessBackend):
     """A backend that cannot start shard 1 (as when spawning fails)."""
 
-    async def run(self, task: ShardTask) -> WorkerExit:
+    async def run(self, task: ShardTask, *, on_started) -> WorkerExit:
         if task.shard == 1:
             raise OSError(24, "Too many open files")
-        return await super().run(task)
+        return await super().run(task, on_started=on_started)
 
 
 async def test_backend_that_cannot_start_a_shard_fails_the_job(tmp_path, aws_settings):

@@ -94,14 +94,20 @@ class InProcessBackend(Backend):
         self._slots = asyncio.Semaphore(max_concurrent)
         self._worker_settings = worker_settings
 
-    async def run(self, task: ShardTask) -> WorkerExit:
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
         from .worker import run_task
 
         async with self._slots:
+            on_started()
             try:
                 await run_task(task, settings=self._worker_settings)
             except ShardlineError as exc:
                 return WorkerExit(ok=False, detail=f"worker failed: {exc}")
+            # In this process a worker's unexpected exception must not take the
+            # coordinator down with it; it fails the attempt like a crash would.
+            except Exception as exc:
+                log.exception("in-process worker for shard %d crashed", task.shard)
+                return WorkerExit(ok=False, detail=f"worker crashed: {type(exc).__name__}: {exc}")
         return WorkerExit(ok=True, detail="finished")
 
 

@@ -1,4 +1,4 @@
-"""The coordinator: plans jobs, starts workers, relays fragments, verifies output.
+"""The coordinator: accepts jobs, starts workers, relays fragments, verifies output.
 
 Depends on `shardline.protocol` and the shared I/O helpers, never on
 `shardline.worker`: backends start workers by module name or by invoking a
@@ -7,20 +7,35 @@ function, and results come back over the exchange.
 
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._exchange import ExchangeHooks, ExchangeServer
-from ._job import CoordinatorSettings, JobProgress, JobReport, JobSpec, ShardReport, run_job
-from ._tables import ensure_marker_table, marker_table_create_command
+from ._job import CoordinatorSettings, OutputPiece
+from ._service import Coordinator, JobProgress, JobReport, ShardReport, choose_spool_dir, copy_piece, run_job
+from ._spec import JobSpec, JobView, ShardTimeouts, ShardView
+from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
+from ._tables import ensure_jobs_table, ensure_marker_table, marker_table_create_command
 
 __all__ = [
+    "DEFAULT_JOBS_TABLE",
     "Backend",
+    "Coordinator",
     "CoordinatorSettings",
+    "DynamoJobStore",
     "ExchangeHooks",
     "ExchangeServer",
     "JobProgress",
     "JobReport",
     "JobSpec",
+    "JobStore",
+    "JobView",
     "LocalProcessBackend",
+    "MemoryJobStore",
+    "OutputPiece",
     "ShardReport",
+    "ShardTimeouts",
+    "ShardView",
     "WorkerExit",
+    "choose_spool_dir",
+    "copy_piece",
+    "ensure_jobs_table",
     "ensure_marker_table",
     "marker_table_create_command",
     "run_job",

@@ -2,18 +2,30 @@
 # attempt's runtime is gone.  Results never come from here: they arrive over
 # the exchange (DONE / FAILED), the same way from every backend, so a backend
 # only needs to start, watch and stop.
+#
+# The local backend keeps a pool of long-lived ``python -m shardline.worker
+# --pool`` processes (see worker/_main.py for the other end of the pipes):
+# one task JSON line in on stdin, one answer line out on stdout, stderr kept
+# as a tail for error messages.  A process is reused only after it answered;
+# one whose attempt was cancelled, or that died, is stopped and forgotten.
+# Stopping is SIGTERM (the worker cancels its task, which kills its command's
+# process group), a grace period, then SIGKILL for the worker's process group
+# and for the process groups of its children, which are its commands.
 
 from __future__ import annotations
 
 import abc
 import asyncio
 import contextlib
+import glob
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from ..protocol import ShardTask
 
@@ -22,6 +34,13 @@ __all__ = ["Backend", "LocalProcessBackend", "WorkerExit"]
 log = logging.getLogger("shardline.coordinator.backends")
 
 _STDERR_TAIL_BYTES = 8192
+#: How long a stopped worker gets to cancel its task and exit before SIGKILL.
+DEFAULT_STOP_GRACE_S = 2.0
+#: How long a dead worker's last stderr bytes may take to arrive after its exit.
+_STDERR_WAIT_S = 1.0
+#: How long to wait for a SIGKILLed process to be reaped before giving up
+#: with a warning (a process in uninterruptible sleep cannot die at once).
+_KILL_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,89 +52,245 @@ class WorkerExit:
 
 
 class Backend(abc.ABC):
-    """Runs shard attempts.  `run` returns when the attempt's runtime has ended."""
+    """Runs shard attempts."""
 
     name: str
 
     @abc.abstractmethod
-    async def run(self, task: ShardTask) -> WorkerExit:
-        """Start `task`, wait for its runtime to end; cancellation stops it."""
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
+        """Start `task`; call on_started() once when the worker really starts (a process slot was
+        taken / an invoke accepted) -- the coordinator's start deadline counts from there.  Return
+        when the attempt's runtime has ended.  Cancellation stops the attempt (and its command)."""
+
+    async def prestart(self, count: int) -> None:  # noqa: B027 - optional hook
+        """Warm up for about `count` attempts about to be run (optional)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources."""
 
 
 class LocalProcessBackend(Backend):
-    """One ``python -m shardline.worker`` process per shard attempt.
+    """A pool of up to `max_processes` local worker processes, each running tasks one after another.
 
-    At most `max_processes` run at once; the rest wait for a slot.  That is
-    safe because no worker ever waits on another: a shard whose neighbour has
-    not started yet finds its tail by itself.
-
-    A worker process imports its libraries before it reads its task, so
-    `prestart()` lets the first processes warm up while the coordinator is
-    still statting the object and planning; `run()` hands them tasks first.
+    No worker ever waits on another (a shard whose neighbour has not started
+    yet finds its tail by itself), so attempts beyond `max_processes` simply
+    wait for a process to be free.  `prestart()` starts processes ahead of
+    time: they import their libraries while the coordinator is still statting
+    the object and planning.
     """
 
     name = "local"
 
     def __init__(
-        self, *, max_processes: int | None = None, python: str = sys.executable, env: Mapping[str, str] | None = None
+        self,
+        *,
+        max_processes: int | None = None,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        stop_grace_s: float = DEFAULT_STOP_GRACE_S,
     ) -> None:
         self.max_processes = max_processes or max(2, 2 * (os.cpu_count() or 1))
         self._slots = asyncio.Semaphore(self.max_processes)
         self._python = python
         self._env = dict(os.environ if env is None else env)
-        self._warm: list[asyncio.subprocess.Process] = []
+        self._stop_grace_s = stop_grace_s
+        self._idle: list[_WorkerProcess] = []
+        self._processes: set[_WorkerProcess] = set()  # idle, busy and stopping
+        self._stopping: set[asyncio.Future[None]] = set()
+        self._closed = False
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            self._python,
-            "-m",
-            "shardline.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env,
-            start_new_session=True,  # so stopping it also stops its command
-        )
+    async def _spawn(self) -> _WorkerProcess:
+        if self._closed:
+            raise RuntimeError("LocalProcessBackend is closed")
+        worker = await _WorkerProcess.spawn(self._python, self._env)
+        self._processes.add(worker)
+        return worker
 
     async def prestart(self, count: int) -> None:
-        """Start up to `count` idle worker processes now (at most max_processes)."""
-        wanted = min(count, self.max_processes) - len(self._warm)
-        for _ in range(max(wanted, 0)):
-            self._warm.append(await self._spawn())
+        """Start idle processes until the pool holds min(count, max_processes)."""
+        for _ in range(min(count, self.max_processes) - len(self._processes)):
+            self._idle.append(await self._spawn())
 
-    async def run(self, task: ShardTask) -> WorkerExit:
+    def _take_idle(self) -> _WorkerProcess | None:
+        while self._idle:
+            worker = self._idle.pop()  # the most recently used: the warmest
+            if worker.alive:
+                return worker
+            self._stop_soon(worker)  # died while idle
+        return None
+
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
         async with self._slots:
-            process = self._warm.pop(0) if self._warm else await self._spawn()
-            stderr_tail = bytearray()
+            on_started()
+            worker = self._take_idle() or await self._spawn()
             try:
-                assert process.stdin is not None and process.stderr is not None
-                process.stdin.write(task.to_json().encode())
-                process.stdin.close()
-                while chunk := await process.stderr.read(65536):
-                    stderr_tail += chunk
-                    del stderr_tail[:-_STDERR_TAIL_BYTES]
-                returncode = await process.wait()
+                exit_, reusable = await worker.run(task)
             except BaseException:
-                await asyncio.shield(_kill_group(process))
+                # Cancelled (deadline, job cancelled, speculation lost): the
+                # process is in the middle of a task and is never reused.
+                await asyncio.shield(self._stop_soon(worker))
                 raise
-        if returncode == 0:
-            return WorkerExit(ok=True, detail="exited 0")
-        lines = stderr_tail.decode(errors="replace").splitlines()
-        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-        how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
-        return WorkerExit(ok=False, detail=f"worker process {how}" + (f": {last}" if last else ""))
+            if reusable and not self._closed:
+                self._idle.append(worker)
+            else:
+                await asyncio.shield(self._stop_soon(worker))
+            return exit_
+
+    def _stop_soon(self, worker: _WorkerProcess) -> asyncio.Future[None]:
+        """Stop `worker` in a task of its own, which `aclose()` waits for."""
+        self._processes.discard(worker)
+        stopping = worker.stop_soon(self._stop_grace_s)
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
+        return stopping
 
     async def aclose(self) -> None:
-        warm, self._warm = self._warm, []
-        await asyncio.shield(asyncio.gather(*(_kill_group(process) for process in warm)))
+        """Stop every process, busy ones included; `run()` cannot start new ones afterwards."""
+        self._closed = True
+        self._idle.clear()
+        for worker in list(self._processes):
+            self._stop_soon(worker)
+        await asyncio.shield(asyncio.gather(*self._stopping))
 
 
-async def _kill_group(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        await process.wait()
+class _WorkerProtocol(asyncio.SubprocessProtocol):
+    """Watches one pool process: its exit, its answer lines, its stderr tail.
+
+    The exit is seen directly (not through pipes closing), so a process
+    that dies is noticed even if something it started still holds a pipe.
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
+        self.stderr_closed: asyncio.Future[None] = loop.create_future()
+        self.stderr_tail = bytearray()
+        self._stdout = bytearray()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self._stdout += data
+            while (end := self._stdout.find(b"\n")) >= 0:
+                self.answers.put_nowait(bytes(self._stdout[:end]))
+                del self._stdout[: end + 1]
+        elif fd == 2:
+            self.stderr_tail += data
+            del self.stderr_tail[:-_STDERR_TAIL_BYTES]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 2 and not self.stderr_closed.done():
+            self.stderr_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class _WorkerProcess:
+    """One ``python -m shardline.worker --pool`` child, in a process group of its own."""
+
+    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _WorkerProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._stopping: asyncio.Future[None] | None = None
+        self.pid = transport.get_pid()
+
+    @classmethod
+    async def spawn(cls, python: str, env: Mapping[str, str]) -> _WorkerProcess:
+        transport, protocol = await asyncio.get_running_loop().subprocess_exec(
+            _WorkerProtocol,
+            python,
+            "-m",
+            "shardline.worker",
+            "--pool",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env),
+            start_new_session=True,
+        )
+        return cls(transport, protocol)
+
+    @property
+    def alive(self) -> bool:
+        return not self._protocol.exited.done()
+
+    def _stdin(self) -> asyncio.WriteTransport:
+        # uvloop's pipe transports do not derive from asyncio.WriteTransport.
+        return cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
+
+    async def run(self, task: ShardTask) -> tuple[WorkerExit, bool]:
+        """Hand over `task` and wait for the answer or the process's end; also says if reusable."""
+        self._stdin().write(task.to_json().encode() + b"\n")
+        answer = asyncio.ensure_future(self._protocol.answers.get())
+        either: set[asyncio.Future[Any]] = {answer, self._protocol.exited}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            answer.cancel()
+            raise
+        if answer.done():
+            return self._parse_answer(answer.result())
+        answer.cancel()
+        # Its last words (a traceback) may still be on the way.
+        await _completes_within(self._protocol.stderr_closed, _STDERR_WAIT_S)
+        return WorkerExit(ok=False, detail=self._exit_detail()), False
+
+    def _parse_answer(self, line: bytes) -> tuple[WorkerExit, bool]:
+        # Messages already reported belong to this task; the next one starts afresh.
+        self._protocol.stderr_tail.clear()
+        try:
+            answer = json.loads(line)
+            ok, detail = answer["ok"], answer["detail"]
+        except (ValueError, TypeError, KeyError):
+            ok = detail = None
+        if not isinstance(ok, bool) or not isinstance(detail, str):
+            return WorkerExit(ok=False, detail=f"worker process {self.pid} answered {line[:200]!r}"), False
+        return WorkerExit(ok=ok, detail=detail), self.alive
+
+    def _exit_detail(self) -> str:
+        returncode = self._transport.get_returncode()
+        assert returncode is not None
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+        lines = self._protocol.stderr_tail.decode(errors="replace").splitlines()
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        return f"worker process {how}" + (f": {last}" if last else "")
+
+    def stop_soon(self, grace_s: float) -> asyncio.Future[None]:
+        """Start stopping (once; later calls get the same future)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        return self._stopping
+
+    async def _stop(self, grace_s: float) -> None:
+        """SIGTERM and stdin EOF, `grace_s` to exit, then SIGKILL to its and its commands' groups."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self._transport.send_signal(signal.SIGTERM)
+        self._stdin().close()
+        if not await _completes_within(self._protocol.exited, grace_s):
+            log.warning("worker process %d still running %.1fs after SIGTERM; killing it", self.pid, grace_s)
+            # Unreaped, so neither its pid nor its children's can have been reused.
+            for group in (*_child_pids(self.pid), self.pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
+            if not await _completes_within(self._protocol.exited, _KILL_WAIT_S):
+                log.warning("worker process %d not reaped %.0fs after SIGKILL", self.pid, _KILL_WAIT_S)
+        self._transport.close()
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Children of `pid` (Linux; elsewhere none).  A worker starts each command
+    as a session leader, so a child's pid is also its process group id."""
+    children: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError), open(path) as f:
+            children.extend(int(child) for child in f.read().split())
+    return children
+
+
+async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> bool:
+    """Wait for `future` without cancelling it on timeout."""
+    done, _ = await asyncio.wait({future}, timeout=timeout_s)
+    return bool(done)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +38,7 @@ from ..protocol import (
     Progress,
     Want,
 )
+from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 
 __all__ = ["ExchangeHooks", "ExchangeServer"]
 
@@ -85,7 +87,8 @@ class _JobRelay:
     secret: bytes
     hooks: ExchangeHooks
     heads: dict[int, Head] = field(default_factory=dict)
-    waiting: dict[int, set[_Connection]] = field(default_factory=dict)
+    #: Sessions waiting for a shard's HEAD, with the time each WANT arrived.
+    waiting: dict[int, dict[_Connection, float]] = field(default_factory=dict)
 
 
 class ExchangeServer:
@@ -101,6 +104,8 @@ class ExchangeServer:
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.rejected_connections = 0
+        #: How long each WANT waited for its neighbour's HEAD (0 when it was already here).
+        self.handshake_wait_s = Histogram(HANDSHAKE_WAIT_BUCKETS_S)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -193,7 +198,7 @@ class ExchangeServer:
         finally:
             if relay is not None:
                 for waiters in relay.waiting.values():
-                    waiters.discard(connection)
+                    waiters.pop(connection, None)
                 if hello is not None and self._jobs.get(hello.job_id) is relay:
                     relay.hooks.on_disconnect(hello)
             writer.close()
@@ -209,14 +214,17 @@ class ExchangeServer:
             if refusal is not None:
                 return refusal
             relay.heads.setdefault(frame.shard, frame)
-            for waiter in list(relay.waiting.pop(frame.shard, ())):
+            now = time.monotonic()
+            for waiter, since in list(relay.waiting.pop(frame.shard, {}).items()):
+                self.handshake_wait_s.observe(now - since)
                 await self._push(waiter, relay.heads[frame.shard])
         elif isinstance(frame, Want):
             head = relay.heads.get(frame.shard)
             if head is not None:
+                self.handshake_wait_s.observe(0.0)
                 await self._push(connection, head)
             else:
-                relay.waiting.setdefault(frame.shard, set()).add(connection)
+                relay.waiting.setdefault(frame.shard, {})[connection] = time.monotonic()
                 await connection.send(Pending(shard=frame.shard))
         elif isinstance(frame, Progress):
             relay.hooks.on_progress(hello, frame)

@@ -1,32 +1,53 @@
-# One job from plan to verified, ordered output (DESIGN §1, §2).
+# One job's life on the coordinator (DESIGN §1, §2, §5).
 #
-# The coordinator stats the object once (size and ETag pin every later read),
-# plans N shard tasks, registers the job with the exchange, and starts every
-# attempt at once through the backend.  Results arrive over the exchange; a
-# result is committed only if it agrees with the shard's published boundary
-# and its output file has the reported size.  Output is written in shard
-# order as soon as each next shard is committed (later shards wait on disk,
-# so memory stays bounded), and every shard is checked against the tiling
-# invariant before its bytes are written: emitted ranges must cover
-# [0, size) exactly, or the job fails naming the gap or overlap.
+# Every shard runs as one or more *attempts*.  An attempt is started through a
+# backend and watched against three deadlines (start: the worker must reach
+# the exchange; heartbeat: a connected worker must not go silent; total).
+# An attempt that fails, exits without a committed result or misses a
+# deadline is stopped and the shard is retried with the next attempt number
+# after a backoff, up to `spec.max_attempts`.  A straggler may get one
+# speculative attempt beside it; the first to commit wins and the other is
+# stopped.
+#
+# Fencing: only live attempts may talk to the exchange (a stale one is
+# refused), only a live attempt's DONE can commit, each attempt writes its
+# own output file, and the coordinator raises the shard's marker fence past
+# attempts it has given up on, so their marker writes are rejected too.  The
+# attempt number is made durable *before* an attempt starts, so a restarted
+# coordinator never reuses a number an orphaned worker may still hold.
+#
+# Output: shards are *released* in order, each only after its commit is
+# durable and its emitted range passed the tiling check, so nothing
+# unverified is ever shown.  Released shards are published to the output
+# destination and fed to the reduce command in the same pass.
+#
+# All decisions (commit, fail, retry, speculate) are synchronous methods that
+# change state and schedule I/O; the supervisor loop and the exchange hooks
+# call them.
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
-import tempfile
+import statistics
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..aws import AwsSettings
-from ..errors import ConfigurationError, CoverageError, JobFailedError, ShardFailedError, ShardlineError
+from ..errors import (
+    CommandFailedError,
+    CoverageError,
+    JobCancelledError,
+    JobFailedError,
+    ShardFailedError,
+    ShardlineError,
+)
 from ..protocol import (
     DEFAULT_MARKER_TABLE,
     Done,
@@ -37,226 +58,769 @@ from ..protocol import (
     JobState,
     Progress,
     ShardEvent,
+    ShardRange,
     ShardState,
     ShardTask,
-    check_delimiter,
-    new_job_secret,
     next_job_state,
     next_shard_state,
 )
-from ..sources import ObjectInfo, open_source
+from ..retry import RetryPolicy
 from ._backends import Backend
-from ._exchange import ExchangeServer
+from ._metrics import CoordinatorMetrics
+from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum
+from ._spec import JobView, ShardView
+from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
-__all__ = ["CoordinatorSettings", "JobProgress", "JobReport", "JobSpec", "ShardReport", "choose_spool_dir", "run_job"]
+__all__ = ["CoordinatorSettings", "OutputPiece"]
 
 log = logging.getLogger("shardline.coordinator.job")
-
-_COPY_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobSpec:
-    """What the user asked for."""
-
-    source: str
-    shards: int
-    delimiter: bytes = b"\n"
-    command: str | None = None
-    max_line_bytes: int | None = None
-    part_size_bytes: int = 8 * 1024 * 1024
-    max_in_flight_bytes: int = 32 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        check_delimiter(self.delimiter)
-        if self.shards < 1:
-            raise ConfigurationError(f"number of shards must be >= 1, got {self.shards}")
-        if self.command is not None and not self.command.strip():
-            raise ConfigurationError("command is empty")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorSettings:
     markers_table: str = DEFAULT_MARKER_TABLE
-    #: Where shard outputs wait for their turn; None picks one (`choose_spool_dir`).
+    jobs_table: str = DEFAULT_JOBS_TABLE
+    #: Root for job spools (one directory per job); None picks one per job
+    #: (`choose_spool_dir`).  A daemon that must resume after a restart needs
+    #: a root that survives it.
     spool_dir: str | None = None
     #: Address workers use to reach the exchange (the listener's own by default).
     advertise_host: str | None = None
+    #: How long a finished job and its kept output stay available.
+    retain_s: float = 3600.0
+    #: Backoff before retry n is min(max, base * 2**(n-1)), with jitter.
+    retry_backoff_s: float = 0.5
+    retry_backoff_max_s: float = 15.0
+    #: Speculate once this fraction of shards is done, on a shard running
+    #: longer than `speculate_slowdown` x the median commit time (and at
+    #: least `speculate_min_s`).
+    speculate_after_fraction: float = 0.75
+    speculate_slowdown: float = 3.0
+    speculate_min_s: float = 10.0
+    #: How often deadlines are checked.
+    supervise_interval_s: float = 0.25
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardReport:
-    index: int
-    attempt: int
-    emitted: tuple[int, int]
-    bytes: int
-    checksum: str
-    output_bytes: int
-    tail_sources: tuple[str, ...]
+@dataclass(frozen=True, slots=True)
+class OutputPiece:
+    """Bytes [start, end) of the file at `path`, the next part of a job's output."""
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobReport:
-    job_id: str
-    size: int
-    etag: str
-    shards: tuple[ShardReport, ...]
-    output_bytes: int
-    elapsed_s: float
-
-    @property
-    def tail_source_counts(self) -> dict[str, int]:
-        return dict(Counter(source for shard in self.shards for source in shard.tail_sources))
+    path: str
+    start: int
+    end: int
 
 
 @dataclass(eq=False)
-class _Shard:
+class _Attempt:
+    number: int
     task: ShardTask
-    state: ShardState = ShardState.PENDING
-    head: Head | None = None
-    done: Done | None = None
-    failure: str | None = None
-    bytes_emitted: int = 0
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # committed or failed
-    #: The job's "some shard failed" event, shared by all its shards.
-    any_failed: asyncio.Event = field(default_factory=asyncio.Event)
+    speculative: bool
+    started_at: float | None = None  # loop time the backend really started it
+    connected: bool = False
+    last_heard: float = 0.0
+    runner: asyncio.Task[None] | None = None
+
+
+class _Shard:
+    def __init__(self, record: ShardRecord, shard_range: ShardRange, *, fresh: bool) -> None:
+        self.index = record.index
+        self.range = shard_range
+        self.state = record.state
+        # The store holds a reservation: attempt numbers below it may have been
+        # used.  A fresh job's records reserve attempt 0, so its first launch
+        # needs no write; after a restart every reserved number is stale.
+        self.saved_next_attempt = record.next_attempt
+        self.next_attempt = 0 if fresh else record.next_attempt
+        self.committed = record.committed
+        self.error = record.error
+        self.retries = record.retries
+        self.live: dict[int, _Attempt] = {}
+        self.failures = 0
+        self.bytes_emitted = record.committed.bytes if record.committed else 0
+        self.boundary: tuple[int, bool] | None = None  # (h_i, line start) from the first HEAD
+        self.retry_at: float | None = None
+        self.speculated = False
+        self.fence = 0  # marker fence raised so far
+        self.commit_saved: asyncio.Task[None] | None = None
 
     def move(self, event: ShardEvent) -> None:
         self.state = next_shard_state(self.state, event)
 
-    def fail(self, cause: str) -> None:
-        if self.state in (ShardState.STARTING, ShardState.RUNNING):
-            self.failure = cause
-            self.move(ShardEvent.FAIL)
-            self.settled.set()
-            self.any_failed.set()
-
-
-@dataclass(frozen=True, slots=True)
-class JobProgress:
-    """A snapshot for progress displays."""
-
-    shards: int
-    shards_done: int
-    bytes_emitted: int
-    size: int
-    elapsed_s: float
-
-
-class _Job:
-    """One running job; also the exchange's hooks for it."""
-
-    def __init__(self, *, job_id: str, spec: JobSpec, info: ObjectInfo, tasks: list[ShardTask]) -> None:
-        self.id = job_id
-        self.spec = spec
-        self.info = info
-        self.state = JobState.PENDING
-        self.any_failed = asyncio.Event()
-        self.shards = [_Shard(task=task, any_failed=self.any_failed) for task in tasks]
-        self.started = time.monotonic()
-
-    def progress(self) -> JobProgress:
-        return JobProgress(
-            shards=len(self.shards),
-            shards_done=sum(shard.state is ShardState.DONE for shard in self.shards),
-            bytes_emitted=sum(shard.bytes_emitted for shard in self.shards),
-            size=self.info.size,
-            elapsed_s=time.monotonic() - self.started,
+    def record(self, job_id: str) -> ShardRecord:
+        return ShardRecord(
+            job_id=job_id,
+            index=self.index,
+            state=self.state,
+            next_attempt=max(self.next_attempt, self.saved_next_attempt),
+            committed=self.committed,
+            error=self.error,
+            retries=self.retries,
         )
 
-    def _current(self, hello: Hello) -> _Shard | None:
+    @property
+    def attempt_shown(self) -> int:
+        if self.committed is not None:
+            return self.committed.attempt
+        return max(self.live, default=max(self.next_attempt - 1, 0))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobContext:
+    """What every job of one coordinator shares."""
+
+    aws: AwsSettings
+    store: JobStore
+    settings: CoordinatorSettings
+    metrics: CoordinatorMetrics
+    exchange_address: tuple[str, int]
+    dynamodb: Any  # for marker fences
+    retry_policy: RetryPolicy = RetryPolicy()
+
+
+class Job:
+    """One job: its shards, their attempts, and the ordered release of output."""
+
+    def __init__(
+        self,
+        *,
+        record: JobRecord,
+        shards: list[ShardRecord],
+        backend: Backend,
+        destination: Destination | None,
+        context: JobContext,
+        fresh: bool,
+    ) -> None:
+        assert record.size is not None and record.etag is not None
+        self.record = record
+        self.id = record.job_id
+        self.spec = record.spec
+        self.size = record.size
+        self.state = record.state
+        self.error = record.error
+        self.finished_at = record.finished_at
+        self.backend = backend
+        self.destination = destination
+        self.context = context
+        self.shards = [
+            _Shard(r, ShardRange.of(record.size, record.spec.shards, r.index), fresh=fresh)
+            for r in sorted(shards, key=lambda r: r.index)
+        ]
+        self.released = len(self.shards) if self.state is JobState.SUCCEEDED else 0
+        self.result_path: str | None = record.result_path if self.state is JobState.SUCCEEDED else None
+        self.result_done = self.state is JobState.SUCCEEDED
+        self.failure: ShardlineError | None = None
+        self.finished = asyncio.Event()
+        if self.state.is_final:
+            self.finished.set()
+        self._changed = asyncio.Event()
+        self._durations_s: list[float] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._suspending = False
+
+    # -- views -----------------------------------------------------------------
+
+    def view(self) -> JobView:
+        return JobView(
+            id=self.id,
+            state=self.state,
+            spec=self.spec,
+            size=self.size,
+            etag=self.record.etag,
+            shards=tuple(
+                ShardView(
+                    index=shard.index,
+                    state=shard.state,
+                    attempt=shard.attempt_shown,
+                    bytes=shard.bytes_emitted,
+                    emitted=(shard.committed.emitted_start, shard.committed.emitted_end) if shard.committed else None,
+                    tail_sources=shard.committed.tail_sources if shard.committed else (),
+                    error=shard.error,
+                )
+                for shard in self.shards
+            ),
+            created_at=self.record.created_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            output=self.spec.output,
+            retries=sum(shard.retries for shard in self.shards),
+        )
+
+    # -- running ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name=f"job-{self.id}")
+
+    async def _run(self) -> None:
+        if self.state is JobState.PENDING:
+            self._move(JobEvent.START)
+            await self._save_job()
+        for shard in self.shards:
+            if shard.state is not ShardState.DONE:
+                # Resuming (or never launched): whatever ran before is stale.
+                shard.state = ShardState.PENDING
+                self._raise_fence(shard)
+        supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.id}")
+        try:
+            await self._release_in_order()
+        except asyncio.CancelledError:
+            if not self._suspending:
+                raise
+            return
+        except ShardlineError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug must fail the job, not leave it hanging
+            log.exception("job %s: internal error", self.id)
+            self._fail(ShardlineError(f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+            await self._stop_attempts()
+        if self.failure is None:
+            self._move(JobEvent.SUCCEED)
+            self._sweep_spool()
+            log.info("job %s succeeded", self.id)
+        else:
+            cancelled = isinstance(self.failure, JobCancelledError)
+            self._move(JobEvent.CANCEL if cancelled else JobEvent.FAIL)
+            for shard in self.shards:
+                if not shard.state.is_final:
+                    shard.move(ShardEvent.CANCEL)
+            self.error = str(self.failure) if cancelled else f"job {self.id} failed: {self.failure}"
+            log.info("job %s %s: %s", self.id, self.state.value, self.error)
+            await self._discard_outputs()
+        self.finished_at = time.time()
+        await self._save_job()
+        await asyncio.gather(*(self._save_shard(shard) for shard in self.shards), return_exceptions=True)
+        self.finished.set()
+        self._notify()
+
+    async def cancel(self) -> None:
+        if self.state.is_final:
+            return
+        self._fail(JobCancelledError(f"job {self.id} was cancelled"))
+        await self.finished.wait()
+
+    async def suspend(self) -> None:
+        """Stop this job's work without deciding its fate: a restarted
+        coordinator resumes it from the store."""
+        if self._main is None or self._main.done():
+            return
+        self._suspending = True
+        self._main.cancel()
+        await asyncio.gather(self._main, return_exceptions=True)
+        await self._stop_attempts()
+
+    async def _stop_attempts(self) -> None:
+        runners = [a.runner for s in self.shards for a in s.live.values() if a.runner is not None]
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+        for shard in self.shards:
+            shard.live.clear()
+        background, self._background = self._background, set()
+        await asyncio.gather(*background, return_exceptions=True)
+
+    def _fail(self, exc: ShardlineError) -> None:
+        if self.failure is None and not self.state.is_final:
+            self.failure = exc
+            self._notify()
+
+    def _move(self, event: JobEvent) -> None:
+        self.state = next_job_state(self.state, event)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> None:
+        """Wait until `condition()` holds (re-checked on every state change),
+        or `timeout_s` passes."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+        # cancellation that arrives as the event fires.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while not condition():
+                    await self._changed.wait()
+
+    # -- attempts --------------------------------------------------------------
+
+    def _task(self, shard: _Shard, attempt: int) -> ShardTask:
+        host, port = self.context.exchange_address
+        return ShardTask(
+            job_id=self.id,
+            shard=shard.index,
+            shards=self.spec.shards,
+            attempt=attempt,
+            source=self.spec.source,
+            size=self.size,
+            etag=self.record.etag or "",
+            delimiter=self.spec.delimiter,
+            command=self.spec.command,
+            output_path=os.path.join(self.record.spool_dir, f"shard-{shard.index:05d}.attempt-{attempt}.out"),
+            exchange_host=self.context.settings.advertise_host or host,
+            exchange_port=port,
+            secret=self.record.secret,
+            markers_table=self.context.settings.markers_table,
+            max_line_bytes=self.spec.max_line_bytes,
+            part_size_bytes=self.spec.part_size_bytes,
+            max_in_flight_bytes=self.spec.max_in_flight_bytes,
+            aws=self.context.aws.to_dict(),
+        )
+
+    def _launch(self, shard: _Shard, *, speculative: bool = False) -> None:
+        number = shard.next_attempt
+        shard.next_attempt += 1
+        attempt = _Attempt(number=number, task=self._task(shard, number), speculative=speculative)
+        shard.live[number] = attempt
+        shard.retry_at = None
+        if shard.state is ShardState.PENDING:
+            shard.move(ShardEvent.LAUNCH)
+        attempt.runner = asyncio.create_task(
+            self._run_attempt(shard, attempt), name=f"{self.id}-{shard.index}-{number}"
+        )
+
+    async def _run_attempt(self, shard: _Shard, attempt: _Attempt) -> None:
+        loop = asyncio.get_running_loop()
+
+        def started() -> None:
+            attempt.started_at = attempt.last_heard = loop.time()
+
+        try:
+            try:
+                if shard.saved_next_attempt < shard.next_attempt:
+                    await self._save_shard(shard)  # the number is durable before anyone can use it
+                exit_ = await self.backend.run(attempt.task, on_started=started)
+                cause = f"{exit_.detail} before its result was committed"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the backend (or the store) could not run the attempt at all
+                log.exception("job %s shard %d attempt %d could not run", self.id, shard.index, attempt.number)
+                cause = f"backend {self.backend.name} could not run the worker: {type(exc).__name__}: {exc}"
+            if shard.live.get(attempt.number) is attempt:
+                self._end_attempt(shard, attempt, cause, retryable=True, reason="failed")
+        finally:
+            if shard.committed is None or shard.committed.attempt != attempt.number:
+                with contextlib.suppress(OSError):
+                    os.unlink(attempt.task.output_path)
+
+    def _end_attempt(self, shard: _Shard, attempt: _Attempt, cause: str, *, retryable: bool, reason: str) -> None:
+        """`attempt` failed: stop it, and retry the shard or fail the job."""
+        if shard.live.pop(attempt.number, None) is None:
+            return
+        if attempt.runner is not None and attempt.runner is not asyncio.current_task():
+            attempt.runner.cancel()
+        if shard.state.is_final or self.failure is not None:
+            return
+        shard.failures += 1
+        shard.error = f"attempt {attempt.number}: {cause}"
+        # INFO: most failures are retried; the job's own failure is what callers report.
+        log.info("job %s shard %d attempt %d: %s", self.id, shard.index, attempt.number, cause)
+        self._raise_fence(shard)
+        if shard.live:
+            return  # a speculative twin is still running
+        if not retryable or shard.failures >= self.spec.max_attempts:
+            shard.move(ShardEvent.FAIL)
+            tries = f"{shard.failures} attempt{'s' if shard.failures > 1 else ''}"
+            self._fail(ShardFailedError(shard.index, f"{cause} ({tries})" if retryable else cause))
+        else:
+            shard.move(ShardEvent.RETRY)
+            settings = self.context.settings
+            delay_s = RetryPolicy(base_delay_s=settings.retry_backoff_s, max_delay_s=settings.retry_backoff_max_s)
+            backoff = settings.retry_backoff_s / 2 + delay_s.delay_s(shard.failures)
+            shard.retry_at = asyncio.get_running_loop().time() + backoff
+            shard.retries += 1
+            self.context.metrics.retries[reason] += 1
+        self._save_shard_soon(shard)
+        self._notify()
+
+    def _raise_fence(self, shard: _Shard) -> None:
+        """Reject marker writes from every attempt below the lowest live one."""
+        fence = min([*shard.live, shard.next_attempt])
+        if fence <= shard.fence:
+            return
+        shard.fence = fence
+        self._spawn(
+            raise_marker_fence(
+                self.context.dynamodb,
+                self.context.settings.markers_table,
+                self.id,
+                shard.index,
+                fence,
+                retry_policy=self.context.retry_policy,
+            ),
+            f"marker fence of shard {shard.index}",
+        )
+
+    # -- supervision: deadlines, retries, speculation ----------------------------
+
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.context.settings.supervise_interval_s
+        while True:
+            now = loop.time()
+            for shard in self.shards:
+                if shard.state.is_final:
+                    continue
+                for attempt in list(shard.live.values()):
+                    missed = self._missed_deadline(attempt, now)
+                    if missed is not None:
+                        kind, cause = missed
+                        self.context.metrics.deadline_misses[kind] += 1
+                        self._end_attempt(shard, attempt, cause, retryable=True, reason=kind)
+                if shard.state is ShardState.PENDING and (shard.retry_at is None or now >= shard.retry_at):
+                    self._launch(shard)
+            self._maybe_speculate(now)
+            await self._until(lambda: False, timeout_s=interval)
+
+    def _missed_deadline(self, attempt: _Attempt, now: float) -> tuple[str, str] | None:
+        if attempt.started_at is None:
+            return None  # still queued for a backend slot
+        timeouts = self.spec.timeouts
+        if now - attempt.started_at > timeouts.total_s:
+            return "total", f"missed its total deadline ({timeouts.total_s:g}s)"
+        if not attempt.connected and now - attempt.started_at > timeouts.start_s:
+            return "start", f"worker did not reach the exchange within its start deadline ({timeouts.start_s:g}s)"
+        if attempt.connected and now - attempt.last_heard > timeouts.heartbeat_s:
+            return "heartbeat", f"worker silent for longer than its heartbeat deadline ({timeouts.heartbeat_s:g}s)"
+        return None
+
+    def _maybe_speculate(self, now: float) -> None:
+        settings = self.context.settings
+        done = sum(shard.state is ShardState.DONE for shard in self.shards)
+        if not self._durations_s or done < settings.speculate_after_fraction * len(self.shards):
+            return
+        threshold = max(settings.speculate_min_s, settings.speculate_slowdown * statistics.median(self._durations_s))
+        for shard in self.shards:
+            if shard.state.is_final or shard.speculated or len(shard.live) != 1:
+                continue
+            (attempt,) = shard.live.values()
+            if attempt.started_at is not None and now - attempt.started_at > threshold:
+                log.info(
+                    "job %s shard %d: straggling for %.1fs, starting a speculative attempt",
+                    self.id,
+                    shard.index,
+                    now - attempt.started_at,
+                )
+                shard.speculated = True
+                shard.retries += 1
+                self.context.metrics.retries["speculative"] += 1
+                self._launch(shard, speculative=True)
+
+    # -- exchange hooks (synchronous decisions) -----------------------------------
+
+    def _live(self, hello: Hello) -> tuple[_Shard, _Attempt] | None:
         if hello.shard >= len(self.shards):
             return None
         shard = self.shards[hello.shard]
-        return shard if shard.task.attempt == hello.attempt else None
+        attempt = shard.live.get(hello.attempt)
+        return (shard, attempt) if attempt is not None else None
 
-    # -- ExchangeHooks -------------------------------------------------------
+    def _refuse(self, hello: Hello, what: str) -> str:
+        self.context.metrics.fenced_writes += 1
+        return f"{what}: shard {hello.shard} attempt {hello.attempt} is not current (stale) for job {self.id}"
 
     def on_connect(self, hello: Hello) -> str | None:
-        shard = self._current(hello)
-        if shard is None:
-            return f"shard {hello.shard} attempt {hello.attempt} is not current for job {self.id}"
+        found = self._live(hello)
+        if found is None:
+            return self._refuse(hello, "session refused")
+        shard, attempt = found
+        attempt.connected = True
+        attempt.last_heard = asyncio.get_running_loop().time()
+        if attempt.started_at is None:  # a backend that cannot tell when it started
+            attempt.started_at = attempt.last_heard
         if shard.state is ShardState.STARTING:
             shard.move(ShardEvent.CONNECT)
         return None
 
     def on_head(self, hello: Hello, head: Head) -> str | None:
-        shard = self._current(hello)
-        if shard is None:
-            return f"shard {hello.shard} attempt {hello.attempt} is not current"
-        task = shard.task
-        shard_range = task.range
-        if head.start != shard_range.start or not shard_range.start <= head.head_end <= shard_range.end:
-            return f"HEAD [{head.start}, {head.head_end}) outside shard range [{shard_range.start}, {shard_range.end})"
-        shard.head = head
+        found = self._live(hello)
+        if found is None:
+            return self._refuse(hello, "HEAD refused")
+        shard, attempt = found
+        attempt.last_heard = asyncio.get_running_loop().time()
+        if head.start != shard.range.start or not shard.range.start <= head.head_end <= shard.range.end:
+            return f"HEAD [{head.start}, {head.head_end}) outside shard range [{shard.range.start}, {shard.range.end})"
+        boundary = (head.head_end, head.line_start)
+        if shard.boundary is not None and shard.boundary != boundary:
+            return f"HEAD boundary {boundary} disagrees with an earlier attempt's {shard.boundary}"
+        shard.boundary = boundary
         return None
 
     def on_progress(self, hello: Hello, progress: Progress) -> None:
-        shard = self._current(hello)
-        if shard is not None:
-            shard.bytes_emitted = progress.bytes_emitted
+        found = self._live(hello)
+        if found is not None:
+            shard, attempt = found
+            attempt.last_heard = asyncio.get_running_loop().time()
+            if shard.committed is None:
+                shard.bytes_emitted = max(shard.bytes_emitted, progress.bytes_emitted)
 
     def on_done(self, hello: Hello, done: Done) -> bool:
-        shard = self._current(hello)
-        if shard is None or shard.state is not ShardState.RUNNING:
+        found = self._live(hello)
+        if found is None:
+            self._refuse(hello, "DONE refused")
             return False
-        problem = self._check_done(shard, done)
+        shard, attempt = found
+        if shard.state is not ShardState.RUNNING:
+            return False
+        problem = self._check_done(shard, attempt, done)
         if problem is not None:
-            shard.fail(problem)
+            self._end_attempt(shard, attempt, problem, retryable=True, reason="failed")
             return False
-        shard.done = done
+        loop = asyncio.get_running_loop()
+        shard.committed = CommittedAttempt(
+            attempt=attempt.number,
+            emitted_start=done.emitted_start,
+            emitted_end=done.emitted_end,
+            line_start=done.line_start,
+            bytes=done.bytes,
+            checksum=done.checksum,
+            output_bytes=done.output_bytes,
+            output_path=attempt.task.output_path,
+            tail_sources=tuple(done.tail_sources),
+        )
         shard.bytes_emitted = done.bytes
+        shard.error = None
         shard.move(ShardEvent.COMMIT)
-        shard.settled.set()
+        del shard.live[attempt.number]
+        for loser in list(shard.live.values()):  # a slower twin: stop it
+            shard.live.pop(loser.number)
+            if loser.runner is not None:
+                loser.runner.cancel()
+        if attempt.started_at is not None:
+            self._durations_s.append(loop.time() - attempt.started_at)
+        metrics = self.context.metrics
+        metrics.tail_sources.update(done.tail_sources)
+        metrics.bytes_emitted += done.bytes
+        metrics.output_bytes += done.output_bytes
+        shard.commit_saved = self._spawn(self._save_shard(shard), f"commit of shard {shard.index}")
+        self._notify()
         return True
 
     def on_failed(self, hello: Hello, failed: Failed) -> None:
-        shard = self._current(hello)
-        if shard is not None:
-            shard.fail(failed.message)
+        found = self._live(hello)
+        if found is None:
+            self._refuse(hello, "FAILED ignored")
+            return
+        shard, attempt = found
+        self._end_attempt(shard, attempt, failed.message, retryable=failed.retryable, reason="failed")
 
     def on_disconnect(self, hello: Hello) -> None:
-        pass  # the backend notices when the worker's runtime ends
+        pass  # the heartbeat deadline and the backend notice a worker that is gone
 
-    def _check_done(self, shard: _Shard, done: Done) -> str | None:
+    def _check_done(self, shard: _Shard, attempt: _Attempt, done: Done) -> str | None:
         """Why `done` cannot be committed, or None."""
-        shard_range = shard.task.range
+        shard_range = shard.range
         if done.line_start and not shard_range.start <= done.emitted_start < shard_range.end:
             return f"DONE starts at {done.emitted_start}, outside its range [{shard_range.start}, {shard_range.end})"
         if not done.line_start and done.emitted_start != shard_range.end:
             return f"DONE says no line start but places its boundary at {done.emitted_start}, not {shard_range.end}"
-        head = shard.head
-        if head is not None and (head.head_end, head.line_start) != (done.emitted_start, done.line_start):
+        if shard.boundary is not None and shard.boundary != (done.emitted_start, done.line_start):
             return (
-                f"DONE boundary {done.emitted_start} (line start: {done.line_start}) disagrees with its HEAD "
-                f"{head.head_end} (line start: {head.line_start})"
+                f"DONE boundary {done.emitted_start} (line start: {done.line_start}) disagrees with the HEAD "
+                f"{shard.boundary[0]} (line start: {shard.boundary[1]})"
             )
         try:
-            size = os.path.getsize(shard.task.output_path)
+            size = os.path.getsize(attempt.task.output_path)
         except OSError as exc:
             return f"output file unreadable: {exc}"
         if size != done.output_bytes:
             return f"output file has {size} bytes, DONE says {done.output_bytes}"
         return None
 
+    # -- ordered release, destination, reduce ----------------------------------------
 
-#: Memory-backed and usually mounted; writing there skips disk writeback,
-#: which costs more than the download itself on slow disks.
-_MEMORY_SPOOL = "/dev/shm"
-_SPOOL_HEADROOM_BYTES = 256 * 1024 * 1024
+    def _committed_or_failing(self, shard: _Shard) -> bool:
+        return shard.state is ShardState.DONE or self.failure is not None
 
+    def _released_or_finished(self, index: int) -> bool:
+        return self.released > index or self.finished.is_set()
 
-def choose_spool_dir(object_size: int) -> str:
-    """tmpfs when it can hold twice the object (outputs rarely outgrow their
-    input by more), else the system temp dir."""
-    try:
-        stat = os.statvfs(_MEMORY_SPOOL)
-    except OSError:
-        return tempfile.gettempdir()
-    free = stat.f_bavail * stat.f_frsize
-    if os.access(_MEMORY_SPOOL, os.W_OK) and free >= 2 * object_size + _SPOOL_HEADROOM_BYTES:
-        return _MEMORY_SPOOL
-    return tempfile.gettempdir()
+    async def _release_in_order(self) -> None:
+        coverage = _CoverageCheck(self.size)
+        for shard in self.shards:
+            await self._until(functools.partial(self._committed_or_failing, shard))
+            if self.failure is not None:
+                raise self.failure
+            if shard.commit_saved is not None:
+                await shard.commit_saved
+            committed = shard.committed
+            assert committed is not None
+            coverage.admit(shard.index, shard.range.start, shard.range.end, committed)
+            self.released = shard.index + 1
+            self._notify()
+            if self.destination is not None and committed.published is None:
+                checksum = await file_checksum(committed.output_path)
+                where = await self.destination.put_part(shard.index, committed.output_path)
+                shard.committed = replace(committed, published=where, output_checksum=checksum)
+                await self._save_shard(shard)
+        coverage.finish()
+        result_bytes = await self._reduce() if self.spec.reduce is not None else None
+        if self.destination is not None:
+            await self._publish_manifest(result_bytes)
+        self.result_done = True
+
+    async def _reduce(self) -> int:
+        """Run the reduce command over every shard's output, in order: on its
+        stdin, and as its arguments for merges (``sort -m "$@"``)."""
+        assert self.spec.reduce is not None
+        outputs = [shard.committed.output_path for shard in self.shards if shard.committed is not None]
+        path = os.path.join(self.record.spool_dir, f"result.{os.getpid()}.{time.monotonic_ns()}.out")
+        env = {"SHARDLINE_JOB_ID": self.id, "SHARDLINE_SHARDS": str(self.spec.shards)}
+        async with ReduceRunner(self.spec.reduce, path, env=env, args=outputs) as reduce:
+            self.result_path = path  # readers follow it as it grows
+            self._notify()
+            for output in outputs:
+                await reduce.feed_file(output)
+            try:
+                result_bytes = await reduce.finish()
+            except CommandFailedError as exc:
+                raise ShardlineError(f"reduce {exc}") from exc
+        self.record = replace(self.record, result_path=path)
+        return result_bytes
+
+    async def _publish_manifest(self, result_bytes: int | None) -> None:
+        assert self.destination is not None
+        result = None
+        if self.result_path is not None:
+            result = await self.destination.put_result(self.result_path)
+        shards = []
+        for shard in self.shards:
+            committed = shard.committed
+            assert committed is not None and committed.published is not None
+            shards.append(
+                ManifestShard(
+                    index=shard.index,
+                    range=(shard.range.start, shard.range.end),
+                    emitted=(committed.emitted_start, committed.emitted_end),
+                    bytes=committed.bytes,
+                    checksum=committed.checksum,
+                    attempt=committed.attempt,
+                    part=committed.published,
+                    output_bytes=committed.output_bytes,
+                    output_checksum=committed.output_checksum or "",
+                )
+            )
+        manifest = build_manifest(
+            job_id=self.id,
+            source=self.spec.source,
+            size=self.size,
+            etag=self.record.etag or "",
+            delimiter=self.spec.delimiter,
+            command=self.spec.command,
+            reduce=self.spec.reduce,
+            shards=shards,
+            result=result,
+            result_bytes=result_bytes,
+        )
+        where = await self.destination.put_manifest(manifest)
+        self.record = replace(self.record, manifest=where)
+
+    async def _discard_outputs(self) -> None:
+        """A failed or cancelled job leaves nothing that could pass for its output."""
+        if self.destination is not None:
+            try:
+                await self.destination.remove()
+            except ShardlineError as exc:
+                log.error("job %s: could not remove partial output at %s: %s", self.id, self.destination.url, exc)
+        shutil.rmtree(self.record.spool_dir, ignore_errors=True)
+
+    def _sweep_spool(self) -> None:
+        """Delete whatever stale attempts left in the spool: only committed
+        outputs (and the reduce result) are kept."""
+        keep = {shard.committed.output_path for shard in self.shards if shard.committed is not None}
+        keep.add(self.result_path or "")
+        with contextlib.suppress(OSError), os.scandir(self.record.spool_dir) as entries:
+            for entry in entries:
+                if entry.path not in keep:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def discard_spool(self) -> None:
+        shutil.rmtree(self.record.spool_dir, ignore_errors=True)
+
+    # -- reading the output ------------------------------------------------------------
+
+    async def output(self, *, consume: bool = False) -> AsyncIterator[OutputPiece]:
+        """The job's output in order, as it becomes available; raises at the
+        end unless the job succeeded.  `consume` deletes each shard's file once
+        the caller has taken it (a single reader that needs no replay)."""
+        if self.spec.reduce is not None:
+            async for piece in self._follow_result():
+                yield piece
+        elif self.spec.output is None:
+            for shard in self.shards:
+                await self._until(functools.partial(self._released_or_finished, shard.index))
+                if self.released <= shard.index:
+                    break
+                committed = shard.committed
+                assert committed is not None
+                if committed.output_bytes:
+                    yield OutputPiece(committed.output_path, 0, committed.output_bytes)
+                if consume:
+                    with contextlib.suppress(OSError):
+                        os.unlink(committed.output_path)
+        await self.finished.wait()
+        self._raise_unless_succeeded()
+
+    async def _follow_result(self) -> AsyncIterator[OutputPiece]:
+        """Follow the reduce command's output file while it grows."""
+        await self._until(lambda: self.result_path is not None or self.finished.is_set())
+        position = 0
+        while True:
+            complete = self.result_done or self.finished.is_set()
+            path = self.result_path
+            if path is None:
+                return
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                size = position
+            if size > position:
+                yield OutputPiece(path, position, size)
+                position = size
+            if complete:
+                return
+            await self._until(lambda: self.result_done or self.finished.is_set(), timeout_s=0.05)
+
+    def _raise_unless_succeeded(self) -> None:
+        if self.state is JobState.SUCCEEDED:
+            return
+        if self.state is JobState.CANCELLED:
+            raise JobCancelledError(self.error or f"job {self.id} was cancelled")
+        raise JobFailedError(self.error or f"job {self.id} failed")
+
+    # -- persistence ----------------------------------------------------------------------
+
+    async def _save_job(self) -> None:
+        self.record = replace(
+            self.record,
+            state=self.state,
+            updated_at=time.time(),
+            finished_at=self.finished_at,
+            error=self.error,
+        )
+        await self.context.store.save_job(self.record)
+
+    async def _save_shard(self, shard: _Shard) -> None:
+        record = shard.record(self.id)
+        await self.context.store.save_shard(record)
+        shard.saved_next_attempt = max(shard.saved_next_attempt, record.next_attempt)
+
+    def _save_shard_soon(self, shard: _Shard) -> None:
+        self._spawn(self._save_shard(shard), f"saving shard {shard.index}")
+
+    def _spawn(self, coroutine: Any, what: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+
+        def finished(task: asyncio.Task[Any]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("job %s: %s failed: %s", self.id, what, task.exception())
+
+        task.add_done_callback(finished)
+        return task
 
 
 class _CoverageCheck:
@@ -266,7 +830,7 @@ class _CoverageCheck:
         self.size = size
         self.next_start = 0  # where the next non-empty shard must start
 
-    def admit(self, index: int, shard_start: int, shard_end: int, done: Done) -> None:
+    def admit(self, index: int, shard_start: int, shard_end: int, done: CommittedAttempt | Done) -> None:
         if not done.line_start:
             return  # no line starts here: emits nothing, covered by a predecessor
         start, end = done.emitted_start, done.emitted_end
@@ -283,165 +847,3 @@ class _CoverageCheck:
     def finish(self) -> None:
         if self.next_start != self.size:
             raise CoverageError(f"gap: bytes [{self.next_start}, {self.size}) at the end were emitted by no shard")
-
-
-async def run_job(
-    spec: JobSpec,
-    *,
-    aws: AwsSettings,
-    backend: Backend,
-    exchange: ExchangeServer,
-    out: BinaryIO,
-    settings: CoordinatorSettings = CoordinatorSettings(),
-    on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
-) -> JobReport:
-    """Run `spec` to completion, writing the ordered output to `out`.
-
-    `on_start` receives a function returning a JobProgress snapshot, for
-    progress displays.  Raises JobFailedError (naming the shard and cause) or
-    a ShardlineError about the input; never returns with unverified output.
-    """
-    async with open_source(spec.source, aws) as source:
-        info = await source.stat()
-    job_id = uuid.uuid4().hex[:16]
-    secret = new_job_secret()
-    spool = tempfile.mkdtemp(prefix=f"shardline-{job_id}-", dir=settings.spool_dir or choose_spool_dir(info.size))
-    host, port = exchange.address
-    tasks = [
-        ShardTask(
-            job_id=job_id,
-            shard=index,
-            shards=spec.shards,
-            attempt=0,
-            source=spec.source,
-            size=info.size,
-            etag=info.etag,
-            delimiter=spec.delimiter,
-            command=spec.command,
-            output_path=os.path.join(spool, f"shard-{index:05d}.attempt-0.out"),
-            exchange_host=settings.advertise_host or host,
-            exchange_port=port,
-            secret=secret,
-            markers_table=settings.markers_table,
-            max_line_bytes=spec.max_line_bytes,
-            part_size_bytes=spec.part_size_bytes,
-            max_in_flight_bytes=spec.max_in_flight_bytes,
-            aws=aws.to_dict(),
-        )
-        for index in range(spec.shards)
-    ]
-    job = _Job(job_id=job_id, spec=spec, info=info, tasks=tasks)
-    exchange.register(job_id, secret, job)
-    log.info("job %s: %s, %d bytes, etag %s, %d shards", job_id, spec.source, info.size, info.etag, spec.shards)
-    if on_start is not None:
-        on_start(job.progress)
-    runners: list[asyncio.Task[None]] = []
-    try:
-        job.state = next_job_state(job.state, JobEvent.START)
-        runners = [asyncio.create_task(_run_attempt(job, shard, backend)) for shard in job.shards]
-        output_bytes = await _write_in_order(job, out)
-        job.state = next_job_state(job.state, JobEvent.SUCCEED)
-    except ShardlineError as exc:
-        job.state = next_job_state(job.state, JobEvent.FAIL)
-        if isinstance(exc, (ShardFailedError, CoverageError)):
-            raise JobFailedError(f"job {job_id} failed: {exc}") from exc
-        raise
-    finally:
-        for runner in runners:
-            runner.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
-        exchange.unregister(job_id)
-        shutil.rmtree(spool, ignore_errors=True)
-    return JobReport(
-        job_id=job_id,
-        size=info.size,
-        etag=info.etag,
-        shards=tuple(
-            ShardReport(
-                index=shard.task.shard,
-                attempt=shard.task.attempt,
-                emitted=(shard.done.emitted_start, shard.done.emitted_end),
-                bytes=shard.done.bytes,
-                checksum=shard.done.checksum,
-                output_bytes=shard.done.output_bytes,
-                tail_sources=tuple(shard.done.tail_sources),
-            )
-            for shard in job.shards
-            if shard.done is not None
-        ),
-        output_bytes=output_bytes,
-        elapsed_s=time.monotonic() - job.started,
-    )
-
-
-async def _run_attempt(job: _Job, shard: _Shard, backend: Backend) -> None:
-    shard.move(ShardEvent.LAUNCH)
-    try:
-        exit_ = await backend.run(shard.task)
-    except Exception as exc:  # a backend that cannot run the attempt at all
-        log.exception("job %s shard %d: backend %s failed", job.id, shard.task.shard, backend.name)
-        shard.fail(f"backend {backend.name} could not run the worker: {type(exc).__name__}: {exc}")
-        return
-    if shard.state in (ShardState.STARTING, ShardState.RUNNING):
-        # The runtime ended without a committed result (crash, kill, refused
-        # report); an exit of 0 here still means the result never arrived.
-        shard.fail(f"{exit_.detail} before its result was committed")
-
-
-async def _write_in_order(job: _Job, out: BinaryIO) -> int:
-    coverage = _CoverageCheck(job.info.size)
-    written = 0
-    for shard in job.shards:
-        await _wait_settled(job, shard)
-        assert shard.done is not None
-        shard_range = shard.task.range
-        coverage.admit(shard_range.index, shard_range.start, shard_range.end, shard.done)
-        written += await asyncio.to_thread(_copy_file, shard.task.output_path, out)
-        with contextlib.suppress(OSError):
-            os.unlink(shard.task.output_path)
-    coverage.finish()
-    return written
-
-
-async def _wait_settled(job: _Job, shard: _Shard) -> None:
-    """Wait for `shard`, failing early if any other shard fails meanwhile."""
-    if not shard.settled.is_set():
-        waiters = [asyncio.ensure_future(shard.settled.wait()), asyncio.ensure_future(job.any_failed.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-    if shard.state is not ShardState.DONE:
-        failed = next(s for s in job.shards if s.state is ShardState.FAILED)
-        raise ShardFailedError(failed.task.shard, failed.failure or "unknown failure")
-
-
-def _copy_file(path: str, out: BinaryIO) -> int:
-    """Copy a shard's output to `out`; sendfile when both ends allow it."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        out.flush()
-        try:
-            out_fd = out.fileno()
-        except (AttributeError, OSError, ValueError):
-            out_fd = None
-        if out_fd is not None:
-            sent = 0
-            try:
-                while sent < size:
-                    n = os.sendfile(out_fd, f.fileno(), sent, size - sent)
-                    if n == 0:
-                        break
-                    sent += n
-                if sent == size:
-                    return size
-            except OSError as exc:
-                if exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
-                    raise
-            f.seek(sent)
-            shutil.copyfileobj(f, out, _COPY_BYTES)
-            out.flush()
-            return size
-        shutil.copyfileobj(f, out, _COPY_BYTES)
-        return size

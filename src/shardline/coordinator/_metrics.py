@@ -57,8 +57,6 @@ class CoordinatorMetrics:
     fenced_writes: int = 0
     bytes_emitted: int = 0
     output_bytes: int = 0
-    #: Time a worker's WANT waited at the exchange for its neighbour's HEAD.
-    handshake_wait_s: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_WAIT_BUCKETS_S))
 
 
 def render_prometheus(
@@ -67,6 +65,7 @@ def render_prometheus(
     jobs_by_state: Mapping[str, int],
     shards_by_state: Mapping[str, int],
     rejected_connections: int,
+    handshake_wait_s: Histogram,
 ) -> str:
     lines: list[str] = []
 
@@ -77,31 +76,51 @@ def render_prometheus(
             lines.append(f"{name}{labels} {_number(value)}")
 
     family("shardline_jobs", "gauge", "Jobs known to this coordinator, by state.", _by("state", jobs_by_state))
+    family("shardline_shards", "gauge", "Shards of known jobs, by state.", _by("state", shards_by_state))
     family(
-        "shardline_shards", "gauge", "Shards of known jobs, by state.", _by("state", shards_by_state)
+        "shardline_retries_total",
+        "counter",
+        "Shard attempts launched after the first, by reason.",
+        _by("reason", metrics.retries),
     )
-    family("shardline_retries_total", "counter", "Shard attempts launched after the first, by reason.",
-           _by("reason", metrics.retries))
-    family("shardline_deadline_misses_total", "counter", "Shard attempts that missed a deadline, by kind.",
-           _by("kind", metrics.deadline_misses))
-    family("shardline_boundary_path_total", "counter",
-           "Neighbour head fragments completed by each path (pushed over TCP, marker + exact GET, own scan).",
-           _by("path", metrics.tail_sources))
-    family("shardline_fenced_writes_total", "counter", "Writes refused because their attempt was stale.",
-           [("", metrics.fenced_writes)])
-    family("shardline_bytes_emitted_total", "counter", "Input bytes emitted by committed shards.",
-           [("", metrics.bytes_emitted)])
-    family("shardline_output_bytes_total", "counter", "Output bytes of committed shards.",
-           [("", metrics.output_bytes)])
-    family("shardline_exchange_rejected_connections_total", "counter",
-           "Exchange connections dropped for protocol or authentication errors.", [("", rejected_connections)])
+    family(
+        "shardline_deadline_misses_total",
+        "counter",
+        "Shard attempts that missed a deadline, by kind.",
+        _by("kind", metrics.deadline_misses),
+    )
+    family(
+        "shardline_boundary_path_total",
+        "counter",
+        "Neighbour head fragments completed by each path (pushed over TCP, marker + exact GET, own scan).",
+        _by("path", metrics.tail_sources),
+    )
+    family(
+        "shardline_fenced_writes_total",
+        "counter",
+        "Writes refused because their attempt was stale.",
+        [("", metrics.fenced_writes)],
+    )
+    family(
+        "shardline_bytes_emitted_total",
+        "counter",
+        "Input bytes emitted by committed shards.",
+        [("", metrics.bytes_emitted)],
+    )
+    family("shardline_output_bytes_total", "counter", "Output bytes of committed shards.", [("", metrics.output_bytes)])
+    family(
+        "shardline_exchange_rejected_connections_total",
+        "counter",
+        "Exchange connections dropped for protocol or authentication errors.",
+        [("", rejected_connections)],
+    )
     name = "shardline_handshake_wait_seconds"
     lines.append(f"# HELP {name} Time a worker's request for its neighbour's head fragment waited at the exchange.")
     lines.append(f"# TYPE {name} histogram")
-    for bound, count in metrics.handshake_wait_s.cumulative():
+    for bound, count in handshake_wait_s.cumulative():
         lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
-    lines.append(f"{name}_sum {_number(metrics.handshake_wait_s.total)}")
-    lines.append(f"{name}_count {metrics.handshake_wait_s.count}")
+    lines.append(f"{name}_sum {_number(handshake_wait_s.total)}")
+    lines.append(f"{name}_count {handshake_wait_s.count}")
     return "\n".join(lines) + "\n"
 
 

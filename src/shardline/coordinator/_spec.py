@@ -37,7 +37,9 @@ class ShardTimeouts:
         for name in ("start_s", "heartbeat_s", "total_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigurationError(f"field 'timeouts.{name}': must be a positive number of seconds, got {value!r}")
+                raise ConfigurationError(
+                    f"field 'timeouts.{name}': must be a positive number of seconds, got {value!r}"
+                )
 
     def to_dict(self) -> dict[str, float]:
         return {"start_s": self.start_s, "heartbeat_s": self.heartbeat_s, "total_s": self.total_s}
@@ -141,7 +143,7 @@ _FIELDS = frozenset(JobSpec.__dataclass_fields__)
 def _delimiter(value: Any) -> bytes:
     if not isinstance(value, str) or len(value) != 1 or ord(value) > 0xFF:
         raise ConfigurationError(
-            f"field 'delimiter': must be one character standing for one byte (e.g. \"\\n\" or \"\\u0000\"), got {value!r}"
+            f'field \'delimiter\': must be one character standing for one byte (e.g. "\\n" or "\\u0000"), got {value!r}'
         )
     return bytes([ord(value)])
 

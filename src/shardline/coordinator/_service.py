@@ -1,0 +1,472 @@
+# The coordinator service: many jobs, one exchange, one store.
+#
+# `Coordinator` is what `shardline serve` exposes over HTTP and what
+# `shardline run` drives in-process.  It accepts jobs (statting the object
+# once: size and ETag pin every later read), persists them before any worker
+# starts, resumes unfinished ones after a restart, keeps finished jobs'
+# outputs for `retain_s`, and drains on shutdown.  Each job's life is in
+# `_job.Job`.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..aws import AwsSettings, client
+from ..errors import (
+    ConfigurationError,
+    JobNotFoundError,
+    NotAcceptingJobsError,
+)
+from ..protocol import JobState, ShardState, new_job_secret
+from ..sources import open_source
+from ._backends import Backend
+from ._exchange import ExchangeServer
+from ._job import CoordinatorSettings, Job, JobContext, OutputPiece
+from ._metrics import CoordinatorMetrics, render_prometheus
+from ._outputs import Destination, open_destination
+from ._spec import JobSpec, JobView
+from ._store import JobRecord, JobStore, MemoryJobStore, ShardRecord
+
+__all__ = [
+    "Coordinator",
+    "JobProgress",
+    "JobReport",
+    "ShardReport",
+    "choose_spool_dir",
+    "run_job",
+]
+
+log = logging.getLogger("shardline.coordinator")
+
+#: Memory-backed and usually mounted; writing there skips disk writeback,
+#: which costs more than the download itself on slow disks.
+_MEMORY_SPOOL = "/dev/shm"
+_SPOOL_HEADROOM_BYTES = 256 * 1024 * 1024
+
+
+def choose_spool_dir(object_size: int) -> str:
+    """tmpfs when it can hold twice the object (outputs rarely outgrow their
+    input by more), else the system temp dir."""
+    try:
+        stat = os.statvfs(_MEMORY_SPOOL)
+    except OSError:
+        return tempfile.gettempdir()
+    free = stat.f_bavail * stat.f_frsize
+    if os.access(_MEMORY_SPOOL, os.W_OK) and free >= 2 * object_size + _SPOOL_HEADROOM_BYTES:
+        return _MEMORY_SPOOL
+    return tempfile.gettempdir()
+
+
+class Coordinator:
+    """Accepts jobs and runs them to verified output.  Use as an async context manager.
+
+    The first of `backends` is the default; a job's `spec.backend` picks
+    another by name.  The caller owns the backends and the exchange.
+    """
+
+    def __init__(
+        self,
+        *,
+        aws: AwsSettings,
+        backends: Mapping[str, Backend],
+        store: JobStore,
+        exchange: ExchangeServer,
+        settings: CoordinatorSettings = CoordinatorSettings(),
+    ) -> None:
+        if not backends:
+            raise ConfigurationError("the coordinator needs at least one backend")
+        self.aws = aws
+        self.backends = dict(backends)
+        self.store = store
+        self.exchange = exchange
+        self.settings = settings
+        self.metrics = CoordinatorMetrics()
+        self.accepting = True
+        self._jobs: dict[str, Job] = {}
+        self._stack = AsyncExitStack()
+        self._context: JobContext | None = None
+        self._janitor: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Coordinator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        dynamodb = await self._stack.enter_async_context(client(self.aws, "dynamodb"))
+        self._context = JobContext(
+            aws=self.aws,
+            store=self.store,
+            settings=self.settings,
+            metrics=self.metrics,
+            exchange_address=self.exchange.address,
+            dynamodb=dynamodb,
+        )
+        self._janitor = asyncio.create_task(self._expire_finished_jobs(), name="coordinator-janitor")
+
+    async def aclose(self) -> None:
+        """Stop every running job's workers, leaving the jobs resumable."""
+        self.accepting = False
+        if self._janitor is not None:
+            self._janitor.cancel()
+            await asyncio.gather(self._janitor, return_exceptions=True)
+        await asyncio.gather(*(job.suspend() for job in self._jobs.values()))
+        for job in self._jobs.values():
+            self.exchange.unregister(job.id)
+            if job.destination is not None:
+                await job.destination.aclose()
+        await self._stack.aclose()
+
+    @property
+    def context(self) -> JobContext:
+        assert self._context is not None, "start() first"
+        return self._context
+
+    # -- jobs ---------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> JobView:
+        """Accept `spec` and start it; errors about the request name the field."""
+        if not self.accepting:
+            raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
+        backend = self._backend(spec.backend)
+        async with open_source(spec.source, self.aws) as source:
+            info = await source.stat()
+        destination = await self._destination(spec)
+        job_id = uuid.uuid4().hex[:16]
+        root = self.settings.spool_dir or choose_spool_dir(info.size)
+        os.makedirs(root, exist_ok=True)
+        now = time.time()
+        record = JobRecord(
+            job_id=job_id,
+            spec=spec,
+            state=JobState.PENDING,
+            created_at=now,
+            updated_at=now,
+            finished_at=None,
+            size=info.size,
+            etag=info.etag,
+            secret=new_job_secret(),
+            spool_dir=tempfile.mkdtemp(prefix=f"shardline-{job_id}-", dir=root),
+        )
+        shards = [
+            ShardRecord(job_id=job_id, index=index, state=ShardState.PENDING, next_attempt=1)
+            for index in range(spec.shards)
+        ]
+        await self.store.create_job(record, shards)
+        job = Job(
+            record=record, shards=shards, backend=backend, destination=destination, context=self.context, fresh=True
+        )
+        self._start(job)
+        log.info("job %s: %s, %d bytes, etag %s, %d shards", job_id, spec.source, info.size, info.etag, spec.shards)
+        return job.view()
+
+    async def resume(self) -> list[str]:
+        """Load every job the store knows; resume the unfinished ones.  Returns their ids."""
+        resumed = []
+        for summary in await self.store.list_jobs():
+            if summary.job_id in self._jobs:
+                continue
+            loaded = await self.store.load_job(summary.job_id)
+            if loaded is None:
+                continue
+            record, shards = loaded
+            shards = [self._check_kept_output(record, shard) for shard in shards]
+            try:
+                backend = self._backend(record.spec.backend)
+                destination = await self._destination(record.spec) if not record.state.is_final else None
+            except ConfigurationError as exc:
+                log.error("job %s cannot be resumed: %s", record.job_id, exc)
+                continue
+            job = Job(
+                record=record,
+                shards=shards,
+                backend=backend,
+                destination=destination,
+                context=self.context,
+                fresh=False,
+            )
+            self._jobs[job.id] = job
+            if not record.state.is_final:
+                os.makedirs(record.spool_dir, exist_ok=True)
+                self._start(job)
+                resumed.append(job.id)
+                done = sum(shard.state is ShardState.DONE for shard in shards)
+                log.info("job %s resumed: %d of %d shards already committed", job.id, done, len(shards))
+        return resumed
+
+    def _check_kept_output(self, record: JobRecord, shard: ShardRecord) -> ShardRecord:
+        """A committed shard whose output file is gone (e.g. the spool did not
+        survive a reboot) must run again."""
+        committed = shard.committed
+        if committed is None or record.state.is_final:
+            return shard
+        try:
+            intact = os.path.getsize(committed.output_path) == committed.output_bytes
+        except OSError:
+            intact = False
+        if intact:
+            return shard
+        log.warning(
+            "job %s shard %d: committed output %s is gone; running it again",
+            record.job_id,
+            shard.index,
+            committed.output_path,
+        )
+        return ShardRecord(
+            job_id=shard.job_id,
+            index=shard.index,
+            state=ShardState.PENDING,
+            next_attempt=shard.next_attempt,
+            retries=shard.retries,
+        )
+
+    def _start(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        self.exchange.register(job.id, job.record.secret, job)
+        job.start()
+
+    def _backend(self, name: str | None) -> Backend:
+        if name is None:
+            return next(iter(self.backends.values()))
+        try:
+            return self.backends[name]
+        except KeyError:
+            known = ", ".join(self.backends)
+            raise ConfigurationError(
+                f"field 'backend': unknown backend {name!r} (this coordinator has: {known})"
+            ) from None
+
+    async def _destination(self, spec: JobSpec) -> Destination | None:
+        if spec.output is None:
+            return None
+        destination = open_destination(spec.output, self.aws)
+        await destination.check()
+        return destination
+
+    def _job(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobNotFoundError(f"no job {job_id!r}") from None
+
+    def view(self, job_id: str) -> JobView:
+        return self._job(job_id).view()
+
+    def views(self) -> list[JobView]:
+        jobs = sorted(self._jobs.values(), key=lambda job: job.record.created_at, reverse=True)
+        return [job.view() for job in jobs]
+
+    async def cancel(self, job_id: str) -> JobView:
+        job = self._job(job_id)
+        await job.cancel()
+        return job.view()
+
+    async def wait(self, job_id: str) -> JobView:
+        job = self._job(job_id)
+        await job.finished.wait()
+        return job.view()
+
+    async def output(self, job_id: str, *, consume: bool = False) -> AsyncIterator[OutputPiece]:
+        """The job's ordered output (or reduce result) as it is produced.
+
+        Raises JobNotFoundError at once, and JobFailedError or
+        JobCancelledError after the last piece unless the job succeeded.
+        """
+        job = self._job(job_id)
+        async for piece in job.output(consume=consume):
+            yield piece
+
+    # -- operations -------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        jobs = Counter(job.state.value for job in self._jobs.values())
+        shards = Counter(shard.state.value for job in self._jobs.values() for shard in job.shards)
+        return render_prometheus(
+            self.metrics,
+            jobs_by_state={state.value: jobs.get(state.value, 0) for state in JobState},
+            shards_by_state={state.value: shards.get(state.value, 0) for state in ShardState},
+            rejected_connections=self.exchange.rejected_connections,
+            handshake_wait_s=self.exchange.handshake_wait_s,
+        )
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new jobs; give running ones `timeout_s` to finish, then stop
+        their workers and leave them to be resumed by the next start."""
+        self.accepting = False
+        running = [job.finished.wait() for job in self._jobs.values() if not job.finished.is_set()]
+        if running:
+            log.info("draining: waiting up to %.0fs for %d running job(s)", timeout_s, len(running))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*running), timeout_s)
+        await asyncio.gather(*(job.suspend() for job in self._jobs.values()))
+
+    async def _expire_finished_jobs(self) -> None:
+        interval_s = min(60.0, max(self.settings.retain_s / 4, 0.05))
+        while True:
+            await asyncio.sleep(interval_s)
+            now = time.time()
+            for job in list(self._jobs.values()):
+                if job.finished_at is not None and now - job.finished_at > self.settings.retain_s:
+                    self.forget(job.id)
+                    with contextlib.suppress(Exception):
+                        await self.store.delete_job(job.id)
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job and its kept output."""
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self.exchange.unregister(job_id)
+            job.discard_spool()
+
+
+# -- one job in-process: `shardline run` and tests ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardReport:
+    index: int
+    attempt: int
+    emitted: tuple[int, int]
+    bytes: int
+    checksum: str
+    output_bytes: int
+    tail_sources: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobReport:
+    job_id: str
+    size: int
+    etag: str
+    shards: tuple[ShardReport, ...]
+    output_bytes: int
+    elapsed_s: float
+    retries: int
+
+    @property
+    def tail_source_counts(self) -> dict[str, int]:
+        return dict(Counter(source for shard in self.shards for source in shard.tail_sources))
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """A snapshot for progress displays."""
+
+    shards: int
+    shards_done: int
+    bytes_emitted: int
+    size: int
+    elapsed_s: float
+
+
+async def run_job(
+    spec: JobSpec,
+    *,
+    aws: AwsSettings,
+    backend: Backend,
+    exchange: ExchangeServer,
+    out: BinaryIO,
+    settings: CoordinatorSettings = CoordinatorSettings(),
+    on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
+) -> JobReport:
+    """Run one job with an in-process coordinator, writing its ordered output to `out`.
+
+    `on_start` receives a function returning a JobProgress snapshot.  Raises
+    JobFailedError (naming the shard and cause) or a ShardlineError about the
+    input; never returns with unverified output.
+    """
+    started = time.monotonic()
+    async with Coordinator(
+        aws=aws, backends={backend.name: backend}, store=MemoryJobStore(), exchange=exchange, settings=settings
+    ) as coordinator:
+        view = await coordinator.submit(spec)
+        job_id = view.id
+        if on_start is not None:
+
+            def progress() -> JobProgress:
+                current = coordinator.view(job_id)
+                return JobProgress(
+                    shards=len(current.shards),
+                    shards_done=current.shards_done,
+                    bytes_emitted=current.bytes_emitted,
+                    size=current.size or 0,
+                    elapsed_s=time.monotonic() - started,
+                )
+
+            on_start(progress)
+        written = 0
+        try:
+            async for piece in coordinator.output(job_id, consume=True):
+                written += await asyncio.to_thread(copy_piece, piece, out)
+            final = coordinator.view(job_id)
+            committed = [shard.committed for shard in coordinator._job(job_id).shards]
+        finally:
+            await coordinator.cancel(job_id)  # no-op once finished; stops workers on error
+            coordinator.forget(job_id)
+    return JobReport(
+        job_id=job_id,
+        size=final.size or 0,
+        etag=final.etag or "",
+        shards=tuple(
+            ShardReport(
+                index=index,
+                attempt=c.attempt,
+                emitted=(c.emitted_start, c.emitted_end),
+                bytes=c.bytes,
+                checksum=c.checksum,
+                output_bytes=c.output_bytes,
+                tail_sources=c.tail_sources,
+            )
+            for index, c in enumerate(committed)
+            if c is not None
+        ),
+        output_bytes=written,
+        elapsed_s=time.monotonic() - started,
+        retries=final.retries,
+    )
+
+
+_COPY_BYTES = 1024 * 1024
+
+
+def copy_piece(piece: OutputPiece, out: BinaryIO) -> int:
+    """Copy one output piece to `out`; sendfile when both ends allow it."""
+    with open(piece.path, "rb") as f:
+        out.flush()
+        try:
+            out_fd: int | None = out.fileno()
+        except (AttributeError, OSError, ValueError):
+            out_fd = None
+        position = piece.start
+        if out_fd is not None:
+            try:
+                while position < piece.end:
+                    sent = os.sendfile(out_fd, f.fileno(), position, piece.end - position)
+                    if sent == 0:
+                        break
+                    position += sent
+            except OSError as exc:
+                if exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+                    raise
+        f.seek(position)
+        while position < piece.end:
+            chunk = f.read(min(_COPY_BYTES, piece.end - position))
+            if not chunk:
+                raise OSError(f"{piece.path} is shorter than expected ({position} < {piece.end} bytes)")
+            out.write(chunk)
+            position += len(chunk)
+        out.flush()
+    return piece.end - piece.start

@@ -1,0 +1,297 @@
+"""Deadlines, retries, fencing, speculation, cancel and resume (DESIGN §5).
+
+Jobs run through the real Coordinator, exchange, DynamoDB markers and
+worker code against the moto server.  Failures come from real causes: a
+worker process killed with SIGKILL, a command that hangs or fails, an
+attempt whose runtime never starts (a backend that reports it started and
+then never runs it, as a Lambda stuck before its handler would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shardline.aws import AwsSettings, client
+from shardline.coordinator import (
+    Backend,
+    Coordinator,
+    CoordinatorSettings,
+    DynamoJobStore,
+    ExchangeServer,
+    JobSpec,
+    JobStore,
+    LocalProcessBackend,
+    MemoryJobStore,
+    ShardTimeouts,
+    WorkerExit,
+    ensure_jobs_table,
+    ensure_marker_table,
+)
+from shardline.embedded import InProcessBackend
+from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
+from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Error, ExchangeSession, Marker, ShardTask
+from shardline.worker import run_task
+from shardline.worker._markers import MarkerStore
+
+from jobs import sequential_reference
+
+DATA = b"".join(b"row %06d %s\n" % (i, b"x" * (i % 37)) for i in range(3000))
+FAST = CoordinatorSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.2, supervise_interval_s=0.05)
+
+
+def on(shard: int, attempt: int, then: str) -> str:
+    """A shell snippet that runs `then` only in the given shard attempt."""
+    return f'if [ "$SHARDLINE_SHARD" = {shard} ] && [ "$SHARDLINE_ATTEMPT" = {attempt} ]; then {then}; fi'
+
+
+class Scripted(Backend):
+    """A real backend, except that listed (shard, attempt)s are reported as
+    started and then never run, and `gated` ones wait for `gate`."""
+
+    def __init__(
+        self, inner: Backend, *, hang: set[tuple[int, int]] = frozenset(), gated: set[tuple[int, int]] = frozenset()
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.hang = set(hang)
+        self.gated = set(gated)
+        self.gate = asyncio.Event()
+        self.tasks: list[ShardTask] = []
+
+    async def run(self, task: ShardTask, *, on_started) -> WorkerExit:
+        self.tasks.append(task)
+        if (task.shard, task.attempt) in self.hang:
+            on_started()
+            await asyncio.Event().wait()
+        if (task.shard, task.attempt) in self.gated:
+            await self.gate.wait()
+        return await self.inner.run(task, on_started=on_started)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@contextlib.asynccontextmanager
+async def coordinator(
+    aws: AwsSettings, backend: Backend, *, store: JobStore | None = None, settings: CoordinatorSettings = FAST
+) -> AsyncIterator[Coordinator]:
+    async with client(aws, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+    try:
+        async with (
+            ExchangeServer() as exchange,
+            Coordinator(
+                aws=aws,
+                backends={backend.name: backend},
+                store=store or MemoryJobStore(),
+                exchange=exchange,
+                settings=settings,
+            ) as service,
+        ):
+            yield service
+    finally:
+        await backend.aclose()
+
+
+async def collect(service: Coordinator, job_id: str) -> bytes:
+    out = bytearray()
+    async for piece in service.output(job_id):
+        with open(piece.path, "rb") as f:
+            f.seek(piece.start)
+            out += f.read(piece.end - piece.start)
+    return bytes(out)
+
+
+@pytest.fixture
+def source(tmp_path) -> str:
+    path = tmp_path / "input"
+    path.write_bytes(DATA)
+    return str(path)
+
+
+async def test_worker_process_killed_mid_stream_is_retried(source, aws_settings):
+    # The command kills its own worker process (SIGKILL) after taking some input.
+    command = on(1, 0, "head -c 5000 >/dev/null; kill -9 $PPID; exit 1") + "; cat"
+    async with coordinator(aws_settings, LocalProcessBackend(max_processes=2)) as service:
+        view = await service.submit(JobSpec(source=source, shards=4, command=command))
+        assert await collect(service, view.id) == DATA
+        view = service.view(view.id)
+    assert view.state.value == "succeeded"
+    assert [shard.attempt for shard in view.shards] == [0, 1, 0, 0]
+    assert view.retries == 1
+
+
+async def test_worker_that_never_connects_hits_the_start_deadline(source, aws_settings):
+    backend = Scripted(InProcessBackend(), hang={(1, 0)})
+    spec = JobSpec(source=source, shards=3, timeouts=ShardTimeouts(start_s=1.0))
+    async with coordinator(aws_settings, backend) as service:
+        view = await service.submit(spec)
+        assert await collect(service, view.id) == DATA
+        view = service.view(view.id)
+        assert service.metrics.deadline_misses["start"] == 1
+        assert service.metrics.retries["start"] == 1
+    assert [shard.attempt for shard in view.shards] == [0, 1, 0]
+
+
+async def test_hung_command_hits_the_total_deadline(source, aws_settings):
+    command = on(2, 0, "sleep 600") + "; cat"
+    spec = JobSpec(source=source, shards=3, command=command, timeouts=ShardTimeouts(total_s=5.0))
+    async with coordinator(aws_settings, InProcessBackend()) as service:
+        view = await service.submit(spec)
+        assert await collect(service, view.id) == DATA
+        assert service.metrics.deadline_misses["total"] == 1
+        assert service.view(view.id).shards[2].attempt == 1
+
+
+async def test_stale_attempt_writes_are_rejected(source, aws_settings):
+    # Attempt 0 of shard 1 never starts; after its start deadline attempt 1
+    # is launched (held at a gate while we act as the stale attempt 0).
+    backend = Scripted(InProcessBackend(), hang={(1, 0)}, gated={(1, 1)})
+    spec = JobSpec(source=source, shards=3, timeouts=ShardTimeouts(start_s=0.5))
+    async with coordinator(aws_settings, backend) as service:
+        view = await service.submit(spec)
+        while not any((t.shard, t.attempt) == (1, 1) for t in backend.tasks):
+            await asyncio.sleep(0.02)
+        stale = next(t for t in backend.tasks if (t.shard, t.attempt) == (1, 0))
+
+        # The exchange refuses the stale attempt's session.
+        session = ExchangeSession.client(job_id=stale.job_id, shard=1, attempt=0, secret=stale.secret)
+        reader, writer = await asyncio.open_connection(*service.exchange.address)
+        writer.write(session.send(session.hello))
+        session.receive_data(await asyncio.wait_for(reader.read(), 15))
+        writer.close()
+        session.receive_data(b"")
+        frames = [session.next_frame(), session.next_frame()]
+        assert isinstance(frames[1], Error) and "not current" in frames[1].message
+
+        # Its marker write is fenced off once the coordinator raised the fence.
+        async with client(aws_settings, "dynamodb") as dynamodb:
+            markers = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+            boundary = Boundary(start=stale.range.start, head_end=stale.range.start, line_start=True)
+            marker = Marker(job_id=stale.job_id, shard=1, attempt=0, boundary=boundary, etag=stale.etag)
+            for _ in range(200):
+                try:
+                    await markers.publish(marker)
+                except StaleAttemptError as exc:
+                    assert "attempt 0" in str(exc)
+                    break
+                await asyncio.sleep(0.05)  # the fence is raised in the background
+            else:
+                pytest.fail("the stale marker write was never fenced")
+
+        # The stale worker itself, run for real, is stopped and commits nothing.
+        with pytest.raises(StaleAttemptError):
+            await run_task(stale)
+
+        backend.gate.set()
+        assert await collect(service, view.id) == DATA
+        view = service.view(view.id)
+        assert service.metrics.fenced_writes >= 1
+    assert view.shards[1].attempt == 1
+    assert not os.path.exists(stale.output_path)
+
+
+async def test_straggler_gets_a_speculative_attempt_and_the_first_commit_wins(source, aws_settings):
+    command = on(2, 0, "sleep 600") + "; cat"
+    settings = CoordinatorSettings(
+        retry_backoff_s=0.05,
+        speculate_after_fraction=0.5,
+        speculate_slowdown=1.0,
+        speculate_min_s=1.0,
+        supervise_interval_s=0.05,
+    )
+    async with coordinator(aws_settings, InProcessBackend(), settings=settings) as service:
+        view = await service.submit(JobSpec(source=source, shards=4, command=command))
+        assert await collect(service, view.id) == DATA
+        view = service.view(view.id)
+        assert service.metrics.retries["speculative"] == 1
+    assert view.shards[2].attempt == 1
+    assert view.retries == 1
+
+
+async def test_command_failing_on_every_attempt_fails_the_job_naming_shard_and_stderr(source, aws_settings):
+    command = 'if [ "$SHARDLINE_SHARD" = 1 ]; then echo "boom: disk on fire" >&2; exit 3; fi; cat'
+    spec = JobSpec(source=source, shards=3, command=command, max_attempts=2)
+    async with coordinator(aws_settings, InProcessBackend()) as service:
+        view = await service.submit(spec)
+        with pytest.raises(JobFailedError) as info:
+            await collect(service, view.id)
+        view = service.view(view.id)
+    message = str(info.value)
+    assert "shard 1 failed" in message and "status 3" in message and "boom: disk on fire" in message
+    assert "(2 attempts)" in message
+    assert view.state.value == "failed" and view.error == message
+
+
+async def test_input_errors_are_not_retried(tmp_path, aws_settings):
+    path = tmp_path / "input"
+    path.write_bytes(b"short\n" + b"y" * 5000 + b"\nshort\n")
+    spec = JobSpec(source=str(path), shards=2, max_line_bytes=100)
+    async with coordinator(aws_settings, InProcessBackend()) as service:
+        view = await service.submit(spec)
+        with pytest.raises(JobFailedError, match="longer than max_line_bytes=100"):
+            await collect(service, view.id)
+        assert service.view(view.id).retries == 0
+
+
+async def test_cancel_stops_workers_and_removes_outputs(source, aws_settings, tmp_path):
+    marker = tmp_path / "still-running"
+    command = f"touch {marker}; sleep 600; rm {marker}"
+    async with coordinator(aws_settings, LocalProcessBackend(max_processes=2)) as service:
+        view = await service.submit(JobSpec(source=source, shards=2, command=command))
+        while not marker.exists():
+            await asyncio.sleep(0.05)
+        spool = service._jobs[view.id].record.spool_dir
+        cancelled = await service.cancel(view.id)
+        assert cancelled.state.value == "cancelled"
+        with pytest.raises(JobCancelledError):
+            await collect(service, view.id)
+    assert not os.path.exists(spool)
+    assert all(shard.state.value in ("cancelled", "done") for shard in cancelled.shards)
+
+
+async def test_resume_after_the_coordinator_stops_keeps_committed_shards(source, aws_settings, tmp_path):
+    runs = tmp_path / "runs.log"
+    # Shard 3's first attempt hangs, so the coordinator stops mid-job.
+    command = f'echo "$SHARDLINE_SHARD $SHARDLINE_ATTEMPT" >> {runs}; ' + on(3, 0, "sleep 600") + "; cat"
+    settings = CoordinatorSettings(spool_dir=str(tmp_path / "spool"), retry_backoff_s=0.05, supervise_interval_s=0.05)
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_jobs_table(dynamodb, "resume-jobs")
+        store = DynamoJobStore(dynamodb, "resume-jobs")
+        async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as first:
+            view = await first.submit(JobSpec(source=source, shards=4, command=command))
+            while first.view(view.id).shards_done < 3:
+                await asyncio.sleep(0.05)
+        # `first` is gone without finishing the job; a new coordinator resumes it.
+        async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as second:
+            assert await second.resume() == [view.id]
+            assert await collect(second, view.id) == sequential_reference(DATA, "cat")
+            resumed = second.view(view.id)
+    assert resumed.state.value == "succeeded"
+    assert [shard.attempt for shard in resumed.shards][:3] == [0, 0, 0]
+    assert resumed.shards[3].attempt >= 1
+    lines = runs.read_text().split("\n")
+    assert sorted(line for line in lines if line and line.split()[0] != "3") == ["0 0", "1 0", "2 0"]
+
+
+async def test_reduce_and_output_directory(source, aws_settings, tmp_path):
+    destination = tmp_path / "out"
+    spec = JobSpec(
+        source=source, shards=4, command="wc -l", reduce="awk '{s+=$1} END {print s}'", output=str(destination)
+    )
+    async with coordinator(aws_settings, InProcessBackend()) as service:
+        view = await service.submit(spec)
+        result = await collect(service, view.id)
+    assert result == b"%d\n" % DATA.count(b"\n")
+    manifest = json.loads((destination / "_manifest.json").read_text())
+    assert [shard["index"] for shard in manifest["shards"]] == [0, 1, 2, 3]
+    counts = [int(Path(shard["part"]).read_text()) for shard in manifest["shards"]]
+    assert sum(counts) == DATA.count(b"\n")
+    assert (destination / "result").read_bytes() == result
