@@ -26,7 +26,7 @@ from shardline.sources import LocalFileSource
 from corpus import CORPUS
 from jobs import sequential_reference
 from reference import reference_split
-from servers import Endpoint, SeaweedServer
+from servers import Endpoint, SeaweedServer, free_ports
 
 SHARDLINE = [sys.executable, "-m", "shardline"]
 SED = "s/^/>/"
@@ -259,3 +259,24 @@ def test_worker_command_runs_one_shard_by_hand(tmp_path, home, moto: Endpoint, a
     assert (tmp_path / "out").read_bytes() == reference_split(data, 3, b"\n")[1]
     bad = shardline("worker", "--task", str(path), env=env)
     assert bad.returncode == 2 and "invalid shard task" in _one_line_error(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "{file}", "--coordinator", "ftp://host/"], "must start with http:// or https://"),
+        (["run", "{file}", "--coordinator", "http://127.0.0.1:{port}"], "cannot reach the coordinator"),
+        (["status", "--coordinator", "http://127.0.0.1:{port}"], "cannot reach the coordinator"),
+        (["cancel", "some-id"], "needs a coordinator"),
+        (["serve", "--port", "70000"], "must be 0..65535"),
+        (["serve", "--drain-timeout", "0"], "must be > 0"),
+    ],
+)
+def test_client_and_serve_usage_errors(tmp_path, home, args, message):
+    file = tmp_path / "input"
+    file.write_bytes(b"hello\n")
+    (port,) = free_ports(1)  # nothing listens there
+    result = shardline(*[a.format(file=file, port=port) for a in args], env=clean_env(home))
+    assert result.returncode == 2
+    assert message in _one_line_error(result)
+    assert result.stdout == b""

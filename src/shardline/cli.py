@@ -1,10 +1,11 @@
 """The ``shardline`` command line: a thin layer that builds settings and calls in.
 
 Everything environment-dependent is decided here, once: whether to run with
-an embedded DynamoDB endpoint, the event loop, logging.  Exit status: 0 on
-success, 1 when the job or input fails, 2 for usage and configuration
-errors, 130 on interrupt, 141 when stdout is closed early, 143 on SIGTERM
-(the job is cancelled and its workers stopped first).
+an embedded DynamoDB endpoint or against a coordinator daemon, the event
+loop, logging.  Exit status: 0 on success, 1 when the job or input fails, 2
+for usage and configuration errors, 130 on interrupt, 141 when stdout is
+closed early, 143 on SIGTERM (the job is cancelled and its workers stopped
+first, on the coordinator too).
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .aws import AwsSettings, aws_configured
 from .errors import ConfigurationError, ShardlineError
 from .protocol import DEFAULT_MARKER_TABLE
+
+if TYPE_CHECKING:
+    from .client import CoordinatorClient
+    from .coordinator import JobSpec
 
 __all__ = ["main", "parse_delimiter"]
 
@@ -75,6 +81,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit status 2)."""
 
@@ -102,11 +128,16 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  shardline run access.log -n 8 -- grep -c ' 500 '\n"
         "  shardline run s3://bucket/big.jsonl -n 16 -- 'jq -c .user | sort -u'\n"
-        "  shardline run records.bin --delimiter '\\0' -n 4\n\n"
+        "  shardline run records.bin --delimiter '\\0' -n 4\n"
+        "  shardline run big.log -n 8 --reduce \"awk '{s+=$1} END {print s}'\" -- wc -l\n"
+        "  shardline run big.log -n 8 --reduce 'sort -m \"$@\"' -- sort\n"
+        "  shardline run s3://bucket/big.log --coordinator http://127.0.0.1:8080 -- sort\n\n"
         "With no AWS configuration in the environment, boundary markers go to an embedded "
         "DynamoDB-compatible endpoint started for the job; standard AWS configuration "
         "(credentials, AWS_REGION, AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL_DYNAMODB) "
-        "is honoured otherwise.",
+        "is honoured otherwise. With --coordinator (or SHARDLINE_COORDINATOR) the job runs on a "
+        "'shardline serve' daemon instead and its output is streamed back; a local SOURCE is then read "
+        "by the daemon, so it must be a path on the daemon's machine.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("source", metavar="SOURCE", help="s3://bucket/key or a local file path")
@@ -115,6 +146,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--delimiter", default="\\n", help="record delimiter: \\n (default), \\0, \\t, \\r, \\xHH or one character"
+    )
+    run.add_argument(
+        "--output",
+        metavar="DEST",
+        default=None,
+        help="write one part file per shard plus _manifest.json to DEST (s3://bucket/prefix/ or a local "
+        "directory) instead of stdout",
+    )
+    run.add_argument(
+        "--reduce",
+        metavar="CMD",
+        default=None,
+        help="shell command run once with the ordered shard outputs on its stdin (and their files as its "
+        "arguments, \"$@\"); its stdout is the result. E.g. per-shard 'wc -l' with --reduce "
+        "\"awk '{s+=$1} END {print s}'\", or per-shard 'sort' with --reduce 'sort -m \"$@\"'",
+    )
+    run.add_argument(
+        "--backend",
+        default=None,
+        help="where shards run on the coordinator, e.g. local or lambda (default: the coordinator's default)",
     )
     run.add_argument(
         "--max-line-bytes",
@@ -126,35 +177,123 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--parts-in-flight", type=_positive_int, default=4, help="ranged GETs in flight per worker (default: 4)"
     )
-    run.add_argument(
+    run.add_argument("--stats", action="store_true", help="print a JSON summary of the job to stderr at the end")
+    run.add_argument("--no-progress", action="store_true", help="no progress display, even on a terminal")
+    _add_coordinator(run, required=False)
+    local = run.add_argument_group("embedded runs (ignored with --coordinator)")
+    local.add_argument(
         "--markers",
         choices=("auto", "embedded", "aws"),
         default="auto",
         help="where boundary markers go: 'embedded' starts a local DynamoDB-compatible endpoint, 'aws' uses "
         "the configured DynamoDB, 'auto' (default) picks embedded when no AWS configuration is present",
     )
-    run.add_argument("--markers-table", default=DEFAULT_MARKER_TABLE, help="DynamoDB marker table (created if missing)")
-    run.add_argument(
+    local.add_argument(
+        "--markers-table", default=DEFAULT_MARKER_TABLE, help="DynamoDB marker table (created if missing)"
+    )
+    local.add_argument(
         "--workers",
         choices=("process", "inprocess"),
         default="process",
         help="run shards as local worker processes (default) or as tasks inside this process",
     )
-    run.add_argument(
+    local.add_argument(
         "--max-processes",
         type=_positive_int,
         default=None,
         help="shards running at once (default: 2 x CPUs processes, or 64 in-process tasks)",
     )
-    run.add_argument(
+    local.add_argument(
         "--spool-dir",
         default=None,
         help="where shard outputs wait for their turn (default: /dev/shm if it has room for twice the "
         "object, else the temp dir)",
     )
-    run.add_argument("--stats", action="store_true", help="print a JSON summary of the job to stderr at the end")
-    run.add_argument("--no-progress", action="store_true", help="no progress display, even on a terminal")
     _add_common(run)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the coordinator daemon (HTTP API + worker exchange)",
+        description="Serve the HTTP API (see /openapi.json) that accepts jobs, runs their shards as local "
+        "worker processes, and streams their outputs; plus the TCP exchange that workers connect to. Job "
+        "state lives in DynamoDB, so a restarted daemon resumes unfinished jobs. With no AWS configuration "
+        "an embedded DynamoDB-compatible endpoint is used and job state does not survive a restart. "
+        "SIGTERM or Ctrl-C stops accepting jobs, lets running ones finish for --drain-timeout seconds, "
+        "and exits 0; jobs still running then are resumed by the next daemon.",
+        epilog="examples:\n"
+        "  shardline serve\n"
+        "  SHARDLINE_TOKEN=secret shardline serve --host 0.0.0.0 --port 8080\n"
+        '  curl -s localhost:8080/jobs -d \'{"source": "s3://bucket/big.log", "shards": 8, '
+        '"command": "grep -c ERROR"}\'',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8080, help="HTTP port, 0 for any free one (default: 8080)")
+    serve.add_argument(
+        "--exchange-host", default="127.0.0.1", help="listen address for worker connections (default: 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--exchange-port", type=_port, default=0, help="port for worker connections (default: any free one)"
+    )
+    serve.add_argument(
+        "--advertise-host",
+        default=None,
+        help="address workers use to reach the exchange, when it differs from --exchange-host (NAT, containers)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get("SHARDLINE_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' on every HTTP request (default: $SHARDLINE_TOKEN; prefer "
+        "the variable, a command-line token shows in ps)",
+    )
+    serve.add_argument(
+        "--markers-table", default=DEFAULT_MARKER_TABLE, help="DynamoDB marker table (created if missing)"
+    )
+    serve.add_argument(
+        "--jobs-table", default=None, help="DynamoDB job state table (created if missing; default: shardline-jobs)"
+    )
+    serve.add_argument(
+        "--spool-dir",
+        default=None,
+        help="root of the per-job directories holding shard outputs until they are read; resumed jobs keep "
+        "their committed shards only if it survives the restart (default: /dev/shm if it has room, else the "
+        "temp dir)",
+    )
+    serve.add_argument(
+        "--max-processes",
+        type=_positive_int,
+        default=None,
+        help="worker processes running at once, over all jobs (default: 2 x CPUs)",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running jobs may take to finish before they are stopped and left to "
+        "resume (default: 30)",
+    )
+    _add_common(serve)
+
+    status = sub.add_parser(
+        "status",
+        help="show the jobs on a coordinator, or one job in detail",
+        description="Without ID, a table of the coordinator's jobs, newest first; with ID, that job and its shards.",
+    )
+    status.add_argument("id", metavar="ID", nargs="?", help="a job id (default: list all jobs)")
+    status.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    _add_coordinator(status, required=True)
+    _add_common(status)
+
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel a job on a coordinator",
+        description="Cancel job ID: its workers are stopped and its partial outputs removed. A job that "
+        "already finished is left as it is.",
+    )
+    cancel.add_argument("id", metavar="ID", help="the job id")
+    _add_coordinator(cancel, required=True)
+    _add_common(cancel)
 
     worker = sub.add_parser(
         "worker",
@@ -165,6 +304,21 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--task", default="-", help="file with the task JSON, or - for stdin (default)")
     _add_common(worker)
     return parser
+
+
+def _add_coordinator(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    what = "the coordinator" if required else "run on this coordinator instead of embedded"
+    parser.add_argument(
+        "--coordinator",
+        metavar="URL",
+        default=os.environ.get("SHARDLINE_COORDINATOR") or None,
+        help=f"{what}, e.g. http://127.0.0.1:8080 (default: $SHARDLINE_COORDINATOR)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SHARDLINE_TOKEN") or None,
+        help="bearer token the coordinator requires (default: $SHARDLINE_TOKEN)",
+    )
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -238,20 +392,36 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
-    from .coordinator import Backend, CoordinatorSettings, JobSpec, LocalProcessBackend
-    from .embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
+def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
+    from .coordinator import JobSpec
 
-    delimiter = parse_delimiter(args.delimiter)
-    spec = JobSpec(
-        source=args.source,
+    source, output = args.source, args.output
+    if args.coordinator:
+        # The daemon resolves paths against its own working directory.
+        source = source if source.startswith("s3://") else os.path.abspath(source)
+        output = output if output is None or output.startswith("s3://") else os.path.abspath(output)
+    return JobSpec(
+        source=source,
         shards=args.shards,
-        delimiter=delimiter,
+        delimiter=parse_delimiter(args.delimiter),
         command=command,
+        output=output,
+        reduce=args.reduce,
+        backend=args.backend,
         max_line_bytes=args.max_line_bytes,
         part_size_bytes=args.part_size,
         max_in_flight_bytes=args.part_size * args.parts_in_flight,
     )
+
+
+def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
+    spec = _job_spec(args, command)
+    if args.coordinator:
+        return _cmd_run_remote(args, spec)
+
+    from .coordinator import Backend, CoordinatorSettings, LocalProcessBackend
+    from .embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
+
     configured = aws_configured()
     embedded = args.markers == "embedded" or (args.markers == "auto" and not configured)
     if embedded and spec.source.startswith("s3://") and not configured:
@@ -298,11 +468,241 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
             print(json.dumps(summary), file=sys.stderr)
         return 0
 
+    return _run_job_loop(go, use_uvloop=not args.no_uvloop)
+
+
+def _run_job_loop(coroutine_factory: Callable[[], Coroutine[Any, Any, int]], *, use_uvloop: bool) -> int:
     try:
-        return _run_loop(go, use_uvloop=not args.no_uvloop)
+        return _run_loop(coroutine_factory, use_uvloop=use_uvloop)
     except asyncio.CancelledError:
         print("shardline: terminated; job cancelled and its workers stopped", file=sys.stderr)
         return 143
+
+
+@dataclass(slots=True)
+class _RemoteProgress:
+    """What the progress line shows, from the latest GET /jobs/{id}."""
+
+    shards: int
+    started: float
+    shards_done: int = 0
+    bytes_emitted: int = 0
+    size: int = 0
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+#: How often the progress line asks the coordinator for the job's state.
+_PROGRESS_POLL_S = 1.0
+
+
+def _cmd_run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
+    from .client import CoordinatorClient
+
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    out = sys.stdout.buffer
+
+    async def go() -> int:
+        _cancel_on_sigterm()
+        async with CoordinatorClient(args.coordinator, token=args.token) as coordinator:
+            view = await coordinator.submit(spec)
+            job_id = view["id"]
+            log.info("job %s submitted to %s", job_id, coordinator.url)
+            display = _ProgressDisplay(sys.stderr) if show_progress else None
+            poller = None
+            if display is not None:
+                progress = _RemoteProgress(shards=spec.shards, started=time.monotonic())
+                poller = asyncio.create_task(_poll_progress(coordinator, job_id, progress))
+                display.attach(lambda: progress)
+            try:
+                async for chunk in coordinator.output(job_id):
+                    out.write(chunk)
+                out.flush()
+            except (asyncio.CancelledError, BrokenPipeError):
+                # Interrupted, terminated or `| head`: the job is ours, stop it.
+                await asyncio.shield(_cancel_quietly(coordinator, job_id))
+                raise
+            finally:
+                if poller is not None:
+                    poller.cancel()
+                if display is not None:
+                    await display.close()
+            if args.stats:
+                view = await coordinator.job(job_id)
+                summary = {
+                    "job_id": job_id,
+                    "size": view["size"],
+                    "shards": len(view["shards"]),
+                    "output": view["output"],
+                    "retries": view["retries"],
+                    "elapsed_s": round((view["finished_at"] or time.time()) - view["created_at"], 3),
+                    "emitted": [shard["emitted"] for shard in view["shards"]],
+                }
+                print(json.dumps(summary), file=sys.stderr)
+        return 0
+
+    return _run_job_loop(go, use_uvloop=not args.no_uvloop)
+
+
+async def _poll_progress(coordinator: CoordinatorClient, job_id: str, progress: _RemoteProgress) -> None:
+    while True:
+        try:
+            view = await coordinator.job(job_id)
+        except ShardlineError as exc:  # the output stream reports real trouble; the display just waits
+            log.debug("progress poll failed: %s", exc)
+        else:
+            progress.shards_done = view["shards_done"]
+            progress.bytes_emitted = view["bytes_emitted"]
+            progress.size = view["size"] or 0
+        await asyncio.sleep(_PROGRESS_POLL_S)
+
+
+async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
+    try:
+        await coordinator.cancel(job_id)
+    except ShardlineError as exc:
+        print(f"shardline: could not cancel job {job_id} on {coordinator.url}: {exc}", file=sys.stderr)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import ServeSettings, serve
+
+    embedded = not aws_configured()
+    fields: dict[str, Any] = {"jobs_table": args.jobs_table} if args.jobs_table else {}
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        exchange_host=args.exchange_host,
+        exchange_port=args.exchange_port,
+        advertise_host=args.advertise_host,
+        token=args.token or None,
+        markers_table=args.markers_table,
+        spool_dir=args.spool_dir,
+        max_processes=args.max_processes,
+        drain_timeout_s=args.drain_timeout,
+        embedded_dynamodb=embedded,
+        **fields,
+    )
+
+    def ready(url: str, exchange: tuple[str, int]) -> None:
+        auth = ", token required" if settings.token else ""
+        print(
+            f"shardline: serving {url} (API description at {url}/openapi.json{auth}); workers connect to "
+            f"{exchange[0]}:{exchange[1]}; SIGTERM or Ctrl-C drains and stops",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def go() -> int:
+        await serve(settings, aws=AwsSettings(), on_ready=ready)
+        return 0
+
+    return _run_loop(go, use_uvloop=not args.no_uvloop)
+
+
+def _client(args: argparse.Namespace) -> CoordinatorClient:
+    from .client import CoordinatorClient
+
+    if not args.coordinator:
+        raise ConfigurationError(
+            f"'{args.subcommand}' needs a coordinator: pass --coordinator URL or set SHARDLINE_COORDINATOR"
+        )
+    return CoordinatorClient(args.coordinator, token=args.token)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with _client(args) as coordinator:
+            if args.id:
+                view = await coordinator.job(args.id)
+                print(json.dumps(view, indent=2) if args.json else _format_job(view))
+            else:
+                jobs = await coordinator.jobs()
+                print(json.dumps({"jobs": jobs}, indent=2) if args.json else _format_jobs(jobs))
+        return 0
+
+    return _run_loop(go, use_uvloop=not args.no_uvloop)
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with _client(args) as coordinator:
+            view = await coordinator.cancel(args.id)
+        if view["state"] == "cancelled":
+            print(f"job {view['id']} cancelled")
+        else:
+            print(f"job {view['id']} had already {view['state']}; nothing to cancel")
+        return 0
+
+    return _run_loop(go, use_uvloop=not args.no_uvloop)
+
+
+def _when(unix_s: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_s)) if unix_s is not None else "-"
+
+
+def _format_jobs(jobs: list[dict[str, Any]]) -> str:
+    if not jobs:
+        return "no jobs"
+    rows = [("ID", "STATE", "SHARDS", "INPUT", "CREATED", "SOURCE")]
+    for job in jobs:
+        size = _human(job["size"]) if job["size"] is not None else "?"
+        rows.append(
+            (
+                job["id"],
+                job["state"],
+                f"{job['shards_done']}/{job['shards_total']}",
+                f"{_human(job['bytes_emitted'])}/{size}",
+                _when(job["created_at"]),
+                job["source"],
+            )
+        )
+    return _table(rows)
+
+
+def _format_job(job: dict[str, Any]) -> str:
+    size = f"{job['size']} bytes" if job["size"] is not None else "size not known yet"
+    lines = [
+        f"job:      {job['id']}",
+        f"state:    {job['state']}",
+        f"source:   {job['source']} ({size})",
+        f"command:  {job['command'] or '(none: lines pass through)'}",
+    ]
+    if job["reduce"]:
+        lines.append(f"reduce:   {job['reduce']}")
+    if job["output"]:
+        lines.append(f"output:   {job['output']}")
+    lines += [
+        f"shards:   {job['shards_done']}/{job['shards_total']} done, {_human(job['bytes_emitted'])} emitted, "
+        f"{job['retries']} retries",
+        f"created:  {_when(job['created_at'])}",
+        f"finished: {_when(job['finished_at'])}",
+    ]
+    if job["error"]:
+        lines.append(f"error:    {job['error']}")
+    rows = [("SHARD", "STATE", "ATTEMPT", "BYTES", "EMITTED", "ERROR")]
+    for shard in job["shards"]:
+        emitted = "[{}, {})".format(*shard["emitted"]) if shard["emitted"] is not None else "-"
+        rows.append(
+            (
+                str(shard["index"]),
+                shard["state"],
+                str(shard["attempt"]),
+                str(shard["bytes"]),
+                emitted,
+                shard["error"] or "",
+            )
+        )
+    return "\n".join(lines) + "\n\n" + _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def _cancel_on_sigterm() -> None:
@@ -329,7 +729,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     own_args, command = _split_command(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     args = parser.parse_args(own_args)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    # A daemon's operators want to see jobs come and go; a command's users only its errors.
+    base_level = logging.INFO if args.subcommand == "serve" else logging.WARNING
+    level = base_level - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     started = time.monotonic()
     try:
@@ -337,7 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args, command)
         if command is not None:
             parser.error(f"'{args.subcommand}' takes no command after --")
-        return _cmd_worker(args)
+        commands = {"serve": _cmd_serve, "status": _cmd_status, "cancel": _cmd_cancel, "worker": _cmd_worker}
+        return commands[args.subcommand](args)
     except ConfigurationError as exc:
         print(f"shardline: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ function, and results come back over the exchange.
 
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._exchange import ExchangeHooks, ExchangeServer
+from ._http import make_app
 from ._job import CoordinatorSettings, OutputPiece
 from ._service import Coordinator, JobProgress, JobReport, ShardReport, choose_spool_dir, copy_piece, run_job
 from ._spec import JobSpec, JobView, ShardTimeouts, ShardView
@@ -37,6 +38,7 @@ __all__ = [
     "copy_piece",
     "ensure_jobs_table",
     "ensure_marker_table",
+    "make_app",
     "marker_table_create_command",
     "run_job",
 ]

@@ -1,0 +1,134 @@
+"""`shardline serve`: the coordinator daemon's composition root.
+
+Wires DynamoDB (the configured one, or an embedded endpoint when there is no
+AWS configuration), the job store, the exchange listener, local worker
+processes and the `Coordinator`, then serves the HTTP API until SIGTERM or
+SIGINT.  Shutdown drains: new jobs are refused at once, running jobs get
+`drain_timeout_s` to finish, and whatever is still running then is stopped
+with its state left in the store, so the next `shardline serve` resumes it.
+
+Like `embedded`, this module may import `coordinator`, never `worker`:
+workers run as separate processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .aws import AwsSettings, client
+from .coordinator import (
+    DEFAULT_JOBS_TABLE,
+    Coordinator,
+    CoordinatorSettings,
+    DynamoJobStore,
+    ExchangeServer,
+    LocalProcessBackend,
+    ensure_jobs_table,
+    ensure_marker_table,
+    make_app,
+)
+from .embedded import EmbeddedDynamoDB
+from .protocol import DEFAULT_MARKER_TABLE
+
+__all__ = ["ServeSettings", "serve"]
+
+log = logging.getLogger("shardline.daemon")
+
+#: After draining, how long in-flight HTTP requests (output streams of jobs
+#: that finished during the drain, still being read) may take before their
+#: connections are closed.
+HTTP_SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    exchange_host: str = "127.0.0.1"
+    #: 0 picks a free port; workers learn it from their task.
+    exchange_port: int = 0
+    #: Address workers dial to reach the exchange (default: the listener's own).
+    advertise_host: str | None = None
+    #: When set, every HTTP route requires ``Authorization: Bearer <token>``.
+    token: str | None = None
+    markers_table: str = DEFAULT_MARKER_TABLE
+    jobs_table: str = DEFAULT_JOBS_TABLE
+    spool_dir: str | None = None
+    max_processes: int | None = None
+    drain_timeout_s: float = 30.0
+    #: Keep job state in an embedded DynamoDB-compatible endpoint (lost on exit).
+    embedded_dynamodb: bool = False
+
+
+async def serve(
+    settings: ServeSettings, *, aws: AwsSettings, on_ready: Callable[[str, tuple[str, int]], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return.
+
+    `on_ready(http_url, exchange_address)` is called once the HTTP API
+    accepts requests (with the real ports when 0 was asked for)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.embedded_dynamodb:
+                embedded = EmbeddedDynamoDB()
+                await asyncio.to_thread(embedded.start)
+                stack.callback(embedded.stop)
+                aws = embedded.settings(aws)
+                log.warning(
+                    "no AWS configuration: job state is kept in an embedded DynamoDB endpoint and does not "
+                    "survive a restart of this daemon"
+                )
+            dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
+            await ensure_marker_table(dynamodb, settings.markers_table)
+            await ensure_jobs_table(dynamodb, settings.jobs_table)
+
+            exchange = ExchangeServer(host=settings.exchange_host, port=settings.exchange_port)
+            await exchange.start()
+            stack.push_async_callback(exchange.aclose)
+            backend = LocalProcessBackend(max_processes=settings.max_processes)
+            stack.push_async_callback(backend.aclose)
+            coordinator = Coordinator(
+                aws=aws,
+                backends={"local": backend},
+                store=DynamoJobStore(dynamodb, settings.jobs_table),
+                exchange=exchange,
+                settings=CoordinatorSettings(
+                    markers_table=settings.markers_table,
+                    jobs_table=settings.jobs_table,
+                    spool_dir=settings.spool_dir,
+                    advertise_host=settings.advertise_host,
+                ),
+            )
+            await stack.enter_async_context(coordinator)
+            resumed = await coordinator.resume()
+            if resumed:
+                log.warning("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+
+            runner = web.AppRunner(make_app(coordinator, token=settings.token), shutdown_timeout=HTTP_SHUTDOWN_GRACE_S)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, settings.host, settings.port).start()
+            host, port = runner.addresses[0][:2]
+            url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+            if on_ready is not None:
+                on_ready(url, exchange.address)
+
+            await stop.wait()
+            log.warning("stopping: draining running jobs (up to %.0fs)", settings.drain_timeout_s)
+            await coordinator.drain(settings.drain_timeout_s)
+            # Leaving the stack closes, in order: HTTP, coordinator, workers,
+            # exchange, DynamoDB client, embedded endpoint.
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

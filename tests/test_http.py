@@ -1,0 +1,327 @@
+"""The HTTP API and its client against a real in-process coordinator.
+
+A real `Coordinator` (in-process workers, memory job store, the session's
+moto server for markers) behind the real aiohttp app on 127.0.0.1, spoken
+to both with raw HTTP (status codes, headers, bodies) and with
+`shardline.client.CoordinatorClient` (errors as ShardlineError subclasses).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from openapi_spec_validator import validate
+
+from shardline.aws import client
+from shardline.client import CoordinatorClient
+from shardline.coordinator import (
+    Coordinator,
+    CoordinatorSettings,
+    ExchangeServer,
+    JobSpec,
+    MemoryJobStore,
+    ensure_marker_table,
+)
+from shardline.coordinator._http import make_app, openapi_document
+from shardline.embedded import InProcessBackend
+from shardline.errors import (
+    ConfigurationError,
+    InputError,
+    JobCancelledError,
+    JobFailedError,
+    JobNotFoundError,
+    NotAcceptingJobsError,
+)
+from shardline.protocol import DEFAULT_MARKER_TABLE
+
+from jobs import sequential_reference
+
+DATA = b"".join(b"line %05d of the input\n" % i for i in range(3000))
+SED = "sed 's/^/>/'"
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="session")
+async def marker_table(aws_settings) -> str:
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+    return DEFAULT_MARKER_TABLE
+
+
+@pytest.fixture
+async def coordinator(aws_settings, marker_table, tmp_path):
+    backend = InProcessBackend()
+    settings = CoordinatorSettings(markers_table=marker_table, spool_dir=str(tmp_path / "spool"))
+    async with ExchangeServer(host="127.0.0.1") as exchange:
+        async with Coordinator(
+            aws=aws_settings,
+            backends={"inprocess": backend},
+            store=MemoryJobStore(),
+            exchange=exchange,
+            settings=settings,
+        ) as service:
+            yield service
+        await backend.aclose()
+
+
+async def _serve(coordinator: Coordinator, token: str | None = None) -> TestClient:
+    server = TestServer(make_app(coordinator, token=token), host="127.0.0.1", port=0)
+    # A generous bound, so a hung job fails its test instead of the whole run.
+    http = TestClient(server, timeout=aiohttp.ClientTimeout(total=120))
+    await http.start_server()
+    return http
+
+
+@pytest.fixture
+async def http(coordinator):
+    api = await _serve(coordinator)
+    yield api
+    await api.close()
+
+
+@pytest.fixture
+def source(tmp_path) -> str:
+    path = tmp_path / "input.txt"
+    path.write_bytes(DATA)
+    return str(path)
+
+
+def _url(http: TestClient) -> str:
+    return str(http.make_url("")).rstrip("/")
+
+
+async def test_submit_then_stream_output_byte_identical(http, source):
+    response = await http.post("/jobs", json={"source": source, "shards": 5, "command": SED})
+    assert response.status == 201, await response.text()
+    view = await response.json()
+    assert response.headers["Location"] == f"/jobs/{view['id']}"
+    assert view["state"] in ("pending", "running") and view["shards_total"] == 5
+
+    output = await http.get(f"/jobs/{view['id']}/output")
+    assert output.status == 200
+    assert output.headers["Content-Type"] == "application/octet-stream"
+    assert await output.read() == sequential_reference(DATA, SED)
+
+    done = await (await http.get(f"/jobs/{view['id']}")).json()
+    assert done["state"] == "succeeded"
+    assert [shard["index"] for shard in done["shards"]] == list(range(5))
+    assert all(shard["state"] == "done" for shard in done["shards"])
+    # The emitted ranges tile the input.
+    assert done["shards"][0]["emitted"][0] == 0 and done["shards"][-1]["emitted"][1] == len(DATA)
+    assert sum(shard["bytes"] for shard in done["shards"]) == len(DATA)
+
+
+async def test_client_submits_streams_and_lists(http, source):
+    async with CoordinatorClient(_url(http)) as api:
+        view = await api.submit(JobSpec(source=source, shards=3, command="wc -l", reduce="awk '{s+=$1} END {print s}'"))
+        output = b"".join([chunk async for chunk in api.output(view["id"])])
+        assert output == b"3000\n"
+        listed = await api.jobs()
+        assert [job["id"] for job in listed] == [view["id"]]
+        assert "shards" not in listed[0]
+        assert (await api.job(view["id"]))["state"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{not json", "request body"),
+        (b"[1, 2]", "request body"),
+        (b'{"shards": 2}', "'source'"),
+        (b'{"source": "x", "shards": 0}', "'shards'"),
+        (b'{"source": "x", "shards": 2, "bogus": 1}', "'bogus'"),
+        (b'{"source": "x", "shards": 2, "delimiter": "ab"}', "'delimiter'"),
+        (b'{"source": "x", "shards": 2, "timeouts": {"start_s": -1}}', "'timeouts.start_s'"),
+        (b'{"source": "x", "shards": 2, "command": "  "}', "'command'"),
+        (b'{"source": "SOURCE", "shards": 2, "backend": "nope"}', "'backend'"),
+    ],
+)
+async def test_invalid_request_is_400_naming_the_field(http, source, body, field):
+    response = await http.post(
+        "/jobs", data=body.replace(b"SOURCE", source.encode()), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert field in (await response.json())["error"]
+
+
+async def test_missing_source_is_400_and_an_input_error(http, tmp_path):
+    missing = str(tmp_path / "nope.txt")
+    response = await http.post("/jobs", json={"source": missing, "shards": 2})
+    assert response.status == 400
+    assert "no such file" in (await response.json())["error"]
+    async with CoordinatorClient(_url(http)) as api:
+        with pytest.raises(InputError, match="no such file"):
+            await api.submit(JobSpec(source=missing, shards=2))
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/jobs/nope"), ("DELETE", "/jobs/nope"), ("GET", "/jobs/nope/output")]
+)
+async def test_unknown_job_is_404(http, method, path):
+    response = await http.request(method, path)
+    assert response.status == 404
+    assert "nope" in (await response.json())["error"]
+
+
+async def test_unknown_job_through_the_client(http):
+    async with CoordinatorClient(_url(http)) as api:
+        with pytest.raises(JobNotFoundError, match="nope"):
+            await api.job("nope")
+        with pytest.raises(JobNotFoundError):
+            await api.cancel("nope")
+        with pytest.raises(JobNotFoundError):
+            [chunk async for chunk in api.output("nope")]
+
+
+async def test_unknown_route_and_method_answer_json(http):
+    response = await http.get("/nowhere")
+    assert response.status == 404 and "error" in await response.json()
+    response = await http.put("/jobs")
+    assert response.status == 405 and "GET" in response.headers["Allow"]
+
+
+async def test_cancel_running_job(http, source):
+    # Every shard blocks until it is stopped: the job cannot finish by itself.
+    response = await http.post("/jobs", json={"source": source, "shards": 2, "command": "sleep 600", "max_attempts": 1})
+    job_id = (await response.json())["id"]
+    response = await http.delete(f"/jobs/{job_id}")
+    assert response.status == 200
+    assert (await response.json())["state"] == "cancelled"
+    # Cancelled before any byte of output: 409 with the reason.
+    output = await http.get(f"/jobs/{job_id}/output")
+    assert output.status == 409
+    assert "cancel" in (await output.json())["error"]
+    async with CoordinatorClient(_url(http)) as api:
+        with pytest.raises(JobCancelledError):
+            [chunk async for chunk in api.output(job_id)]
+        again = await api.cancel(job_id)  # a final job is returned unchanged
+        assert again["state"] == "cancelled"
+
+
+async def test_job_failing_mid_stream_aborts_the_response(http, source, tmp_path):
+    """Shard 0 succeeds at once; shard 1 fails only after the client has
+    received shard 0's bytes, so the response is already under way."""
+    go = tmp_path / "go"
+    command = f'if [ "$SHARDLINE_SHARD" = 0 ]; then cat; else while [ ! -e {go} ]; do sleep 0.05; done; exit 3; fi'
+    response = await http.post("/jobs", json={"source": source, "shards": 2, "command": command, "max_attempts": 1})
+    job_id = (await response.json())["id"]
+
+    output = await http.get(f"/jobs/{job_id}/output")
+    assert output.status == 200
+    received = await output.content.readany()
+    assert received and DATA.startswith(received)
+    go.touch()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await output.read()
+
+    view = await (await http.get(f"/jobs/{job_id}")).json()
+    assert view["state"] == "failed" and "status 3" in view["error"]
+    # The client turns an aborted stream into the job's error.
+    go.unlink()
+    response = await http.post("/jobs", json={"source": source, "shards": 2, "command": command, "max_attempts": 1})
+    job_id = (await response.json())["id"]
+    async with CoordinatorClient(_url(http)) as api:
+        chunks = []
+        with pytest.raises(JobFailedError, match="status 3"):
+            async for chunk in api.output(job_id):
+                chunks.append(chunk)
+                go.touch()
+        assert DATA.startswith(b"".join(chunks))
+
+
+async def test_token_required_on_every_route(coordinator, source):
+    http = await _serve(coordinator, token=TOKEN)
+    try:
+        paths = ["/healthz", "/metrics", "/openapi.json", "/jobs", "/jobs/x", "/jobs/x/output"]
+        for path in paths:
+            response = await http.get(path)
+            assert response.status == 401, path
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = await http.post("/jobs", json={"source": source, "shards": 1}, headers={"Authorization": "Bearer no"})
+        assert wrong.status == 401
+        right = await http.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status == 200
+
+        async with CoordinatorClient(_url(http)) as api:
+            with pytest.raises(ConfigurationError, match="--token"):
+                await api.jobs()
+        async with CoordinatorClient(_url(http), token=TOKEN) as api:
+            assert await api.jobs() == []
+    finally:
+        await http.close()
+
+
+async def test_healthz_and_draining(coordinator, http, source):
+    response = await http.get("/healthz")
+    assert response.status == 200 and await response.json() == {"status": "ok"}
+    await coordinator.drain(1.0)
+    response = await http.get("/healthz")
+    assert response.status == 503 and await response.json() == {"status": "draining"}
+    response = await http.post("/jobs", json={"source": source, "shards": 1})
+    assert response.status == 503
+    async with CoordinatorClient(_url(http)) as api:
+        with pytest.raises(NotAcceptingJobsError):
+            await api.submit(JobSpec(source=source, shards=1))
+
+
+async def test_metrics_in_prometheus_text_format(http, source):
+    response = await http.post("/jobs", json={"source": source, "shards": 2})
+    job_id = (await response.json())["id"]
+    assert await (await http.get(f"/jobs/{job_id}/output")).read() == DATA
+    response = await http.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = await response.text()
+    for family in (
+        "shardline_jobs",
+        "shardline_shards",
+        "shardline_retries_total",
+        "shardline_bytes_emitted_total",
+        "shardline_boundary_path_total",
+        "shardline_handshake_wait_seconds",
+    ):
+        assert f"# TYPE {family} " in text, family
+    assert 'shardline_jobs{state="succeeded"} 1' in text
+
+
+def _documented_routes(document: dict) -> set[tuple[str, str]]:
+    methods = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+    return {(method.upper(), path) for path, item in document["paths"].items() for method in item if method in methods}
+
+
+async def test_openapi_validates_and_matches_the_routes(coordinator, http):
+    document = openapi_document()
+    validate(document)  # raises if it is not a valid OpenAPI 3 document
+    app = make_app(coordinator)
+    served = {(route.method, route.resource.canonical) for route in app.router.routes() if route.resource is not None}
+    assert served == _documented_routes(document)
+
+    response = await http.get("/openapi.json")
+    assert response.status == 200
+    assert await response.json() == document
+
+
+def test_openapi_file_is_package_data():
+    # Installed wheels must carry it: pyproject lists it as package data.
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert '"shardline.coordinator" = ["openapi.json"]' in pyproject
+    assert json.loads((Path(__file__).parent.parent / "src/shardline/coordinator/openapi.json").read_text())
+
+
+async def test_client_disconnect_mid_stream_leaves_the_coordinator_serving(http, source, tmp_path):
+    go = tmp_path / "go"
+    command = f'if [ "$SHARDLINE_SHARD" = 0 ]; then cat; else while [ ! -e {go} ]; do sleep 0.05; done; cat; fi'
+    response = await http.post("/jobs", json={"source": source, "shards": 2, "command": command})
+    job_id = (await response.json())["id"]
+    output = await http.get(f"/jobs/{job_id}/output")
+    assert await output.content.readany()
+    output.close()  # the reader goes away mid-stream
+    go.touch()
+    # The job still finishes and a new reader gets the whole output.
+    again = await http.get(f"/jobs/{job_id}/output")
+    assert await again.read() == DATA
+    assert (await (await http.get("/healthz")).json())["status"] == "ok"
