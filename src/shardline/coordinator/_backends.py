@@ -270,7 +270,7 @@ class _WorkerProcess:
                 self._transport.send_signal(signal.SIGTERM)
         self._stdin().close()
         if not await _completes_within(self._protocol.exited, grace_s):
-            log.warning("worker process %d still running %.1fs after SIGTERM; killing it", self.pid, grace_s)
+            log.info("worker process %d still running %.1fs after SIGTERM; killing it", self.pid, grace_s)
             # Unreaped, so neither its pid nor its children's can have been reused.
             for group in (*_child_pids(self.pid), self.pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):

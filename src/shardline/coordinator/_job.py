@@ -75,6 +75,9 @@ __all__ = ["CoordinatorSettings", "OutputPiece"]
 
 log = logging.getLogger("shardline.coordinator.job")
 
+#: How long stopping a job waits for its attempts' backends to let go.
+_STOP_WAIT_S = 30.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorSettings:
@@ -315,7 +318,10 @@ class Job:
         runners = [a.runner for s in self.shards for a in s.live.values() if a.runner is not None]
         for runner in runners:
             runner.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
+        if runners:
+            _, stuck = await asyncio.wait(runners, timeout=_STOP_WAIT_S)
+            if stuck:  # a backend that ignores cancellation must not hang the job
+                log.error("job %s: %d attempt(s) did not stop within %.0fs", self.id, len(stuck), _STOP_WAIT_S)
         for shard in self.shards:
             shard.live.clear()
         background, self._background = self._background, set()

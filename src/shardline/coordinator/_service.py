@@ -128,6 +128,8 @@ class Coordinator:
             self.exchange.unregister(job.id)
             if job.destination is not None:
                 await job.destination.aclose()
+            if not self.store.durable:
+                job.discard_spool()  # nothing will ever resume it or serve its output
         await self._stack.aclose()
 
     @property

@@ -96,14 +96,18 @@ class ExchangeClient:
         await self._drop_connection()
         session = ExchangeSession.client(**self._identity)  # type: ignore[arg-type]
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self._address), self._connect_timeout_s)
+            # asyncio.timeout rather than wait_for throughout: on 3.11 wait_for
+            # can swallow a cancellation that arrives as its operation finishes.
+            async with asyncio.timeout(self._connect_timeout_s):
+                reader, writer = await asyncio.open_connection(*self._address)
         except (TimeoutError, OSError) as exc:
             raise ExchangeUnavailable(f"cannot reach exchange at {self._address[0]}:{self._address[1]}: {exc}") from exc
         self._session, self._reader, self._writer = session, reader, writer
         try:
             writer.write(session.send(session.hello))  # type: ignore[arg-type]
             await writer.drain()
-            welcome = await asyncio.wait_for(self._read_frame(), self._connect_timeout_s)
+            async with asyncio.timeout(self._connect_timeout_s):
+                welcome = await self._read_frame()
         except (TimeoutError, OSError, ProtocolError) as exc:
             await self._drop_connection()
             raise ExchangeUnavailable(f"exchange handshake failed: {exc}") from exc
@@ -169,7 +173,8 @@ class ExchangeClient:
     async def wait_fenced(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for a stale-attempt refusal; returns `fenced`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._fenced.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._fenced.wait()
         return self.fenced
 
     def _raise_if_fenced(self) -> None:
@@ -221,8 +226,9 @@ class ExchangeClient:
             if remaining <= 0:
                 break
             self._answer_arrived.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._answer_arrived.wait(), remaining)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._answer_arrived.wait()
         return self._fragments.get(shard)
 
     async def report(self, frame: Frame, *, timeout_s: float, reconnect_attempts: int = 3) -> Ack:
@@ -238,7 +244,8 @@ class ExchangeClient:
                     await self.connect()
                 self._ack = asyncio.get_running_loop().create_future()
                 await self._send(frame)
-                return await asyncio.wait_for(self._ack, timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    return await self._ack
             except (TimeoutError, ExchangeUnavailable) as exc:
                 last_error = exc
                 self._raise_if_fenced()
