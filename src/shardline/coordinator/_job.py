@@ -161,6 +161,13 @@ class _Shard:
         )
 
     @property
+    def state_shown(self) -> ShardState:
+        """DONE only once the commit is durable: what a restart would keep."""
+        if self.state is ShardState.DONE and self.commit_saved is not None and not self.commit_saved.done():
+            return ShardState.RUNNING
+        return self.state
+
+    @property
     def attempt_shown(self) -> int:
         if self.committed is not None:
             return self.committed.attempt
@@ -233,7 +240,7 @@ class Job:
             shards=tuple(
                 ShardView(
                     index=shard.index,
-                    state=shard.state,
+                    state=shard.state_shown,
                     attempt=shard.attempt_shown,
                     bytes=shard.bytes_emitted,
                     emitted=(shard.committed.emitted_start, shard.committed.emitted_end) if shard.committed else None,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -167,7 +168,11 @@ class Coordinator:
             ShardRecord(job_id=job_id, index=index, state=ShardState.PENDING, next_attempt=1)
             for index in range(spec.shards)
         ]
-        await self.store.create_job(record, shards)
+        try:
+            await self.store.create_job(record, shards)
+        except BaseException:
+            shutil.rmtree(record.spool_dir, ignore_errors=True)
+            raise
         job = Job(
             record=record, shards=shards, backend=backend, destination=destination, context=self.context, fresh=True
         )

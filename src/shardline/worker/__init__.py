@@ -1,10 +1,12 @@
 """The worker: runs one shard attempt (DESIGN §2, §3, §4).
 
 Depends only on `shardline.protocol` and the shared I/O helpers
-(`shardline.aws`, `shardline.sources`, `shardline.retry`), never on the
-coordinator, so a worker deployment (process, container, Lambda) ships
-without it.  Entry points: `run_task()` in-process, ``python -m
-shardline.worker`` (task JSON on stdin) and ``shardline worker``.
+(`shardline.aws`, `shardline.sources`, `shardline.retry`,
+`shardline.command`), never on the coordinator, so a worker deployment
+(process, container, Lambda) ships without it.  Entry points: `run_task()`
+in-process, ``python -m shardline.worker`` (one task JSON on stdin, or
+``--pool`` for one task per line, as the local backend runs it) and
+``shardline worker``.
 """
 
 from ._shard import ShardResult, TailSource, WorkerSettings, run_task
