@@ -31,7 +31,7 @@ import pytest
 from shardline.aws import AwsSettings, client
 from shardline.coordinator import ExchangeServer, LocalProcessBackend, WorkerExit, ensure_marker_table
 from shardline.errors import CommandFailedError, LineTooLongError, StaleAttemptError
-from shardline.protocol import DEFAULT_MARKER_TABLE, Done, Failed, Head, Hello, Progress, ShardTask
+from shardline.protocol import DEFAULT_MARKER_TABLE, Done, Error, Failed, Head, Hello, Progress, ShardTask
 from shardline.sources import LocalFileSource
 from shardline.worker import WorkerSettings, run_task
 
@@ -314,13 +314,13 @@ class Hooks:
         self.done: list[Done] = []
         self.failed: list[Failed] = []
 
-    def on_connect(self, hello: Hello) -> str | None:
+    def on_connect(self, hello: Hello) -> Error | None:
         self.connects += 1
         self.progress_after_connect = 0
-        return f"session refused: {STALE}" if self.refuse_connect else None
+        return Error(message=f"session refused: {STALE}", stale=True) if self.refuse_connect else None
 
-    def on_head(self, hello: Hello, head: Head) -> str | None:
-        return f"HEAD refused: {STALE}" if self.refuse_head else None
+    def on_head(self, hello: Hello, head: Head) -> Error | None:
+        return Error(message=f"HEAD refused: {STALE}", stale=True) if self.refuse_head else None
 
     def on_progress(self, hello: Hello, progress: Progress) -> None:
         self.progress_after_connect += 1

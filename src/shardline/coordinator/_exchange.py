@@ -53,11 +53,11 @@ HELLO_TIMEOUT_S = 10.0
 class ExchangeHooks(Protocol):
     """What the exchange asks of a job.  All calls are synchronous decisions."""
 
-    def on_connect(self, hello: Hello) -> str | None:
-        """Accept a session (None) or refuse it with a reason (e.g. a stale attempt)."""
+    def on_connect(self, hello: Hello) -> Error | None:
+        """Accept a session (None) or refuse it with the ERROR to send (e.g. a stale attempt)."""
 
-    def on_head(self, hello: Hello, head: Head) -> str | None:
-        """A shard's boundary arrived; a reason refuses it (and closes the session)."""
+    def on_head(self, hello: Hello, head: Head) -> Error | None:
+        """A shard's boundary arrived; an ERROR refuses it (and closes the session)."""
 
     def on_progress(self, hello: Hello, progress: Progress) -> None: ...
 
@@ -174,13 +174,13 @@ class ExchangeServer:
                         refusal = relay.hooks.on_connect(hello)
                         await connection.send(connection.session.welcome())
                         if refusal is not None:
-                            await connection.send(Error(message=refusal))
+                            await connection.send(refusal)
                             return
                         continue
                     assert hello is not None and relay is not None
                     refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
                     if refusal is not None:
-                        await connection.send(Error(message=refusal))
+                        await connection.send(refusal)
                         return
         except RemoteProtocolError as exc:
             self.rejected_connections += 1
@@ -206,7 +206,7 @@ class ExchangeServer:
                 await writer.wait_closed()
             self._handlers.discard(task)
 
-    async def _dispatch(self, connection: _Connection, hello: Hello, relay: _JobRelay, frame: Frame) -> str | None:
+    async def _dispatch(self, connection: _Connection, hello: Hello, relay: _JobRelay, frame: Frame) -> Error | None:
         if isinstance(frame, Head):
             if frame.shard != hello.shard:
                 raise RemoteProtocolError(f"shard {hello.shard} sent a HEAD for shard {frame.shard}")

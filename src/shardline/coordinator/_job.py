@@ -51,6 +51,7 @@ from ..errors import (
 from ..protocol import (
     DEFAULT_MARKER_TABLE,
     Done,
+    Error,
     Failed,
     Head,
     Hello,
@@ -529,11 +530,12 @@ class Job:
         attempt = shard.live.get(hello.attempt)
         return (shard, attempt) if attempt is not None else None
 
-    def _refuse(self, hello: Hello, what: str) -> str:
+    def _refuse(self, hello: Hello, what: str) -> Error:
         self.context.metrics.fenced_writes += 1
-        return f"{what}: shard {hello.shard} attempt {hello.attempt} is not current (stale) for job {self.id}"
+        message = f"{what}: shard {hello.shard} attempt {hello.attempt} is not current (stale) for job {self.id}"
+        return Error(message=message, stale=True)
 
-    def on_connect(self, hello: Hello) -> str | None:
+    def on_connect(self, hello: Hello) -> Error | None:
         found = self._live(hello)
         if found is None:
             return self._refuse(hello, "session refused")
@@ -546,17 +548,20 @@ class Job:
             shard.move(ShardEvent.CONNECT)
         return None
 
-    def on_head(self, hello: Hello, head: Head) -> str | None:
+    def on_head(self, hello: Hello, head: Head) -> Error | None:
         found = self._live(hello)
         if found is None:
             return self._refuse(hello, "HEAD refused")
         shard, attempt = found
         attempt.last_heard = asyncio.get_running_loop().time()
         if head.start != shard.range.start or not shard.range.start <= head.head_end <= shard.range.end:
-            return f"HEAD [{head.start}, {head.head_end}) outside shard range [{shard.range.start}, {shard.range.end})"
+            return Error(
+                message=f"HEAD [{head.start}, {head.head_end}) outside shard range "
+                f"[{shard.range.start}, {shard.range.end})"
+            )
         boundary = (head.head_end, head.line_start)
         if shard.boundary is not None and shard.boundary != boundary:
-            return f"HEAD boundary {boundary} disagrees with an earlier attempt's {shard.boundary}"
+            return Error(message=f"HEAD boundary {boundary} disagrees with an earlier attempt's {shard.boundary}")
         shard.boundary = boundary
         return None
 

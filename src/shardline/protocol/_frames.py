@@ -282,13 +282,19 @@ class Failed(Frame):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Error(Frame):
-    """Either side: the session is being closed because of `message`."""
+    """Either side: the session is being closed because of `message`.
+
+    `stale` marks the coordinator refusing an attempt that is no longer
+    current (fenced): the worker must stop it rather than try again.
+    """
 
     TYPE: ClassVar[FrameType] = FrameType.ERROR
     message: str
+    stale: bool = False
 
     def __post_init__(self) -> None:
         _require(isinstance(self.message, str), "ERROR.message invalid")
+        _require(isinstance(self.stale, bool), "ERROR.stale must be a bool")
         _require(not self.data, "ERROR carries no data")
 
 

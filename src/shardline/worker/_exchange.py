@@ -8,8 +8,8 @@
 # are taken from markers or S3 instead; only the final report needs the
 # coordinator, and for that the client reconnects.
 #
-# An ERROR from the coordinator is a refusal.  One that says this attempt is
-# stale (superseded by a retry, or the shard is settled) *fences* it: `fenced`
+# An ERROR from the coordinator is a refusal.  One marked `stale` (this attempt is
+# superseded by a retry, or the shard is settled) *fences* it: `fenced`
 # wakes whoever waits on `wait_fenced()`, and `report()` raises
 # StaleAttemptError instead of trying again.
 
@@ -33,7 +33,7 @@ from ..protocol import (
     Want,
 )
 
-__all__ = ["ExchangeClient", "ExchangeUnavailable", "is_stale_refusal"]
+__all__ = ["ExchangeClient", "ExchangeUnavailable"]
 
 log = logging.getLogger("shardline.worker.exchange")
 
@@ -42,15 +42,6 @@ _READ_BYTES = 256 * 1024
 
 class ExchangeUnavailable(ShardlineError):
     """The coordinator's exchange could not be reached or rejected us."""
-
-
-def is_stale_refusal(message: str) -> bool:
-    """Whether an ERROR from the coordinator says this attempt is no longer current.
-
-    ERROR carries only text, so the coordinator's wording is the contract:
-    a refusal of a stale attempt says "not current" or "stale".
-    """
-    return "not current" in message or "stale" in message
 
 
 class ExchangeClient:
@@ -114,7 +105,7 @@ class ExchangeClient:
         if isinstance(welcome, Error) or welcome is None:
             await self._drop_connection()
             if isinstance(welcome, Error):
-                self._refused(welcome.message)
+                self._refused(welcome)
             reason = welcome.message if isinstance(welcome, Error) else "connection closed"
             raise ExchangeUnavailable(f"exchange refused the session: {reason}")
         self.connected = True
@@ -149,7 +140,7 @@ class ExchangeClient:
                     if self._ack is not None and not self._ack.done():
                         self._ack.set_result(frame)
                 elif isinstance(frame, Error):
-                    self._refused(frame.message)
+                    self._refused(frame)
                     log.warning("exchange closed our session: %s", frame.message)
                     break
         except (OSError, ProtocolError) as exc:
@@ -160,9 +151,9 @@ class ExchangeClient:
             if self._ack is not None and not self._ack.done():
                 self._ack.set_exception(ExchangeUnavailable(self.rejection or "exchange session lost before ACK"))
 
-    def _refused(self, message: str) -> None:
-        self.rejection = message
-        if is_stale_refusal(message):
+    def _refused(self, error: Error) -> None:
+        self.rejection = error.message
+        if error.stale:
             self._fenced.set()
 
     @property
