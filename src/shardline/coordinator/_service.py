@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from ..aws import AwsSettings, client
@@ -232,13 +232,7 @@ class Coordinator:
             shard.index,
             committed.output_path,
         )
-        return ShardRecord(
-            job_id=shard.job_id,
-            index=shard.index,
-            state=ShardState.PENDING,
-            next_attempt=shard.next_attempt,
-            retries=shard.retries,
-        )
+        return replace(shard, state=ShardState.PENDING, committed=None, error=None)
 
     def _start(self, job: Job) -> None:
         self._jobs[job.id] = job
