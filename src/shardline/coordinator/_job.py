@@ -440,9 +440,10 @@ class Job:
         else:
             shard.move(ShardEvent.RETRY)
             settings = self.context.settings
-            delay_s = RetryPolicy(base_delay_s=settings.retry_backoff_s, max_delay_s=settings.retry_backoff_max_s)
-            backoff = settings.retry_backoff_s / 2 + delay_s.delay_s(shard.failures)
-            shard.retry_at = asyncio.get_running_loop().time() + backoff
+            # Half the base delay at least, plus the one retry helper's jittered backoff.
+            policy = RetryPolicy(base_delay_s=settings.retry_backoff_s, max_delay_s=settings.retry_backoff_max_s)
+            backoff_s = settings.retry_backoff_s / 2 + policy.delay_s(shard.failures)
+            shard.retry_at = asyncio.get_running_loop().time() + backoff_s
             shard.retries += 1
             self.context.metrics.retries[reason] += 1
         self._save_shard_soon(shard)
