@@ -47,3 +47,23 @@ def bucket(s3) -> str:
     name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def worker_package(tmp_path_factory) -> Path:
+    """`shardline package-worker`'s zip, built once (pip fetches aioboto3 for
+    Lambda's platform from the package index, or pip's cache)."""
+    from shardline.packaging import build_worker_zip
+
+    return build_worker_zip(tmp_path_factory.mktemp("package") / "shardline-worker.zip").path
+
+
+@pytest.fixture(scope="session")
+def worker_package_dir(worker_package: Path, tmp_path_factory) -> Path:
+    """The package unzipped, as Lambda lays it out in /var/task."""
+    import zipfile
+
+    directory = tmp_path_factory.mktemp("task-root")
+    with zipfile.ZipFile(worker_package) as archive:
+        archive.extractall(directory)
+    return directory

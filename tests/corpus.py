@@ -12,7 +12,7 @@ def _aligned(shards: int, line: int) -> bytes:
     return body
 
 
-def _random_mix(seed: int, size: int) -> bytes:
+def random_mix(seed: int, size: int) -> bytes:
     rng = random.Random(seed)
     out = bytearray()
     while len(out) < size:
@@ -40,5 +40,5 @@ CORPUS: dict[str, tuple[bytes, bytes]] = {
     "aligned-7": (_aligned(7, 5), b"\n"),
     "nul-delimited": (b"\0".join(b"record %d\nwith newline" % i for i in range(200)) + b"\0", b"\0"),
     "nul-no-trailing": (b"a\0bb\0" + b"c" * 777, b"\0"),
-    "random-mix": (_random_mix(7, 60_000), b"\n"),
+    "random-mix": (random_mix(7, 60_000), b"\n"),
 }

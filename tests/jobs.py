@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import io
+import ssl
 import subprocess
 
-from shardline.aws import AwsSettings
-from shardline.coordinator import Backend, CoordinatorSettings, JobReport, JobSpec
+from shardline.aws import AwsSettings, client
+from shardline.coordinator import (
+    Backend,
+    CoordinatorSettings,
+    ExchangeServer,
+    JobReport,
+    JobSpec,
+    ensure_marker_table,
+    run_job,
+)
 from shardline.embedded import InProcessBackend, run_embedded
 
 
@@ -31,6 +40,27 @@ async def run_job_inprocess(
         backend=backend or InProcessBackend(),
         settings=CoordinatorSettings(),
     )
+    return out.getvalue(), report
+
+
+async def run_job_on_exchange(
+    spec: JobSpec,
+    *,
+    aws: AwsSettings,
+    backend: Backend,
+    settings: CoordinatorSettings = CoordinatorSettings(),
+    tls: ssl.SSLContext | None = None,
+) -> tuple[bytes, JobReport]:
+    """Run a job with an in-process coordinator on an exchange of the test's
+    choosing (TLS or not); closes `backend`."""
+    out = io.BytesIO()
+    async with client(aws, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, settings.markers_table)
+    async with ExchangeServer(host="127.0.0.1", tls=tls) as exchange:
+        try:
+            report = await run_job(spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings)
+        finally:
+            await backend.aclose()
     return out.getvalue(), report
 
 

@@ -325,7 +325,7 @@ class Hooks:
     def on_progress(self, hello: Hello, progress: Progress) -> None:
         self.progress_after_connect += 1
 
-    def on_done(self, hello: Hello, done: Done) -> bool:
+    async def on_done(self, hello: Hello, done: Done) -> bool:
         self.done.append(done)
         return True
 

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from daemons import Daemon, clean_env, request, submit
 
+from daemons import Daemon, clean_env, request, submit
 from jobs import sequential_reference
 from servers import Endpoint
 

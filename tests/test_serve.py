@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from daemons import SHARDLINE, Daemon, clean_env, request, submit
 
+from daemons import SHARDLINE, Daemon, clean_env, request, submit
 from jobs import sequential_reference
 from servers import Endpoint
 

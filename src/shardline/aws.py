@@ -70,6 +70,7 @@ class AwsSettings:
     region: str | None = None
     s3_endpoint_url: str | None = None
     dynamodb_endpoint_url: str | None = None
+    lambda_endpoint_url: str | None = None
     #: Static credentials for both services (tests, explicit configuration).
     access_key_id: str | None = None
     secret_access_key: str | None = None
@@ -129,11 +130,15 @@ def _session(settings: AwsSettings, service: str) -> Any:
 
 @asynccontextmanager
 async def client(settings: AwsSettings, service: str) -> AsyncIterator[Any]:
-    """An aiobotocore client for `service` ("s3" or "dynamodb"), closed on exit."""
+    """An aiobotocore client for `service` ("s3", "dynamodb" or "lambda"), closed on exit."""
     from aiobotocore.config import AioConfig
 
     session = _session(settings, service)
-    endpoint = settings.s3_endpoint_url if service == "s3" else settings.dynamodb_endpoint_url
+    endpoint = {
+        "s3": settings.s3_endpoint_url,
+        "dynamodb": settings.dynamodb_endpoint_url,
+        "lambda": settings.lambda_endpoint_url,
+    }[service]
     config = AioConfig(
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,

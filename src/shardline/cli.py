@@ -223,6 +223,9 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  shardline serve\n"
         "  SHARDLINE_TOKEN=secret shardline serve --host 0.0.0.0 --port 8080\n"
+        "  shardline serve --backend lambda --function shardline-worker --staging s3://bucket/shardline/staging/ \\\n"
+        "      --exchange-host 0.0.0.0 --exchange-port 9000 --advertise-host coord.example.com \\\n"
+        "      --exchange-tls-cert cert.pem --exchange-tls-key key.pem --exchange-ca ca.pem\n"
         '  curl -s localhost:8080/jobs -d \'{"source": "s3://bucket/big.log", "shards": 8, '
         '"command": "grep -c ERROR"}\'',
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -265,6 +268,41 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes running at once, over all jobs (default: 2 x CPUs)",
     )
+    lambda_ = serve.add_argument_group("AWS Lambda workers (deploy/README.md)")
+    lambda_.add_argument(
+        "--backend",
+        choices=("local", "lambda"),
+        default="local",
+        help="backend for jobs that name none (default: local; lambda needs --function)",
+    )
+    lambda_.add_argument(
+        "--function", default=None, metavar="NAME_OR_ARN", help="the worker function; enables the lambda backend"
+    )
+    lambda_.add_argument(
+        "--lambda-region", default=None, help="the function's region (default: the standard AWS configuration)"
+    )
+    lambda_.add_argument(
+        "--lambda-concurrency",
+        type=_positive_int,
+        default=None,
+        help="Lambda attempts running at once, over all jobs (default: 100)",
+    )
+    lambda_.add_argument(
+        "--staging",
+        default=None,
+        metavar="S3_PREFIX",
+        help="s3://bucket/prefix/ where Lambda workers upload attempt outputs for the coordinator to collect",
+    )
+    tls = serve.add_argument_group("TLS on the exchange (required when workers reach it across networks)")
+    tls.add_argument("--exchange-tls-cert", default=None, metavar="PEM", help="the exchange's certificate chain")
+    tls.add_argument("--exchange-tls-key", default=None, metavar="PEM", help="its private key")
+    tls.add_argument(
+        "--exchange-ca",
+        default=None,
+        metavar="PEM",
+        help="CA certificate workers verify the exchange with, sent in each task (default: their system trust "
+        "store); the certificate must name --advertise-host",
+    )
     serve.add_argument(
         "--drain-timeout",
         type=_positive_float,
@@ -303,6 +341,29 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--task", default="-", help="file with the task JSON, or - for stdin (default)")
     _add_common(worker)
+
+    package = sub.add_parser(
+        "package-worker",
+        help="build the AWS Lambda deployment zip of the worker",
+        description="Build a Lambda deployment zip holding only what the worker needs: shardline's worker and "
+        "protocol code and aioboto3 with its dependencies, fetched by pip for Lambda's platform. The handler is "
+        "shardline.worker.lambda_handler.handler (runtime python3.11). deploy/README.md shows how to deploy it.",
+    )
+    package.add_argument(
+        "-o", "--output", default="shardline-worker.zip", help="zip to write (default: shardline-worker.zip)"
+    )
+    package.add_argument(
+        "--architecture", choices=("x86_64", "arm64"), default="x86_64", help="the function's (default: x86_64)"
+    )
+    package.add_argument("--python-version", default="3.11", help="the function's runtime (default: 3.11)")
+    package.add_argument(
+        "--pip-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for pip, repeatable (e.g. --pip-arg=--index-url=URL)",
+    )
+    _add_common(package)
     return parser
 
 
@@ -421,6 +482,12 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
 
     from .coordinator import Backend, CoordinatorSettings, LocalProcessBackend
     from .embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
+
+    if spec.backend not in (None, "local"):
+        raise ConfigurationError(
+            f"--backend {spec.backend} runs on a coordinator: start 'shardline serve --function ...' and pass "
+            "--coordinator URL (an embedded run uses local workers)"
+        )
 
     configured = aws_configured()
     embedded = args.markers == "embedded" or (args.markers == "auto" and not configured)
@@ -571,6 +638,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     embedded = not aws_configured()
     fields: dict[str, Any] = {"jobs_table": args.jobs_table} if args.jobs_table else {}
+    if args.lambda_concurrency:
+        fields["lambda_concurrency"] = args.lambda_concurrency
     settings = ServeSettings(
         host=args.host,
         port=args.port,
@@ -583,6 +652,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_processes=args.max_processes,
         drain_timeout_s=args.drain_timeout,
         embedded_dynamodb=embedded,
+        default_backend=args.backend,
+        lambda_function=args.function,
+        lambda_region=args.lambda_region,
+        staging=args.staging,
+        exchange_tls_cert=args.exchange_tls_cert,
+        exchange_tls_key=args.exchange_tls_key,
+        exchange_ca=args.exchange_ca,
         **fields,
     )
 
@@ -725,6 +801,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"cannot read task file {args.task}: {exc.strerror}") from None
 
 
+def _cmd_package_worker(args: argparse.Namespace) -> int:
+    from .packaging import HANDLER, build_worker_zip
+
+    package = build_worker_zip(
+        args.output, architecture=args.architecture, python_version=args.python_version, pip_args=args.pip_arg
+    )
+    print(
+        f"wrote {package.path} ({package.files} files, {package.zipped_bytes / 2**20:.1f} MiB zipped, "
+        f"{package.unzipped_bytes / 2**20:.1f} MiB unzipped); handler {HANDLER}, runtime python{args.python_version}, "
+        f"{args.architecture}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own_args, command = _split_command(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
@@ -739,7 +830,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args, command)
         if command is not None:
             parser.error(f"'{args.subcommand}' takes no command after --")
-        commands = {"serve": _cmd_serve, "status": _cmd_status, "cancel": _cmd_cancel, "worker": _cmd_worker}
+        commands = {
+            "serve": _cmd_serve,
+            "status": _cmd_status,
+            "cancel": _cmd_cancel,
+            "worker": _cmd_worker,
+            "package-worker": _cmd_package_worker,
+        }
         return commands[args.subcommand](args)
     except ConfigurationError as exc:
         print(f"shardline: {exc}", file=sys.stderr)

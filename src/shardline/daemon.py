@@ -1,9 +1,10 @@
 """`shardline serve`: the coordinator daemon's composition root.
 
 Wires DynamoDB (the configured one, or an embedded endpoint when there is no
-AWS configuration), the job store, the exchange listener, local worker
-processes and the `Coordinator`, then serves the HTTP API until SIGTERM or
-SIGINT.  Shutdown drains: new jobs are refused at once, running jobs get
+AWS configuration), the job store, the exchange listener (TLS when given a
+certificate), the backends (local worker processes, and AWS Lambda when
+given a function) and the `Coordinator`, then serves the HTTP API until
+SIGTERM or SIGINT.  Shutdown drains: new jobs are refused at once, running jobs get
 `drain_timeout_s` to finish, and whatever is still running then is stopped
 with its state left in the store, so the next `shardline serve` resumes it.
 
@@ -25,16 +26,21 @@ from aiohttp import web
 from .aws import AwsSettings, client
 from .coordinator import (
     DEFAULT_JOBS_TABLE,
+    DEFAULT_LAMBDA_CONCURRENCY,
+    Backend,
     Coordinator,
     CoordinatorSettings,
     DynamoJobStore,
     ExchangeServer,
+    LambdaBackend,
     LocalProcessBackend,
     ensure_jobs_table,
     ensure_marker_table,
     make_app,
+    server_tls_context,
 )
 from .embedded import EmbeddedDynamoDB
+from .errors import ConfigurationError
 from .protocol import DEFAULT_MARKER_TABLE
 
 __all__ = ["ServeSettings", "serve"]
@@ -65,6 +71,61 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
     #: Keep job state in an embedded DynamoDB-compatible endpoint (lost on exit).
     embedded_dynamodb: bool = False
+    #: Backend for jobs that name none: "local" or "lambda".
+    default_backend: str = "local"
+    #: The Lambda worker function (name or ARN); enables the "lambda" backend.
+    lambda_function: str | None = None
+    lambda_region: str | None = None
+    lambda_concurrency: int = DEFAULT_LAMBDA_CONCURRENCY
+    #: s3://bucket/prefix/ where Lambda workers upload attempt outputs.
+    staging: str | None = None
+    #: PEM files: the exchange's certificate chain and key (TLS on), and the
+    #: CA workers verify it with (sent to them in each task).
+    exchange_tls_cert: str | None = None
+    exchange_tls_key: str | None = None
+    exchange_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_backend not in ("local", "lambda"):
+            raise ConfigurationError(f"--backend must be local or lambda, got {self.default_backend!r}")
+        if self.default_backend == "lambda" and self.lambda_function is None:
+            raise ConfigurationError("--backend lambda needs --function NAME_OR_ARN (the worker function)")
+        if self.lambda_function is not None and self.staging is None:
+            raise ConfigurationError(
+                "--function needs --staging s3://bucket/prefix/: Lambda workers upload their outputs there"
+            )
+        if (self.exchange_tls_cert is None) != (self.exchange_tls_key is None):
+            raise ConfigurationError("--exchange-tls-cert and --exchange-tls-key go together")
+        if self.exchange_ca is not None and self.exchange_tls_cert is None:
+            raise ConfigurationError("--exchange-ca needs --exchange-tls-cert and --exchange-tls-key")
+
+
+def _backends(settings: ServeSettings, aws: AwsSettings) -> dict[str, Backend]:
+    """The daemon's backends, the default first."""
+    backends: dict[str, Backend] = {"local": LocalProcessBackend(max_processes=settings.max_processes)}
+    if settings.lambda_function is not None:
+        assert settings.staging is not None
+        backends["lambda"] = LambdaBackend(
+            function=settings.lambda_function,
+            staging=settings.staging,
+            aws=aws,
+            region=settings.lambda_region,
+            max_concurrency=settings.lambda_concurrency,
+        )
+        if settings.exchange_tls_cert is None:
+            log.warning("Lambda workers will reach the exchange over plain TCP: pass --exchange-tls-cert/-key")
+    default = backends.pop(settings.default_backend)
+    return {settings.default_backend: default, **backends}
+
+
+def _read_ca(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="ascii") as file:
+            return file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the exchange CA {path!r}: {exc}") from exc
 
 
 async def serve(
@@ -93,14 +154,18 @@ async def serve(
             await ensure_marker_table(dynamodb, settings.markers_table)
             await ensure_jobs_table(dynamodb, settings.jobs_table)
 
-            exchange = ExchangeServer(host=settings.exchange_host, port=settings.exchange_port)
+            tls = None
+            if settings.exchange_tls_cert is not None and settings.exchange_tls_key is not None:
+                tls = server_tls_context(settings.exchange_tls_cert, settings.exchange_tls_key)
+            exchange = ExchangeServer(host=settings.exchange_host, port=settings.exchange_port, tls=tls)
             await exchange.start()
             stack.push_async_callback(exchange.aclose)
-            backend = LocalProcessBackend(max_processes=settings.max_processes)
-            stack.push_async_callback(backend.aclose)
+            backends = _backends(settings, aws)
+            for backend in backends.values():
+                stack.push_async_callback(backend.aclose)
             coordinator = Coordinator(
                 aws=aws,
-                backends={"local": backend},
+                backends=backends,
                 store=DynamoJobStore(dynamodb, settings.jobs_table),
                 exchange=exchange,
                 settings=CoordinatorSettings(
@@ -108,6 +173,7 @@ async def serve(
                     jobs_table=settings.jobs_table,
                     spool_dir=settings.spool_dir,
                     advertise_host=settings.advertise_host,
+                    exchange_ca=_read_ca(settings.exchange_ca),
                 ),
             )
             await stack.enter_async_context(coordinator)

@@ -32,6 +32,7 @@ __all__ = [
     "SourceNotFoundError",
     "StaleAttemptError",
     "StorageError",
+    "TimeBudgetError",
 ]
 
 
@@ -147,6 +148,11 @@ def _signal_name(number: int) -> str:
 class StaleAttemptError(ShardlineError):
     """A write by a shard attempt that is no longer current: it was fenced
     (superseded by a retry, or the shard was committed by another attempt)."""
+
+
+class TimeBudgetError(ShardlineError):
+    """A worker stopped because its runtime's time limit (a Lambda's
+    timeout) was about to end; another attempt may well finish."""
 
 
 class CoverageError(ShardlineError):

@@ -290,14 +290,10 @@ class S3Source(ObjectSource):
         self.bucket = bucket
         self.key = key
         self.description = f"s3://{bucket}/{key}"
-        self._aws = aws
-        self._exit_stack = AsyncExitStack()
-        self._client: Any = None
-        self._client_lock = asyncio.Lock()
-        self._closed = False
+        self._s3 = LazyClient(aws, "s3")
 
     async def stat(self) -> ObjectInfo:
-        s3 = await self._s3()
+        s3 = await self._s3.get()
         try:
             response = await s3.head_object(Bucket=self.bucket, Key=self.key)
         except Exception as exc:
@@ -309,7 +305,7 @@ class S3Source(ObjectSource):
         return ObjectInfo(size=int(response["ContentLength"]), etag=str(response["ETag"]))
 
     async def _not_found_error(self) -> Exception:
-        s3 = await self._s3()
+        s3 = await self._s3.get()
         try:
             await s3.head_bucket(Bucket=self.bucket)
         except Exception as exc:
@@ -333,7 +329,7 @@ class S3Source(ObjectSource):
         # Half-open everywhere else; the Range header's end is inclusive.
         byte_range = f"bytes={start}-{start + wanted - 1}"
         what = f"{self.description} {byte_range}"
-        s3 = await self._s3()
+        s3 = await self._s3.get()
         try:
             response = await s3.get_object(Bucket=self.bucket, Key=self.key, Range=byte_range, IfMatch=etag)
         except Exception as exc:
@@ -368,19 +364,8 @@ class S3Source(ObjectSource):
             # returning a half-read stream to the pool.
             body.close()
 
-    async def _s3(self) -> Any:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
-        if self._client is None:
-            async with self._client_lock:
-                if self._client is None:
-                    self._client = await self._exit_stack.enter_async_context(client(self._aws, "s3"))
-        return self._client
-
     async def aclose(self) -> None:
-        self._closed = True
-        self._client = None
-        await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
+        await self._s3.aclose()
 
 
 def _chunk_reader(body: Any) -> Callable[[int], Any]:
@@ -407,6 +392,34 @@ def _http_status(exc: BaseException) -> int | None:
     if not isinstance(response, dict):
         return None
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+class LazyClient:
+    """One aiobotocore client for `service`, created on first use (so an
+    owner that never calls costs nothing; concurrent first uses share one)
+    and closed by `aclose()`, after which it refuses to make another."""
+
+    def __init__(self, aws: AwsSettings, service: str) -> None:
+        self._aws = aws
+        self._service = service
+        self._exit_stack = AsyncExitStack()
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def get(self) -> Any:
+        if self._closed:
+            raise RuntimeError(f"the {self._service} client is closed")
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await self._exit_stack.enter_async_context(client(self._aws, self._service))
+        return self._client
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._client = None
+        await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
 
 
 async def wait_uncancellable(future: asyncio.Future[Any]) -> None:

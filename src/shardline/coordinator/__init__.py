@@ -6,9 +6,10 @@ function, and results come back over the exchange.
 """
 
 from ._backends import Backend, LocalProcessBackend, WorkerExit
-from ._exchange import ExchangeHooks, ExchangeServer
+from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
 from ._http import make_app
 from ._job import CoordinatorSettings, OutputPiece
+from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._service import Coordinator, JobProgress, JobReport, ShardReport, choose_spool_dir, copy_piece, run_job
 from ._spec import JobSpec, JobView, ShardTimeouts, ShardView
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
@@ -16,6 +17,7 @@ from ._tables import ensure_jobs_table, ensure_marker_table, marker_table_create
 
 __all__ = [
     "DEFAULT_JOBS_TABLE",
+    "DEFAULT_LAMBDA_CONCURRENCY",
     "Backend",
     "Coordinator",
     "CoordinatorSettings",
@@ -27,6 +29,7 @@ __all__ = [
     "JobSpec",
     "JobStore",
     "JobView",
+    "LambdaBackend",
     "LocalProcessBackend",
     "MemoryJobStore",
     "OutputPiece",
@@ -41,4 +44,5 @@ __all__ = [
     "make_app",
     "marker_table_create_command",
     "run_job",
+    "server_tls_context",
 ]

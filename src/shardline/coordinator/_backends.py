@@ -55,6 +55,10 @@ class Backend(abc.ABC):
     """Runs shard attempts."""
 
     name: str
+    #: run() returns when the worker's runtime ends.  A backend that cannot
+    #: see that (an asynchronous Lambda invoke) sets False, and the job
+    #: cancels run() once it is done with the attempt, committed or not.
+    observes_exit: bool = True
 
     @abc.abstractmethod
     async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
@@ -64,6 +68,14 @@ class Backend(abc.ABC):
 
     async def prestart(self, count: int) -> None:  # noqa: B027 - optional hook
         """Warm up for about `count` attempts about to be run (optional)."""
+
+    def output_location(self, job_id: str, shard: int, attempt: int) -> str | None:
+        """Where an attempt writes its output when its worker cannot write to
+        the coordinator's spool (an ``s3://`` URL), or None: the spool."""
+        return None
+
+    async def discard_outputs(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """Delete whatever attempt outputs of `job_id` are left at `output_location`."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources."""

@@ -6,21 +6,22 @@
 #
 # The relay keeps one HEAD per (job, shard) and a set of sessions waiting for
 # it.  Everything a job needs to decide (accept a session, commit a result) is
-# asked of the job's `ExchangeHooks` synchronously; this module only moves
-# frames.  A misbehaving connection (garbage, wrong secret, replayed or
-# oversized frames, frames illegal in its state) is logged and closed; it
-# cannot touch any job's state.
+# asked of the job's `ExchangeHooks`; this module only moves frames.  A
+# misbehaving connection (garbage, wrong secret, replayed or oversized frames,
+# frames illegal in its state) is logged and closed; it cannot touch any
+# job's state.
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import ProtocolError, RemoteProtocolError
+from ..errors import ConfigurationError, ProtocolError, RemoteProtocolError
 from ..protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
@@ -40,7 +41,7 @@ from ..protocol import (
 )
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 
-__all__ = ["ExchangeHooks", "ExchangeServer"]
+__all__ = ["ExchangeHooks", "ExchangeServer", "server_tls_context"]
 
 log = logging.getLogger("shardline.coordinator.exchange")
 
@@ -61,7 +62,7 @@ class ExchangeHooks(Protocol):
 
     def on_progress(self, hello: Hello, progress: Progress) -> None: ...
 
-    def on_done(self, hello: Hello, done: Done) -> bool:
+    async def on_done(self, hello: Hello, done: Done) -> bool:
         """Return True if this attempt's result is committed."""
 
     def on_failed(self, hello: Hello, failed: Failed) -> None: ...
@@ -95,10 +96,16 @@ class ExchangeServer:
     """The exchange listener; register jobs before their workers start."""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int = 0, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host = host
         self._port = port
+        self._tls = tls
         self._max_frame_bytes = max_frame_bytes
         self._jobs: dict[str, _JobRelay] = {}
         self._server: asyncio.base_events.Server | None = None
@@ -115,8 +122,19 @@ class ExchangeServer:
 
     async def start(self) -> None:
         # Every worker of a job dials in at once: a deep accept queue.
-        self._server = await asyncio.start_server(self._accept, self._host, self._port, backlog=LISTEN_BACKLOG)
-        log.info("exchange listening on %s:%d", *self.address)
+        self._server = await asyncio.start_server(
+            self._accept,
+            self._host,
+            self._port,
+            backlog=LISTEN_BACKLOG,
+            ssl=self._tls,
+            ssl_handshake_timeout=HELLO_TIMEOUT_S if self._tls else None,
+        )
+        log.info("exchange listening on %s:%d%s", *self.address, " (TLS)" if self._tls else "")
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
 
     async def __aenter__(self) -> ExchangeServer:
         await self.start()
@@ -229,7 +247,7 @@ class ExchangeServer:
         elif isinstance(frame, Progress):
             relay.hooks.on_progress(hello, frame)
         elif isinstance(frame, Done):
-            committed = relay.hooks.on_done(hello, frame)
+            committed = await relay.hooks.on_done(hello, frame)
             await connection.send(Ack(committed=committed))
         elif isinstance(frame, Failed):
             relay.hooks.on_failed(hello, frame)
@@ -243,3 +261,20 @@ class ExchangeServer:
             await connection.send(Fragment.relaying(head))
         except OSError as exc:  # the waiter left; it will use the marker or scan
             log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)
+
+
+def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The exchange's TLS context: its certificate chain and key (PEM files).
+
+    Workers verify the certificate against the CA they are given, for the
+    host name they dial (the coordinator's advertised host).
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"cannot load the exchange's TLS certificate {cert_file!r} and key {key_file!r}: {exc}"
+        ) from exc
+    return context

@@ -66,9 +66,10 @@ from ..protocol import (
     next_shard_state,
 )
 from ..retry import RetryPolicy
+from ..s3bucket import S3Bucket, is_s3_url
 from ._backends import Backend
 from ._metrics import CoordinatorMetrics
-from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum
+from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum, output_size
 from ._spec import JobView, ShardView
 from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
@@ -89,7 +90,11 @@ class CoordinatorSettings:
     #: a root that survives it.
     spool_dir: str | None = None
     #: Address workers use to reach the exchange (the listener's own by default).
+    #: With TLS it must be a name the exchange's certificate holds.
     advertise_host: str | None = None
+    #: PEM of the CA that workers verify a TLS exchange's certificate with
+    #: (sent in each task); None: the workers' system trust store.
+    exchange_ca: str | None = None
     #: How long a finished job and its kept output stay available.
     retain_s: float = 3600.0
     #: Backoff before retry n is min(max, base * 2**(n-1)), with jitter.
@@ -184,6 +189,8 @@ class JobContext:
     settings: CoordinatorSettings
     metrics: CoordinatorMetrics
     exchange_address: tuple[str, int]
+    #: Workers dial the exchange over TLS (and verify it with settings.exchange_ca).
+    exchange_tls: bool
     dynamodb: Any  # for marker fences
     retry_policy: RetryPolicy = RetryPolicy()
 
@@ -287,6 +294,7 @@ class Job:
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
             await self._stop_attempts()
+            await self._discard_remote_outputs()
         if self.failure is None:
             self._move(JobEvent.SUCCEED)
             self._sweep_spool()
@@ -371,9 +379,12 @@ class Job:
             etag=self.record.etag or "",
             delimiter=self.spec.delimiter,
             command=self.spec.command,
-            output_path=os.path.join(self.record.spool_dir, f"shard-{shard.index:05d}.attempt-{attempt}.out"),
+            output_path=self.backend.output_location(self.id, shard.index, attempt)
+            or self._spool_path(shard.index, attempt),
             exchange_host=self.context.settings.advertise_host or host,
             exchange_port=port,
+            exchange_tls=self.context.exchange_tls,
+            exchange_ca=self.context.settings.exchange_ca if self.context.exchange_tls else None,
             secret=self.record.secret,
             markers_table=self.context.settings.markers_table,
             max_line_bytes=self.spec.max_line_bytes,
@@ -381,6 +392,9 @@ class Job:
             max_in_flight_bytes=self.spec.max_in_flight_bytes,
             aws=self.context.aws.to_dict(),
         )
+
+    def _spool_path(self, index: int, attempt: int) -> str:
+        return os.path.join(self.record.spool_dir, f"shard-{index:05d}.attempt-{attempt}.out")
 
     def _launch(self, shard: _Shard, *, speculative: bool = False) -> None:
         number = shard.next_attempt
@@ -414,7 +428,8 @@ class Job:
             if shard.live.get(attempt.number) is attempt:
                 self._end_attempt(shard, attempt, cause, retryable=True, reason="failed")
         finally:
-            if shard.committed is None or shard.committed.attempt != attempt.number:
+            uncommitted = shard.committed is None or shard.committed.attempt != attempt.number
+            if uncommitted and not is_s3_url(attempt.task.output_path):  # remote ones go with the job's staging
                 with contextlib.suppress(OSError):
                     os.unlink(attempt.task.output_path)
 
@@ -574,7 +589,7 @@ class Job:
             if shard.committed is None:
                 shard.bytes_emitted = max(shard.bytes_emitted, progress.bytes_emitted)
 
-    def on_done(self, hello: Hello, done: Done) -> bool:
+    async def on_done(self, hello: Hello, done: Done) -> bool:
         found = self._live(hello)
         if found is None:
             self._refuse(hello, "DONE refused")
@@ -582,7 +597,11 @@ class Job:
         shard, attempt = found
         if shard.state is not ShardState.RUNNING:
             return False
-        problem = self._check_done(shard, attempt, done)
+        problem = self._check_done(shard, done)
+        if problem is None:
+            problem = await self._check_output_size(attempt.task.output_path, done.output_bytes)
+            if self._live(hello) is None or shard.state is not ShardState.RUNNING:
+                return False  # stopped, or a twin committed, while we looked
         if problem is not None:
             self._end_attempt(shard, attempt, problem, retryable=True, reason="failed")
             return False
@@ -602,6 +621,8 @@ class Job:
         shard.error = None
         shard.move(ShardEvent.COMMIT)
         del shard.live[attempt.number]
+        if not self.backend.observes_exit and attempt.runner is not None:
+            attempt.runner.cancel()  # nothing else would end it (and free its slot)
         for loser in list(shard.live.values()):  # a slower twin: stop it
             shard.live.pop(loser.number)
             if loser.runner is not None:
@@ -627,8 +648,8 @@ class Job:
     def on_disconnect(self, hello: Hello) -> None:
         pass  # the heartbeat deadline and the backend notice a worker that is gone
 
-    def _check_done(self, shard: _Shard, attempt: _Attempt, done: Done) -> str | None:
-        """Why `done` cannot be committed, or None."""
+    def _check_done(self, shard: _Shard, done: Done) -> str | None:
+        """Why `done`'s boundary cannot be committed, or None."""
         shard_range = shard.range
         if done.line_start and not shard_range.start <= done.emitted_start < shard_range.end:
             return f"DONE starts at {done.emitted_start}, outside its range [{shard_range.start}, {shard_range.end})"
@@ -639,13 +660,32 @@ class Job:
                 f"DONE boundary {done.emitted_start} (line start: {done.line_start}) disagrees with the HEAD "
                 f"{shard.boundary[0]} (line start: {shard.boundary[1]})"
             )
-        try:
-            size = os.path.getsize(attempt.task.output_path)
-        except OSError as exc:
-            return f"output file unreadable: {exc}"
-        if size != done.output_bytes:
-            return f"output file has {size} bytes, DONE says {done.output_bytes}"
         return None
+
+    async def _check_output_size(self, location: str, output_bytes: int) -> str | None:
+        """Why the attempt's output at `location` does not match DONE, or None."""
+        try:
+            size = await output_size(location, self.context.aws)
+        except (OSError, ShardlineError) as exc:
+            return f"output unreadable: {exc}"
+        if size is None:
+            return f"output {location} does not exist"
+        if size != output_bytes:
+            return f"output {location} has {size} bytes, DONE says {output_bytes}"
+        return None
+
+    async def _fetch_output(self, shard: _Shard, committed: CommittedAttempt) -> CommittedAttempt:
+        """Bring a remote worker's committed output into the spool; every
+        reader of outputs (release, destination, reduce) reads local files."""
+        local = self._spool_path(shard.index, committed.attempt)
+        bucket, key = S3Bucket.for_url(committed.output_path, aws=self.context.aws)
+        async with bucket:
+            await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
+            with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
+                await bucket.request("delete_object", Key=key)
+        shard.committed = replace(committed, output_path=local)
+        await self._save_shard(shard)
+        return shard.committed
 
     # -- ordered release, destination, reduce ----------------------------------------
 
@@ -666,6 +706,8 @@ class Job:
             committed = shard.committed
             assert committed is not None
             coverage.admit(shard.index, shard.range.start, shard.range.end, committed)
+            if is_s3_url(committed.output_path):
+                committed = await self._fetch_output(shard, committed)
             self.released = shard.index + 1
             self._notify()
             if self.destination is not None and committed.published is None:
@@ -743,6 +785,12 @@ class Job:
             except ShardlineError as exc:
                 log.error("job %s: could not remove partial output at %s: %s", self.id, self.destination.url, exc)
         shutil.rmtree(self.record.spool_dir, ignore_errors=True)
+
+    async def _discard_remote_outputs(self) -> None:
+        try:
+            await self.backend.discard_outputs(self.id)
+        except ShardlineError as exc:  # leftovers cost storage, not correctness
+            log.warning("job %s: could not remove attempt outputs: %s", self.id, exc)
 
     def _sweep_spool(self) -> None:
         """Delete whatever stale attempts left in the spool: only committed

@@ -37,21 +37,20 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Self
 
-from ..aws import AwsSettings, client, translate_error
+from ..aws import AwsSettings
 from ..command import CommandOutput
 from ..errors import (
     ConfigurationError,
     CoverageError,
-    InputError,
     RetryableStorageError,
     ShardlineError,
     StorageError,
 )
-from ..retry import RetryPolicy, retry
+from ..retry import RetryPolicy
+from ..s3bucket import DEFAULT_MULTIPART_PART_BYTES, DEFAULT_MULTIPART_THRESHOLD_BYTES, S3Bucket, is_s3_url
 from ..sources import wait_uncancellable
 
 __all__ = [
@@ -64,6 +63,7 @@ __all__ = [
     "build_manifest",
     "file_checksum",
     "open_destination",
+    "output_size",
 ]
 
 log = logging.getLogger("shardline.coordinator.outputs")
@@ -82,15 +82,6 @@ _S3_SCHEME = "s3://"
 #: botocore's own bucket-name check (it accepts legacy names too).
 _S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 
-#: Defaults as in the AWS CLI: a file above 8 MiB goes in 8 MiB parts.
-DEFAULT_MULTIPART_THRESHOLD_BYTES = 8 * 1024 * 1024
-DEFAULT_MULTIPART_PART_BYTES = 8 * 1024 * 1024
-#: S3 refuses smaller parts (except the last one of an upload).
-_S3_MIN_PART_BYTES = 5 * 1024 * 1024
-#: S3 allows at most this many parts per upload; bigger files get bigger parts.
-_S3_MAX_PARTS = 10_000
-#: DeleteObjects takes at most this many keys per request.
-_S3_DELETE_BATCH = 1000
 
 #: Bytes moved per step by local copies, checksums and the reduce feed.
 _CHUNK_BYTES = 1024 * 1024
@@ -170,12 +161,8 @@ def open_destination(url: str, aws: AwsSettings) -> Destination:
 
 
 class S3Destination(Destination):
-    """Objects under one S3 prefix, written through the shared retry loop.
-
-    A file bigger than `multipart_threshold_bytes` goes by multipart upload,
-    read from disk one part at a time, so memory per upload stays one part.
-    The aiobotocore client is created on first use and closed by `aclose()`.
-    """
+    """Objects under one S3 prefix, written through `S3Bucket` (the shared
+    retry loop; multipart uploads above `multipart_threshold_bytes`)."""
 
     def __init__(
         self,
@@ -189,21 +176,16 @@ class S3Destination(Destination):
     ) -> None:
         if prefix and not prefix.endswith("/"):
             raise ValueError(f"S3 prefix must be empty or end with '/', got {prefix!r}")
-        if multipart_part_bytes < _S3_MIN_PART_BYTES:
-            raise ValueError(f"multipart_part_bytes must be >= {_S3_MIN_PART_BYTES}, got {multipart_part_bytes}")
-        if multipart_threshold_bytes < 0:
-            raise ValueError(f"multipart_threshold_bytes must be >= 0, got {multipart_threshold_bytes}")
+        self._bucket = S3Bucket(
+            bucket,
+            aws=aws,
+            retry_policy=retry_policy,
+            multipart_threshold_bytes=multipart_threshold_bytes,
+            multipart_part_bytes=multipart_part_bytes,
+        )
         self.bucket = bucket
         self.prefix = prefix
         self.url = f"{_S3_SCHEME}{bucket}/{prefix}"
-        self._aws = aws
-        self._retry_policy = retry_policy
-        self._multipart_threshold_bytes = multipart_threshold_bytes
-        self._multipart_part_bytes = multipart_part_bytes
-        self._exit_stack = AsyncExitStack()
-        self._client: Any = None
-        self._client_lock = asyncio.Lock()
-        self._closed = False
 
     async def check(self) -> None:
         # Writing (and deleting) a probe is the only way to learn that we may
@@ -211,8 +193,8 @@ class S3Destination(Destination):
         probe = f"{self.prefix}.shardline-write-check-{uuid.uuid4().hex}"
         what = f"cannot write to {self.url}"
         try:
-            await self._request("put_object", what=what, Key=probe, Body=b"")
-            await self._request("delete_object", what=what, Key=probe)
+            await self._bucket.request("put_object", what=what, Key=probe, Body=b"")
+            await self._bucket.request("delete_object", what=what, Key=probe)
         except RetryableStorageError:
             raise  # S3 is having trouble, the destination may well be fine
         except ShardlineError as exc:
@@ -227,166 +209,28 @@ class S3Destination(Destination):
     async def put_manifest(self, manifest: Mapping[str, Any]) -> str:
         key = self.prefix + _MANIFEST_NAME
         body = _manifest_bytes(manifest)
-        await self._request("put_object", Key=key, Body=body, ContentType="application/json")
-        return self._location(key)
+        await self._bucket.request("put_object", Key=key, Body=body, ContentType="application/json")
+        return self._bucket.location(key)
 
     async def remove(self) -> None:
-        await self._request("delete_object", Key=self.prefix + _MANIFEST_NAME)
-        for key, upload_id in await self._our_uploads():
-            # A multipart upload left open by a crash still costs storage.
-            await self._request("abort_multipart_upload", Key=key, UploadId=upload_id)
-        keys = await self._our_keys()
-        for start in range(0, len(keys), _S3_DELETE_BATCH):
-            batch = keys[start : start + _S3_DELETE_BATCH]
-            response = await self._request(
-                "delete_objects", Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}
-            )
-            if errors := response.get("Errors"):
-                first = errors[0]
-                raise StorageError(
-                    f"cannot delete {self._location(first.get('Key', '?'))}: "
-                    f"{first.get('Code', '?')}: {first.get('Message', '')} ({len(errors)} keys not deleted)"
-                )
+        await self._bucket.request("delete_object", Key=self.prefix + _MANIFEST_NAME)
+        for key, upload_id in await self._bucket.list_uploads(self.prefix):
+            if self._is_ours(key):  # a multipart upload left open by a crash still costs storage
+                await self._bucket.request("abort_multipart_upload", Key=key, UploadId=upload_id)
+        keys = [key for key in await self._bucket.list_keys(self.prefix, delimiter="/") if self._is_ours(key)]
+        await self._bucket.delete_keys(keys)
         log.info("removed %d objects from %s", len(keys), self.url)
 
     async def aclose(self) -> None:
-        self._closed = True
-        self._client = None
-        await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
-
-    # -- uploads -------------------------------------------------------------
+        await self._bucket.aclose()
 
     async def _upload_file(self, name: str, path: str) -> str:
         key = self.prefix + name
-        try:
-            size = os.stat(path).st_size
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        if size <= self._multipart_threshold_bytes:
-            await self._request("put_object", Key=key, body_from=(path, 0, size))
-        else:
-            await self._multipart_upload(key, path, size)
-        log.debug("uploaded %s (%d bytes) to %s", path, size, self._location(key))
-        return self._location(key)
-
-    async def _multipart_upload(self, key: str, path: str, size: int) -> None:
-        part_bytes = max(self._multipart_part_bytes, -(-size // _S3_MAX_PARTS))
-        # CRC32 part checksums, as boto3's own transfer manager sends them.
-        response = await self._request("create_multipart_upload", Key=key, ChecksumAlgorithm="CRC32")
-        upload_id = response["UploadId"]
-        try:
-            parts = []
-            for number, offset in enumerate(range(0, size, part_bytes), start=1):
-                response = await self._request(
-                    "upload_part",
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    ChecksumAlgorithm="CRC32",
-                    body_from=(path, offset, min(part_bytes, size - offset)),
-                )
-                part = {"PartNumber": number, "ETag": response["ETag"]}
-                if "ChecksumCRC32" in response:
-                    part["ChecksumCRC32"] = response["ChecksumCRC32"]
-                parts.append(part)
-            await self._request(
-                "complete_multipart_upload", Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
-        except BaseException:
-            # Shielded: a cancelled upload must still free its stored parts.
-            with contextlib.suppress(Exception):
-                await wait_uncancellable(asyncio.ensure_future(self._abort_upload(key, upload_id)))
-            raise
-
-    async def _abort_upload(self, key: str, upload_id: str) -> None:
-        try:
-            await self._request("abort_multipart_upload", Key=key, UploadId=upload_id)
-        except ShardlineError as exc:
-            log.warning("could not abort multipart upload of %s: %s", self._location(key), exc)
-
-    # -- listing -------------------------------------------------------------
-
-    async def _our_keys(self) -> list[str]:
-        keys = []
-        params: dict[str, Any] = {"Prefix": self.prefix, "Delimiter": "/"}
-        while True:
-            page = await self._request("list_objects_v2", **params)
-            keys += [item["Key"] for item in page.get("Contents", ()) if self._is_ours(item["Key"])]
-            if not page.get("IsTruncated"):
-                return keys
-            params["ContinuationToken"] = page["NextContinuationToken"]
-
-    async def _our_uploads(self) -> list[tuple[str, str]]:
-        uploads = []
-        params: dict[str, Any] = {"Prefix": self.prefix}
-        while True:
-            page = await self._request("list_multipart_uploads", **params)
-            uploads += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", ()) if self._is_ours(u["Key"])]
-            if not page.get("IsTruncated"):
-                return uploads
-            params["KeyMarker"] = page["NextKeyMarker"]
-            params["UploadIdMarker"] = page["NextUploadIdMarker"]
+        await self._bucket.upload_file(key, path)
+        return self._bucket.location(key)
 
     def _is_ours(self, key: str) -> bool:
         return key.startswith(self.prefix) and _OUR_NAME.fullmatch(key[len(self.prefix) :]) is not None
-
-    # -- requests ------------------------------------------------------------
-
-    async def _request(
-        self,
-        operation: str,
-        *,
-        what: str | None = None,
-        body_from: tuple[str, int, int] | None = None,
-        **params: Any,
-    ) -> Any:
-        """One S3 call through the retry loop; errors name `what` (default: the
-        object's location).  `body_from` = (path, offset, length): the body is
-        read from that file afresh for every attempt, so it is only in memory
-        while being sent."""
-        what = what or self._location(params.get("Key", self.prefix))
-
-        async def attempt() -> Any:
-            s3 = await self._s3()
-            call = dict(params)
-            if body_from is not None:
-                call["Body"] = await asyncio.to_thread(_read_range, *body_from)
-            try:
-                return await getattr(s3, operation)(Bucket=self.bucket, **call)
-            except Exception as exc:
-                error = translate_error(exc, what=what)
-                if isinstance(error, InputError):
-                    # "No such bucket" or "access denied" here is about where
-                    # output goes, not about the job's input.
-                    error = StorageError(str(error))
-                raise error from exc
-
-        return await retry(attempt, policy=self._retry_policy, describe=f"{operation} {what}")
-
-    async def _s3(self) -> Any:
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
-        if self._client is None:
-            async with self._client_lock:
-                if self._client is None:
-                    self._client = await self._exit_stack.enter_async_context(client(self._aws, "s3"))
-        return self._client
-
-    def _location(self, key: str) -> str:
-        return f"{_S3_SCHEME}{self.bucket}/{key}"
-
-
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    """Bytes [offset, offset + length) of `path` (thread pool)."""
-    try:
-        with open(path, "rb") as file:
-            file.seek(offset)
-            data = file.read(length)
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) != length:
-        raise StorageError(f"{path} shrank while being uploaded: wanted {length} bytes at offset {offset}")
-    return data
 
 
 # --- local directory ----------------------------------------------------------
@@ -539,6 +383,18 @@ def _fsync_directory(path: str) -> None:
 
 
 # --- checksums and the manifest -----------------------------------------------
+
+
+async def output_size(location: str, aws: AwsSettings) -> int | None:
+    """Size of an attempt's output, a local file or an ``s3://`` object; None if missing."""
+    if is_s3_url(location):
+        bucket, key = S3Bucket.for_url(location, aws=aws)
+        async with bucket:
+            return await bucket.size_of(key)
+    try:
+        return os.path.getsize(location)
+    except FileNotFoundError:
+        return None
 
 
 async def file_checksum(path: str) -> str:

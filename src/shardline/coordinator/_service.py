@@ -28,6 +28,7 @@ from ..errors import (
     ConfigurationError,
     JobNotFoundError,
     NotAcceptingJobsError,
+    ShardlineError,
 )
 from ..protocol import JobState, ShardState, new_job_secret
 from ..sources import open_source
@@ -35,7 +36,7 @@ from ._backends import Backend
 from ._exchange import ExchangeServer
 from ._job import CoordinatorSettings, Job, JobContext, OutputPiece
 from ._metrics import CoordinatorMetrics, render_prometheus
-from ._outputs import Destination, open_destination
+from ._outputs import Destination, open_destination, output_size
 from ._spec import JobSpec, JobView
 from ._store import JobRecord, JobStore, MemoryJobStore, ShardRecord
 
@@ -114,6 +115,7 @@ class Coordinator:
             settings=self.settings,
             metrics=self.metrics,
             exchange_address=self.exchange.address,
+            exchange_tls=self.exchange.tls,
             dynamodb=dynamodb,
         )
         self._janitor = asyncio.create_task(self._expire_finished_jobs(), name="coordinator-janitor")
@@ -190,7 +192,7 @@ class Coordinator:
             if loaded is None:
                 continue
             record, shards = loaded
-            shards = [self._check_kept_output(record, shard) for shard in shards]
+            shards = [await self._check_kept_output(record, shard) for shard in shards]
             try:
                 backend = self._backend(record.spec.backend)
                 destination = await self._destination(record.spec) if not record.state.is_final else None
@@ -214,15 +216,15 @@ class Coordinator:
                 log.info("job %s resumed: %d of %d shards already committed", job.id, done, len(shards))
         return resumed
 
-    def _check_kept_output(self, record: JobRecord, shard: ShardRecord) -> ShardRecord:
-        """A committed shard whose output file is gone (e.g. the spool did not
+    async def _check_kept_output(self, record: JobRecord, shard: ShardRecord) -> ShardRecord:
+        """A committed shard whose output is gone (e.g. the spool did not
         survive a reboot) must run again."""
         committed = shard.committed
         if committed is None or record.state.is_final:
             return shard
         try:
-            intact = os.path.getsize(committed.output_path) == committed.output_bytes
-        except OSError:
+            intact = await output_size(committed.output_path, self.aws) == committed.output_bytes
+        except (OSError, ShardlineError):
             intact = False
         if intact:
             return shard

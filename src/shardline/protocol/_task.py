@@ -29,9 +29,16 @@ class ShardTask:
     etag: str
     delimiter: bytes = b"\n"
     command: str | None = None  # run with `sh -c`; None passes bytes through
-    output_path: str  # where this attempt writes its output
+    #: Where this attempt writes its output: a local path, or "s3://bucket/key"
+    #: for a worker that shares no disk with the coordinator (Lambda), which
+    #: uploads it there before reporting DONE.
+    output_path: str
     exchange_host: str | None = None  # None: no exchange (markers and own scan only)
     exchange_port: int | None = None
+    #: Dial the exchange over TLS, verifying its certificate for exchange_host
+    #: against `exchange_ca` (PEM), or the system's trust store when None.
+    exchange_tls: bool = False
+    exchange_ca: str | None = None
     secret: bytes = b""
     markers_table: str
     max_line_bytes: int | None = None
@@ -47,6 +54,8 @@ class ShardTask:
             raise ConfigurationError(f"task attempt must be >= 0, got {self.attempt}")
         if (self.exchange_host is None) != (self.exchange_port is None):
             raise ConfigurationError("task needs both exchange_host and exchange_port, or neither")
+        if self.exchange_ca is not None and not self.exchange_tls:
+            raise ConfigurationError("task has an exchange_ca but exchange_tls is off")
         if self.max_line_bytes is not None and self.max_line_bytes < 1:
             raise ConfigurationError(f"max_line_bytes must be >= 1, got {self.max_line_bytes}")
         if self.part_size_bytes < 1 or self.max_in_flight_bytes < self.part_size_bytes:

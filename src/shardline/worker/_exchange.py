@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 
-from ..errors import ProtocolError, ShardlineError, StaleAttemptError
+from ..errors import ConfigurationError, ProtocolError, ShardlineError, StaleAttemptError
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -33,7 +34,7 @@ from ..protocol import (
     Want,
 )
 
-__all__ = ["ExchangeClient", "ExchangeUnavailable"]
+__all__ = ["ExchangeClient", "ExchangeUnavailable", "client_tls_context"]
 
 log = logging.getLogger("shardline.worker.exchange")
 
@@ -57,8 +58,10 @@ class ExchangeClient:
         attempt: int,
         secret: bytes,
         connect_timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._address = (host, port)
+        self._tls = tls
         self._identity = dict(job_id=job_id, shard=shard, attempt=attempt, secret=secret)
         self._connect_timeout_s = connect_timeout_s
         self._session: ExchangeSession | None = None
@@ -90,7 +93,15 @@ class ExchangeClient:
             # asyncio.timeout rather than wait_for throughout: on 3.11 wait_for
             # can swallow a cancellation that arrives as its operation finishes.
             async with asyncio.timeout(self._connect_timeout_s):
-                reader, writer = await asyncio.open_connection(*self._address)
+                reader, writer = await asyncio.open_connection(
+                    *self._address, ssl=self._tls, server_hostname=self._address[0] if self._tls else None
+                )
+        except ssl.SSLCertVerificationError as exc:
+            # No retry fixes a certificate we do not trust: say so at once.
+            raise ConfigurationError(
+                f"exchange at {self._address[0]}:{self._address[1]} presented a certificate we cannot verify: "
+                f"{exc.verify_message or exc}"
+            ) from exc
         except (TimeoutError, OSError) as exc:
             raise ExchangeUnavailable(f"cannot reach exchange at {self._address[0]}:{self._address[1]}: {exc}") from exc
         self._session, self._reader, self._writer = session, reader, writer
@@ -261,3 +272,12 @@ class ExchangeClient:
 
     async def aclose(self) -> None:
         await asyncio.shield(self._drop_connection())
+
+
+def client_tls_context(ca_pem: str | None) -> ssl.SSLContext:
+    """Verify the exchange's certificate against `ca_pem`, or the system's
+    trust store when None; host names are checked."""
+    try:
+        return ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"the task's exchange CA is not a usable PEM certificate: {exc}") from exc

@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import tempfile
 import zlib
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
@@ -36,6 +38,7 @@ from ..errors import (
     MarkerConflictError,
     ShardlineError,
     StaleAttemptError,
+    TimeBudgetError,
 )
 from ..protocol import (
     Boundary,
@@ -50,8 +53,9 @@ from ..protocol import (
     ShardTask,
 )
 from ..retry import RetryPolicy
+from ..s3bucket import S3Bucket, is_s3_url
 from ..sources import ObjectSource, open_source
-from ._exchange import ExchangeClient, ExchangeUnavailable
+from ._exchange import ExchangeClient, ExchangeUnavailable, client_tls_context
 from ._markers import MarkerStore
 from ._reader import RangedReader, ReaderSettings, fetch_range
 
@@ -107,10 +111,15 @@ class ShardResult:
         return self.emitted_end - self.emitted_start
 
 
-async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -> ShardResult:
+async def run_task(
+    task: ShardTask, *, settings: WorkerSettings | None = None, time_budget_s: float | None = None
+) -> ShardResult:
     """Run one shard attempt described by `task`; raises ShardlineError on failure.
 
     The failure is also reported to the exchange (FAILED) when there is one.
+    With `time_budget_s`, the shard's work (download, command, upload) stops
+    after that many seconds with TimeBudgetError, reported like any failure,
+    so a runtime with a hard limit (Lambda) says why before it is killed.
     """
     settings = settings or WorkerSettings()
     aws = AwsSettings.from_dict(task.aws)
@@ -124,6 +133,7 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
                 shard=task.shard,
                 attempt=task.attempt,
                 secret=task.secret,
+                tls=client_tls_context(task.exchange_ca) if task.exchange_tls else None,
             )
             stack.push_async_callback(exchange.aclose)
             try:
@@ -134,7 +144,16 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
         try:
             source = await stack.enter_async_context(open_source(task.source, aws))
             dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
-            output = _make_output(task, settings)
+            upload_to: tuple[S3Bucket, str] | None = None
+            output_path = task.output_path
+            if is_s3_url(task.output_path):
+                # A remote worker: write locally (Lambda's /tmp), upload before DONE.
+                bucket, key = S3Bucket.for_url(task.output_path, aws=aws, retry_policy=settings.retry)
+                stack.push_async_callback(bucket.aclose)
+                upload_to = bucket, key
+                output_path = _local_output_path(task)
+                stack.callback(_remove_quietly, output_path)
+            output = _make_output(task, output_path, settings)
             stack.push_async_callback(output.aclose)
             run = _ShardRun(
                 task=task,
@@ -144,10 +163,22 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
                 exchange=exchange,
                 output=output,
             )
-            result = await run.execute()
+            budget = asyncio.timeout(time_budget_s)
+            try:
+                async with budget:
+                    result = await run.execute()
+                    if upload_to is not None:
+                        bucket, key = upload_to
+                        await bucket.upload_file(key, output_path)
+            except TimeoutError:
+                if not budget.expired():
+                    raise
+                raise TimeBudgetError(
+                    f"shard {task.shard} attempt {task.attempt} ran out of its {time_budget_s:.0f}s time budget"
+                ) from None
         except ShardlineError as exc:
             if exchange is not None:
-                failed = Failed(kind=type(exc).__name__, message=str(exc), retryable=_retryable(exc))
+                failed = Failed(kind=type(exc).__name__, message=str(exc), retryable=is_retryable(exc))
                 with contextlib.suppress(ExchangeUnavailable, StaleAttemptError):
                     await exchange.report(failed, timeout_s=settings.report_timeout_s)
             raise
@@ -173,21 +204,31 @@ async def run_task(task: ShardTask, *, settings: WorkerSettings | None = None) -
 _FINAL_ERRORS = (InputError, ConfigurationError, MarkerConflictError, StaleAttemptError)
 
 
-def _retryable(exc: ShardlineError) -> bool:
+def is_retryable(exc: ShardlineError) -> bool:
     """Whether the coordinator may retry the shard after `exc` (commands, storage: yes)."""
     return not isinstance(exc, _FINAL_ERRORS)
 
 
-def _make_output(task: ShardTask, settings: WorkerSettings) -> ShardOutput:
+def _local_output_path(task: ShardTask) -> str:
+    name = f"shardline-{task.job_id}-{task.shard:05d}.attempt-{task.attempt}.out"
+    return os.path.join(tempfile.gettempdir(), name)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) -> ShardOutput:
     if task.command is None:
-        return PassthroughOutput(task.output_path)
+        return PassthroughOutput(output_path)
     env = {
         "SHARDLINE_JOB_ID": task.job_id,
         "SHARDLINE_SHARD": str(task.shard),
         "SHARDLINE_SHARDS": str(task.shards),
         "SHARDLINE_ATTEMPT": str(task.attempt),
     }
-    return CommandOutput(task.command, task.output_path, env=env, stderr_tail_bytes=settings.stderr_tail_bytes)
+    return CommandOutput(task.command, output_path, env=env, stderr_tail_bytes=settings.stderr_tail_bytes)
 
 
 class _ShardRun:

@@ -1,0 +1,134 @@
+"""AWS Lambda entry point of a shardline worker.
+
+Handler string: ``shardline.worker.lambda_handler.handler``.  The invoke
+event is the shard task as a JSON object (`ShardTask.to_json()`), sent by
+the coordinator's `lambda` backend.  The handler runs the shard exactly as a
+local worker does (`run_task`); the task's ``output_path`` is an
+``s3://`` URL, so the output is uploaded there before DONE is reported.
+
+- Time: the shard stops `SHARDLINE_LAMBDA_RESERVE_MS` (default 10000) before
+  the function's timeout and reports FAILED, so the coordinator retries at
+  once instead of waiting out a heartbeat deadline.
+- Result: a JSON object ``{"ok", "job_id", "shard", "attempt", "detail",
+  "retryable", "bytes", "output_bytes", "tail_sources"}``.  A failed shard
+  is *returned*, never raised: the coordinator owns retries, and an error
+  raised here would make Lambda retry an asynchronous invoke on its own.
+- Logs: one JSON object per line (CloudWatch Logs Insights reads the
+  fields), with the job, shard and attempt on every line.
+
+Imports only `shardline.worker`, `shardline.protocol` and the shared I/O
+helpers, so a deployment package needs nothing else (`shardline
+package-worker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from ..errors import ConfigurationError, ShardlineError
+from ..protocol import ShardTask
+from ._shard import WorkerSettings, is_retryable, run_task
+
+__all__ = ["DEFAULT_RESERVE_MS", "JsonLogFormatter", "handler"]
+
+log = logging.getLogger("shardline.worker.lambda")
+
+#: Time kept back from the function's timeout to report a failure.
+DEFAULT_RESERVE_MS = 10_000
+#: Attributes every LogRecord has; anything else was passed in `extra`.
+_STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, extras
+    (such as the runtime's aws_request_id).  `end` is appended for handlers
+    that, unlike StreamHandler, write the formatted text as it is
+    (awslambdaric's)."""
+
+    def __init__(self, *, end: str = "", **fields: Any) -> None:
+        super().__init__()
+        self.end = end
+        self.fields = fields
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **self.fields,
+        }
+        entry.update((k, v) for k, v in record.__dict__.items() if k not in _STANDARD_ATTRIBUTES and v is not None)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str) + self.end
+
+
+def _configure_logging(**fields: Any) -> None:
+    """JSON lines on the runtime's own log handlers (or stdout outside Lambda)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stdout))
+    for log_handler in root.handlers:
+        end = "" if isinstance(log_handler, logging.StreamHandler) else "\n"
+        log_handler.setFormatter(JsonLogFormatter(end=end, **fields))
+    root.setLevel(os.environ.get("SHARDLINE_LOG_LEVEL", "INFO").upper())
+    for noisy in ("botocore", "aiobotocore", "aioboto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def handler(event: Any, context: Any) -> dict[str, Any]:
+    """Run the shard attempt in `event`; see the module docstring."""
+    started = time.monotonic()
+    try:
+        task = ShardTask.from_json(event if isinstance(event, (str, bytes)) else json.dumps(event))
+    except (ConfigurationError, TypeError) as exc:
+        _configure_logging()
+        log.error("rejected invoke event: %s", exc)
+        return {"ok": False, "detail": str(exc), "retryable": False}
+    _configure_logging(job_id=task.job_id, shard=task.shard, attempt=task.attempt)
+    reserve_s = int(os.environ.get("SHARDLINE_LAMBDA_RESERVE_MS", DEFAULT_RESERVE_MS)) / 1000
+    remaining_s = context.get_remaining_time_in_millis() / 1000 if context is not None else None
+    budget_s = None if remaining_s is None else max(remaining_s - reserve_s, 1.0)
+    # The FAILED report must fit in the reserve too.
+    settings = replace(WorkerSettings(), report_timeout_s=min(WorkerSettings().report_timeout_s, reserve_s / 2))
+    outcome: dict[str, Any] = {"job_id": task.job_id, "shard": task.shard, "attempt": task.attempt}
+    log.info("starting shard %d of %d (time budget %s s)", task.shard, task.shards, budget_s and round(budget_s))
+    try:
+        result = asyncio.run(run_task(task, settings=settings, time_budget_s=budget_s))
+    except ShardlineError as exc:
+        log.error("shard failed: %s: %s", type(exc).__name__, exc)
+        return {**outcome, "ok": False, "detail": f"{type(exc).__name__}: {exc}", "retryable": is_retryable(exc)}
+    except Exception as exc:  # a bug: still an answer, never a raise (see above)
+        log.exception("shard failed with an internal error")
+        return {**outcome, "ok": False, "detail": f"internal error: {type(exc).__name__}: {exc}", "retryable": True}
+    detail = (
+        "committed"
+        if result.committed
+        else "finished; the coordinator did not commit it (a twin won, or it was fenced)"
+    )
+    log.info(
+        "shard done: %s",
+        detail,
+        extra={
+            "bytes": result.bytes,
+            "output_bytes": result.output_bytes,
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    )
+    return {
+        **outcome,
+        "ok": bool(result.committed),
+        "detail": detail,
+        "retryable": None,
+        "bytes": result.bytes,
+        "output_bytes": result.output_bytes,
+        "tail_sources": list(result.tail_sources),
+    }
