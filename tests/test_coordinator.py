@@ -141,8 +141,9 @@ async def test_rogue_clients_are_dropped_and_the_job_is_unaffected(tmp_path, aws
 
 async def test_replayed_session_is_dropped(tmp_path, aws_settings):
     # Bytes recorded from a genuine worker session (HELLO, then WANT), replayed
-    # on a new connection: the exchange answers with a fresh nonce, so the
-    # recorded WANT fails authentication and nothing is pushed.
+    # on a new connection: the exchange remembers the HELLO's nonce and refuses
+    # the session before WELCOME, so nothing is pushed and the replay cannot
+    # pass for the attempt's liveness either.
     path = tmp_path / "input"
     path.write_bytes(DATA)
     backend = GatedBackend()
@@ -164,7 +165,7 @@ async def test_replayed_session_is_dropped(tmp_path, aws_settings):
         recorded += genuine.send(Want(shard=1))
         writer.close()
         answer = await _rogue(exchange.address, recorded)
-        assert len(answer) == len(welcome)  # a WELCOME, and then nothing
+        assert answer == b""  # not even a WELCOME
         assert exchange.rejected_connections == 1
         backend.gate.set()
         await job

@@ -90,6 +90,9 @@ class _JobRelay:
     heads: dict[int, Head] = field(default_factory=dict)
     #: Sessions waiting for a shard's HEAD, with the time each WANT arrived.
     waiting: dict[int, dict[_Connection, float]] = field(default_factory=dict)
+    #: Every HELLO nonce seen: a captured HELLO replayed verbatim authenticates,
+    #: and would otherwise pass for the attempt's liveness.
+    hello_nonces: set[str] = field(default_factory=set)
 
 
 class ExchangeServer:
@@ -188,7 +191,11 @@ class ExchangeServer:
                     if frame is CLOSED:
                         return
                     if isinstance(frame, Hello):
-                        hello, relay = frame, self._jobs[frame.job_id]  # the secret lookup proved it exists
+                        relay = self._jobs[frame.job_id]  # the secret lookup proved it exists
+                        if frame.nonce in relay.hello_nonces:
+                            raise RemoteProtocolError("replayed HELLO (its nonce was used before)")
+                        relay.hello_nonces.add(frame.nonce)
+                        hello = frame
                         refusal = relay.hooks.on_connect(hello)
                         await connection.send(connection.session.welcome())
                         if refusal is not None:
