@@ -483,6 +483,8 @@ def build_manifest(
         raise ValueError(f"shard indexes must be 0..{len(ordered) - 1}, got {[s.index for s in ordered]}")
     covered = 0
     for shard in ordered:
+        if not shard.bytes:
+            continue  # no line starts here: it lies inside a predecessor's range
         if shard.emitted[0] != covered:
             kind = "gap" if shard.emitted[0] > covered else "overlap"
             raise CoverageError(f"shard {shard.index} emitted {list(shard.emitted)}: {kind} after byte {covered}")
