@@ -1,0 +1,145 @@
+"""The `lambda` backend end to end, through the real Lambda runtime.
+
+Workers run as the deployment package built by `shardline package-worker`
+(unzipped, as Lambda lays it out) under the AWS Lambda Runtime Interface
+Emulator and `awslambdaric` (tests/lambdaemu.py); the coordinator's real
+`LambdaBackend` invokes them with aioboto3 (`InvocationType=Event`) through
+an endpoint speaking the Lambda Invoke API.  S3 and DynamoDB are moto, and
+the exchange runs over TLS with a CA made in the test, as a Lambda
+deployment does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from shardline.coordinator import CoordinatorSettings, JobSpec, LambdaBackend, ShardTimeouts, server_tls_context
+from shardline.errors import ConfigurationError
+
+from corpus import random_mix
+from jobs import run_job_on_exchange, sequential_reference
+from lambdaemu import LambdaEmulator
+from tlsca import make_ca
+
+HANDLER = "shardline.worker.lambda_handler.handler"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    return make_ca(tmp_path_factory.mktemp("lambda-tls"))
+
+
+def _emulator(moto, worker_package_dir, tmp_path, **kwargs) -> LambdaEmulator:
+    return LambdaEmulator(
+        HANDLER,
+        pythonpath=[worker_package_dir],  # the package first: it must be all the handler needs
+        env={**moto.env(), **kwargs.pop("env", {})},
+        log_dir=tmp_path / "lambda-logs",
+        **kwargs,
+    )
+
+
+async def _run_on_lambda(emulator, *, aws_settings, ca, s3, bucket, data, command, shards=4, **spec_fields):
+    s3.put_object(Bucket=bucket, Key="input.txt", Body=data)
+    aws = replace(aws_settings, lambda_endpoint_url=emulator.url)
+    backend = LambdaBackend(function=emulator.arn, staging=f"s3://{bucket}/staging/", aws=aws, max_concurrency=4)
+    output, report = await run_job_on_exchange(
+        JobSpec(source=f"s3://{bucket}/input.txt", shards=shards, command=command, backend="lambda", **spec_fields),
+        aws=aws,
+        backend=backend,
+        settings=CoordinatorSettings(exchange_ca=ca.ca_pem, advertise_host="localhost"),
+        tls=server_tls_context(str(ca.server_cert), str(ca.server_key)),
+    )
+    return output, report, backend
+
+
+def _staging_keys(s3, bucket) -> list[str]:
+    return [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="staging/").get("Contents", [])]
+
+
+async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+    data = random_mix(31, 400_000) + b"\n" + b"L" * 150_000 + b"\nlast line without newline"
+    command = "tr a-j A-J"
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=3) as emulator:
+        output, report, _ = await _run_on_lambda(
+            emulator, aws_settings=aws_settings, ca=ca, s3=s3, bucket=bucket, data=data, command=command, shards=5
+        )
+        await emulator.until_idle(60)
+        ran = emulator.ran()
+        assert len(ran) >= 5 and all(inv.function_error is None for inv in ran), [inv.result for inv in ran]
+        results = [inv.json() for inv in ran]
+        # Every event was the task as a JSON object, over TLS, writing to the staging prefix.
+        events = [inv.event for inv in ran]
+        assert all(e["exchange_tls"] and e["output_path"].startswith(f"s3://{bucket}/staging/") for e in events)
+        lines = [line for i in range(3) for line in emulator.handler_lines(i) if line.strip()]
+    assert output == sequential_reference(data, command)
+    assert [shard.attempt for shard in report.shards] == [0] * 5
+    assert sum(r["ok"] for r in results) == 5 and {r["detail"] for r in results if r["ok"]} == {"committed"}
+    assert _staging_keys(s3, bucket) == []
+    # CloudWatch-friendly: one JSON object per line, naming the shard.
+    parsed = [json.loads(line) for line in lines]
+    assert parsed and all({"time", "level", "message", "job_id", "shard", "attempt"} <= p.keys() for p in parsed)
+
+
+async def test_handler_out_of_time_reports_and_is_retried(
+    moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path
+):
+    data = b"".join(b"line %05d\n" % i for i in range(2000))
+    # Shard 1's first attempt outlives its Lambda; every later attempt is quick.
+    command = 'if [ "$SHARDLINE_SHARD" = 1 ] && [ "$SHARDLINE_ATTEMPT" = 0 ]; then sleep 60; fi; cat'
+    env = {"SHARDLINE_LAMBDA_RESERVE_MS": "3000"}
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=2, timeout_s=8, env=env) as emulator:
+        output, report, _ = await _run_on_lambda(
+            emulator, aws_settings=aws_settings, ca=ca, s3=s3, bucket=bucket, data=data, command=command
+        )
+        await emulator.until_idle(60)
+        results = [inv.json() for inv in emulator.ran() if not inv.timed_out]
+    assert output == data
+    assert report.shards[1].attempt == 1 and report.retries >= 1
+    out_of_time = [r for r in results if r.get("shard") == 1 and r.get("attempt") == 0]
+    assert out_of_time and "TimeBudgetError" in out_of_time[0]["detail"], out_of_time
+    assert out_of_time[0]["retryable"] is True
+
+
+async def test_function_killed_mid_shard_is_reinvoked(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+    """The runtime dies without a word (as when Lambda kills it): the heartbeat
+    deadline notices, and the shard is invoked again as a new attempt."""
+    data = b"".join(b"record %05d\n" % i for i in range(3000))
+    command = 'if [ "$SHARDLINE_SHARD" = 2 ] && [ "$SHARDLINE_ATTEMPT" = 0 ]; then kill -9 $PPID; sleep 30; fi; cat'
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=2) as emulator:
+        output, report, _ = await _run_on_lambda(
+            emulator,
+            aws_settings=aws_settings,
+            ca=ca,
+            s3=s3,
+            bucket=bucket,
+            data=data,
+            command=command,
+            timeouts=ShardTimeouts(start_s=60, heartbeat_s=3, total_s=120),
+        )
+    assert output == data
+    assert report.shards[2].attempt >= 1
+
+
+async def test_throttled_invokes_back_off_and_succeed(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+    data = b"".join(b"%d\n" % i for i in range(5000))
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=2) as emulator:
+        emulator.throttle_next(5)
+        output, _, backend = await _run_on_lambda(
+            emulator, aws_settings=aws_settings, ca=ca, s3=s3, bucket=bucket, data=data, command=None
+        )
+        throttled = [inv for inv in emulator.invocations if inv.throttled]
+    assert output == data
+    assert len(throttled) == 5 and backend.throttled == 5
+
+
+def test_lambda_backend_configuration_errors(aws_settings):
+    with pytest.raises(ConfigurationError, match="function"):
+        LambdaBackend(function="not a name!", staging="s3://b/p/", aws=aws_settings)
+    with pytest.raises(ConfigurationError, match="staging"):
+        LambdaBackend(function="shardline-worker", staging="/local/dir", aws=aws_settings)
+    backend = LambdaBackend(function="shardline-worker", staging="s3://b/pre", aws=aws_settings)
+    assert backend.output_location("j", 3, 1) == "s3://b/pre/j/shard-00003.attempt-1.out"
