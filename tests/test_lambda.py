@@ -20,6 +20,7 @@ from shardline.coordinator import CoordinatorSettings, JobSpec, LambdaBackend, S
 from shardline.errors import ConfigurationError
 
 from corpus import random_mix
+from daemons import Daemon, clean_env, request, submit
 from jobs import run_job_on_exchange, sequential_reference
 from lambdaemu import LambdaEmulator
 from tlsca import make_ca
@@ -143,3 +144,35 @@ def test_lambda_backend_configuration_errors(aws_settings):
         LambdaBackend(function="shardline-worker", staging="/local/dir", aws=aws_settings)
     backend = LambdaBackend(function="shardline-worker", staging="s3://b/pre", aws=aws_settings)
     assert backend.output_location("j", 3, 1) == "s3://b/pre/j/shard-00003.attempt-1.out"
+
+
+def test_serve_with_the_lambda_backend_over_tls(moto, s3, bucket, ca, worker_package_dir, tmp_path):
+    """`shardline serve --backend lambda ...` as a process: the flags as the
+    README gives them, a job submitted over HTTP, its output exact."""
+    data = random_mix(41, 200_000)
+    s3.put_object(Bucket=bucket, Key="input.txt", Body=data)
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=2) as emulator:
+        env = clean_env(tmp_path, **moto.env(), AWS_ENDPOINT_URL_LAMBDA=emulator.url)
+        server = Daemon(
+            tmp_path,
+            env,
+            "--backend", "lambda",
+            "--function", emulator.arn,
+            "--staging", f"s3://{bucket}/staging/",
+            "--lambda-concurrency", "2",
+            "--advertise-host", "localhost",
+            "--exchange-tls-cert", str(ca.server_cert),
+            "--exchange-tls-key", str(ca.server_key),
+            "--exchange-ca", str(ca.ca_cert),
+        )  # fmt: skip
+        try:
+            job_id = submit(server, source=f"s3://{bucket}/input.txt", shards=3, command="rev")
+            status, output = request(f"{server.url}/jobs/{job_id}/output")
+            _, body = request(f"{server.url}/jobs/{job_id}")
+        finally:
+            assert server.stop() == 0, server.log()
+        ran = emulator.ran()
+    assert status == 200 and output == sequential_reference(data, "rev")
+    assert json.loads(body)["state"] == "succeeded"
+    assert len(ran) >= 3 and all(inv.event["exchange_tls"] for inv in ran)
+    assert _staging_keys(s3, bucket) == []
