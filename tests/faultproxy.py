@@ -64,7 +64,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from shardline.protocol import FrameType
+from shardline.protocol import FrameType, ShardRange
 
 __all__ = [
     "DOWN",
@@ -87,6 +87,7 @@ __all__ = [
     "dynamodb_error",
     "dynamodb_rule",
     "dynamodb_throttle",
+    "in_shard",
     "s3_error",
     "s3_internal_error",
     "s3_slow_down",
@@ -835,3 +836,14 @@ def _next_frame(buffer: bytearray) -> tuple[str, bytes] | bool | None:
     except ValueError:
         kind = f"type-{type_code}"
     return kind, bytes(buffer[:total])
+
+
+def in_shard(size: int, shards: int, index: int) -> Callable[[ProxyRequest], bool]:
+    """Matches ranged GETs that start inside shard `index`'s download [s_i - 1, s_{i+1})."""
+    shard = ShardRange.of(size, shards, index)
+
+    def within(request: ProxyRequest) -> bool:
+        span = request.byte_range
+        return span is not None and shard.fetch_start <= span[0] < shard.end
+
+    return within

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ssl
 import subprocess
+from collections.abc import Callable
 
 from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
@@ -13,10 +15,56 @@ from shardline.coordinator import (
     ExchangeServer,
     JobReport,
     JobSpec,
+    WorkerExit,
     ensure_marker_table,
     run_job,
 )
 from shardline.embedded import InProcessBackend, run_embedded
+from shardline.protocol import ShardTask
+
+
+class OrderedBackend(Backend):
+    """Runs attempts through `inner`, one at a time, in the given shard order."""
+
+    name = "ordered"
+
+    def __init__(self, order: list[int], inner: Backend) -> None:
+        self._order = order
+        self._finished = {shard: asyncio.Event() for shard in order}
+        self._inner = inner
+
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
+        position = self._order.index(task.shard)
+        if position:
+            await self._finished[self._order[position - 1]].wait()
+        try:
+            return await self._inner.run(task, on_started=on_started)
+        finally:
+            self._finished[task.shard].set()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+#: A Python program that reads stdin like a busy command: takes a first
+#: chunk, stops reading for argv[1] seconds, then copies the rest at argv[2]
+#: bytes/s.
+PACED_READER = """\
+import sys, time
+pause, rate = float(sys.argv[1]), float(sys.argv[2])
+src, dst = sys.stdin.buffer, sys.stdout.buffer
+first = True
+while chunk := src.read1(65536):
+    dst.write(chunk)
+    time.sleep(pause if first else len(chunk) / rate)
+    first = False
+dst.flush()
+"""
+
+
+def only_in_attempt(shard: int, attempt: int, then: str) -> str:
+    """A shell snippet that runs `then` only in the given shard attempt."""
+    return f'if [ "$SHARDLINE_SHARD" = {shard} ] && [ "$SHARDLINE_ATTEMPT" = {attempt} ]; then {then}; fi'
 
 
 async def run_job_inprocess(

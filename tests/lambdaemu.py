@@ -48,7 +48,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from servers import free_ports
 
 __all__ = [
     "SAM_CLI_REQUIREMENT",
@@ -240,16 +241,6 @@ class Invocation:
 # One execution environment
 
 
-def _free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-        return ports
-
-
 class _RieProcess:
     """One aws-lambda-rie process: one invoke at a time, its own ports, dirs and log."""
 
@@ -274,7 +265,7 @@ class _RieProcess:
         return self.popen is not None and self.popen.poll() is None
 
     def spawn(self, rie: Path, command: list[str], env: dict[str, str], log_level: str) -> None:
-        self.port, self.api_port = _free_ports(2)
+        self.port, self.api_port = free_ports(2)
         argv = [
             str(rie),
             "--runtime-interface-emulator-address",

@@ -86,15 +86,15 @@ from faultproxy import (
     ExchangeRelay,
     Fault,
     FaultProxy,
-    ProxyRequest,
     Rule,
     Stall,
     dynamodb_rule,
     dynamodb_throttle,
+    in_shard,
     s3_internal_error,
     s3_slow_down,
 )
-from jobs import sequential_reference
+from jobs import PACED_READER, only_in_attempt, sequential_reference
 from servers import Endpoint
 
 CI_JOBS = 50
@@ -122,18 +122,6 @@ S3_BUDGET = 5
 DYNAMODB_BUDGET = 4
 SETTINGS = CoordinatorSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.2, supervise_interval_s=0.05)
 
-#: Reads like a busy command: a first chunk, a pause, then RATE bytes/s.
-PACED_READER = """\
-import sys, time
-pause, rate = float(sys.argv[1]), float(sys.argv[2])
-src, dst = sys.stdin.buffer, sys.stdout.buffer
-first = True
-while chunk := src.read1(65536):
-    dst.write(chunk)
-    time.sleep(pause if first else len(chunk) / rate)
-    first = False
-dst.flush()
-"""
 
 # --- plans ---------------------------------------------------------------------------
 
@@ -262,20 +250,6 @@ class Plan:
         return self.must_fail() or self.overwrite_shard is not None
 
 
-def on(shard: int, attempt: int, then: str) -> str:
-    return f'if [ "$SHARDLINE_SHARD" = {shard} ] && [ "$SHARDLINE_ATTEMPT" = {attempt} ]; then {then}; fi; '
-
-
-def in_shard(size: int, shards: int, index: int) -> Callable[[ProxyRequest], bool]:
-    shard = ShardRange.of(size, shards, index)
-
-    def within(request: ProxyRequest) -> bool:
-        span = request.byte_range
-        return span is not None and shard.fetch_start <= span[0] < shard.end
-
-    return within
-
-
 def make_plan(number: int, paced_reader: Path) -> Plan:
     seed = f"{SEED}:{number}"
     rng = random.Random(seed)
@@ -377,17 +351,20 @@ def make_plan(number: int, paced_reader: Path) -> Plan:
                 plan.cuts.append(CutSession(frames=frames, when=when, direction=direction, shard=shard, attempt=0))
         elif kind == "worker_kill":
             shard = free_shard(kind)
-            snippets.append(on(shard, 0, f"head -c {rng.choice([0, 100, 5000])} >/dev/null; kill -9 $PPID; exit 1"))
+            snippets.append(
+                only_in_attempt(shard, 0, f"head -c {rng.choice([0, 100, 5000])} >/dev/null; kill -9 $PPID; exit 1")
+                + "; "
+            )
         elif kind == "worker_freeze":
             shard = free_shard(kind)
-            snippets.append(on(shard, 0, "kill -STOP $PPID; sleep 600"))
+            snippets.append(only_in_attempt(shard, 0, "kill -STOP $PPID; sleep 600") + "; ")
             heartbeat_s = 3.0
         elif kind == "worker_never_starts":
             plan.hang.add((free_shard(kind), 0))
             hang_start_s = 1.5
         elif kind == "command_fail_once":
             shard = free_shard(kind)
-            snippets.append(on(shard, 0, "echo 'chaos: transient failure' >&2; exit 7"))
+            snippets.append(only_in_attempt(shard, 0, "echo 'chaos: transient failure' >&2; exit 7") + "; ")
         elif kind == "command_fail_always":
             shard = plan.fail_always_shard = rng.randrange(shards)
             snippets.append(f"if [ \"$SHARDLINE_SHARD\" = {shard} ]; then echo 'chaos: poison shard' >&2; exit 9; fi; ")

@@ -52,7 +52,7 @@ from shardline.coordinator import (
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
-from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, FrameType, Head, ShardRange, ShardTask
+from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, FrameType, Head, ShardTask
 from shardline.protocol._frames import encode_payload
 from shardline.retry import RetryPolicy
 from shardline.worker import TailSource, WorkerSettings
@@ -64,15 +64,15 @@ from faultproxy import (
     ExchangeRelay,
     FaultProxy,
     ProxyRecord,
-    ProxyRequest,
     Rule,
     Stall,
     dynamodb_rule,
     dynamodb_throttle,
+    in_shard,
     s3_internal_error,
     s3_slow_down,
 )
-from jobs import sequential_reference
+from jobs import PACED_READER, OrderedBackend, only_in_attempt, sequential_reference
 from reference import reference_split
 from servers import Endpoint
 
@@ -93,22 +93,6 @@ def text(seed: int, size: int) -> bytes:
         out += b"%07d %s\n" % (number, bytes(rng.choice(b"abcdefghij ,;") for _ in range(rng.randint(0, 200))))
         number += 1
     return bytes(out)
-
-
-def on(shard: int, attempt: int, then: str) -> str:
-    """A shell snippet that runs `then` only in the given shard attempt."""
-    return f'if [ "$SHARDLINE_SHARD" = {shard} ] && [ "$SHARDLINE_ATTEMPT" = {attempt} ]; then {then}; fi'
-
-
-def in_shard(size: int, shards: int, index: int) -> Callable[[ProxyRequest], bool]:
-    """Matches ranged GETs that start inside shard `index`'s download [s_i - 1, s_{i+1})."""
-    shard = ShardRange.of(size, shards, index)
-
-    def within(request: ProxyRequest) -> bool:
-        span = request.byte_range
-        return span is not None and shard.fetch_start <= span[0] < shard.end
-
-    return within
 
 
 def resumed_after(records: list[ProxyRecord], cut: ProxyRecord) -> ProxyRecord | None:
@@ -327,19 +311,6 @@ async def test_first_byte_latency_below_and_above_the_read_timeout(
 
 # --- the slow consumer: the seed failure of this whole field ----------------------------
 
-#: Reads stdin like a busy command: takes a first chunk, stops reading for
-#: PAUSE seconds, then copies the rest at RATE bytes/s.
-PACED_READER = """\
-import sys, time
-pause, rate = float(sys.argv[1]), float(sys.argv[2])
-src, dst = sys.stdin.buffer, sys.stdout.buffer
-first = True
-while chunk := src.read1(65536):
-    dst.write(chunk)
-    time.sleep(pause if first else len(chunk) / rate)
-    first = False
-dst.flush()
-"""
 SLOW_TIMEOUT_S = 1.0
 SLOW_PAUSE_S = 1.5
 SLOW_RATE = 1_000_000.0
@@ -477,7 +448,7 @@ async def test_worker_frozen_after_sending_its_head_hits_the_heartbeat_deadline(
     source.write_bytes(data)
     pid_file = tmp_path / "frozen.pid"
     # Shard 1's first attempt tells us its worker's pid and then stops reading.
-    command = on(1, 0, f"echo $PPID > {pid_file}; sleep 600") + f"; {SED}"
+    command = only_in_attempt(1, 0, f"echo $PPID > {pid_file}; sleep 600") + f"; {SED}"
     spec = JobSpec(source=str(source), shards=3, command=command, timeouts=ShardTimeouts(heartbeat_s=3.0))
     async with ExchangeServer() as exchange, ExchangeRelay(exchange.address) as relay:
         backend = Rerouted(LocalProcessBackend(max_processes=3), relay)
@@ -523,29 +494,6 @@ async def test_worker_processes_that_never_start_fail_the_job_naming_the_shard(t
 # --- the exchange: sessions dropped before or after the fragment ------------------------
 
 
-class Ordered(Backend):
-    """In-process attempts, run one at a time in the given shard order."""
-
-    name = "ordered"
-
-    def __init__(self, order: list[int], inner: Backend) -> None:
-        self._order = order
-        self._finished = {shard: asyncio.Event() for shard in order}
-        self._inner = inner
-
-    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
-        position = self._order.index(task.shard)
-        if position:
-            await self._finished[self._order[position - 1]].wait()
-        try:
-            return await self._inner.run(task, on_started=on_started)
-        finally:
-            self._finished[task.shard].set()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 # Lines of 10 bytes; with 3 shards of 40 bytes no shard starts on a line start.
 HANDSHAKE_DATA = b"".join(b"line %04d\n" % i for i in range(12))
 
@@ -572,7 +520,7 @@ async def test_exchange_session_dropped_around_the_fragment(tmp_path, aws_settin
     # so what the dropped session did not deliver stays undelivered.
     worker = WorkerSettings(want_answer_timeout_s=60.0, reconnect_interval_s=600.0)
     async with ExchangeServer() as exchange, ExchangeRelay(exchange.address, [cut]) as relay:
-        backend = Ordered(order, Rerouted(InProcessBackend(worker_settings=worker), relay))
+        backend = OrderedBackend(order, Rerouted(InProcessBackend(worker_settings=worker), relay))
         async with service(aws_settings, backend, exchange=exchange) as svc:
             view = await svc.submit(JobSpec(source=str(source), shards=3))
             output, error = await outcome(svc, view.id)
@@ -742,7 +690,7 @@ async def test_command_failing_on_one_shard_is_retried_up_to_the_limit(tmp_path,
     source.write_bytes(data)
     runs = tmp_path / "runs.log"
     fail = "echo 'parse error near record 42' >&2; exit 5"
-    failing = f'if [ "$SHARDLINE_SHARD" = 2 ]; then {fail}; fi' if always else on(2, 0, fail)
+    failing = f'if [ "$SHARDLINE_SHARD" = 2 ]; then {fail}; fi' if always else only_in_attempt(2, 0, fail)
     command = f'echo "$SHARDLINE_SHARD $SHARDLINE_ATTEMPT" >> {runs}; {failing}; {SED}'
     spec = JobSpec(source=str(source), shards=4, command=command, max_attempts=3)
     async with service(aws_settings, quick_backend()) as svc:

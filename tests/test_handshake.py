@@ -16,48 +16,30 @@ moto server; the report's `tail_sources` says which path was taken.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from shardline.aws import AwsSettings, client
-from shardline.coordinator import Backend, WorkerExit, ensure_marker_table
+from shardline.coordinator import ensure_marker_table
 from shardline.embedded import InProcessBackend
 from shardline.errors import MarkerConflictError
 from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Marker, ShardTask
 from shardline.sources import open_source
 from shardline.worker import TailSource, WorkerSettings, run_task
 
-from jobs import run_job_inprocess
+from jobs import OrderedBackend, run_job_inprocess
 from reference import reference_split
 
 # Lines of 10 bytes; with 4 shards of 25 bytes no shard starts on a line start.
 DATA = b"".join(b"line %04d\n" % i for i in range(10))
 
 
-class OrderedBackend(Backend):
-    """Runs attempts in-process, one at a time, in the given shard order."""
-
-    name = "ordered"
-
-    def __init__(self, order: list[int]) -> None:
-        self._order = order
-        self._finished = {shard: asyncio.Event() for shard in order}
-        # Generous: on an overloaded machine the exchange's answer to WANT
-        # must still arrive before the worker gives up waiting for it.
-        self._inner = InProcessBackend(worker_settings=WorkerSettings(want_answer_timeout_s=60))
-
-    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
-        position = self._order.index(task.shard)
-        if position:
-            await self._finished[self._order[position - 1]].wait()
-        try:
-            return await self._inner.run(task, on_started=on_started)
-        finally:
-            self._finished[task.shard].set()
+def ordered(order: list[int]) -> OrderedBackend:
+    # Generous: on an overloaded machine the exchange's answer to WANT must
+    # still arrive before the worker gives up waiting for it.
+    return OrderedBackend(order, InProcessBackend(worker_settings=WorkerSettings(want_answer_timeout_s=60)))
 
 
 @pytest.fixture
@@ -113,7 +95,7 @@ async def test_tail_by_marker_when_neighbour_ran_without_exchange(tmp_path, aws_
 async def test_tail_by_pushed_fragment_when_neighbour_ran_first(tmp_path, aws_settings, marker_table):
     path = tmp_path / "input"
     path.write_bytes(DATA)
-    output, report = await run_job_inprocess(str(path), 4, aws=aws_settings, backend=OrderedBackend([3, 2, 1, 0]))
+    output, report = await run_job_inprocess(str(path), 4, aws=aws_settings, backend=ordered([3, 2, 1, 0]))
     assert output == DATA
     assert {s.index: s.tail_sources for s in report.shards} == {
         0: (TailSource.PUSHED,),
@@ -129,7 +111,7 @@ async def test_pushed_tail_runs_across_shards_without_line_start(tmp_path, aws_s
     data = b"a\n" + b"x" * 120 + b"\n" + b"tail line\n" * 3
     path = tmp_path / "input"
     path.write_bytes(data)
-    output, report = await run_job_inprocess(str(path), 4, aws=aws_settings, backend=OrderedBackend([3, 2, 1, 0]))
+    output, report = await run_job_inprocess(str(path), 4, aws=aws_settings, backend=ordered([3, 2, 1, 0]))
     assert output == data
     shard0 = next(s for s in report.shards if s.index == 0)
     assert shard0.tail_sources == (TailSource.PUSHED,) * 3
