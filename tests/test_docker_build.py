@@ -23,6 +23,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -44,6 +45,15 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     return result
 
 
+def _unavailable(reason: str) -> NoReturn:
+    """Skip, saying why; fail instead where an engine was promised (CI sets
+    SHARDLINE_REQUIRE_DOCKER=1 after starting one), so a broken engine is
+    never a silent skip there."""
+    if os.environ.get("SHARDLINE_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"SHARDLINE_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
 def _has_image(image: str) -> bool:
     return docker("image", "inspect", image, check=False).returncode == 0
 
@@ -51,16 +61,16 @@ def _has_image(image: str) -> bool:
 @pytest.fixture(scope="module")
 def engine() -> None:
     if shutil.which("docker") is None:
-        pytest.skip("no docker client on PATH")
+        _unavailable("no docker client on PATH")
     try:
         info = docker("info", "--format", "{{.ServerVersion}}", timeout=30, check=False)
     except subprocess.TimeoutExpired:
-        pytest.skip("no Docker engine reachable: `docker info` timed out")
+        _unavailable("no Docker engine reachable: `docker info` timed out")
     if info.returncode != 0:
         lines = (info.stderr or info.stdout).strip().splitlines()
-        pytest.skip(f"no Docker engine reachable: `docker info` failed: {lines[-1] if lines else info.returncode}")
+        _unavailable(f"no Docker engine reachable: `docker info` failed: {lines[-1] if lines else info.returncode}")
     if not _has_image(BASE_IMAGE):
-        pytest.skip(
+        _unavailable(
             f"base image {BASE_IMAGE} is not on the engine (nothing is pulled here): `docker pull {BASE_IMAGE}`, "
             'or eval "$(docker/local-engine.sh start)" and set SHARDLINE_DOCKER_BASE_IMAGE'
         )
