@@ -84,6 +84,17 @@ def _configure_logging(**fields: Any) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _reserve_s() -> float:
+    text = os.environ.get("SHARDLINE_LAMBDA_RESERVE_MS", str(DEFAULT_RESERVE_MS))
+    try:
+        reserve_ms = int(text)
+    except ValueError:
+        reserve_ms = -1
+    if reserve_ms < 0:
+        raise ConfigurationError(f"SHARDLINE_LAMBDA_RESERVE_MS must be a whole number of milliseconds, got {text!r}")
+    return reserve_ms / 1000
+
+
 def handler(event: Any, context: Any) -> dict[str, Any]:
     """Run the shard attempt in `event`; see the module docstring."""
     started = time.monotonic()
@@ -94,12 +105,17 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
         log.error("rejected invoke event: %s", exc)
         return {"ok": False, "detail": str(exc), "retryable": False}
     _configure_logging(job_id=task.job_id, shard=task.shard, attempt=task.attempt)
-    reserve_s = int(os.environ.get("SHARDLINE_LAMBDA_RESERVE_MS", DEFAULT_RESERVE_MS)) / 1000
+    outcome: dict[str, Any] = {"job_id": task.job_id, "shard": task.shard, "attempt": task.attempt}
+    try:
+        reserve_s = _reserve_s()
+    except ConfigurationError as exc:
+        log.error("%s", exc)
+        return {**outcome, "ok": False, "detail": str(exc), "retryable": False}
     remaining_s = context.get_remaining_time_in_millis() / 1000 if context is not None else None
     budget_s = None if remaining_s is None else max(remaining_s - reserve_s, 1.0)
-    # The FAILED report must fit in the reserve too.
-    settings = replace(WorkerSettings(), report_timeout_s=min(WorkerSettings().report_timeout_s, reserve_s / 2))
-    outcome: dict[str, Any] = {"job_id": task.job_id, "shard": task.shard, "attempt": task.attempt}
+    # The final report (DONE or FAILED) must fit in the reserve too.
+    report_timeout_s = min(WorkerSettings().report_timeout_s, max(reserve_s / 2, 1.0))
+    settings = replace(WorkerSettings(), report_timeout_s=report_timeout_s)
     log.info("starting shard %d of %d (time budget %s s)", task.shard, task.shards, budget_s and round(budget_s))
     try:
         result = asyncio.run(run_task(task, settings=settings, time_budget_s=budget_s))
