@@ -4,9 +4,10 @@ Wires DynamoDB (the configured one, or an embedded endpoint when there is no
 AWS configuration), the job store, the exchange listener (TLS when given a
 certificate), the backends (local worker processes, and AWS Lambda when
 given a function) and the `Coordinator`, then serves the HTTP API until
-SIGTERM or SIGINT.  Shutdown drains: new jobs are refused at once, running jobs get
-`drain_timeout_s` to finish, and whatever is still running then is stopped
-with its state left in the store, so the next `shardline serve` resumes it.
+SIGTERM or SIGINT.  Shutdown drains: new jobs are refused at once, running
+jobs get `drain_timeout_s` to finish, and whatever is still running then is
+stopped with its state left in the store, so the next `shardline serve`
+resumes it.
 
 Like `embedded`, this module may import `coordinator`, never `worker`:
 workers run as separate processes.

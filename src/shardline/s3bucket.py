@@ -28,7 +28,7 @@ __all__ = [
     "DEFAULT_MULTIPART_PART_BYTES",
     "DEFAULT_MULTIPART_THRESHOLD_BYTES",
     "S3Bucket",
-    "is_s3_url",
+    "S3Buckets",
 ]
 
 log = logging.getLogger("shardline.s3bucket")
@@ -44,10 +44,6 @@ _S3_MAX_PARTS = 10_000
 #: DeleteObjects takes at most this many keys per request.
 _S3_DELETE_BATCH = 1000
 _CHUNK_BYTES = 1024 * 1024
-
-
-def is_s3_url(location: str) -> bool:
-    return location.startswith(_S3_SCHEME)
 
 
 class S3Bucket:
@@ -148,7 +144,7 @@ class S3Bucket:
                 error = translate_error(exc, what=self.location(key))
                 if isinstance(error, SourceNotFoundError):
                     return None
-                raise self._error(exc, self.location(key)) from exc
+                raise _as_output_error(error) from exc
             return int(response["ContentLength"])
 
         return await retry(attempt, policy=self._retry_policy, describe=f"head {self.location(key)}")
@@ -230,10 +226,7 @@ class S3Bucket:
 
     @staticmethod
     def _error(exc: Exception, what: str) -> ShardlineError:
-        error = translate_error(exc, what=what)
-        if isinstance(error, InputError):
-            error = StorageError(str(error))
-        return error
+        return _as_output_error(translate_error(exc, what=what))
 
     async def _multipart_upload(self, key: str, path: str, size: int) -> None:
         part_bytes = max(self._multipart_part_bytes, -(-size // _S3_MAX_PARTS))
@@ -272,6 +265,36 @@ class S3Bucket:
 
     def __repr__(self) -> str:
         return f"S3Bucket({self.bucket!r})"
+
+
+def _as_output_error(error: ShardlineError) -> ShardlineError:
+    """An InputError as StorageError (see S3Bucket: these objects are outputs)."""
+    return StorageError(str(error)) if isinstance(error, InputError) else error
+
+
+class S3Buckets:
+    """One `S3Bucket` (so one client and connection pool) per bucket name,
+    for a long-lived owner that touches many objects: the coordinator checks
+    and fetches every remote attempt output through it, instead of paying a
+    client's setup per object.  Closed by `aclose()`."""
+
+    def __init__(self, aws: AwsSettings, *, retry_policy: RetryPolicy = RetryPolicy()) -> None:
+        self._aws = aws
+        self._retry_policy = retry_policy
+        self._buckets: dict[str, S3Bucket] = {}
+
+    def for_url(self, url: str) -> tuple[S3Bucket, str]:
+        """The bucket of "s3://bucket/key" and the key."""
+        name, key = parse_s3_url(url)
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = S3Bucket(name, aws=self._aws, retry_policy=self._retry_policy)
+        return bucket, key
+
+    async def aclose(self) -> None:
+        buckets, self._buckets = list(self._buckets.values()), {}
+        for bucket in buckets:
+            await bucket.aclose()
 
 
 def _read_range(path: str, offset: int, length: int) -> bytes:

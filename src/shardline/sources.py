@@ -19,6 +19,7 @@ import abc
 import asyncio
 import errno
 import os
+import re
 import stat as stat_module
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -53,6 +54,8 @@ OnBytes = Callable[[int], None]
 _CHUNK_BYTES = 1024 * 1024
 
 _S3_SCHEME = "s3://"
+#: botocore's own bucket-name check (it accepts legacy names too).
+_S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 _NOT_FOUND_STATUS = 404
 
 T = TypeVar("T")
@@ -127,9 +130,25 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def is_s3_url(location: str) -> bool:
+    return location.startswith(_S3_SCHEME)
+
+
+def parse_s3_prefix(url: str, *, what: str) -> tuple[str, str]:
+    """Split "s3://bucket/prefix/" into (bucket, prefix); the prefix may be
+    empty, and a missing trailing slash is added.  Errors name `what` (the
+    field or flag the URL came from)."""
+    bucket, _, prefix = url.removeprefix(_S3_SCHEME).partition("/")
+    if not is_s3_url(url) or not _S3_BUCKET.fullmatch(bucket):
+        raise ConfigurationError(f"{what}: not a valid S3 bucket name in {url!r} (expected s3://bucket/prefix/)")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
 def open_source(location: str, aws: AwsSettings) -> ObjectSource:
     """An S3Source for "s3://bucket/key", else a LocalFileSource for the path."""
-    if location.startswith(_S3_SCHEME):
+    if is_s3_url(location):
         bucket, key = parse_s3_url(location)
         return S3Source(bucket, key, aws=aws)
     return LocalFileSource(location)

@@ -66,7 +66,8 @@ from ..protocol import (
     next_shard_state,
 )
 from ..retry import RetryPolicy
-from ..s3bucket import S3Bucket, is_s3_url
+from ..s3bucket import S3Buckets
+from ..sources import is_s3_url
 from ._backends import Backend
 from ._metrics import CoordinatorMetrics
 from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum, output_size
@@ -192,6 +193,8 @@ class JobContext:
     #: Workers dial the exchange over TLS (and verify it with settings.exchange_ca).
     exchange_tls: bool
     dynamodb: Any  # for marker fences
+    #: Remote workers' attempt outputs (checked on DONE, fetched at release).
+    s3_buckets: S3Buckets
     retry_policy: RetryPolicy = RetryPolicy()
 
 
@@ -665,7 +668,7 @@ class Job:
     async def _check_output_size(self, location: str, output_bytes: int) -> str | None:
         """Why the attempt's output at `location` does not match DONE, or None."""
         try:
-            size = await output_size(location, self.context.aws)
+            size = await output_size(location, self.context.s3_buckets)
         except (OSError, ShardlineError) as exc:
             return f"output unreadable: {exc}"
         if size is None:
@@ -678,11 +681,10 @@ class Job:
         """Bring a remote worker's committed output into the spool; every
         reader of outputs (release, destination, reduce) reads local files."""
         local = self._spool_path(shard.index, committed.attempt)
-        bucket, key = S3Bucket.for_url(committed.output_path, aws=self.context.aws)
-        async with bucket:
-            await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
-            with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
-                await bucket.request("delete_object", Key=key)
+        bucket, key = self.context.s3_buckets.for_url(committed.output_path)
+        await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
+        with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
+            await bucket.request("delete_object", Key=key)
         shard.committed = replace(committed, output_path=local)
         await self._save_shard(shard)
         return shard.committed

@@ -26,7 +26,7 @@ from ..errors import ConfigurationError, RetryableStorageError
 from ..protocol import ShardTask
 from ..retry import RetryPolicy, retry
 from ..s3bucket import S3Bucket
-from ..sources import LazyClient
+from ..sources import LazyClient, parse_s3_prefix
 from ._backends import Backend, WorkerExit
 
 __all__ = ["DEFAULT_LAMBDA_CONCURRENCY", "LambdaBackend"]
@@ -64,11 +64,7 @@ class LambdaBackend(Backend):
             raise ConfigurationError(f"--function: {function!r} is not a Lambda function name or ARN")
         if max_concurrency < 1:
             raise ConfigurationError(f"--lambda-concurrency must be >= 1, got {max_concurrency}")
-        bucket, _, prefix = staging.removeprefix("s3://").partition("/")
-        if not staging.startswith("s3://") or not bucket:
-            raise ConfigurationError(f"--staging: expected s3://bucket/prefix/ for attempt outputs, got {staging!r}")
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
+        bucket, prefix = parse_s3_prefix(staging, what="--staging")
         self.function = function
         self.staging = f"s3://{bucket}/{prefix}"
         self.max_concurrency = max_concurrency

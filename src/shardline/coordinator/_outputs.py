@@ -50,8 +50,13 @@ from ..errors import (
     StorageError,
 )
 from ..retry import RetryPolicy
-from ..s3bucket import DEFAULT_MULTIPART_PART_BYTES, DEFAULT_MULTIPART_THRESHOLD_BYTES, S3Bucket, is_s3_url
-from ..sources import wait_uncancellable
+from ..s3bucket import (
+    DEFAULT_MULTIPART_PART_BYTES,
+    DEFAULT_MULTIPART_THRESHOLD_BYTES,
+    S3Bucket,
+    S3Buckets,
+)
+from ..sources import is_s3_url, parse_s3_prefix, wait_uncancellable
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -79,8 +84,6 @@ _OUR_NAME = re.compile(r"part-\d{5,}|result|_manifest\.json")
 _OUR_TEMP_NAME = re.compile(r"\.(?:part-\d{5,}|result|_manifest\.json)\.\w+\.tmp")
 
 _S3_SCHEME = "s3://"
-#: botocore's own bucket-name check (it accepts legacy names too).
-_S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 
 
 #: Bytes moved per step by local copies, checksums and the reduce feed.
@@ -141,14 +144,8 @@ def open_destination(url: str, aws: AwsSettings) -> Destination:
     added; the prefix may be empty), else a LocalDirectoryDestination."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError("field 'output': must be s3://bucket/prefix/ or a local directory")
-    if url.startswith(_S3_SCHEME):
-        bucket, _, prefix = url[len(_S3_SCHEME) :].partition("/")
-        if not _S3_BUCKET.fullmatch(bucket):
-            raise ConfigurationError(
-                f"field 'output': not a valid S3 bucket name in {url!r} (expected s3://bucket/prefix/)"
-            )
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
+    if is_s3_url(url):
+        bucket, prefix = parse_s3_prefix(url, what="field 'output'")
         return S3Destination(bucket, prefix, aws=aws)
     if "://" in url:
         raise ConfigurationError(
@@ -385,12 +382,11 @@ def _fsync_directory(path: str) -> None:
 # --- checksums and the manifest -----------------------------------------------
 
 
-async def output_size(location: str, aws: AwsSettings) -> int | None:
+async def output_size(location: str, buckets: S3Buckets) -> int | None:
     """Size of an attempt's output, a local file or an ``s3://`` object; None if missing."""
     if is_s3_url(location):
-        bucket, key = S3Bucket.for_url(location, aws=aws)
-        async with bucket:
-            return await bucket.size_of(key)
+        bucket, key = buckets.for_url(location)
+        return await bucket.size_of(key)
     try:
         return os.path.getsize(location)
     except FileNotFoundError:

@@ -31,6 +31,7 @@ from ..errors import (
     ShardlineError,
 )
 from ..protocol import JobState, ShardState, new_job_secret
+from ..s3bucket import S3Buckets
 from ..sources import open_source
 from ._backends import Backend
 from ._exchange import ExchangeServer
@@ -97,6 +98,7 @@ class Coordinator:
         self.accepting = True
         self._jobs: dict[str, Job] = {}
         self._stack = AsyncExitStack()
+        self._s3_buckets = S3Buckets(aws)
         self._context: JobContext | None = None
         self._janitor: asyncio.Task[None] | None = None
 
@@ -108,6 +110,7 @@ class Coordinator:
         await self.aclose()
 
     async def start(self) -> None:
+        self._stack.push_async_callback(self._s3_buckets.aclose)
         dynamodb = await self._stack.enter_async_context(client(self.aws, "dynamodb"))
         self._context = JobContext(
             aws=self.aws,
@@ -117,6 +120,7 @@ class Coordinator:
             exchange_address=self.exchange.address,
             exchange_tls=self.exchange.tls,
             dynamodb=dynamodb,
+            s3_buckets=self._s3_buckets,
         )
         self._janitor = asyncio.create_task(self._expire_finished_jobs(), name="coordinator-janitor")
 
@@ -223,7 +227,7 @@ class Coordinator:
         if committed is None or record.state.is_final:
             return shard
         try:
-            intact = await output_size(committed.output_path, self.aws) == committed.output_bytes
+            intact = await output_size(committed.output_path, self._s3_buckets) == committed.output_bytes
         except (OSError, ShardlineError):
             intact = False
         if intact:

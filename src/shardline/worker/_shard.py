@@ -53,8 +53,8 @@ from ..protocol import (
     ShardTask,
 )
 from ..retry import RetryPolicy
-from ..s3bucket import S3Bucket, is_s3_url
-from ..sources import ObjectSource, open_source
+from ..s3bucket import S3Bucket
+from ..sources import ObjectSource, is_s3_url, open_source
 from ._exchange import ExchangeClient, ExchangeUnavailable, client_tls_context
 from ._markers import MarkerStore
 from ._reader import RangedReader, ReaderSettings, fetch_range
