@@ -496,6 +496,9 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
             f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
             "S3-compatible server); none was found in the environment"
         )
+    from .rlimits import raise_open_files_limit
+
+    raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
     settings = CoordinatorSettings(markers_table=args.markers_table, spool_dir=args.spool_dir)
     show_progress = not args.no_progress and sys.stderr.isatty()
     out = sys.stdout.buffer

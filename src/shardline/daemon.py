@@ -43,6 +43,7 @@ from .coordinator import (
 from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
 from .protocol import DEFAULT_MARKER_TABLE
+from .rlimits import raise_open_files_limit
 
 __all__ = ["ServeSettings", "serve"]
 
@@ -141,6 +142,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        raise_open_files_limit()  # every session, pipe and spool file is a descriptor
         async with contextlib.AsyncExitStack() as stack:
             if settings.embedded_dynamodb:
                 embedded = EmbeddedDynamoDB()
