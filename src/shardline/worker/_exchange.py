@@ -6,7 +6,10 @@
 # reports DONE or FAILED.  A background task reads pushed FRAGMENTs into a
 # dict.  Losing the session never stops the shard: fragments it did not get
 # are taken from markers or S3 instead; only the final report needs the
-# coordinator, and for that the client reconnects.
+# coordinator, and for that the client reconnects, with backoff, for up to
+# its whole timeout: a flood of strangers on the exchange port may cost a
+# worker's connections (the exchange evicts the oldest unauthenticated
+# ones), and must cost it seconds, not the attempt.
 #
 # An ERROR from the coordinator is a refusal.  One marked `stale` (this attempt is
 # superseded by a retry, or the shard is settled) *fences* it: `fenced`
@@ -33,12 +36,15 @@ from ..protocol import (
     Pending,
     Want,
 )
+from ..retry import RetryPolicy
 
 __all__ = ["ExchangeClient", "ExchangeUnavailable", "client_tls_context"]
 
 log = logging.getLogger("shardline.worker.exchange")
 
 _READ_BYTES = 256 * 1024
+#: Between tries of the final report: from 0.1 s doubling to 2 s, jittered.
+REPORT_BACKOFF = RetryPolicy(base_delay_s=0.1, max_delay_s=2.0)
 
 
 class ExchangeUnavailable(ShardlineError):
@@ -85,14 +91,19 @@ class ExchangeClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def connect(self) -> None:
-        """Open the session (HELLO / WELCOME) and resend earlier WANTs."""
+    async def connect(self, *, timeout_s: float | None = None) -> None:
+        """Open the session (HELLO / WELCOME) and resend earlier WANTs.
+
+        Each of the TCP (and TLS) connect and the handshake gets `timeout_s`
+        (default: the client's connect timeout).
+        """
+        timeout_s = self._connect_timeout_s if timeout_s is None else timeout_s
         await self._drop_connection()
         session = ExchangeSession.client(**self._identity)  # type: ignore[arg-type]
         try:
             # asyncio.timeout rather than wait_for throughout: on 3.11 wait_for
             # can swallow a cancellation that arrives as its operation finishes.
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 reader, writer = await asyncio.open_connection(
                     *self._address, ssl=self._tls, server_hostname=self._address[0] if self._tls else None
                 )
@@ -108,7 +119,7 @@ class ExchangeClient:
         try:
             writer.write(session.send(session.hello))  # type: ignore[arg-type]
             await writer.drain()
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 welcome = await self._read_frame()
         except (TimeoutError, OSError, ProtocolError) as exc:
             await self._drop_connection()
@@ -233,20 +244,26 @@ class ExchangeClient:
                     await self._answer_arrived.wait()
         return self._fragments.get(shard)
 
-    async def report(self, frame: Frame, *, timeout_s: float, reconnect_attempts: int = 3) -> Ack:
-        """Send DONE or FAILED and wait for the coordinator's ACK, reconnecting if needed.
+    async def report(self, frame: Frame, *, timeout_s: float) -> Ack:
+        """Send DONE or FAILED and wait for the coordinator's ACK, reconnecting
+        with backoff as often as needed within `timeout_s` in all.
 
-        Raises StaleAttemptError if the coordinator has fenced this attempt.
+        Raises StaleAttemptError if the coordinator has fenced this attempt,
+        ExchangeUnavailable if it refused the report or `timeout_s` ran out.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         last_error: Exception | None = None
-        for _ in range(reconnect_attempts):
+        tries = 0
+        while True:
             self._raise_if_fenced()
+            tries += 1
             try:
-                if not self.connected:
-                    await self.connect()
-                self._ack = asyncio.get_running_loop().create_future()
-                await self._send(frame)
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout_at(deadline):
+                    if not self.connected:
+                        await self.connect(timeout_s=min(self._connect_timeout_s, deadline - loop.time()))
+                    self._ack = loop.create_future()
+                    await self._send(frame)
                     return await self._ack
             except (TimeoutError, ExchangeUnavailable) as exc:
                 last_error = exc
@@ -254,8 +271,14 @@ class ExchangeClient:
                 if self.rejection is not None:
                     break  # refused: reconnecting will not help
                 await self._drop_connection()
-                await asyncio.sleep(0.2)
-        raise ExchangeUnavailable(f"could not report {frame.TYPE.name} to the exchange: {last_error}")
+            delay_s = REPORT_BACKOFF.delay_s(tries)
+            if loop.time() + delay_s >= deadline:
+                break
+            log.info("exchange: reporting %s failed (%s); trying again in %.2fs", frame.TYPE.name, last_error, delay_s)
+            await asyncio.sleep(delay_s)
+        raise ExchangeUnavailable(
+            f"could not report {frame.TYPE.name} to the exchange ({tries} tries in {timeout_s:g}s): {last_error}"
+        )
 
     async def _drop_connection(self) -> None:
         self.connected = False

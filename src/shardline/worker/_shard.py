@@ -85,6 +85,8 @@ class WorkerSettings:
     reconnect_interval_s: float = 5.0
     #: How long the tail waits for the exchange to answer an outstanding WANT.
     want_answer_timeout_s: float = 2.0
+    #: How long the final report (DONE or FAILED) may take in all, reconnecting
+    #: with backoff as often as it needs to.
     report_timeout_s: float = 30.0
     #: A forward scan starts with this many bytes and doubles up to a part.
     scan_initial_bytes: int = 64 * 1024
