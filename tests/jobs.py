@@ -21,6 +21,7 @@ from shardline.coordinator import (
 )
 from shardline.embedded import InProcessBackend, run_embedded
 from shardline.protocol import ShardTask
+from shardline.worker import WorkerSettings
 
 
 class OrderedBackend(Backend):
@@ -44,6 +45,20 @@ class OrderedBackend(Backend):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+class GatedBackend(InProcessBackend):
+    """Holds every attempt until `gate` is set, so the job is live meanwhile."""
+
+    def __init__(self, *, worker_settings: WorkerSettings | None = None) -> None:
+        super().__init__(worker_settings=worker_settings)
+        self.gate = asyncio.Event()
+        self.tasks: list[ShardTask] = []
+
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
+        self.tasks.append(task)
+        await self.gate.wait()
+        return await super().run(task, on_started=on_started)
 
 
 #: A Python program that reads stdin like a busy command: takes a first

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -31,7 +32,17 @@ import pytest
 from shardline.aws import AwsSettings, client
 from shardline.coordinator import ExchangeServer, LocalProcessBackend, WorkerExit, ensure_marker_table
 from shardline.errors import CommandFailedError, LineTooLongError, StaleAttemptError
-from shardline.protocol import DEFAULT_MARKER_TABLE, Done, Error, Failed, Head, Hello, Progress, ShardTask
+from shardline.protocol import (
+    DEFAULT_MARKER_TABLE,
+    Done,
+    Error,
+    Failed,
+    Head,
+    Hello,
+    Progress,
+    ShardTask,
+    attempt_secret,
+)
 from shardline.sources import LocalFileSource
 from shardline.worker import WorkerSettings, run_task
 
@@ -314,6 +325,9 @@ class Hooks:
         self.done: list[Done] = []
         self.failed: list[Failed] = []
 
+    def session_idle_timeout_s(self) -> float:
+        return 30.0
+
     def on_connect(self, hello: Hello) -> Error | None:
         self.connects += 1
         self.progress_after_connect = 0
@@ -383,7 +397,8 @@ def exchange_task(make_task, exchange: ExchangeServer, hooks: Hooks, *, address=
     """A task whose worker talks to `exchange` (directly, or through `address`)."""
     secret = os.urandom(32)
     host, port = address or exchange.address
-    task = make_task(secret=secret, exchange_host=host, exchange_port=port, **fields)
+    task = make_task(exchange_host=host, exchange_port=port, **fields)
+    task = dataclasses.replace(task, secret=attempt_secret(secret, task.shard, task.attempt))
     exchange.register(task.job_id, secret, hooks)
     return task
 

@@ -23,6 +23,7 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError, CoverageError, JobFailedError
 from shardline.protocol import Done, ExchangeSession, ShardTask, Want
 
+from jobs import GatedBackend
 from reference import reference_split
 
 DATA = b"".join(b"row %05d\n" % i for i in range(500))
@@ -77,20 +78,6 @@ def test_coverage_names_gaps_and_overlaps(results, message):
         check.finish()
 
 
-class GatedBackend(InProcessBackend):
-    """Holds every shard until `gate` is set, so the job is live meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.tasks: list[ShardTask] = []
-
-    async def run(self, task: ShardTask, *, on_started) -> WorkerExit:
-        self.tasks.append(task)
-        await self.gate.wait()
-        return await super().run(task, on_started=on_started)
-
-
 async def _rogue(address: tuple[str, int], payload: bytes) -> bytes:
     """Send `payload`, then return whatever the exchange answers before closing."""
     reader, writer = await asyncio.open_connection(*address)
@@ -117,22 +104,19 @@ async def test_rogue_clients_are_dropped_and_the_job_is_unaffected(tmp_path, aws
         task = backend.tasks[1]
         wrong_secret = ExchangeSession.client(job_id=task.job_id, shard=1, attempt=0, secret=b"x" * 32)
         unknown_job = ExchangeSession.client(job_id="no-such-job", shard=1, attempt=0, secret=task.secret)
-        stale = ExchangeSession.client(job_id=task.job_id, shard=1, attempt=7, secret=task.secret)
+        # Attempt 0's secret opens attempt 0's session only.
+        other_attempt = ExchangeSession.client(job_id=task.job_id, shard=1, attempt=7, secret=task.secret)
         oversized = b"SL\x01\x03" + (1 << 30).to_bytes(4, "big")
         answers = [
             await _rogue(exchange.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
             await _rogue(exchange.address, oversized),
             await _rogue(exchange.address, wrong_secret.send(wrong_secret.hello)),
             await _rogue(exchange.address, unknown_job.send(unknown_job.hello)),
+            await _rogue(exchange.address, other_attempt.send(other_attempt.hello)),
         ]
-        assert answers == [b""] * 4  # dropped without a word
-        assert exchange.rejected_connections == 4
-        # A stale attempt with the right secret is welcomed, then told it is not current.
-        answer = await _rogue(exchange.address, stale.send(stale.hello))
-        stale.receive_data(answer)
-        stale.receive_data(b"")
-        frames = [stale.next_frame(), stale.next_frame()]
-        assert "not current" in frames[1].message
+        assert answers == [b""] * 5  # dropped without a word
+        refused = {cause: count for cause, count in exchange.refused.items() if count}
+        assert refused == {"bad_frame": 1, "preauth_oversized": 1, "auth_failed": 3}
         backend.gate.set()
         report = await job
     assert out.getvalue() == DATA
@@ -166,7 +150,7 @@ async def test_replayed_session_is_dropped(tmp_path, aws_settings):
         writer.close()
         answer = await _rogue(exchange.address, recorded)
         assert answer == b""  # not even a WELCOME
-        assert exchange.rejected_connections == 1
+        assert exchange.refused["replayed_hello"] == 1 and sum(exchange.refused.values()) == 1
         backend.gate.set()
         await job
 

@@ -14,7 +14,7 @@ import functools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +73,11 @@ class AwsSettings:
     lambda_endpoint_url: str | None = None
     #: Static credentials for both services (tests, explicit configuration).
     access_key_id: str | None = None
-    secret_access_key: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
     #: Static credentials for DynamoDB only: the embedded endpoint's, so that
     #: S3 keeps using the standard credential chain.
     dynamodb_access_key_id: str | None = None
-    dynamodb_secret_access_key: str | None = None
+    dynamodb_secret_access_key: str | None = field(default=None, repr=False)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     max_pool_connections: int = 32

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -42,8 +43,9 @@ from .coordinator import (
 )
 from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
-from .protocol import DEFAULT_MARKER_TABLE
+from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE
 from .rlimits import raise_open_files_limit
+from .statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
 
 __all__ = ["ServeSettings", "serve"]
 
@@ -86,6 +88,8 @@ class ServeSettings:
     exchange_tls_cert: str | None = None
     exchange_tls_key: str | None = None
     exchange_ca: str | None = None
+    #: Private files that outlive the daemon (the coordinator key).
+    state_dir: str = field(default_factory=default_state_dir)
 
     def __post_init__(self) -> None:
         if self.default_backend not in ("local", "lambda"):
@@ -143,6 +147,9 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     try:
         raise_open_files_limit()  # every session, pipe and spool file is a descriptor
+        coordinator_key = read_or_create_key(
+            os.path.join(settings.state_dir, COORDINATOR_KEY_FILE), size_bytes=COORDINATOR_KEY_BYTES
+        )
         async with contextlib.AsyncExitStack() as stack:
             if settings.embedded_dynamodb:
                 embedded = EmbeddedDynamoDB()
@@ -178,6 +185,7 @@ async def serve(
                     advertise_host=settings.advertise_host,
                     exchange_ca=_read_ca(settings.exchange_ca),
                 ),
+                coordinator_key=coordinator_key,
             )
             await stack.enter_async_context(coordinator)
             resumed = await coordinator.resume()

@@ -25,15 +25,19 @@ from pathlib import Path
 from .errors import ConfigurationError
 
 __all__ = [
+    "COORDINATOR_KEY_FILE",
     "TOKEN_FILE",
     "default_state_dir",
     "ensure_private_dir",
+    "read_or_create_key",
     "read_or_create_secret",
     "read_secret",
 ]
 
 #: The daemon's generated HTTP API token (read by `shardline run --coordinator`, `status`, `cancel`).
 TOKEN_FILE = "token"
+#: The daemon's coordinator key, every job's exchange secret is derived from (hex).
+COORDINATOR_KEY_FILE = "coordinator.key"
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
@@ -120,3 +124,17 @@ def read_or_create_secret(path: str, *, generate: Callable[[], str] = lambda: se
     stored = read_secret(path)
     assert stored is not None
     return stored
+
+
+def read_or_create_key(path: str, *, size_bytes: int = 32) -> bytes:
+    """The `size_bytes` random bytes kept (hex) in the secret file at `path`, created if missing."""
+    text = read_or_create_secret(path, generate=lambda: secrets.token_hex(size_bytes))
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != size_bytes:
+        raise ConfigurationError(
+            f"{path} does not hold a {size_bytes}-byte key in hex; delete it to have a new one generated"
+        )
+    return key

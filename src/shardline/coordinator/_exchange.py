@@ -1,15 +1,38 @@
-# The coordinator's TCP exchange (DESIGN §3): workers dial in, authenticate
-# per job, publish their head fragments, and are pushed their neighbours'
-# fragments the moment both sides are present.  The coordinator outlives every
-# worker of a job, so a fast neighbour that already exited never strands a
-# slow one.
+# The coordinator's TCP exchange (DESIGN §3, §9): workers dial in, authenticate
+# per shard attempt, publish their head fragments, and are pushed their
+# neighbours' fragments the moment both sides are present.  The coordinator
+# outlives every worker of a job, so a fast neighbour that already exited
+# never strands a slow one.
 #
 # The relay keeps one HEAD per (job, shard) and a set of sessions waiting for
 # it.  Everything a job needs to decide (accept a session, commit a result) is
 # asked of the job's `ExchangeHooks`; this module only moves frames.  A
 # misbehaving connection (garbage, wrong secret, replayed or oversized frames,
-# frames illegal in its state) is logged and closed; it cannot touch any
-# job's state.
+# frames illegal in its state) is closed; it cannot touch any job's state.
+#
+# The port faces the workers' network, so a stranger on it may cost a few
+# KiB and a few seconds, never a job:
+#
+# - Before its HELLO has verified, a peer's frames may be at most
+#   MAX_HANDSHAKE_FRAME_BYTES (4 KiB), read a few KiB at a time; the full
+#   frame limit applies only to an authenticated session.
+# - It has ONE deadline, HANDSHAKE_DEADLINE_S from accept, to finish the TLS
+#   handshake and send a HELLO that verifies; trickling bytes do not extend
+#   it.  TLS is terminated here (over memory BIOs) rather than by the event
+#   loop, so that the deadline, the caps and the byte limits cover it too.
+# - Unauthenticated connections are capped, in all and per peer address.  A
+#   newcomer beyond a cap evicts the OLDEST unauthenticated connection rather
+#   than being refused: workers dial in from the same addresses a flood may
+#   come from, and a worker authenticates within milliseconds, so it is never
+#   the oldest for long, while a stranger that keeps a connection open gets
+#   pushed out.
+# - An authenticated session that sends nothing for its job's heartbeat
+#   deadline is closed.
+#
+# Every refusal is counted by cause (`refused`, shown by /metrics as
+# shardline_exchange_refused_total{cause}) and logged the first time for its
+# cause, then as a count at most once a minute: a flood must not become a
+# flood of log lines.
 
 from __future__ import annotations
 
@@ -18,13 +41,21 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import ConfigurationError, ProtocolError, RemoteProtocolError
+from ..errors import (
+    AuthenticationError,
+    ConfigurationError,
+    FrameTooLargeError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from ..protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
+    MAX_HANDSHAKE_FRAME_BYTES,
     NEED_DATA,
     Ack,
     Done,
@@ -38,21 +69,48 @@ from ..protocol import (
     Pending,
     Progress,
     Want,
+    attempt_secret,
 )
+from ..rlimits import open_files_limit
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 
-__all__ = ["ExchangeHooks", "ExchangeServer", "server_tls_context"]
+__all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer", "server_tls_context"]
 
 log = logging.getLogger("shardline.coordinator.exchange")
 
 _READ_BYTES = 256 * 1024
+#: Raw reads while a TLS handshake runs: one TLS record.
+_TLS_READ_BYTES = 16 * 1024
 LISTEN_BACKLOG = 4096
-#: A connection must authenticate this quickly or be dropped.
-HELLO_TIMEOUT_S = 10.0
+#: From accept to a verified HELLO, TLS handshake included: one deadline, not per read.
+HANDSHAKE_DEADLINE_S = 10.0
+#: Unauthenticated connections held at once, in all and from one address
+#: (further capped at a quarter, and a sixteenth, of the open-file limit).
+MAX_UNAUTHENTICATED = 1024
+MAX_UNAUTHENTICATED_PER_PEER = 256
+#: After the first refusal of a cause is logged, the next log line for it
+#: (a count) comes at most this much later.
+REFUSAL_LOG_INTERVAL_S = 60.0
+
+#: Why the exchange closed a connection: the `cause` label of
+#: shardline_exchange_refused_total.
+REFUSAL_CAUSES = (
+    "preauth_oversized",  # a frame over MAX_HANDSHAKE_FRAME_BYTES before the HELLO verified
+    "handshake_deadline",  # no verified HELLO (TLS included) within HANDSHAKE_DEADLINE_S of accept
+    "evicted",  # the oldest unauthenticated connection, making room beyond a cap
+    "tls_failed",  # the TLS handshake failed
+    "bad_frame",  # malformed, truncated or out-of-place frames
+    "auth_failed",  # a HELLO for an unknown job, or a MAC that does not verify
+    "replayed_hello",  # a HELLO whose nonce was seen before
+    "idle",  # an authenticated session silent for longer than its job's heartbeat deadline
+)
 
 
 class ExchangeHooks(Protocol):
     """What the exchange asks of a job.  All calls are synchronous decisions."""
+
+    def session_idle_timeout_s(self) -> float:
+        """Close an authenticated session that sends nothing for this long (the job's heartbeat deadline)."""
 
     def on_connect(self, hello: Hello) -> Error | None:
         """Accept a session (None) or refuse it with the ERROR to send (e.g. a stale attempt)."""
@@ -70,22 +128,208 @@ class ExchangeHooks(Protocol):
     def on_disconnect(self, hello: Hello) -> None: ...
 
 
+class _Stream:
+    """The bytes of one plain TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes`; b"" at EOF."""
+        return await self._reader.read(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    def abort(self) -> None:
+        self._writer.transport.abort()
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+
+class _TlsStream(_Stream):
+    """TLS over a plain connection, through memory BIOs.
+
+    Terminating TLS here instead of in the event loop's transport means the
+    handshake happens inside the connection's handler: under its deadline,
+    counted against the caps, and evictable like any unauthenticated peer.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext) -> None:
+        super().__init__(reader, writer)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._received_any = False
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._receive() and not self._received_any:
+                    raise ConnectionAbortedError("closed before the TLS handshake") from None
+            else:
+                await self._flush()
+                return
+
+    async def read(self, max_bytes: int) -> bytes:
+        while True:
+            try:
+                return self._tls.read(max_bytes)
+            except ssl.SSLWantReadError:
+                await self._flush()  # a key update may want an answer
+                await self._receive()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        self._tls.write(data)
+        await self._flush()
+
+    async def _receive(self) -> bool:
+        data = await self._reader.read(_TLS_READ_BYTES)
+        if not data:
+            self._incoming.write_eof()
+            return False
+        self._received_any = True
+        self._incoming.write(data)
+        return True
+
+    async def _flush(self) -> None:
+        pending = self._outgoing.read()
+        if pending:
+            await super().write(pending)
+
+
 @dataclass(eq=False)
 class _Connection:
+    stream: _Stream
     session: ExchangeSession
-    writer: asyncio.StreamWriter
-    peer: str
+    peer: str  # host:port
+    host: str
+    accepted_at: float  # loop time
+    hello: Hello | None = None  # once authenticated
+    relay: _JobRelay | None = None  # its job's, once authenticated
+    #: The cause it was refused for, once it has been (each connection counts once).
+    refused: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def send(self, frame: Frame) -> None:
         async with self.lock:
-            self.writer.write(self.session.send(frame))
-            await self.writer.drain()
+            await self.stream.write(self.session.send(frame))
+
+    @property
+    def who(self) -> str:
+        hello = self.hello
+        if hello is None:
+            return f"unauthenticated peer {self.peer}"
+        return f"{self.peer} (job {hello.job_id} shard {hello.shard} attempt {hello.attempt})"
+
+
+class _Refusal(Exception):
+    """Close the connection for `cause` (one of REFUSAL_CAUSES)."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.cause = cause
+
+
+def _refusal_for(exc: RemoteProtocolError, *, authenticated: bool) -> _Refusal:
+    if isinstance(exc, AuthenticationError):
+        return _Refusal("auth_failed", str(exc))
+    if isinstance(exc, FrameTooLargeError) and not authenticated:
+        return _Refusal("preauth_oversized", str(exc))
+    return _Refusal("bad_frame", str(exc))
+
+
+class _Unauthenticated:
+    """The connections that have not authenticated yet, oldest first: in all and per address."""
+
+    def __init__(self, *, max_total: int, max_per_peer: int) -> None:
+        if max_total < 1 or max_per_peer < 1:
+            raise ConfigurationError("the exchange's unauthenticated connection caps must be >= 1")
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self._all: dict[_Connection, None] = {}  # dicts keep insertion order: oldest first
+        self._by_host: dict[str, dict[_Connection, None]] = {}
+
+    def admit(self, connection: _Connection) -> list[_Connection]:
+        """Add `connection`; returns the connections to evict to keep within the caps."""
+        self._all[connection] = None
+        same_host = self._by_host.setdefault(connection.host, {})
+        same_host[connection] = None
+        evict = []
+        while len(same_host) > self.max_per_peer:
+            evict.append(next(iter(same_host)))
+            self.remove(evict[-1])
+        while len(self._all) > self.max_total:
+            evict.append(next(iter(self._all)))
+            self.remove(evict[-1])
+        return evict
+
+    def remove(self, connection: _Connection) -> None:
+        self._all.pop(connection, None)
+        same_host = self._by_host.get(connection.host)
+        if same_host is not None:
+            same_host.pop(connection, None)
+            if not same_host:
+                del self._by_host[connection.host]
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+
+class _RefusalLog:
+    """Logs the first refusal of each cause, then how many followed, at most once per interval."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
+
+    def refused(self, cause: str, who: str, detail: str) -> None:
+        now = time.monotonic()
+        logged_at = self._logged_at.get(cause)
+        if logged_at is None:
+            self._logged_at[cause] = now
+            log.warning(
+                "exchange refused a connection (cause %s): %s: %s; more are counted in "
+                'shardline_exchange_refused_total{cause="%s"} and logged at most every %.0fs',
+                cause,
+                who,
+                detail,
+                cause,
+                self._interval_s,
+            )
+            return
+        self._unlogged[cause] += 1
+        if now - logged_at >= self._interval_s:
+            self._summarise(cause, now - logged_at, f"; the latest: {who}: {detail}")
+            self._logged_at[cause] = now
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        for cause in list(self._unlogged):
+            self._summarise(cause, now - self._logged_at[cause], "")
+
+    def _summarise(self, cause: str, elapsed_s: float, latest: str) -> None:
+        count = self._unlogged.pop(cause, 0)
+        if count:
+            log.warning(
+                "exchange refused %d more connection(s) (cause %s) in the last %.0fs%s", count, cause, elapsed_s, latest
+            )
 
 
 @dataclass(eq=False)
 class _JobRelay:
-    secret: bytes
+    secret: bytes = field(repr=False)  # the job's; each attempt's is derived from it
     hooks: ExchangeHooks
     heads: dict[int, Head] = field(default_factory=dict)
     #: Sessions waiting for a shard's HEAD, with the time each WANT arrived.
@@ -96,7 +340,12 @@ class _JobRelay:
 
 
 class ExchangeServer:
-    """The exchange listener; register jobs before their workers start."""
+    """The exchange listener; register jobs before their workers start.
+
+    The caps on unauthenticated connections default to MAX_UNAUTHENTICATED
+    (a quarter of the open-file limit at most) and MAX_UNAUTHENTICATED_PER_PEER
+    (a quarter of that at most).
+    """
 
     def __init__(
         self,
@@ -105,15 +354,25 @@ class ExchangeServer:
         port: int = 0,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         tls: ssl.SSLContext | None = None,
+        handshake_deadline_s: float = HANDSHAKE_DEADLINE_S,
+        max_unauthenticated: int | None = None,
+        max_unauthenticated_per_peer: int | None = None,
+        refusal_log_interval_s: float = REFUSAL_LOG_INTERVAL_S,
     ) -> None:
         self._host = host
         self._port = port
         self._tls = tls
         self._max_frame_bytes = max_frame_bytes
+        self._handshake_deadline_s = handshake_deadline_s
+        total = max_unauthenticated or max(1, min(MAX_UNAUTHENTICATED, open_files_limit() // 4))
+        per_peer = max_unauthenticated_per_peer or max(1, min(MAX_UNAUTHENTICATED_PER_PEER, total // 4))
+        self._unauthenticated = _Unauthenticated(max_total=total, max_per_peer=per_peer)
+        self._refusal_log = _RefusalLog(refusal_log_interval_s)
         self._jobs: dict[str, _JobRelay] = {}
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self.rejected_connections = 0
+        #: Connections closed by the exchange, by cause (REFUSAL_CAUSES).
+        self.refused: Counter[str] = Counter(dict.fromkeys(REFUSAL_CAUSES, 0))
         #: How long each WANT waited for its neighbour's HEAD (0 when it was already here).
         self.handshake_wait_s = Histogram(HANDSHAKE_WAIT_BUCKETS_S)
 
@@ -125,15 +384,16 @@ class ExchangeServer:
 
     async def start(self) -> None:
         # Every worker of a job dials in at once: a deep accept queue.
-        self._server = await asyncio.start_server(
-            self._accept,
-            self._host,
-            self._port,
-            backlog=LISTEN_BACKLOG,
-            ssl=self._tls,
-            ssl_handshake_timeout=HELLO_TIMEOUT_S if self._tls else None,
+        self._server = await asyncio.start_server(self._accept, self._host, self._port, backlog=LISTEN_BACKLOG)
+        log.info(
+            "exchange listening on %s:%d%s; at most %d unauthenticated connections (%d per address), "
+            "%.0fs to authenticate",
+            *self.address,
+            " (TLS)" if self._tls else "",
+            self._unauthenticated.max_total,
+            self._unauthenticated.max_per_peer,
+            self._handshake_deadline_s,
         )
-        log.info("exchange listening on %s:%d%s", *self.address, " (TLS)" if self._tls else "")
 
     @property
     def tls(self) -> bool:
@@ -155,81 +415,130 @@ class ExchangeServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+            self._refusal_log.flush()
 
     def register(self, job_id: str, secret: bytes, hooks: ExchangeHooks) -> None:
+        """Serve `job_id`'s attempts; `secret` is the job's (protocol.job_secret)."""
         self._jobs[job_id] = _JobRelay(secret=secret, hooks=hooks)
 
     def unregister(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
 
-    def _lookup_secret(self, job_id: str) -> bytes | None:
-        relay = self._jobs.get(job_id)
-        return relay.secret if relay else None
+    def _lookup_secret(self, hello: Hello) -> bytes | None:
+        relay = self._jobs.get(hello.job_id)
+        return attempt_secret(relay.secret, hello.shard, hello.attempt) if relay else None
+
+    # -- one connection ------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         host, port = writer.get_extra_info("peername")[:2]
-        peer = f"{host}:{port}"
         connection = _Connection(
+            stream=_TlsStream(reader, writer, self._tls) if self._tls else _Stream(reader, writer),
             session=ExchangeSession.server(self._lookup_secret, max_frame_bytes=self._max_frame_bytes),
-            writer=writer,
-            peer=peer,
+            peer=f"{host}:{port}",
+            host=str(host),
+            accepted_at=asyncio.get_running_loop().time(),
         )
-        hello: Hello | None = None
-        relay: _JobRelay | None = None
+        for oldest in self._unauthenticated.admit(connection):
+            unauthenticated_s = connection.accepted_at - oldest.accepted_at
+            self._refuse(oldest, _Refusal("evicted", f"unauthenticated for {unauthenticated_s:.1f}s, over a cap"))
+            oldest.stream.abort()
         try:
-            while True:
-                timeout = HELLO_TIMEOUT_S if hello is None else None
-                data = await asyncio.wait_for(reader.read(_READ_BYTES), timeout)
-                connection.session.receive_data(data)
-                while True:
-                    frame = connection.session.next_frame()
-                    if frame is NEED_DATA:
-                        break
-                    if frame is CLOSED:
-                        return
-                    if isinstance(frame, Hello):
-                        relay = self._jobs[frame.job_id]  # the secret lookup proved it exists
-                        if frame.nonce in relay.hello_nonces:
-                            raise RemoteProtocolError("replayed HELLO (its nonce was used before)")
-                        relay.hello_nonces.add(frame.nonce)
-                        hello = frame
-                        refusal = relay.hooks.on_connect(hello)
-                        await connection.send(connection.session.welcome())
-                        if refusal is not None:
-                            await connection.send(refusal)
-                            return
-                        continue
-                    assert hello is not None and relay is not None
-                    refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
-                    if refusal is not None:
-                        await connection.send(refusal)
-                        return
+            if await self._authenticate(connection):
+                await self._serve_session(connection)
+        except _Refusal as refusal:
+            self._refuse(connection, refusal)
         except RemoteProtocolError as exc:
-            self.rejected_connections += 1
-            who = f"job {hello.job_id} shard {hello.shard} attempt {hello.attempt}" if hello else "unauthenticated peer"
-            log.warning("exchange: dropped connection from %s (%s): %s", peer, who, exc)
-        except TimeoutError:
-            self.rejected_connections += 1
-            log.warning("exchange: dropped connection from %s: no HELLO within %.0fs", peer, HELLO_TIMEOUT_S)
+            self._refuse(connection, _refusal_for(exc, authenticated=connection.hello is not None))
+        except ssl.SSLError as exc:
+            self._refuse(connection, _Refusal("tls_failed", str(exc)))
         except (OSError, ProtocolError) as exc:
-            log.info("exchange: connection from %s ended: %s", peer, exc)
+            # A peer that leaves is no refusal; a stranger's goings are not worth a line each.
+            level = logging.INFO if connection.hello is not None else logging.DEBUG
+            log.log(level, "exchange: connection of %s ended: %s", connection.who, exc)
         except asyncio.CancelledError:
             # Only aclose() cancels handlers.  asyncio's server callback would
             # log a cancelled handler task as an error, so end it normally.
             pass
         finally:
-            if relay is not None:
+            self._unauthenticated.remove(connection)
+            relay, hello = connection.relay, connection.hello
+            if relay is not None and hello is not None:
                 for waiters in relay.waiting.values():
                     waiters.pop(connection, None)
-                if hello is not None and self._jobs.get(hello.job_id) is relay:
+                if self._jobs.get(hello.job_id) is relay:
                     relay.hooks.on_disconnect(hello)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await connection.stream.aclose()
             self._handlers.discard(task)
+
+    def _refuse(self, connection: _Connection, refusal: _Refusal) -> None:
+        if connection.refused is not None:
+            return  # e.g. evicted: its handler then sees the connection end
+        connection.refused = refusal.cause
+        self.refused[refusal.cause] += 1
+        self._refusal_log.refused(refusal.cause, connection.who, str(refusal))
+
+    async def _authenticate(self, connection: _Connection) -> bool:
+        """TLS and a verified, fresh HELLO within one deadline from accept;
+        then WELCOME, or the job's refusal.  True if the session is open,
+        False if the peer left first or the job refused it."""
+        session = connection.session
+        try:
+            async with asyncio.timeout_at(connection.accepted_at + self._handshake_deadline_s):
+                if isinstance(connection.stream, _TlsStream):
+                    await connection.stream.handshake()
+                while True:
+                    frame = session.next_frame()
+                    if frame is CLOSED:
+                        return False
+                    if frame is NEED_DATA:
+                        session.receive_data(await connection.stream.read(MAX_HANDSHAKE_FRAME_BYTES))
+                        continue
+                    assert isinstance(frame, Hello)  # the session accepts nothing else first
+                    break
+        except TimeoutError:
+            raise _Refusal(
+                "handshake_deadline", f"no verified HELLO within {self._handshake_deadline_s:g}s of connecting"
+            ) from None
+        relay = self._jobs[frame.job_id]  # the secret lookup just proved it exists
+        if frame.nonce in relay.hello_nonces:
+            raise _Refusal("replayed_hello", "replayed HELLO (its nonce was used before)")
+        relay.hello_nonces.add(frame.nonce)
+        connection.hello, connection.relay = frame, relay
+        self._unauthenticated.remove(connection)
+        refusal = relay.hooks.on_connect(frame)
+        await connection.send(session.welcome())
+        if refusal is not None:
+            await connection.send(refusal)
+            return False
+        return True
+
+    async def _serve_session(self, connection: _Connection) -> None:
+        hello, relay = connection.hello, connection.relay
+        assert hello is not None and relay is not None
+        loop = asyncio.get_running_loop()
+        idle_s = relay.hooks.session_idle_timeout_s()
+        last_frame_at = loop.time()
+        while True:
+            frame = connection.session.next_frame()
+            if frame is CLOSED:
+                return
+            if frame is NEED_DATA:
+                try:
+                    async with asyncio.timeout_at(last_frame_at + idle_s):
+                        data = await connection.stream.read(_READ_BYTES)
+                except TimeoutError:
+                    raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)") from None
+                connection.session.receive_data(data)
+                continue
+            last_frame_at = loop.time()
+            refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
+            if refusal is not None:
+                await connection.send(refusal)
+                return
 
     async def _dispatch(self, connection: _Connection, hello: Hello, relay: _JobRelay, frame: Frame) -> Error | None:
         if isinstance(frame, Head):

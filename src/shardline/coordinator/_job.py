@@ -36,7 +36,7 @@ import shutil
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..aws import AwsSettings
@@ -62,6 +62,8 @@ from ..protocol import (
     ShardRange,
     ShardState,
     ShardTask,
+    attempt_secret,
+    job_secret,
     next_job_state,
     next_shard_state,
 )
@@ -192,6 +194,8 @@ class JobContext:
     exchange_address: tuple[str, int]
     #: Workers dial the exchange over TLS (and verify it with settings.exchange_ca).
     exchange_tls: bool
+    #: Every job's exchange secret is derived from it (protocol.job_secret).
+    coordinator_key: bytes = field(repr=False)
     dynamodb: Any  # for marker fences
     #: Remote workers' attempt outputs (checked on DONE, fetched at release).
     s3_buckets: S3Buckets
@@ -222,6 +226,8 @@ class Job:
         self.backend = backend
         self.destination = destination
         self.context = context
+        #: Registered with the exchange; each task carries only its attempt's secret.
+        self.exchange_secret = job_secret(context.coordinator_key, self.id)
         self.shards = [
             _Shard(r, ShardRange.of(record.size, record.spec.shards, r.index), fresh=fresh)
             for r in sorted(shards, key=lambda r: r.index)
@@ -388,7 +394,7 @@ class Job:
             exchange_port=port,
             exchange_tls=self.context.exchange_tls,
             exchange_ca=self.context.settings.exchange_ca if self.context.exchange_tls else None,
-            secret=self.record.secret,
+            secret=attempt_secret(self.exchange_secret, shard.index, attempt),
             markers_table=self.context.settings.markers_table,
             max_line_bytes=self.spec.max_line_bytes,
             part_size_bytes=self.spec.part_size_bytes,
@@ -553,6 +559,9 @@ class Job:
         self.context.metrics.fenced_writes += 1
         message = f"{what}: shard {hello.shard} attempt {hello.attempt} is not current (stale) for job {self.id}"
         return Error(message=message, stale=True)
+
+    def session_idle_timeout_s(self) -> float:
+        return self.spec.timeouts.heartbeat_s
 
     def on_connect(self, hello: Hello) -> Error | None:
         found = self._live(hello)

@@ -64,7 +64,7 @@ def render_prometheus(
     *,
     jobs_by_state: Mapping[str, int],
     shards_by_state: Mapping[str, int],
-    rejected_connections: int,
+    exchange_refused: Mapping[str, int],
     handshake_wait_s: Histogram,
 ) -> str:
     lines: list[str] = []
@@ -109,10 +109,10 @@ def render_prometheus(
     )
     family("shardline_output_bytes_total", "counter", "Output bytes of committed shards.", [("", metrics.output_bytes)])
     family(
-        "shardline_exchange_rejected_connections_total",
+        "shardline_exchange_refused_total",
         "counter",
-        "Exchange connections dropped for protocol or authentication errors.",
-        [("", rejected_connections)],
+        "Exchange connections closed by the exchange, by cause.",
+        _by("cause", exchange_refused),
     )
     name = "shardline_handshake_wait_seconds"
     lines.append(f"# HELP {name} Time a worker's request for its neighbour's head fragment waited at the exchange.")

@@ -30,7 +30,7 @@ from ..errors import (
     NotAcceptingJobsError,
     ShardlineError,
 )
-from ..protocol import JobState, ShardState, new_job_secret
+from ..protocol import COORDINATOR_KEY_BYTES, JobState, ShardState, new_coordinator_key
 from ..s3bucket import S3Buckets
 from ..sources import open_source
 from ._backends import Backend
@@ -76,6 +76,9 @@ class Coordinator:
 
     The first of `backends` is the default; a job's `spec.backend` picks
     another by name.  The caller owns the backends and the exchange.
+    Every job's exchange secret is derived from `coordinator_key` (random
+    when None): a daemon passes the one kept in its state directory, so that
+    an orphaned worker from before a restart is still told it is stale.
     """
 
     def __init__(
@@ -86,14 +89,18 @@ class Coordinator:
         store: JobStore,
         exchange: ExchangeServer,
         settings: CoordinatorSettings = CoordinatorSettings(),
+        coordinator_key: bytes | None = None,
     ) -> None:
         if not backends:
             raise ConfigurationError("the coordinator needs at least one backend")
+        if coordinator_key is not None and len(coordinator_key) != COORDINATOR_KEY_BYTES:
+            raise ConfigurationError(f"the coordinator key must be {COORDINATOR_KEY_BYTES} bytes")
         self.aws = aws
         self.backends = dict(backends)
         self.store = store
         self.exchange = exchange
         self.settings = settings
+        self._coordinator_key = coordinator_key or new_coordinator_key()
         self.metrics = CoordinatorMetrics()
         self.accepting = True
         self._jobs: dict[str, Job] = {}
@@ -119,6 +126,7 @@ class Coordinator:
             metrics=self.metrics,
             exchange_address=self.exchange.address,
             exchange_tls=self.exchange.tls,
+            coordinator_key=self._coordinator_key,
             dynamodb=dynamodb,
             s3_buckets=self._s3_buckets,
         )
@@ -167,7 +175,6 @@ class Coordinator:
             finished_at=None,
             size=info.size,
             etag=info.etag,
-            secret=new_job_secret(),
             spool_dir=tempfile.mkdtemp(prefix=f"shardline-{job_id}-", dir=root),
         )
         shards = [
@@ -242,7 +249,7 @@ class Coordinator:
 
     def _start(self, job: Job) -> None:
         self._jobs[job.id] = job
-        self.exchange.register(job.id, job.record.secret, job)
+        self.exchange.register(job.id, job.exchange_secret, job)
         job.start()
 
     def _backend(self, name: str | None) -> Backend:
@@ -305,7 +312,7 @@ class Coordinator:
             self.metrics,
             jobs_by_state={state.value: jobs.get(state.value, 0) for state in JobState},
             shards_by_state={state.value: shards.get(state.value, 0) for state in ShardState},
-            rejected_connections=self.exchange.rejected_connections,
+            exchange_refused=self.exchange.refused,
             handshake_wait_s=self.exchange.handshake_wait_s,
         )
 

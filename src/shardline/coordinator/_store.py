@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import base64
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..aws import error_code, translate_error
@@ -155,8 +154,6 @@ class JobRecord:
     #: Of the source object, once known.
     size: int | None
     etag: str | None
-    #: Authenticates the job's exchange frames; kept so a restart can resume.
-    secret: bytes = field(repr=False)
     spool_dir: str
     error: str | None = None
     #: The reduce output file, once complete.
@@ -175,7 +172,6 @@ class JobRecord:
                 "finished_at": self.finished_at,
                 "size": self.size,
                 "etag": self.etag,
-                "secret": base64.b64encode(self.secret).decode("ascii"),
                 "spool_dir": self.spool_dir,
                 "error": self.error,
                 "result_path": self.result_path,
@@ -193,7 +189,6 @@ class JobRecord:
                     **data,
                     "spec": JobSpec.from_dict(data["spec"]),
                     "state": JobState(data["state"]),
-                    "secret": base64.b64decode(data["secret"], validate=True),
                 }
             )
 

@@ -7,6 +7,7 @@ Imports nothing outside the standard library and `shardline.errors`.
 
 from ._frames import (
     DEFAULT_MAX_FRAME_BYTES,
+    MAX_HANDSHAKE_FRAME_BYTES,
     PROTOCOL_VERSION,
     Ack,
     Done,
@@ -21,7 +22,6 @@ from ._frames import (
     Progress,
     Want,
     Welcome,
-    new_job_secret,
 )
 from ._markers import (
     DEFAULT_MARKER_TABLE,
@@ -45,6 +45,7 @@ from ._ranges import (
     nominal_starts,
     plan_shards,
 )
+from ._secrets import COORDINATOR_KEY_BYTES, attempt_secret, job_secret, new_coordinator_key
 from ._session import CLOSED, ExchangeSession, Role, SessionState
 from ._states import (
     JobEvent,
@@ -58,12 +59,14 @@ from ._task import TASK_VERSION, ShardTask
 
 __all__ = [
     "CLOSED",
+    "COORDINATOR_KEY_BYTES",
     "DEFAULT_MARKER_TABLE",
     "DEFAULT_MAX_FRAME_BYTES",
     "MARKER_ATTRIBUTE_DEFINITIONS",
     "MARKER_FENCE_ATTRIBUTE",
     "MARKER_KEY_SCHEMA",
     "MARKER_TTL_ATTRIBUTE",
+    "MAX_HANDSHAKE_FRAME_BYTES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "PUT_CONDITION",
@@ -94,11 +97,13 @@ __all__ = [
     "ShardTask",
     "Want",
     "Welcome",
+    "attempt_secret",
     "check_delimiter",
+    "job_secret",
     "marker_fence",
     "marker_fence_request",
     "marker_key",
-    "new_job_secret",
+    "new_coordinator_key",
     "next_job_state",
     "next_shard_state",
     "nominal_starts",

@@ -9,10 +9,14 @@
 # The MAC is HMAC-SHA256 over ``sequence u64 | header | payload``; the
 # sequence number is implicit (each direction counts its own frames), so a
 # reordered, dropped or replayed frame fails verification.  HELLO and WELCOME
-# are keyed with the job's secret; every later frame uses a session key
-# derived from the secret and both sides' nonces, so frames recorded from one
-# session are useless in another.  The server answers data only to frames
-# under the session key, which a replayed HELLO cannot produce.
+# are keyed with the shard attempt's secret (`_secrets.py`); every later frame
+# uses a session key derived from that secret and both sides' nonces, so
+# frames recorded from one session are useless in another.  The server
+# answers data only to frames under the session key, which a replayed HELLO
+# cannot produce.
+#
+# Until the HELLO has verified, a frame may be at most MAX_HANDSHAKE_FRAME_BYTES:
+# a stranger on the port can make us buffer a few KiB, never a full frame.
 #
 # Frames are frozen dataclasses that validate on construction (a
 # LocalProtocolError: building a bad frame is our bug); `decode_payload`
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import enum
 import json
-import secrets
 import struct
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "MAX_HANDSHAKE_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "Ack",
     "Done",
@@ -45,7 +49,6 @@ __all__ = [
     "Progress",
     "Want",
     "Welcome",
-    "new_job_secret",
 ]
 
 PROTOCOL_VERSION = 1
@@ -60,13 +63,11 @@ NONCE_BYTES = 16
 #: keeps a coordinator holding a fragment per shard for thousands of shards
 #: within a few GiB in the worst case, and is one cheap round trip.
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024 + 64 * 1024
+#: The largest frame either side accepts before the session is open.  HELLO
+#: and WELCOME are about 200 bytes (a job id is at most 128 characters).
+MAX_HANDSHAKE_FRAME_BYTES = 4 * 1024
 #: JSON metadata is small by construction; a larger one is hostile.
 MAX_META_BYTES = 64 * 1024
-
-
-def new_job_secret() -> bytes:
-    """A fresh random per-job secret for HMAC authentication."""
-    return secrets.token_bytes(32)
 
 
 class FrameType(enum.IntEnum):

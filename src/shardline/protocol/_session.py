@@ -3,9 +3,10 @@
 # Feed it bytes with `receive_data` (b"" is EOF), pull verified frames with
 # `next_frame`, and turn frames into bytes with `send`.  It never touches a
 # socket.  The wire format and the MAC scheme are described in `_frames.py`:
-# HELLO and WELCOME are keyed with the job's secret, every later frame with a
-# session key derived from both nonces, and each direction's implicit
-# sequence number is part of every MAC.
+# HELLO and WELCOME are keyed with the shard attempt's secret, every later
+# frame with a session key derived from it and both nonces, and each
+# direction's implicit sequence number is part of every MAC.  Until the
+# session is open, frames are limited to MAX_HANDSHAKE_FRAME_BYTES.
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ._frames import (
     HEADER,
     MAC_BYTES,
     MAGIC,
+    MAX_HANDSHAKE_FRAME_BYTES,
     NONCE_BYTES,
     PROTOCOL_VERSION,
     SEQUENCE,
@@ -88,10 +90,12 @@ class ExchangeSession:
     """One authenticated exchange session, as seen from one side. No I/O.
 
     Build a client with `ExchangeSession.client(...)` (then `send` its
-    `hello()`), or a server with `ExchangeSession.server(lookup_secret)` where
-    `lookup_secret(job_id)` returns the job's secret or None.  Any malformed,
+    `hello`), or a server with `ExchangeSession.server(lookup_secret)` where
+    `lookup_secret(hello)` returns the secret of the attempt the (not yet
+    verified) HELLO names, or None for an unknown job.  Any malformed,
     unauthenticated or out-of-place frame raises a RemoteProtocolError
-    subclass and leaves the session BROKEN.
+    subclass and leaves the session BROKEN.  Before the session is open no
+    frame may exceed `max_handshake_frame_bytes`; after, `max_frame_bytes`.
     """
 
     def __init__(
@@ -99,9 +103,10 @@ class ExchangeSession:
         role: Role,
         *,
         secret: bytes | None = None,
-        lookup_secret: Callable[[str], bytes | None] | None = None,
+        lookup_secret: Callable[[Hello], bytes | None] | None = None,
         hello: Hello | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_handshake_frame_bytes: int = MAX_HANDSHAKE_FRAME_BYTES,
     ) -> None:
         self.role = role
         self.state = SessionState.IDLE if role is Role.CLIENT else SessionState.AWAIT_HELLO
@@ -110,6 +115,7 @@ class ExchangeSession:
         self._lookup_secret = lookup_secret
         self._key: bytes | None = secret
         self._max_frame_bytes = max_frame_bytes
+        self._max_handshake_frame_bytes = min(max_handshake_frame_bytes, max_frame_bytes)
         self._buffer = bytearray()
         self._eof = False
         self._send_sequence = 0
@@ -124,9 +130,18 @@ class ExchangeSession:
 
     @classmethod
     def server(
-        cls, lookup_secret: Callable[[str], bytes | None], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        cls,
+        lookup_secret: Callable[[Hello], bytes | None],
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_handshake_frame_bytes: int = MAX_HANDSHAKE_FRAME_BYTES,
     ) -> ExchangeSession:
-        return cls(Role.SERVER, lookup_secret=lookup_secret, max_frame_bytes=max_frame_bytes)
+        return cls(
+            Role.SERVER,
+            lookup_secret=lookup_secret,
+            max_frame_bytes=max_frame_bytes,
+            max_handshake_frame_bytes=max_handshake_frame_bytes,
+        )
 
     # -- sending -------------------------------------------------------------
 
@@ -208,8 +223,12 @@ class ExchangeSession:
         except ValueError:
             raise RemoteProtocolError(f"unknown frame type {type_code}") from None
         total = HEADER.size + payload_length + MAC_BYTES
-        if total > self._max_frame_bytes:
-            raise FrameTooLargeError(f"{frame_type.name} frame of {total} bytes exceeds max {self._max_frame_bytes}")
+        if self.state in (SessionState.AWAIT_HELLO, SessionState.AWAIT_WELCOME):
+            limit, before = self._max_handshake_frame_bytes, " before the session is open"
+        else:
+            limit, before = self._max_frame_bytes, ""
+        if total > limit:
+            raise FrameTooLargeError(f"{frame_type.name} frame of {total} bytes exceeds max {limit}{before}")
         if len(buffer) < total:
             return None
         header = bytes(buffer[: HEADER.size])
@@ -247,7 +266,7 @@ class ExchangeSession:
         if not hmac.compare_digest(expected, mac):
             raise AuthenticationError(
                 f"{frame_type.name} frame #{self._receive_sequence} failed authentication "
-                "(wrong job secret, tampered or replayed)"
+                "(wrong secret, tampered or replayed)"
             )
         self._receive_sequence += 1
 
@@ -255,7 +274,7 @@ class ExchangeSession:
         hello = decode_payload(FrameType.HELLO, payload)
         assert isinstance(hello, Hello)
         assert self._lookup_secret is not None
-        secret = self._lookup_secret(hello.job_id)
+        secret = self._lookup_secret(hello)
         if secret is None:
             raise AuthenticationError(f"HELLO for unknown job {hello.job_id!r}")
         self._key = self._secret = secret

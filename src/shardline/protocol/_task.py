@@ -18,7 +18,11 @@ TASK_VERSION = 1
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShardTask:
-    """One shard attempt.  `secret` authenticates the exchange session."""
+    """One shard attempt.
+
+    `secret` is this attempt's own exchange secret (`attempt_secret`): it
+    authenticates this attempt's session and no other, and never shows in a repr.
+    """
 
     job_id: str
     shard: int
@@ -39,13 +43,14 @@ class ShardTask:
     #: against `exchange_ca` (PEM), or the system's trust store when None.
     exchange_tls: bool = False
     exchange_ca: str | None = None
-    secret: bytes = b""
+    secret: bytes = field(default=b"", repr=False)
     markers_table: str
     max_line_bytes: int | None = None
     part_size_bytes: int = 8 * 1024 * 1024
     max_in_flight_bytes: int = 32 * 1024 * 1024
-    #: Serialised shardline.aws.AwsSettings; credentials only for the embedded endpoint.
-    aws: dict[str, Any] = field(default_factory=dict)
+    #: Serialised shardline.aws.AwsSettings; credentials only for the embedded
+    #: endpoint (kept out of the repr all the same).
+    aws: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         check_delimiter(self.delimiter)
