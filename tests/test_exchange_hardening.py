@@ -1,0 +1,667 @@
+"""The exchange port against strangers (DESIGN §9: before authentication a
+peer gets a few KiB and a few seconds), and job secrets that are derived,
+per attempt, instead of stored.
+
+Everything here talks to a real ExchangeServer over real sockets on
+127.0.0.1 (and other loopback addresses, to be "other peers").  The flood
+test at the end runs `shardline serve` as a process, floods its exchange
+with 1,000 trickling and 100 oversized connections while a real job runs,
+and checks the job's output, the daemon's memory and its HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import random
+import re
+import resource
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shardline.aws import client
+from shardline.coordinator import (
+    Coordinator,
+    ExchangeServer,
+    JobSpec,
+    MemoryJobStore,
+    ensure_marker_table,
+    server_tls_context,
+)
+from shardline.coordinator._metrics import CoordinatorMetrics, render_prometheus
+from shardline.protocol import (
+    CLOSED,
+    DEFAULT_MARKER_TABLE,
+    MAX_HANDSHAKE_FRAME_BYTES,
+    NEED_DATA,
+    Done,
+    Error,
+    ExchangeSession,
+    Frame,
+    Head,
+    Hello,
+    Pending,
+    Progress,
+    Want,
+    Welcome,
+    attempt_secret,
+    job_secret,
+)
+from shardline.worker._exchange import ExchangeClient
+
+from daemons import Daemon, clean_env, request, submit
+from jobs import GatedBackend, sequential_reference
+from servers import Endpoint
+from tlsca import make_ca
+
+#: A hang guard only: every wait here ends by an event long before it.
+GUARD_S = 60.0
+JOB = "hardening-job"
+KEY = bytes(range(32))
+JOB_SECRET = job_secret(KEY, JOB)
+_HEADER = struct.Struct("!2sBBI")
+
+
+class Hooks:
+    """A job that accepts every live session and records what happened."""
+
+    def __init__(self, *, idle_s: float = 30.0) -> None:
+        self.idle_s = idle_s
+        self.connects: list[Hello] = []
+        self.disconnects = 0
+        self.done: list[Done] = []
+
+    def session_idle_timeout_s(self) -> float:
+        return self.idle_s
+
+    def on_connect(self, hello: Hello) -> Error | None:
+        self.connects.append(hello)
+        return None
+
+    def on_head(self, hello: Hello, head: Head) -> Error | None:
+        return None
+
+    def on_progress(self, hello: Hello, progress: Progress) -> None:
+        pass
+
+    async def on_done(self, hello: Hello, done: Done) -> bool:
+        self.done.append(done)
+        return True
+
+    def on_failed(self, hello: Hello, failed: object) -> None:
+        pass
+
+    def on_disconnect(self, hello: Hello) -> None:
+        self.disconnects += 1
+
+
+@contextlib.asynccontextmanager
+async def exchange(*, idle_s: float = 30.0, **settings: object) -> AsyncIterator[tuple[ExchangeServer, Hooks]]:
+    hooks = Hooks(idle_s=idle_s)
+    async with ExchangeServer(host="127.0.0.1", **settings) as server:  # type: ignore[arg-type]
+        server.register(JOB, JOB_SECRET, hooks)
+        yield server, hooks
+
+
+class Peer:
+    """One raw connection to the exchange, optionally from another loopback address."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int], source_host: str = "127.0.0.1") -> Peer:
+        reader, writer = await asyncio.open_connection(*address, local_addr=(source_host, 0))
+        return cls(reader, writer)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def until_closed(self) -> bytes:
+        """Everything the exchange sent until it closed the connection."""
+        received = bytearray()
+        async with asyncio.timeout(GUARD_S):
+            while True:
+                try:
+                    chunk = await self.reader.read(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+        return bytes(received)
+
+    async def next_frame(self, session: ExchangeSession) -> Frame | None:
+        """The next frame of `session` from this connection; None once it is closed."""
+        async with asyncio.timeout(GUARD_S):
+            while True:
+                frame = session.next_frame()
+                if frame is CLOSED:
+                    return None
+                if frame is not NEED_DATA:
+                    assert isinstance(frame, Frame)
+                    return frame
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    data = b""
+                session.receive_data(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def worker_client(port: int, *, shard: int) -> ExchangeClient:
+    """The exchange client a worker of attempt 0 of `shard` would use."""
+    secret = attempt_secret(JOB_SECRET, shard, 0)
+    return ExchangeClient(host="127.0.0.1", port=port, job_id=JOB, shard=shard, attempt=0, secret=secret)
+
+
+def client_session(shard: int = 0, attempt: int = 0, *, secret: bytes | None = None) -> ExchangeSession:
+    secret = attempt_secret(JOB_SECRET, shard, attempt) if secret is None else secret
+    return ExchangeSession.client(job_id=JOB, shard=shard, attempt=attempt, secret=secret)
+
+
+async def authenticate(peer: Peer, session: ExchangeSession) -> Frame | None:
+    """Send `session`'s HELLO over `peer`; the exchange's answer (WELCOME) or None if it closed."""
+    peer.send(session.send(session.hello))  # type: ignore[arg-type]
+    return await peer.next_frame(session)
+
+
+async def eventually(condition, what: str) -> None:
+    async with asyncio.timeout(GUARD_S):
+        while not condition():
+            await asyncio.sleep(0.02)
+    assert condition(), what
+
+
+def refused(server: ExchangeServer) -> dict[str, int]:
+    return {cause: count for cause, count in server.refused.items() if count}
+
+
+# --- 1. a few KiB before authentication --------------------------------------------
+
+
+async def test_oversized_pre_auth_frame_is_closed_at_once():
+    # A deadline far beyond the hang guard: closing must come from the size check.
+    async with exchange(handshake_deadline_s=3600.0) as (server, _):
+        peer = await Peer.connect(server.address)
+        # What an attacker pinning memory sends: a header for a 3.9 MB HELLO,
+        # then nothing more; the exchange must not wait for the rest.
+        peer.send(_HEADER.pack(b"SL", 1, 1, 3_900_000))
+        assert await peer.until_closed() == b""
+        # Just over the handshake limit is refused too, from the header alone.
+        peer = await Peer.connect(server.address)
+        peer.send(_HEADER.pack(b"SL", 1, 1, MAX_HANDSHAKE_FRAME_BYTES))
+        assert await peer.until_closed() == b""
+        assert refused(server) == {"preauth_oversized": 2}
+
+
+async def test_full_frame_limit_applies_once_the_hello_verified():
+    async with exchange() as (server, hooks):
+        peer = await Peer.connect(server.address)
+        session = client_session()
+        assert isinstance(await authenticate(peer, session), Welcome)
+        big = b"x" * (256 * 1024)  # 64 times the handshake frame limit
+        peer.send(session.send(Head(shard=0, start=0, head_end=len(big), line_start=True, has_data=True, data=big)))
+        peer.send(session.send(Want(shard=1)))
+        assert isinstance(await peer.next_frame(session), Pending)  # the session is alive and well
+        assert refused(server) == {} and len(hooks.connects) == 1
+        peer.close()
+
+
+# --- 1. a few seconds: one absolute deadline -------------------------------------------
+
+
+async def trickle(peer: Peer, data: bytes, interval_s: float) -> int:
+    """Send `data` one byte per `interval_s` until it is sent or the connection breaks; bytes sent."""
+    sent = 0
+    with contextlib.suppress(OSError):
+        for byte in data:
+            peer.send(bytes([byte]))
+            await peer.writer.drain()
+            sent += 1
+            await asyncio.sleep(interval_s)
+    return sent
+
+
+async def test_trickling_client_is_closed_at_the_absolute_deadline():
+    # One byte every 0.2 s keeps every single read well within any per-read
+    # timeout; the HELLO would take a minute to arrive.  The deadline counts
+    # from accept, so the exchange closes it after 1.5 s all the same.
+    async with exchange(handshake_deadline_s=1.5) as (server, hooks):
+        session = client_session()
+        hello = session.send(session.hello)  # type: ignore[arg-type]
+        peer = await Peer.connect(server.address)
+        trickler = asyncio.create_task(trickle(peer, hello * 100, 0.2))
+        assert await peer.until_closed() == b""
+        trickler.cancel()
+        assert refused(server) == {"handshake_deadline": 1}
+        assert hooks.connects == []
+
+
+def _client_hello() -> bytes:
+    """The first flight of a real TLS client, as bytes."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def test_trickled_tls_handshake_is_closed_at_the_same_deadline(tmp_path):
+    ca = make_ca(tmp_path)
+    tls = server_tls_context(str(ca.server_cert), str(ca.server_key))
+    async with exchange(tls=tls, handshake_deadline_s=1.5) as (server, _):
+        peer = await Peer.connect(server.address)
+        trickler = asyncio.create_task(trickle(peer, _client_hello(), 0.2))
+        assert await peer.until_closed() == b""
+        trickler.cancel()
+        # A client that never sends a byte is closed at the deadline too.
+        silent = await Peer.connect(server.address)
+        assert await silent.until_closed() == b""
+        # And one that speaks the exchange protocol without TLS at once.
+        plain = await Peer.connect(server.address)
+        session = client_session()
+        plain.send(session.send(session.hello))  # type: ignore[arg-type]
+        await plain.until_closed()
+        assert refused(server) == {"handshake_deadline": 2, "tls_failed": 1}
+
+
+# --- 2. caps, with eviction of the oldest --------------------------------------------
+
+
+async def test_caps_evict_the_oldest_unauthenticated_connection():
+    async with exchange(max_unauthenticated=4, max_unauthenticated_per_peer=2) as (server, hooks):
+        address = server.address
+        a1 = await Peer.connect(address, "127.0.0.1")
+        a2 = await Peer.connect(address, "127.0.0.1")
+        a3 = await Peer.connect(address, "127.0.0.1")  # a third from one address: a1, the oldest, goes
+        assert await a1.until_closed() == b""
+        assert refused(server) == {"evicted": 1}
+        b1 = await Peer.connect(address, "127.0.0.2")
+        c1 = await Peer.connect(address, "127.0.0.3")
+        d1 = await Peer.connect(address, "127.0.0.4")  # a fifth in all: a2, the oldest now, goes
+        assert await a2.until_closed() == b""
+        assert refused(server) == {"evicted": 2}
+        # The newer ones were kept: each of them still authenticates.
+        sessions = {peer: client_session(shard) for shard, peer in enumerate((a3, b1, c1, d1))}
+        for peer, session in sessions.items():
+            assert isinstance(await authenticate(peer, session), Welcome)
+        assert len(hooks.connects) == 4
+        # Authenticated sessions no longer count: three more strangers from
+        # 127.0.0.1 evict only one another, and a3's session carries on.
+        strangers = [await Peer.connect(address, "127.0.0.1") for _ in range(3)]
+        assert await strangers[0].until_closed() == b""
+        assert refused(server) == {"evicted": 3}
+        a3.send(sessions[a3].send(Want(shard=1)))
+        assert isinstance(await a3.next_frame(sessions[a3]), Pending)
+        for peer in (a3, b1, c1, d1, *strangers[1:]):
+            peer.close()
+
+
+async def test_a_worker_gets_through_a_flood_of_slow_strangers():
+    # Strangers keep a per-address cap of 8 full from the worker's own
+    # address, reconnecting whenever they are evicted.  The worker's session
+    # evicts the oldest of them and authenticates before eight newer ones
+    # arrive, and once authenticated it no longer counts.
+    async with exchange(max_unauthenticated=64, max_unauthenticated_per_peer=8) as (server, hooks):
+        stop = asyncio.Event()
+
+        async def stranger() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    peer = await Peer.connect(server.address)
+                    peer.send(b"S")  # the first byte of a frame, and then nothing
+                    await peer.until_closed()
+                    peer.close()
+
+        strangers = [asyncio.create_task(stranger()) for _ in range(32)]
+        try:
+            await eventually(lambda: server.refused["evicted"] >= 32, "the strangers fill the cap")
+            async with worker_client(server.address[1], shard=2) as worker:
+                done = Done(emitted_start=0, emitted_end=5, line_start=True, bytes=5, checksum="", output_bytes=5)
+                ack = await worker.report(done, timeout_s=GUARD_S)
+            assert ack.committed and hooks.done == [done]
+        finally:
+            stop.set()
+            for task in strangers:
+                task.cancel()
+            await asyncio.gather(*strangers, return_exceptions=True)
+
+
+async def test_final_report_retries_with_backoff_until_it_gets_through():
+    # A path to the exchange that drops the first six connections outright
+    # (as a flood's evictions might): the report keeps trying, with backoff,
+    # within its timeout, rather than giving up after three quick tries.
+    async with exchange() as (server, hooks):
+        dropped = 0
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        async def path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal dropped
+            if dropped < 6:
+                dropped += 1
+                writer.transport.abort()
+                return
+            upstream_reader, upstream_writer = await asyncio.open_connection(*server.address)
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+        relay = await asyncio.start_server(path, "127.0.0.1", 0)
+        try:
+            async with worker_client(relay.sockets[0].getsockname()[1], shard=1) as worker:
+                done = Done(emitted_start=3, emitted_end=9, line_start=True, bytes=6, checksum="", output_bytes=6)
+                ack = await worker.report(done, timeout_s=GUARD_S)
+        finally:
+            relay.close()
+        assert ack.committed and dropped == 6 and hooks.done == [done]
+
+
+# --- 3. idle authenticated sessions --------------------------------------------------
+
+
+async def test_silent_authenticated_session_is_closed_after_the_heartbeat_deadline():
+    async with exchange(idle_s=2.0) as (server, hooks):
+        # A session that heartbeats far more often than its deadline stays.
+        talker, talking = await Peer.connect(server.address), client_session(0)
+        assert isinstance(await authenticate(talker, talking), Welcome)
+        # A session that goes silent is closed.
+        silent, quiet = await Peer.connect(server.address), client_session(1)
+        assert isinstance(await authenticate(silent, quiet), Welcome)
+        closed = asyncio.create_task(silent.until_closed())
+        while not closed.done():
+            talker.send(talking.send(Progress(bytes_emitted=0)))
+            await asyncio.wait({closed}, timeout=0.05)
+        assert closed.result() == b""
+        assert refused(server) == {"idle": 1} and hooks.disconnects == 1
+        talker.send(talking.send(Want(shard=3)))
+        assert isinstance(await talker.next_frame(talking), Pending)
+        talker.close()
+
+
+# --- 5. refusals counted by cause, logged once per cause ---------------------------------
+
+
+async def test_refusals_are_counted_by_cause_and_logged_once_per_cause(caplog):
+    caplog.set_level(logging.DEBUG, logger="shardline.coordinator.exchange")
+    wrong = client_session(0, secret=b"w" * 32)
+    payloads = (
+        b"GET / HTTP/1.1\r\n\r\n",  # bad_frame
+        _HEADER.pack(b"SL", 1, 1, 1 << 30),  # preauth_oversized
+        wrong.send(wrong.hello),  # type: ignore[arg-type]  # auth_failed
+    )
+    rounds = 12
+    async with exchange(handshake_deadline_s=1.0) as (server, _):
+        for _ in range(rounds):
+            for payload in payloads:
+                peer = await Peer.connect(server.address)
+                peer.send(payload)
+                assert await peer.until_closed() == b""
+        silent = [await Peer.connect(server.address) for _ in range(3)]
+        for peer in silent:
+            assert await peer.until_closed() == b""
+        counts = refused(server)
+        metrics = render_prometheus(
+            CoordinatorMetrics(),
+            jobs_by_state={},
+            shards_by_state={},
+            exchange_refused=server.refused,
+            handshake_wait_s=server.handshake_wait_s,
+        )
+    assert counts == {"bad_frame": rounds, "preauth_oversized": rounds, "auth_failed": rounds, "handshake_deadline": 3}
+    for cause, count in counts.items():
+        assert f'shardline_exchange_refused_total{{cause="{cause}"}} {count}' in metrics
+    assert 'shardline_exchange_refused_total{cause="evicted"} 0' in metrics
+    messages = [record.getMessage() for record in caplog.records]
+    first = Counter(m.split("(cause ")[1].split(")")[0] for m in messages if "refused a connection (cause" in m)
+    assert first == dict.fromkeys(counts, 1)
+    # What was not logged one by one is summed up once (here: when the exchange closed).
+    summed = {
+        match[2]: int(match[1])
+        for m in messages
+        if (match := re.search(r"refused (\d+) more connection\(s\) \(cause (\w+)\)", m))
+    }
+    assert summed == {cause: count - 1 for cause, count in counts.items() if count > 1}
+
+
+# --- 4. the open-file limit ----------------------------------------------------------------
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit():
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 64 if hard == resource.RLIM_INFINITY else min(64, hard)
+    script = (
+        "import resource; from shardline.rlimits import raise_open_files_limit; "
+        "limit = raise_open_files_limit(); print(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=GUARD_S,
+    )
+    expected = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    assert result.stdout.split() == [str(expected)] * 2
+
+
+# --- 6. secrets: derived per attempt, never stored, never shown --------------------------------
+
+
+async def test_each_attempt_gets_its_own_secret_which_opens_no_other_session(tmp_path, aws_settings):
+    data = b"".join(b"line %04d\n" % i for i in range(400))
+    source = tmp_path / "input"
+    source.write_bytes(data)
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+    backend, store = GatedBackend(), MemoryJobStore()
+    output = io.BytesIO()
+    async with (
+        ExchangeServer() as server,
+        Coordinator(
+            aws=aws_settings, backends={backend.name: backend}, store=store, exchange=server, coordinator_key=KEY
+        ) as coordinator,
+    ):
+        view = await coordinator.submit(JobSpec(source=str(source), shards=3))
+        await eventually(lambda: len(backend.tasks) == 3, "all attempts launched")
+        secret = job_secret(KEY, view.id)
+        for task in backend.tasks:
+            assert task.secret == attempt_secret(secret, task.shard, task.attempt)
+        assert len({task.secret for task in backend.tasks}) == 3
+        # Nothing secret is kept in the store, nor shown in a repr.
+        loaded = await store.load_job(view.id)
+        assert loaded is not None
+        shown = [loaded[0].to_json(), repr(loaded[0]), repr(coordinator.context), *map(repr, backend.tasks)]
+        for value in (KEY, secret, *(task.secret for task in backend.tasks)):
+            assert not any(value.hex() in text or repr(value) in text for text in shown)
+        # Shard 0's secret opens shard 0's session, and no other attempt's.
+        task0 = next(task for task in backend.tasks if task.shard == 0)
+        for shard, attempt in ((1, 0), (0, 1)):
+            peer = await Peer.connect(server.address)
+            other = ExchangeSession.client(job_id=view.id, shard=shard, attempt=attempt, secret=task0.secret)
+            assert await authenticate(peer, other) is None
+        assert refused(server) == {"auth_failed": 2}
+        peer = await Peer.connect(server.address)
+        own = ExchangeSession.client(job_id=view.id, shard=0, attempt=0, secret=task0.secret)
+        assert isinstance(await authenticate(peer, own), Welcome)
+        peer.close()
+        backend.gate.set()
+        async with asyncio.timeout(GUARD_S):
+            async for piece in coordinator.output(view.id):
+                with open(piece.path, "rb") as file:
+                    file.seek(piece.start)
+                    output.write(file.read(piece.end - piece.start))
+    assert output.getvalue() == data
+
+
+# --- 7. the flood: a real daemon, a real job, 1,100 strangers ----------------------------------
+
+FLOOD_TRICKLERS = 1000
+FLOOD_OVERSIZED = 100
+#: What the whole flood may cost the daemon: 1,100 connections that each
+#: could once pin a 4 MiB frame now cost a few KiB each.
+MAX_FLOOD_RSS_GROWTH_BYTES = 50 * 1024 * 1024
+FLOOD_DATA = b"".join(b"%06d flood %s\n" % (i, b"f" * (i % 37)) for i in range(30_000))
+SED = "sed 's/^/>/'"
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc status")
+
+
+class Flood:
+    """1,000 trickling and 100 oversized pre-auth connections to `address`,
+    each opened again a second or two after the exchange closes it, from a
+    thread with its own event loop, until `stop()`."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="flood", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(GUARD_S)
+        assert not self._thread.is_alive(), "the flood did not stop"
+
+    async def _main(self) -> None:
+        tasks = [asyncio.create_task(self._connection(self._trickle)) for _ in range(FLOOD_TRICKLERS)]
+        tasks += [asyncio.create_task(self._connection(self._oversized)) for _ in range(FLOOD_OVERSIZED)]
+        while not self._stop.is_set():
+            await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connection(self, behave) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(*self.address)
+            except OSError:
+                await asyncio.sleep(1.0)
+                continue
+            self.opened += 1
+            try:
+                await behave(reader, writer)
+            except OSError:
+                pass
+            finally:
+                writer.transport.abort()
+            await asyncio.sleep(1.0 + random.random())
+
+    @staticmethod
+    async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The start of a plausible HELLO, one byte every 3 s, until closed.
+        for byte in _HEADER.pack(b"SL", 1, 1, 200) + b"{" * 200:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    if not await reader.read(1):
+                        return
+
+    @staticmethod
+    async def _oversized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A header for a 3.9 MB HELLO, then its bytes, as fast as they go.
+        writer.write(_HEADER.pack(b"SL", 1, 1, 3_900_000))
+        chunk = b"\0" * 65536
+        for _ in range(3_900_000 // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        await reader.read()
+
+
+def _raise_own_open_files_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the flood needs {needed} open files; the hard limit is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def test_flood_of_strangers_costs_the_daemon_kilobytes_and_no_job(tmp_path, moto: Endpoint):
+    _raise_own_open_files_limit(FLOOD_TRICKLERS + FLOOD_OVERSIZED + 512)
+    home = tmp_path / "home"
+    home.mkdir()
+    source = tmp_path / "input"
+    source.write_bytes(FLOOD_DATA)
+    expected = sequential_reference(FLOOD_DATA, SED)
+    daemon = Daemon(tmp_path, clean_env(home, **moto.env()), "--max-processes", "4")
+    flood: Flood | None = None
+    health: list[int] = []
+    rss: list[int] = []
+    watching = threading.Event()
+    try:
+        line = next(line for line in daemon.log().splitlines() if "workers connect to" in line)
+        host, port = re.search(r"workers connect to (\S+):(\d+);", line).groups()  # type: ignore[union-attr]
+        # A first job warms the daemon up (imports, pools): the flood's cost is what comes on top.
+        warm_up = submit(daemon, source=str(source), shards=8, command=SED)
+        assert request(f"{daemon.url}/jobs/{warm_up}/output") == (200, expected)
+        baseline_rss = _rss_bytes(daemon.process.pid)
+
+        def watch() -> None:
+            while not watching.wait(0.5):
+                health.append(request(f"{daemon.url}/healthz")[0])
+                rss.append(_rss_bytes(daemon.process.pid))
+
+        watcher = threading.Thread(target=watch, name="watch", daemon=True)
+        watcher.start()
+        flood = Flood((host, int(port)))
+        flood.start()
+        deadline = time.monotonic() + GUARD_S
+        while flood.opened < FLOOD_TRICKLERS + FLOOD_OVERSIZED and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flood.opened >= FLOOD_TRICKLERS + FLOOD_OVERSIZED, "the flood never got going"
+        # Three waves of four worker processes, each a few seconds long: the
+        # flood goes on, strangers evicted and coming back, while they all
+        # connect, report and commit.
+        job = submit(daemon, source=str(source), shards=12, command=f"sleep 3; {SED}")
+        status, output = request(f"{daemon.url}/jobs/{job}/output")
+        _, metrics = request(f"{daemon.url}/metrics")
+        _, view = request(f"{daemon.url}/jobs/{job}")
+    finally:
+        watching.set()
+        if flood is not None:
+            flood.stop()
+        assert daemon.stop() == 0, daemon.log()
+    assert status == 200 and output == expected, json.loads(view)
+    assert json.loads(view)["state"] == "succeeded"
+    assert health and set(health) == {200}, health
+    growth = max(rss) - baseline_rss
+    assert growth < MAX_FLOOD_RSS_GROWTH_BYTES, f"the flood grew the daemon by {growth / 2**20:.0f} MiB"
+    counted = {
+        match[1]: int(float(match[2]))
+        for match in re.finditer(r'shardline_exchange_refused_total\{cause="(\w+)"\} (\S+)', metrics.decode())
+    }
+    assert counted["evicted"] > 0 and counted["preauth_oversized"] > 0, counted
+    log = daemon.log()
+    assert "open file limit:" in log
+    for cause in counted:
+        assert log.count(f"refused a connection (cause {cause})") <= 1, f"{cause} logged per connection"
