@@ -29,6 +29,7 @@ from shardline.coordinator import (
     JobStore,
     LocalProcessBackend,
     MemoryJobStore,
+    OutputPolicy,
     ShardTimeouts,
     WorkerExit,
     ensure_jobs_table,
@@ -43,7 +44,12 @@ from shardline.worker._markers import MarkerStore
 from jobs import sequential_reference
 
 DATA = b"".join(b"row %06d %s\n" % (i, b"x" * (i % 37)) for i in range(3000))
-FAST = CoordinatorSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.2, supervise_interval_s=0.05)
+FAST = CoordinatorSettings(
+    retry_backoff_s=0.05,
+    retry_backoff_max_s=0.2,
+    supervise_interval_s=0.05,
+    output_policy=OutputPolicy(anywhere=True),  # outputs go to the test's tmp_path
+)
 
 
 def on(shard: int, attempt: int, then: str) -> str:
