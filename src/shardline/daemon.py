@@ -135,9 +135,9 @@ def _output_policy(settings: ServeSettings) -> OutputPolicy:
         if not os.path.isdir(root):
             raise ConfigurationError(f"--output-root {root}: not an existing directory")
     for name in settings.output_buckets:
-        bucket, prefix = parse_s3_prefix(f"s3://{name}", what="--output-bucket")
-        if prefix or bucket != name:
-            raise ConfigurationError(f"--output-bucket takes a bucket name, got {name!r}")
+        if "/" in name:
+            raise ConfigurationError(f"--output-bucket takes a bucket name (NAME, not s3://NAME/...), got {name!r}")
+        parse_s3_prefix(f"s3://{name}", what="--output-bucket")
     return OutputPolicy(local_root=root, s3_buckets=frozenset(settings.output_buckets))
 
 
