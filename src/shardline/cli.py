@@ -230,6 +230,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  shardline serve\n"
         "  SHARDLINE_TOKEN=secret shardline serve --host 0.0.0.0 --port 8080\n"
+        "  shardline serve --output-root /srv/shardline/out --output-bucket my-results\n"
         "  shardline serve --backend lambda --function shardline-worker --staging s3://bucket/shardline/staging/ \\\n"
         "      --exchange-host 0.0.0.0 --exchange-port 9000 --advertise-host coord.example.com \\\n"
         "      --exchange-tls-cert cert.pem --exchange-tls-key key.pem --exchange-ca ca.pem\n"
