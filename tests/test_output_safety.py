@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,24 +26,21 @@ from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
     DynamoJobStore,
-    ExchangeServer,
     JobSpec,
     JobStore,
     JobView,
-    MemoryJobStore,
     OutputPolicy,
     WorkerExit,
     ensure_jobs_table,
-    ensure_marker_table,
 )
 from shardline.coordinator._job import written_by_earlier_runs
 from shardline.coordinator._store import CommittedAttempt, ShardRecord
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
-from shardline.protocol import DEFAULT_MARKER_TABLE, ShardState, ShardTask
+from shardline.protocol import ShardState, ShardTask
 
 from faultproxy import FaultProxy
-from jobs import sequential_reference
+from jobs import running_coordinator, sequential_reference
 from reference import reference_split
 from servers import Endpoint
 
@@ -82,35 +79,18 @@ class Gated(InProcessBackend):
         return await super().run(task, on_started=on_started)
 
 
-@contextlib.asynccontextmanager
-async def coordinator(
+def coordinator(
     aws: AwsSettings,
     backend: Backend | None = None,
     *,
     policy: OutputPolicy = ANYWHERE,
     store: JobStore | None = None,
     spool_dir: str | None = None,
-) -> AsyncIterator[Coordinator]:
-    backend = backend or InProcessBackend()
+) -> contextlib.AbstractAsyncContextManager[Coordinator]:
     settings = CoordinatorSettings(
         retry_backoff_s=0.05, supervise_interval_s=0.05, spool_dir=spool_dir, output_policy=policy
     )
-    async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
-    try:
-        async with (
-            ExchangeServer() as exchange,
-            Coordinator(
-                aws=aws,
-                backends={backend.name: backend},
-                store=store or MemoryJobStore(),
-                exchange=exchange,
-                settings=settings,
-            ) as service,
-        ):
-            yield service
-    finally:
-        await backend.aclose()
+    return running_coordinator(aws, backend or InProcessBackend(), settings=settings, store=store)
 
 
 async def finished(service: Coordinator, job_id: str) -> JobView:
