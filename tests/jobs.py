@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ssl
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Backend,
+    Coordinator,
     CoordinatorSettings,
     ExchangeServer,
     JobReport,
     JobSpec,
+    JobStore,
+    MemoryJobStore,
     WorkerExit,
     ensure_marker_table,
     run_job,
 )
 from shardline.embedded import InProcessBackend, run_embedded
-from shardline.protocol import ShardTask
+from shardline.protocol import DEFAULT_MARKER_TABLE, ShardTask
 from shardline.worker import WorkerSettings
 
 
@@ -132,3 +136,27 @@ def sequential_reference(data: bytes, command: str | None) -> bytes:
     if command is None:
         return data
     return subprocess.run(["sh", "-c", command], input=data, stdout=subprocess.PIPE, check=True).stdout
+
+
+@contextlib.asynccontextmanager
+async def running_coordinator(
+    aws: AwsSettings, backend: Backend, *, settings: CoordinatorSettings, store: JobStore | None = None
+) -> AsyncIterator[Coordinator]:
+    """A started Coordinator with `backend` as its only backend, on its own
+    exchange (the marker table created first); closes `backend` after it."""
+    async with client(aws, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+    try:
+        async with (
+            ExchangeServer() as exchange,
+            Coordinator(
+                aws=aws,
+                backends={backend.name: backend},
+                store=store or MemoryJobStore(),
+                exchange=exchange,
+                settings=settings,
+            ) as service,
+        ):
+            yield service
+    finally:
+        await backend.aclose()

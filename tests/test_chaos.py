@@ -66,6 +66,7 @@ from shardline.coordinator import (
     JobStore,
     LocalProcessBackend,
     MemoryJobStore,
+    OutputPolicy,
     ShardTimeouts,
     WorkerExit,
     ensure_jobs_table,
@@ -120,7 +121,12 @@ WORKER = WorkerSettings(
 #: must never fail a job.
 S3_BUDGET = 5
 DYNAMODB_BUDGET = 4
-SETTINGS = CoordinatorSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.2, supervise_interval_s=0.05)
+SETTINGS = CoordinatorSettings(
+    retry_backoff_s=0.05,
+    retry_backoff_max_s=0.2,
+    supervise_interval_s=0.05,
+    output_policy=OutputPolicy(anywhere=True),  # outputs go to the test's tmp_path
+)
 
 
 # --- plans ---------------------------------------------------------------------------

@@ -160,6 +160,40 @@ def test_bad_input_is_one_line_error(tmp_path, home, args, status, message):
     assert result.stdout == b""
 
 
+def test_output_directory_must_be_empty_unless_overwrite(tmp_path, home):
+    data, _ = CORPUS["random-mix"]
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    out = tmp_path / "out"
+    env = clean_env(home)
+    earlier = shardline("run", str(path), "-n", "8", "--output", str(out), "--reduce", "wc -l", env=env)
+    assert earlier.returncode == 0, earlier.stderr.decode()
+    (out / "notes.txt").write_bytes(b"mine\n")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+
+    refused = shardline("run", str(path), "-n", "4", "--output", str(out), env=env)
+    assert refused.returncode == 2
+    assert f"{out} is not empty" in _one_line_error(refused) and "--overwrite" in _one_line_error(refused)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+    # A relative path with '..' is the user's to give: it is made absolute.
+    relative = os.path.relpath(out, home)
+    assert relative.startswith("..")
+    argv = [*SHARDLINE, "run", str(path), "-n", "4", "--output", relative, "--overwrite", "--", "sed", SED]
+    replaced = subprocess.run(argv, env=env, cwd=home, capture_output=True, timeout=120)
+    assert replaced.returncode == 0, replaced.stderr.decode()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_manifest.json",
+        "notes.txt",
+        *(f"part-{i:05d}" for i in range(4)),
+    ]
+    assert b"".join(p.read_bytes() for p in sorted(out.glob("part-*"))) == sequential_reference(data, f"sed '{SED}'")
+    assert json.loads((out / "_manifest.json").read_text())["shards"][3]["part"] == str(out / "part-00003")
+
+    alone = shardline("run", str(path), "--overwrite", env=env)
+    assert alone.returncode == 2 and "--overwrite needs --output DEST" in _one_line_error(alone)
+
+
 def test_unreadable_file(tmp_path, home):
     path = tmp_path / "secret.txt"
     path.write_bytes(b"hidden\n")
@@ -270,6 +304,8 @@ def test_worker_command_runs_one_shard_by_hand(tmp_path, home, moto: Endpoint, a
         (["cancel", "some-id"], "needs a coordinator"),
         (["serve", "--port", "70000"], "must be 0..65535"),
         (["serve", "--drain-timeout", "0"], "must be > 0"),
+        (["serve", "--output-root", "{file}"], "not an existing directory"),
+        (["serve", "--output-bucket", "s3://bucket/prefix/"], "takes a bucket name"),
     ],
 )
 def test_client_and_serve_usage_errors(tmp_path, home, args, message):

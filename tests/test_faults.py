@@ -46,6 +46,7 @@ from shardline.coordinator import (
     JobSpec,
     LocalProcessBackend,
     MemoryJobStore,
+    OutputPolicy,
     ShardTimeouts,
     WorkerExit,
     ensure_marker_table,
@@ -76,7 +77,12 @@ from jobs import PACED_READER, GatedBackend, OrderedBackend, only_in_attempt, se
 from reference import reference_split
 from servers import Endpoint
 
-FAST = CoordinatorSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.2, supervise_interval_s=0.05)
+FAST = CoordinatorSettings(
+    retry_backoff_s=0.05,
+    retry_backoff_max_s=0.2,
+    supervise_interval_s=0.05,
+    output_policy=OutputPolicy(anywhere=True),  # outputs go to the test's tmp_path
+)
 #: The worker's retry loop, with short sleeps (same attempt count as the default).
 QUICK_RETRY = RetryPolicy(attempts=8, base_delay_s=0.005, max_delay_s=0.05)
 #: Bound on every wait for something to happen (a hang guard, not a timing check).

@@ -138,6 +138,8 @@ async def test_client_submits_streams_and_lists(http, source):
         (b'{"source": "x", "shards": 2, "timeouts": {"start_s": -1}}', "'timeouts.start_s'"),
         (b'{"source": "x", "shards": 2, "command": "  "}', "'command'"),
         (b'{"source": "SOURCE", "shards": 2, "backend": "nope"}', "'backend'"),
+        (b'{"source": "x", "shards": 2, "output": "/o", "overwrite": "yes"}', "'overwrite'"),
+        (b'{"source": "x", "shards": 2, "overwrite": true}', "'overwrite'"),
     ],
 )
 async def test_invalid_request_is_400_naming_the_field(http, source, body, field):

@@ -27,6 +27,7 @@ from shardline.coordinator._outputs import (
     MANIFEST_VERSION,
     LocalDirectoryDestination,
     ManifestShard,
+    OutputPolicy,
     ReduceRunner,
     S3Destination,
     build_manifest,
@@ -116,7 +117,7 @@ async def test_s3_parts_result_and_manifest_round_trip(
 ) -> None:
     outputs = [b"first shard\n", b"", b"\x00binary\xff" * 1000]
     async with open_destination(f"s3://{bucket}/job/out", aws_settings) as destination:
-        await destination.check()
+        await destination.check(require_empty=True)
         locations = [
             await destination.put_part(index, write_file(tmp_path / f"out{index}", data))
             for index, data in enumerate(outputs)
@@ -209,29 +210,67 @@ async def test_s3_check_names_the_output_field_for_a_missing_bucket(aws_settings
         with pytest.raises(
             ConfigurationError, match=r"field 'output'.*s3://shardline-no-such-bucket/out/.*no such bucket"
         ):
-            await destination.check()
+            await destination.check(require_empty=True)
 
 
-async def test_s3_remove_deletes_only_what_a_destination_writes(
-    s3, bucket: str, aws_settings: AwsSettings, tmp_path: Path
-) -> None:
-    # Written by an earlier coordinator process: this one knows them only by name.
-    for key in ("out/part-00000", "out/part-00001", "out/result", "out/_manifest.json"):
-        s3.put_object(Bucket=bucket, Key=key, Body=b"ours")
-    upload_id = s3.create_multipart_upload(Bucket=bucket, Key="out/part-00002")["UploadId"]
-    s3.upload_part(Bucket=bucket, Key="out/part-00002", UploadId=upload_id, PartNumber=1, Body=b"half")
-    # Not ours: other names, a sub-prefix, a sibling prefix.
-    others = ["out/notes.txt", "out/part-1", "out/sub/part-00000", "outer/part-00000", "part-00000"]
+def put_earlier_output(s3, bucket: str, prefix: str) -> list[str]:
+    """Objects an earlier coordinator process wrote (known to this one only
+    by name), a multipart upload its crash left open, and objects that are
+    not ours: other names, a sub-prefix, a sibling prefix.  Returns those."""
+    for name in ("part-00000", "part-00001", "result", "_manifest.json"):
+        s3.put_object(Bucket=bucket, Key=prefix + name, Body=b"ours")
+    upload_id = s3.create_multipart_upload(Bucket=bucket, Key=prefix + "part-00002")["UploadId"]
+    s3.upload_part(Bucket=bucket, Key=prefix + "part-00002", UploadId=upload_id, PartNumber=1, Body=b"half")
+    others = [f"{prefix}notes.txt", f"{prefix}part-1", f"{prefix}sub/part-00000", "outer/part-00000", "part-00000"]
     for key in others:
         s3.put_object(Bucket=bucket, Key=key, Body=b"not ours")
+    return others
 
+
+async def test_s3_remove_deletes_only_the_names_given(s3, bucket: str, aws_settings: AwsSettings) -> None:
+    others = put_earlier_output(s3, bucket, "out/")
     async with open_destination(f"s3://{bucket}/out/", aws_settings) as destination:
-        await destination.put_part(3, write_file(tmp_path / "p3", b"new"))
-        await destination.remove()
-        await destination.remove()  # nothing left to do, not an error
-
-    assert keys(s3, bucket) == sorted(others)
+        await destination.remove({"part-00001", "part-00002", "_manifest.json"})
+        await destination.remove({"part-00001"})  # nothing left to do, not an error
+    assert keys(s3, bucket) == sorted([*others, "out/part-00000", "out/result"])
     assert open_uploads(s3, bucket) == []
+
+
+async def test_s3_remove_others_keeps_only_the_names_given(s3, bucket: str, aws_settings: AwsSettings) -> None:
+    others = put_earlier_output(s3, bucket, "out/")
+    async with open_destination(f"s3://{bucket}/out/", aws_settings) as destination:
+        await destination.remove_others({"part-00000", "_manifest.json"})
+    assert keys(s3, bucket) == sorted([*others, "out/part-00000", "out/_manifest.json"])
+    assert open_uploads(s3, bucket) == []
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "sub/part-00000", "../part-00000", ".part-00000.x.tmp"])
+async def test_removals_refuse_names_a_destination_never_writes(
+    tmp_path: Path, bucket: str, aws_settings: AwsSettings, name: str
+) -> None:
+    for url in (f"s3://{bucket}/out/", str(tmp_path)):
+        async with open_destination(url, aws_settings) as destination:
+            with pytest.raises(ValueError, match="not a name a destination writes"):
+                await destination.remove({name})
+            with pytest.raises(ValueError, match="not a name a destination writes"):
+                await destination.remove_others({name})
+
+
+async def test_s3_check_refuses_a_non_empty_prefix_untouched(s3, bucket: str, aws_settings: AwsSettings) -> None:
+    s3.put_object(Bucket=bucket, Key="out/deep/inside/notes.txt", Body=b"someone's")
+    async with open_destination(f"s3://{bucket}/out", aws_settings) as destination:
+        with pytest.raises(
+            ConfigurationError,
+            match=rf"field 'output': s3://{bucket}/out/ is not empty \(it holds 'deep/inside/notes.txt'\).*overwrite",
+        ):
+            await destination.check(require_empty=True)
+        await destination.check(require_empty=False)  # an overwriting or resumed job may use it
+    assert keys(s3, bucket) == ["out/deep/inside/notes.txt"]  # no write probe either
+    async with open_destination(f"s3://{bucket}/", aws_settings) as destination:
+        with pytest.raises(ConfigurationError, match=rf"s3://{bucket}/ is not empty"):
+            await destination.check(require_empty=True)
+    async with open_destination(f"s3://{bucket}/output/", aws_settings) as destination:
+        await destination.check(require_empty=True)  # "out/" is not below "output/"
 
 
 @pytest.mark.slow
@@ -240,8 +279,72 @@ async def test_s3_remove_pages_through_many_objects(s3, bucket: str, aws_setting
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda name: s3.put_object(Bucket=bucket, Key=name, Body=b""), names))
     async with open_destination(f"s3://{bucket}", aws_settings) as destination:
-        await destination.remove()
-    assert keys(s3, bucket) == []
+        await destination.remove_others(["part-00003"])
+    assert keys(s3, bucket) == ["part-00003"]
+
+
+# --- the output policy -----------------------------------------------------------
+
+DAEMON_POLICY_BUCKETS = frozenset({"allowed-a", "allowed-b"})
+
+
+def daemon_policy(root: Path) -> OutputPolicy:
+    return OutputPolicy(local_root=str(root), s3_buckets=DAEMON_POLICY_BUCKETS)
+
+
+def test_policy_allows_directories_below_its_root_and_listed_buckets(tmp_path: Path) -> None:
+    (tmp_path / "root" / "existing").mkdir(parents=True)
+    (tmp_path / "root" / "inside-link").symlink_to(tmp_path / "root" / "existing")
+    policy = daemon_policy(tmp_path / "root")
+    for output in ("existing", "new/deeper", "inside-link/x", "./existing", "existing//x"):
+        policy.check(str(tmp_path / "root") + "/" + output)
+    for output in ("s3://allowed-a/", "s3://allowed-a", "s3://allowed-b/a/b/", "s3://allowed-b/a..b/"):
+        policy.check(output)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("relative/dir", r"'relative/dir' is a relative path; give an absolute one below .*root"),
+        ("{root}/a/../b", r"has a '\.\.' component"),
+        ("{root}/..", r"has a '\.\.' component"),
+        ("{root}", r"is not below this coordinator's output root .*--output-root"),
+        ("{root}-sibling/x", r"is not below this coordinator's output root"),
+        ("/etc/shardline", r"/etc/shardline is not below this coordinator's output root"),
+        ("{root}/escape/x", r"/escape/x \(it resolves to .*/elsewhere/x\) is not below"),
+        (
+            "s3://other-bucket/p/",
+            r"may not write to bucket 'other-bucket', only to allowed-a, allowed-b .*--output-bucket",
+        ),
+        ("s3://allowed-a/p/../q/", r"s3://allowed-a/p/\.\./q/ has a '\.\.' component"),
+    ],
+)
+def test_policy_refuses_what_its_operator_did_not_allow(tmp_path: Path, output: str, message: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (root / "escape").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigurationError, match="field 'output': .*" + message):
+        daemon_policy(root).check(output.format(root=root))
+
+
+def test_default_policy_allows_no_output_at_all(tmp_path: Path) -> None:
+    policy = OutputPolicy()
+    with pytest.raises(ConfigurationError, match=r"writes no local directories .*--output-root DIR"):
+        policy.check(str(tmp_path))
+    with pytest.raises(ConfigurationError, match=r"writes to no S3 bucket .*--output-bucket NAME"):
+        policy.check("s3://any-bucket/p/")
+
+
+def test_policy_anywhere_allows_any_path_and_bucket() -> None:
+    policy = OutputPolicy(anywhere=True)
+    for output in ("relative", "../up", "/", "s3://any-bucket/p/../q/"):
+        policy.check(output)
+
+
+def test_policy_root_must_be_absolute() -> None:
+    with pytest.raises(ConfigurationError, match="absolute"):
+        OutputPolicy(local_root="relative")
 
 
 # --- local directory ----------------------------------------------------------
@@ -254,7 +357,7 @@ def our_files(directory: Path) -> list[str]:
 async def test_local_round_trip_creates_the_directory(tmp_path: Path) -> None:
     directory = tmp_path / "a" / "b"
     async with open_destination(str(directory), AwsSettings()) as destination:
-        await destination.check()
+        await destination.check(require_empty=True)
         assert directory.is_dir()
         part = await destination.put_part(0, write_file(tmp_path / "out0", b"zero\n"))
         empty = await destination.put_part(1, write_file(tmp_path / "out1", b""))
@@ -285,7 +388,7 @@ async def test_local_round_trip_creates_the_directory(tmp_path: Path) -> None:
 
 async def test_local_put_part_overwrites(tmp_path: Path) -> None:
     destination = LocalDirectoryDestination(tmp_path / "out")
-    await destination.check()
+    await destination.check(require_empty=True)
     await destination.put_part(2, write_file(tmp_path / "a", b"attempt 1, longer\n"))
     await destination.put_part(2, write_file(tmp_path / "b", b"attempt 2\n"))
     assert (tmp_path / "out" / "part-00002").read_bytes() == b"attempt 2\n"
@@ -295,7 +398,7 @@ async def test_local_check_refuses_a_regular_file(tmp_path: Path) -> None:
     write_file(tmp_path / "file", b"")
     for path in (tmp_path / "file", tmp_path / "file" / "below"):
         with pytest.raises(ConfigurationError, match=f"field 'output': .*{re.escape(str(path))}"):
-            await LocalDirectoryDestination(path).check()
+            await LocalDirectoryDestination(path).check(require_empty=True)
 
 
 @pytest.fixture
@@ -320,32 +423,73 @@ def unwritable_dir(tmp_path: Path):
 async def test_local_check_refuses_an_unwritable_directory(unwritable_dir: Path) -> None:
     where = re.escape(str(unwritable_dir))
     with pytest.raises(ConfigurationError, match=f"field 'output': cannot write to directory {where}:"):
-        await LocalDirectoryDestination(unwritable_dir).check()
+        await LocalDirectoryDestination(unwritable_dir).check(require_empty=False)
     with pytest.raises(ConfigurationError, match=f"field 'output': cannot create directory {where}/sub:"):
-        await LocalDirectoryDestination(unwritable_dir / "sub").check()
+        await LocalDirectoryDestination(unwritable_dir / "sub").check(require_empty=True)
 
 
-async def test_local_remove_deletes_only_what_a_destination_writes(tmp_path: Path) -> None:
-    directory = tmp_path / "out"
+def make_earlier_output(directory: Path) -> list[str]:
+    """Files an earlier coordinator process left (a crash mid-write
+    included), and files that are not ours; returns the latter."""
     directory.mkdir()
-    # Left by an earlier coordinator process, a crash mid-write included.
-    for name in ("part-00000", "result", "_manifest.json", ".part-00001.k2j_x9.tmp"):
+    for name in ("part-00000", "part-00001", "result", "_manifest.json", ".part-00002.k2j_x9.tmp"):
         write_file(directory / name, b"ours")
-    for name in ("notes.txt", "part-1", ".hidden"):
+    others = ["notes.txt", "part-1", ".hidden", ".part-1.x.tmp"]
+    for name in others:
         write_file(directory / name, b"not ours")
+    return others
+
+
+async def test_local_remove_deletes_only_the_names_given(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    others = make_earlier_output(directory)
     destination = LocalDirectoryDestination(directory)
-    await destination.put_part(3, write_file(tmp_path / "p3", b"new"))
-    await destination.remove()
-    assert our_files(directory) == [".hidden", "notes.txt", "part-1"]
+    await destination.remove({"part-00001", "part-00002", "_manifest.json"})
+    assert our_files(directory) == sorted([*others, "part-00000", "result"])
+
+
+async def test_local_remove_others_keeps_only_the_names_given(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    others = make_earlier_output(directory)
+    await LocalDirectoryDestination(directory).remove_others({"part-00000", "_manifest.json"})
+    assert our_files(directory) == sorted([*others, "_manifest.json", "part-00000"])
+
+
+async def test_local_remove_manifest(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    others = make_earlier_output(directory)
+    destination = LocalDirectoryDestination(directory)
+    await destination.remove_manifest()
+    await destination.remove_manifest()  # already gone: not an error
+    assert our_files(directory) == sorted([*others, ".part-00002.k2j_x9.tmp", "part-00000", "part-00001", "result"])
 
 
 async def test_local_remove_deletes_a_directory_it_created(tmp_path: Path) -> None:
     destination = LocalDirectoryDestination(tmp_path / "new")
-    await destination.check()
+    await destination.check(require_empty=True)
     await destination.put_part(0, write_file(tmp_path / "p0", b"data"))
-    await destination.remove()
+    await destination.remove({"part-00000"})
     assert not (tmp_path / "new").exists()
-    await destination.remove()  # already gone: not an error
+    await destination.remove({"part-00000"})  # already gone: not an error
+
+
+async def test_local_check_refuses_a_non_empty_directory_untouched(tmp_path: Path) -> None:
+    directory = tmp_path / "out"
+    directory.mkdir()
+    write_file(directory / ".hidden", b"someone's")
+    (directory / "empty-subdir").mkdir()
+    before = os.stat(directory)
+    destination = LocalDirectoryDestination(directory)
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"field 'output': {re.escape(str(directory))} is not empty \(it holds '.hidden', 'empty-subdir'\)",
+    ):
+        await destination.check(require_empty=True)
+    after = os.stat(directory)
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)  # no write probe
+    assert our_files(directory) == [".hidden", "empty-subdir"]
+    await destination.check(require_empty=False)  # an overwriting or resumed job may use it
+    assert our_files(directory) == [".hidden", "empty-subdir"]
 
 
 async def test_local_cancelled_put_leaves_no_file(tmp_path: Path) -> None:

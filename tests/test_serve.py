@@ -11,6 +11,7 @@ test's jobs.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import uuid
@@ -142,6 +143,54 @@ def test_client_commands_need_a_coordinator(env):
     result = shardline("status", env=env)
     assert result.returncode == 2
     assert "--coordinator URL or set SHARDLINE_COORDINATOR" in result.stderr.decode()
+
+
+def test_outputs_are_refused_unless_the_operator_allowed_them(daemon, workdir, local_source):
+    # The module's daemon was given neither --output-root nor --output-bucket.
+    for output, flag in ((str(workdir / "out"), "--output-root DIR"), ("s3://any-bucket/out/", "--output-bucket NAME")):
+        status, body = request(f"{daemon.url}/jobs", "POST", {"source": local_source, "shards": 2, "output": output})
+        assert status == 400 and flag in json.loads(body)["error"], body
+    assert not (workdir / "out").exists()
+
+
+def test_outputs_go_only_below_the_output_root_and_to_listed_buckets(workdir, env, local_source, moto: Endpoint):
+    root = workdir / "outputs"
+    root.mkdir()
+    (workdir / "elsewhere").mkdir()
+    bucket = f"serve-out-{uuid.uuid4().hex[:8]}"
+    s3 = moto.boto3_client("s3")
+    s3.create_bucket(Bucket=bucket)
+    server = Daemon(workdir, env, "--output-root", str(root), "--output-bucket", bucket)
+    try:
+        refused = {
+            str(workdir / "elsewhere"): "is not below this coordinator's output root",
+            f"{root}/../elsewhere": "has a '..' component",
+            "outputs/job": "is a relative path",
+            "s3://another-bucket/out/": f"only to {bucket}",
+        }
+        for output, message in refused.items():
+            body = {"source": local_source, "shards": 2, "output": output}
+            status, answer = request(f"{server.url}/jobs", "POST", body)
+            assert status == 400 and message in json.loads(answer)["error"], answer
+        for output in (str(root / "job"), f"s3://{bucket}/out/"):
+            job_id = submit(server, source=local_source, shards=2, output=output)
+            assert request(f"{server.url}/jobs/{job_id}/output") == (200, b"")
+
+        # `shardline run --coordinator` sends --output and --overwrite along.
+        run = ("run", local_source, "-n", "3", "--coordinator", server.url, "--output", str(root / "job"))
+        again = shardline(*run, env=env)
+        assert again.returncode == 1 and "is not empty" in again.stderr.decode()  # a 400, as for any bad field
+        replaced = shardline(*run, "--overwrite", "--", SED, env=env)
+        assert replaced.returncode == 0, replaced.stderr.decode()
+    finally:
+        assert server.stop() == 0, server.log()
+    assert os.listdir(workdir / "elsewhere") == []
+    assert sorted(os.listdir(root)) == ["job"]
+    parts = sorted((root / "job").glob("part-*"))
+    assert [path.name for path in parts] == ["part-00000", "part-00001", "part-00002"]
+    assert b"".join(path.read_bytes() for path in parts) == sequential_reference(DATA, SED)
+    keys = sorted(item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == ["out/_manifest.json", "out/part-00000", "out/part-00001"]
 
 
 def test_token_and_graceful_shutdown(workdir, env, local_source):

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,13 @@ from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
     DynamoJobStore,
-    ExchangeServer,
     JobSpec,
     JobStore,
     LocalProcessBackend,
-    MemoryJobStore,
+    OutputPolicy,
     ShardTimeouts,
     WorkerExit,
     ensure_jobs_table,
-    ensure_marker_table,
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
@@ -40,10 +37,15 @@ from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Error, ExchangeSe
 from shardline.worker import run_task
 from shardline.worker._markers import MarkerStore
 
-from jobs import sequential_reference
+from jobs import running_coordinator, sequential_reference
 
 DATA = b"".join(b"row %06d %s\n" % (i, b"x" * (i % 37)) for i in range(3000))
-FAST = CoordinatorSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.2, supervise_interval_s=0.05)
+FAST = CoordinatorSettings(
+    retry_backoff_s=0.05,
+    retry_backoff_max_s=0.2,
+    supervise_interval_s=0.05,
+    output_policy=OutputPolicy(anywhere=True),  # outputs go to the test's tmp_path
+)
 
 
 def on(shard: int, attempt: int, then: str) -> str:
@@ -78,26 +80,10 @@ class Scripted(Backend):
         await self.inner.aclose()
 
 
-@contextlib.asynccontextmanager
-async def coordinator(
+def coordinator(
     aws: AwsSettings, backend: Backend, *, store: JobStore | None = None, settings: CoordinatorSettings = FAST
-) -> AsyncIterator[Coordinator]:
-    async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
-    try:
-        async with (
-            ExchangeServer() as exchange,
-            Coordinator(
-                aws=aws,
-                backends={backend.name: backend},
-                store=store or MemoryJobStore(),
-                exchange=exchange,
-                settings=settings,
-            ) as service,
-        ):
-            yield service
-    finally:
-        await backend.aclose()
+) -> contextlib.AbstractAsyncContextManager[Coordinator]:
+    return running_coordinator(aws, backend, settings=settings, store=store)
 
 
 async def collect(service: Coordinator, job_id: str) -> bytes:

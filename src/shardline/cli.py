@@ -152,7 +152,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DEST",
         default=None,
         help="write one part file per shard plus _manifest.json to DEST (s3://bucket/prefix/ or a local "
-        "directory) instead of stdout",
+        "directory) instead of stdout; DEST must be empty or new unless --overwrite",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --output DEST hold files already: the shardline output there (part-NNNNN, result, "
+        "_manifest.json) is replaced, its manifest removed first and its other parts once the new manifest is "
+        "written; other files are left alone",
     )
     run.add_argument(
         "--reduce",
@@ -223,6 +230,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  shardline serve\n"
         "  SHARDLINE_TOKEN=secret shardline serve --host 0.0.0.0 --port 8080\n"
+        "  shardline serve --output-root /srv/shardline/out --output-bucket my-results\n"
         "  shardline serve --backend lambda --function shardline-worker --staging s3://bucket/shardline/staging/ \\\n"
         "      --exchange-host 0.0.0.0 --exchange-port 9000 --advertise-host coord.example.com \\\n"
         "      --exchange-tls-cert cert.pem --exchange-tls-key key.pem --exchange-ca ca.pem\n"
@@ -267,6 +275,21 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="worker processes running at once, over all jobs (default: 2 x CPUs)",
+    )
+    outputs = serve.add_argument_group("job outputs (the 'output' field; none allowed by default)")
+    outputs.add_argument(
+        "--output-root",
+        default=None,
+        metavar="DIR",
+        help="let jobs write local outputs to absolute paths below DIR, an existing directory (default: no "
+        "local outputs)",
+    )
+    outputs.add_argument(
+        "--output-bucket",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let jobs write S3 outputs to bucket NAME; repeat for more buckets (default: no S3 outputs)",
     )
     lambda_ = serve.add_argument_group("AWS Lambda workers (deploy/README.md)")
     lambda_.add_argument(
@@ -460,13 +483,17 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
     if args.coordinator:
         # The daemon resolves paths against its own working directory.
         source = source if source.startswith("s3://") else os.path.abspath(source)
-        output = output if output is None or output.startswith("s3://") else os.path.abspath(output)
+    # Absolute, so that messages and the manifest name the directory plainly (".." resolved).
+    output = output if output is None or output.startswith("s3://") else os.path.abspath(output)
+    if args.overwrite and output is None:
+        raise ConfigurationError("--overwrite needs --output DEST (output on stdout overwrites nothing)")
     return JobSpec(
         source=source,
         shards=args.shards,
         delimiter=parse_delimiter(args.delimiter),
         command=command,
         output=output,
+        overwrite=args.overwrite,
         reduce=args.reduce,
         backend=args.backend,
         max_line_bytes=args.max_line_bytes,
@@ -480,7 +507,7 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
     if args.coordinator:
         return _cmd_run_remote(args, spec)
 
-    from .coordinator import Backend, CoordinatorSettings, LocalProcessBackend
+    from .coordinator import Backend, CoordinatorSettings, LocalProcessBackend, OutputPolicy
     from .embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
 
     if spec.backend not in (None, "local"):
@@ -499,7 +526,12 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
     from .rlimits import raise_open_files_limit
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
-    settings = CoordinatorSettings(markers_table=args.markers_table, spool_dir=args.spool_dir)
+    settings = CoordinatorSettings(
+        markers_table=args.markers_table,
+        spool_dir=args.spool_dir,
+        # The user's own process writes wherever its user may.
+        output_policy=OutputPolicy(anywhere=True),
+    )
     show_progress = not args.no_progress and sys.stderr.isatty()
     out = sys.stdout.buffer
 
@@ -662,6 +694,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         exchange_tls_cert=args.exchange_tls_cert,
         exchange_tls_key=args.exchange_tls_key,
         exchange_ca=args.exchange_ca,
+        output_root=os.path.abspath(args.output_root) if args.output_root else None,
+        output_buckets=tuple(args.output_bucket),
         **fields,
     )
 

@@ -36,6 +36,7 @@ from .coordinator import (
     ExchangeServer,
     LambdaBackend,
     LocalProcessBackend,
+    OutputPolicy,
     ensure_jobs_table,
     ensure_marker_table,
     make_app,
@@ -45,6 +46,7 @@ from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
 from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE
 from .rlimits import raise_open_files_limit
+from .sources import parse_s3_prefix
 from .statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
 
 __all__ = ["ServeSettings", "serve"]
@@ -90,6 +92,10 @@ class ServeSettings:
     exchange_ca: str | None = None
     #: Private files that outlive the daemon (the coordinator key).
     state_dir: str = field(default_factory=default_state_dir)
+    #: The directory below which jobs may write local outputs; None: no local outputs.
+    output_root: str | None = None
+    #: Buckets jobs may write S3 outputs to; none: no S3 outputs.
+    output_buckets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.default_backend not in ("local", "lambda"):
@@ -124,6 +130,21 @@ def _backends(settings: ServeSettings, aws: AwsSettings) -> dict[str, Backend]:
     return {settings.default_backend: default, **backends}
 
 
+def _output_policy(settings: ServeSettings) -> OutputPolicy:
+    """Where jobs may write outputs: only where the operator said (DESIGN §9)."""
+    root = settings.output_root
+    if root is not None:
+        if not os.path.isabs(root):
+            raise ConfigurationError(f"--output-root must be an absolute path, got {root!r}")
+        if not os.path.isdir(root):
+            raise ConfigurationError(f"--output-root {root}: not an existing directory")
+    for name in settings.output_buckets:
+        if "/" in name:
+            raise ConfigurationError(f"--output-bucket takes a bucket name (NAME, not s3://NAME/...), got {name!r}")
+        parse_s3_prefix(f"s3://{name}", what="--output-bucket")
+    return OutputPolicy(local_root=root, s3_buckets=frozenset(settings.output_buckets))
+
+
 def _read_ca(path: str | None) -> str | None:
     if path is None:
         return None
@@ -141,6 +162,7 @@ async def serve(
 
     `on_ready(http_url, exchange_address)` is called once the HTTP API
     accepts requests (with the real ports when 0 was asked for)."""
+    output_policy = _output_policy(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +206,7 @@ async def serve(
                     spool_dir=settings.spool_dir,
                     advertise_host=settings.advertise_host,
                     exchange_ca=_read_ca(settings.exchange_ca),
+                    output_policy=output_policy,
                 ),
                 coordinator_key=coordinator_key,
             )

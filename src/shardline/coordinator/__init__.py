@@ -10,6 +10,7 @@ from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
 from ._http import make_app
 from ._job import CoordinatorSettings, OutputPiece
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
+from ._outputs import OutputPolicy
 from ._service import Coordinator, JobProgress, JobReport, ShardReport, choose_spool_dir, copy_piece, run_job
 from ._spec import JobSpec, JobView, ShardTimeouts, ShardView
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
@@ -33,6 +34,7 @@ __all__ = [
     "LocalProcessBackend",
     "MemoryJobStore",
     "OutputPiece",
+    "OutputPolicy",
     "ShardReport",
     "ShardTimeouts",
     "ShardView",

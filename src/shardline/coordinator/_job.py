@@ -21,6 +21,12 @@
 # unverified is ever shown.  Released shards are published to the output
 # destination and fed to the reduce command in the same pass.
 #
+# A destination is never mixed with an earlier job's files (DESIGN §9).  A
+# job that may overwrite removes the earlier output's manifest before it
+# writes anything, and the rest of that output only once its own manifest is
+# in place; a job that fails removes only the names it may have written
+# (`_written`), so it never deletes an earlier job's files.
+#
 # All decisions (commit, fail, retry, speculate) are synchronous methods that
 # change state and schedule I/O; the supervisor loop and the exchange hooks
 # call them.
@@ -35,7 +41,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -72,11 +78,22 @@ from ..s3bucket import S3Buckets
 from ..sources import is_s3_url
 from ._backends import Backend
 from ._metrics import CoordinatorMetrics
-from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum, output_size
-from ._spec import JobView, ShardView
+from ._outputs import (
+    MANIFEST_NAME,
+    RESULT_NAME,
+    Destination,
+    ManifestShard,
+    OutputPolicy,
+    ReduceRunner,
+    build_manifest,
+    file_checksum,
+    output_size,
+    part_name,
+)
+from ._spec import JobSpec, JobView, ShardView
 from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
-__all__ = ["CoordinatorSettings", "OutputPiece"]
+__all__ = ["CoordinatorSettings", "OutputPiece", "written_by_earlier_runs"]
 
 log = logging.getLogger("shardline.coordinator.job")
 
@@ -111,6 +128,8 @@ class CoordinatorSettings:
     speculate_min_s: float = 10.0
     #: How often deadlines are checked.
     supervise_interval_s: float = 0.25
+    #: Which destinations jobs may write (`JobSpec.output`); the default allows none.
+    output_policy: OutputPolicy = OutputPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +233,10 @@ class Job:
         destination: Destination | None,
         context: JobContext,
         fresh: bool,
+        written_earlier: Collection[str] = (),
     ) -> None:
+        """`written_earlier`: destination names that runs of this job before a
+        coordinator restart may have written (`written_by_earlier_runs`)."""
         assert record.size is not None and record.etag is not None
         self.record = record
         self.id = record.job_id
@@ -236,6 +258,8 @@ class Job:
         self.result_path: str | None = record.result_path if self.state is JobState.SUCCEEDED else None
         self.result_done = self.state is JobState.SUCCEEDED
         self.failure: ShardlineError | None = None
+        #: Destination names this job may have written: what its failure removes.
+        self._written = set(written_earlier)
         self.finished = asyncio.Event()
         if self.state.is_final:
             self.finished.set()
@@ -707,6 +731,9 @@ class Job:
         return self.released > index or self.finished.is_set()
 
     async def _release_in_order(self) -> None:
+        if self.destination is not None and self.spec.overwrite:
+            # Before any part is replaced: the earlier output stops claiming to be complete.
+            await self.destination.remove_manifest()
         coverage = _CoverageCheck(self.size)
         for shard in self.shards:
             await self._until(functools.partial(self._committed_or_failing, shard))
@@ -723,6 +750,7 @@ class Job:
             self._notify()
             if self.destination is not None and committed.published is None:
                 checksum = await file_checksum(committed.output_path)
+                self._written.add(part_name(shard.index))  # before: a failed write may still have landed
                 where = await self.destination.put_part(shard.index, committed.output_path)
                 shard.committed = replace(committed, published=where, output_checksum=checksum)
                 await self._save_shard(shard)
@@ -730,6 +758,9 @@ class Job:
         result_bytes = await self._reduce() if self.spec.reduce is not None else None
         if self.destination is not None:
             await self._publish_manifest(result_bytes)
+            if self.spec.overwrite:
+                # Only now that this output is complete: whatever the earlier one had beyond it.
+                await self.destination.remove_others(self._output_names())
         self.result_done = True
 
     async def _reduce(self) -> int:
@@ -755,6 +786,7 @@ class Job:
         assert self.destination is not None
         result = None
         if self.result_path is not None:
+            self._written.add(RESULT_NAME)
             result = await self.destination.put_result(self.result_path)
         shards = []
         for shard in self.shards:
@@ -785,14 +817,23 @@ class Job:
             result=result,
             result_bytes=result_bytes,
         )
+        self._written.add(MANIFEST_NAME)
         where = await self.destination.put_manifest(manifest)
         self.record = replace(self.record, manifest=where)
 
+    def _output_names(self) -> set[str]:
+        """The destination names of this job's complete output."""
+        names = {part_name(shard.index) for shard in self.shards} | {MANIFEST_NAME}
+        if self.spec.reduce is not None:
+            names.add(RESULT_NAME)
+        return names
+
     async def _discard_outputs(self) -> None:
-        """A failed or cancelled job leaves nothing that could pass for its output."""
+        """A failed or cancelled job leaves nothing that could pass for its
+        output, and removes nothing it did not write."""
         if self.destination is not None:
             try:
-                await self.destination.remove()
+                await self.destination.remove(self._written)
             except ShardlineError as exc:
                 log.error("job %s: could not remove partial output at %s: %s", self.id, self.destination.url, exc)
         shutil.rmtree(self.record.spool_dir, ignore_errors=True)
@@ -899,6 +940,31 @@ class Job:
 
         task.add_done_callback(finished)
         return task
+
+
+def written_by_earlier_runs(spec: JobSpec, shards: Sequence[ShardRecord]) -> set[str]:
+    """Destination names that runs of this job before a coordinator restart
+    may have written, judged from its stored shard records.
+
+    The store records each part once it is written (`published`), and parts
+    are written in order: so beyond the recorded ones, only the first
+    unrecorded part -- or, once every part is recorded, the result and the
+    manifest -- may have been written without the store learning of it.
+    Those count only when the job does not overwrite: its destination was
+    empty at submit, so whatever bears those names is its own.  With
+    overwrite they may be the earlier output's, which a failed job leaves
+    (the earlier manifest is removed as each run starts, so it never claims
+    completeness again).
+    """
+    recorded = {shard.index for shard in shards if shard.committed is not None and shard.committed.published}
+    names = {part_name(index) for index in recorded}
+    if not spec.overwrite:
+        first_unrecorded = next((index for index in range(spec.shards) if index not in recorded), None)
+        if first_unrecorded is not None:
+            names.add(part_name(first_unrecorded))
+        else:
+            names |= {RESULT_NAME, MANIFEST_NAME} if spec.reduce is not None else {MANIFEST_NAME}
+    return names
 
 
 class _CoverageCheck:

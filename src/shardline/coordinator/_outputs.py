@@ -10,11 +10,18 @@
 #
 # Every write replaces its name whole (an S3 PUT or a completed multipart
 # upload; a local temp file renamed over the name), so a reader never sees a
-# half-written file and a retried attempt simply overwrites.  `remove()`
-# deletes the manifest first, for the same reason: a crash halfway through a
-# removal must not leave a manifest that names missing parts.  It finds what
-# to delete by name rather than by memory, so it also works from a restarted
-# coordinator that never wrote those files itself.
+# half-written file and a retried attempt simply overwrites.  Removals delete
+# the manifest first, for the same reason: a crash halfway through a removal
+# must not leave a manifest that names missing parts.
+#
+# Outputs are never mixed with an earlier job's files (DESIGN §9).  At submit
+# a destination must be empty -- a directory with no entry, a prefix with no
+# object under it -- unless the job asked to `overwrite`; `OutputPolicy`
+# decides which destinations a coordinator may write at all.  The job (see
+# `_job.Job`) then removes only names it may have written when it fails, and
+# an overwriting job removes the earlier output's manifest before its first
+# part and the earlier output's other files only after its own manifest is
+# in place.  Only the names below are ever removed, never a user's files.
 #
 # Memory stays bounded whatever the output size: S3 uploads hold one part
 # (at most `multipart_part_bytes`, or the whole file up to
@@ -36,7 +43,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Self
 
@@ -59,16 +66,20 @@ from ..s3bucket import (
 from ..sources import is_s3_url, parse_s3_prefix, wait_uncancellable
 
 __all__ = [
+    "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "RESULT_NAME",
     "Destination",
     "LocalDirectoryDestination",
     "ManifestShard",
+    "OutputPolicy",
     "ReduceRunner",
     "S3Destination",
     "build_manifest",
     "file_checksum",
     "open_destination",
     "output_size",
+    "part_name",
 ]
 
 log = logging.getLogger("shardline.coordinator.outputs")
@@ -76,12 +87,14 @@ log = logging.getLogger("shardline.coordinator.outputs")
 #: Version of the `_manifest.json` layout; bump on any incompatible change.
 MANIFEST_VERSION = 1
 
-_RESULT_NAME = "result"
-_MANIFEST_NAME = "_manifest.json"
+RESULT_NAME = "result"
+MANIFEST_NAME = "_manifest.json"
 #: Names a destination writes; anything else under the prefix is not ours.
 _OUR_NAME = re.compile(r"part-\d{5,}|result|_manifest\.json")
-#: Local temp files (`.part-00000.<random>.tmp`) left behind by a crash.
-_OUR_TEMP_NAME = re.compile(r"\.(?:part-\d{5,}|result|_manifest\.json)\.\w+\.tmp")
+#: Local temp files (`.part-00000.<random>.tmp`) left behind by a crash; group 1 is the name they were for.
+_OUR_TEMP_NAME = re.compile(r"\.(part-\d{5,}|result|_manifest\.json)\.\w+\.tmp")
+#: Entries of a non-empty destination named in the refusal.
+_SHOWN_ENTRIES = 3
 
 _S3_SCHEME = "s3://"
 
@@ -90,8 +103,105 @@ _S3_SCHEME = "s3://"
 _CHUNK_BYTES = 1024 * 1024
 
 
-def _part_name(index: int) -> str:
+def part_name(index: int) -> str:
+    """The destination name of shard `index`'s part."""
     return f"part-{index:05d}"
+
+
+def _our_names(names: Collection[str]) -> frozenset[str]:
+    """`names`, checked to be ones a destination writes: a bug must not reach a user's files."""
+    strangers = [name for name in names if not _OUR_NAME.fullmatch(name)]
+    if strangers:
+        raise ValueError(f"not a name a destination writes: {strangers[0]!r}")
+    return frozenset(names)
+
+
+def _not_empty(url: str, entries: Sequence[str], *, more: bool) -> ConfigurationError:
+    shown = ", ".join(repr(entry) for entry in entries[:_SHOWN_ENTRIES])
+    if more or len(entries) > _SHOWN_ENTRIES:
+        shown += ", ..."
+    return ConfigurationError(
+        f"field 'output': {url} is not empty (it holds {shown}); choose a new or empty destination, or set "
+        "'overwrite' (shardline run --overwrite) to replace the shardline output there"
+    )
+
+
+# --- which destinations a coordinator may write ---------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputPolicy:
+    """Which destinations (`JobSpec.output`) a coordinator may write.
+
+    Built at the edge: `shardline serve` from --output-root and
+    --output-bucket, `shardline run` with `anywhere` (the user's own process
+    may write wherever its user may).  The default allows nothing, so a
+    coordinator nobody configured writes no output files at all.
+    """
+
+    #: Local output directories must lie below this absolute directory, also
+    #: once symlinks are resolved; None: no local outputs.
+    local_root: str | None = None
+    #: Buckets that S3 outputs may go to.
+    s3_buckets: frozenset[str] = frozenset()
+    #: Any local path (relative ones against the working directory, ".."
+    #: allowed) and any bucket.
+    anywhere: bool = False
+
+    def __post_init__(self) -> None:
+        if self.local_root is not None and not os.path.isabs(self.local_root):
+            raise ConfigurationError(f"the output root must be an absolute path, got {self.local_root!r}")
+
+    def check(self, output: str) -> None:
+        """Refuse (ConfigurationError naming field 'output') a destination
+        this policy does not allow.  Resolves symlinks: call it off the event loop."""
+        if self.anywhere:
+            return
+        if is_s3_url(output):
+            bucket, prefix = parse_s3_prefix(output, what="field 'output'")
+            self._check_bucket(bucket, prefix)
+        else:
+            self._check_directory(output)
+
+    def _check_bucket(self, bucket: str, prefix: str) -> None:
+        if ".." in prefix.split("/"):
+            raise ConfigurationError(
+                f"field 'output': s3://{bucket}/{prefix} has a '..' component; name the prefix without one"
+            )
+        if bucket in self.s3_buckets:
+            return
+        if self.s3_buckets:
+            allowed = ", ".join(sorted(self.s3_buckets))
+            raise ConfigurationError(
+                f"field 'output': this coordinator may not write to bucket {bucket!r}, only to {allowed} (its "
+                "operator allows more with 'shardline serve --output-bucket NAME')"
+            )
+        raise ConfigurationError(
+            "field 'output': this coordinator writes to no S3 bucket (its operator can allow one with "
+            "'shardline serve --output-bucket NAME')"
+        )
+
+    def _check_directory(self, path: str) -> None:
+        if self.local_root is None:
+            raise ConfigurationError(
+                "field 'output': this coordinator writes no local directories (its operator can allow some with "
+                "'shardline serve --output-root DIR'); leave 'output' unset to read the output from "
+                "GET /jobs/{id}/output"
+            )
+        if not os.path.isabs(path):
+            raise ConfigurationError(
+                f"field 'output': {path!r} is a relative path; give an absolute one below {self.local_root}"
+            )
+        if ".." in path.split(os.sep):
+            raise ConfigurationError(f"field 'output': {path!r} has a '..' component; name the directory without one")
+        root = os.path.realpath(self.local_root)
+        real = os.path.realpath(path)
+        if real == root or os.path.commonpath([root, real]) != root:
+            resolved = f" (it resolves to {real})" if real != os.path.normpath(path) else ""
+            raise ConfigurationError(
+                f"field 'output': {path}{resolved} is not below this coordinator's output root {self.local_root} "
+                "(shardline serve --output-root)"
+            )
 
 
 class Destination(abc.ABC):
@@ -105,9 +215,11 @@ class Destination(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    async def check(self) -> None:
-        """At submit: prove the destination can be written (creating a local
-        directory if missing).  ConfigurationError naming field 'output' if not."""
+    async def check(self, *, require_empty: bool) -> None:
+        """At submit and resume: with `require_empty`, refuse a destination
+        that holds anything, before touching it; then prove it can be written
+        (creating a local directory if missing).  ConfigurationError naming
+        field 'output' if not."""
 
     @abc.abstractmethod
     async def put_part(self, index: int, path: str) -> str:
@@ -122,8 +234,19 @@ class Destination(abc.ABC):
         """Write `manifest` as "_manifest.json" (call it last); returns its location."""
 
     @abc.abstractmethod
-    async def remove(self) -> None:
-        """Delete every part, result and manifest under the destination (cancel, failure)."""
+    async def remove_manifest(self) -> None:
+        """Delete "_manifest.json", durably: whatever is here stops claiming to be complete."""
+
+    @abc.abstractmethod
+    async def remove(self, names: Collection[str]) -> None:
+        """Delete these names ("part-00003", "result", "_manifest.json"; the
+        manifest first) and what a crash left of their writes; then a
+        directory that `check()` created, if nothing else is in it."""
+
+    @abc.abstractmethod
+    async def remove_others(self, keep: Collection[str]) -> None:
+        """Delete every name a destination writes except `keep` (and every
+        leftover of an interrupted write); never anything else."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -184,37 +307,63 @@ class S3Destination(Destination):
         self.prefix = prefix
         self.url = f"{_S3_SCHEME}{bucket}/{prefix}"
 
-    async def check(self) -> None:
-        # Writing (and deleting) a probe is the only way to learn that we may
-        # write: HeadBucket succeeds with read-only access.
-        probe = f"{self.prefix}.shardline-write-check-{uuid.uuid4().hex}"
-        what = f"cannot write to {self.url}"
+    async def check(self, *, require_empty: bool) -> None:
         try:
+            if require_empty:
+                listing = await self._bucket.request(
+                    "list_objects_v2", what=f"cannot list {self.url}", Prefix=self.prefix, MaxKeys=_SHOWN_ENTRIES
+                )
+                found = [item["Key"][len(self.prefix) :] for item in listing.get("Contents", ())]
+                if found:
+                    raise _not_empty(self.url, found, more=bool(listing.get("IsTruncated")))
+            # Writing (and deleting) a probe is the only way to learn that we
+            # may write: HeadBucket succeeds with read-only access.
+            probe = f"{self.prefix}.shardline-write-check-{uuid.uuid4().hex}"
+            what = f"cannot write to {self.url}"
             await self._bucket.request("put_object", what=what, Key=probe, Body=b"")
             await self._bucket.request("delete_object", what=what, Key=probe)
-        except RetryableStorageError:
-            raise  # S3 is having trouble, the destination may well be fine
+        except (RetryableStorageError, ConfigurationError):
+            raise  # S3 is having trouble (the destination may well be fine), or the refusal above
         except ShardlineError as exc:
             raise ConfigurationError(f"field 'output': {exc}") from exc
 
     async def put_part(self, index: int, path: str) -> str:
-        return await self._upload_file(_part_name(index), path)
+        return await self._upload_file(part_name(index), path)
 
     async def put_result(self, path: str) -> str:
-        return await self._upload_file(_RESULT_NAME, path)
+        return await self._upload_file(RESULT_NAME, path)
 
     async def put_manifest(self, manifest: Mapping[str, Any]) -> str:
-        key = self.prefix + _MANIFEST_NAME
+        key = self.prefix + MANIFEST_NAME
         body = _manifest_bytes(manifest)
         await self._bucket.request("put_object", Key=key, Body=body, ContentType="application/json")
         return self._bucket.location(key)
 
-    async def remove(self) -> None:
-        await self._bucket.request("delete_object", Key=self.prefix + _MANIFEST_NAME)
+    async def remove_manifest(self) -> None:
+        await self._bucket.request("delete_object", Key=self.prefix + MANIFEST_NAME)
+
+    async def remove(self, names: Collection[str]) -> None:
+        doomed = _our_names(names)
+        if doomed:  # S3 has no directory to clean up
+            await self._delete(doomed.__contains__)
+
+    async def remove_others(self, keep: Collection[str]) -> None:
+        kept = _our_names(keep)
+        await self._delete(lambda name: name not in kept)
+
+    async def _delete(self, select: Callable[[str], bool]) -> None:
+        """Delete our names that `select` picks (the manifest first) and their open uploads."""
+        if select(MANIFEST_NAME):
+            await self.remove_manifest()
         for key, upload_id in await self._bucket.list_uploads(self.prefix):
-            if self._is_ours(key):  # a multipart upload left open by a crash still costs storage
+            name = self._our_name(key)
+            if name is not None and select(name):  # an upload left open by a crash still costs storage
                 await self._bucket.request("abort_multipart_upload", Key=key, UploadId=upload_id)
-        keys = [key for key in await self._bucket.list_keys(self.prefix, delimiter="/") if self._is_ours(key)]
+        keys = []
+        for key in await self._bucket.list_keys(self.prefix, delimiter="/"):
+            name = self._our_name(key)
+            if name is not None and name != MANIFEST_NAME and select(name):
+                keys.append(key)
         await self._bucket.delete_keys(keys)
         log.info("removed %d objects from %s", len(keys), self.url)
 
@@ -226,8 +375,10 @@ class S3Destination(Destination):
         await self._bucket.upload_file(key, path)
         return self._bucket.location(key)
 
-    def _is_ours(self, key: str) -> bool:
-        return key.startswith(self.prefix) and _OUR_NAME.fullmatch(key[len(self.prefix) :]) is not None
+    def _our_name(self, key: str) -> str | None:
+        """The name of `key` below the prefix if it is one we write, else None."""
+        name = key[len(self.prefix) :]
+        return name if key.startswith(self.prefix) and _OUR_NAME.fullmatch(name) else None
 
 
 # --- local directory ----------------------------------------------------------
@@ -251,12 +402,23 @@ class LocalDirectoryDestination(Destination):
         #: True if `check()` created the directory, so `remove()` may delete it.
         self._created_directory = False
 
-    async def check(self) -> None:
-        await asyncio.to_thread(self._check)
+    async def check(self, *, require_empty: bool) -> None:
+        await asyncio.to_thread(self._check, require_empty)
 
-    def _check(self) -> None:
+    def _check(self, require_empty: bool) -> None:
         if os.path.exists(self.url) and not os.path.isdir(self.url):
             raise ConfigurationError(f"field 'output': {self.url} exists and is not a directory")
+        if require_empty:
+            try:
+                entries = sorted(os.listdir(self.url))
+            except FileNotFoundError:
+                entries = []
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"field 'output': cannot list directory {self.url}: {exc.strerror or exc}"
+                ) from exc
+            if entries:
+                raise _not_empty(self.url, entries, more=False)
         try:
             os.makedirs(self.url)
             self._created_directory = True
@@ -276,41 +438,61 @@ class LocalDirectoryDestination(Destination):
         os.unlink(probe)
 
     async def put_part(self, index: int, path: str) -> str:
-        return await self._install(_part_name(index), lambda file, stop: _copy_file(path, file, stop))
+        return await self._install(part_name(index), lambda file, stop: _copy_file(path, file, stop))
 
     async def put_result(self, path: str) -> str:
-        return await self._install(_RESULT_NAME, lambda file, stop: _copy_file(path, file, stop))
+        return await self._install(RESULT_NAME, lambda file, stop: _copy_file(path, file, stop))
 
     async def put_manifest(self, manifest: Mapping[str, Any]) -> str:
         body = _manifest_bytes(manifest)
-        return await self._install(_MANIFEST_NAME, lambda file, stop: file.write(body))
+        return await self._install(MANIFEST_NAME, lambda file, stop: file.write(body))
 
-    async def remove(self) -> None:
-        await asyncio.to_thread(self._remove)
+    async def remove_manifest(self) -> None:
+        await asyncio.to_thread(self._delete, lambda name, temp: name == MANIFEST_NAME and not temp)
 
-    def _remove(self) -> None:
+    async def remove(self, names: Collection[str]) -> None:
+        doomed = _our_names(names)
+        await asyncio.to_thread(self._delete, lambda name, temp: name in doomed, remove_directory=True)
+
+    async def remove_others(self, keep: Collection[str]) -> None:
+        kept = _our_names(keep)
+        await asyncio.to_thread(self._delete, lambda name, temp: temp or name not in kept)
+
+    def _delete(self, select: Callable[[str, bool], bool], *, remove_directory: bool = False) -> None:
+        """Delete the entries `select(name, is_temp_file)` picks among ours, the manifest first."""
         try:
-            names = os.listdir(self.url)
+            entries = os.listdir(self.url)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StorageError(f"cannot list {self.url}: {exc.strerror or exc}") from exc
-        ours = [name for name in names if _OUR_NAME.fullmatch(name) or _OUR_TEMP_NAME.fullmatch(name)]
+        doomed = []
+        for entry in entries:
+            if _OUR_NAME.fullmatch(entry):
+                name, temp = entry, False
+            elif match := _OUR_TEMP_NAME.fullmatch(entry):
+                name, temp = match[1], True
+            else:
+                continue  # not ours
+            if select(name, temp):
+                doomed.append(entry)
         # The manifest first: see the module comment.
-        ours.sort(key=lambda name: name != _MANIFEST_NAME)
-        for name in ours:
+        doomed.sort(key=lambda entry: entry != MANIFEST_NAME)
+        for entry in doomed:
             try:
-                os.unlink(os.path.join(self.url, name))
+                os.unlink(os.path.join(self.url, entry))
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise StorageError(f"cannot delete {os.path.join(self.url, name)}: {exc.strerror or exc}") from exc
-        if self._created_directory:
+                raise StorageError(f"cannot delete {os.path.join(self.url, entry)}: {exc.strerror or exc}") from exc
+        if doomed:
+            _fsync_directory(self.url)  # gone for good before anything is written next
+        if remove_directory and self._created_directory:
             try:
                 os.rmdir(self.url)
             except OSError as exc:  # someone else's files are in it: keep it
                 log.debug("keeping %s: %s", self.url, exc)
-        log.info("removed %d files from %s", len(ours), self.url)
+        log.info("removed %d files from %s", len(doomed), self.url)
 
     async def aclose(self) -> None:
         pass  # holds nothing between calls

@@ -32,10 +32,10 @@ from ..errors import (
 )
 from ..protocol import COORDINATOR_KEY_BYTES, JobState, ShardState, new_coordinator_key
 from ..s3bucket import S3Buckets
-from ..sources import open_source
+from ..sources import ObjectInfo, open_source
 from ._backends import Backend
 from ._exchange import ExchangeServer
-from ._job import CoordinatorSettings, Job, JobContext, OutputPiece
+from ._job import CoordinatorSettings, Job, JobContext, OutputPiece, written_by_earlier_runs
 from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import Destination, open_destination, output_size
 from ._spec import JobSpec, JobView
@@ -104,6 +104,8 @@ class Coordinator:
         self.metrics = CoordinatorMetrics()
         self.accepting = True
         self._jobs: dict[str, Job] = {}
+        #: Destinations of submissions in progress (not yet in `_jobs`).
+        self._claimed_destinations: set[str] = set()
         self._stack = AsyncExitStack()
         self._s3_buckets = S3Buckets(aws)
         self._context: JobContext | None = None
@@ -161,7 +163,22 @@ class Coordinator:
         backend = self._backend(spec.backend)
         async with open_source(spec.source, self.aws) as source:
             info = await source.stat()
-        destination = await self._destination(spec)
+        destination = await self._destination(spec, submitting=True)
+        try:
+            return await self._start_new_job(spec, info, backend, destination)
+        except BaseException:
+            if destination is not None:
+                with contextlib.suppress(Exception):
+                    await destination.remove(())  # a directory created by its check, if still empty
+                await destination.aclose()
+            raise
+        finally:
+            if destination is not None:
+                self._claimed_destinations.discard(destination.url)
+
+    async def _start_new_job(
+        self, spec: JobSpec, info: ObjectInfo, backend: Backend, destination: Destination | None
+    ) -> JobView:
         job_id = uuid.uuid4().hex[:16]
         root = self.settings.spool_dir or choose_spool_dir(info.size)
         os.makedirs(root, exist_ok=True)
@@ -203,10 +220,14 @@ class Coordinator:
             if loaded is None:
                 continue
             record, shards = loaded
+            # From the records as stored: a shard whose output must be redone was still published.
+            written = written_by_earlier_runs(record.spec, shards)
             shards = [await self._check_kept_output(record, shard) for shard in shards]
             try:
                 backend = self._backend(record.spec.backend)
-                destination = await self._destination(record.spec) if not record.state.is_final else None
+                destination = (
+                    await self._destination(record.spec, submitting=False) if not record.state.is_final else None
+                )
             except ConfigurationError as exc:
                 log.error("job %s cannot be resumed: %s", record.job_id, exc)
                 continue
@@ -217,6 +238,7 @@ class Coordinator:
                 destination=destination,
                 context=self.context,
                 fresh=False,
+                written_earlier=written,
             )
             self._jobs[job.id] = job
             if not record.state.is_final:
@@ -263,12 +285,36 @@ class Coordinator:
                 f"field 'backend': unknown backend {name!r} (this coordinator has: {known})"
             ) from None
 
-    async def _destination(self, spec: JobSpec) -> Destination | None:
+    async def _destination(self, spec: JobSpec, *, submitting: bool) -> Destination | None:
+        """The job's destination, once the output policy allows it and (when
+        `submitting`) no running job writes it and it is empty or may be overwritten."""
         if spec.output is None:
             return None
         destination = open_destination(spec.output, self.aws)
-        await destination.check()
+        try:
+            await asyncio.to_thread(self.settings.output_policy.check, spec.output)
+            if submitting:
+                self._claim_destination(destination.url)
+            try:
+                await destination.check(require_empty=submitting and not spec.overwrite)
+            except BaseException:
+                self._claimed_destinations.discard(destination.url)
+                raise
+        except BaseException:
+            await destination.aclose()
+            raise
         return destination
+
+    def _claim_destination(self, url: str) -> None:
+        """Refuse a destination that another unfinished job of this coordinator writes."""
+        for job in self._jobs.values():
+            if job.destination is not None and job.destination.url == url and not job.finished.is_set():
+                raise ConfigurationError(
+                    f"field 'output': job {job.id} is still writing to {url}; wait for it to finish or cancel it"
+                )
+        if url in self._claimed_destinations:
+            raise ConfigurationError(f"field 'output': another job being submitted writes to {url}")
+        self._claimed_destinations.add(url)
 
     def _job(self, job_id: str) -> Job:
         try:

@@ -51,7 +51,8 @@ class JobSpec:
 
     `output` is None (ordered output kept by the coordinator and streamed to
     whoever asks), ``s3://bucket/prefix/`` or a local directory (part files
-    plus ``_manifest.json``).  `reduce` is a shell command run once on the
+    plus ``_manifest.json``); it must be empty at submit unless `overwrite`
+    allows replacing the shardline output already there.  `reduce` is a shell command run once on the
     ordered concatenation of the shard outputs; its stdout is the job's
     result.  `backend` names one of the coordinator's backends (None: its
     default).
@@ -62,6 +63,8 @@ class JobSpec:
     delimiter: bytes = b"\n"
     command: str | None = None
     output: str | None = None
+    #: Replace the shardline output (parts, result, manifest) in a non-empty `output`.
+    overwrite: bool = False
     reduce: str | None = None
     backend: str | None = None
     timeouts: ShardTimeouts = field(default_factory=ShardTimeouts)
@@ -84,6 +87,10 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigurationError(f"field '{name}': must be a non-empty string when given")
+        if not isinstance(self.overwrite, bool):
+            raise ConfigurationError(f"field 'overwrite': must be true or false, got {self.overwrite!r}")
+        if self.overwrite and self.output is None:
+            raise ConfigurationError("field 'overwrite': needs 'output' (a streamed output has nothing to overwrite)")
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigurationError(f"field 'max_attempts': must be an integer >= 1, got {self.max_attempts!r}")
         if self.max_line_bytes is not None and (not isinstance(self.max_line_bytes, int) or self.max_line_bytes < 1):
@@ -106,6 +113,7 @@ class JobSpec:
             "delimiter": chr(self.delimiter[0]),
             "command": self.command,
             "output": self.output,
+            "overwrite": self.overwrite,
             "reduce": self.reduce,
             "backend": self.backend,
             "timeouts": self.timeouts.to_dict(),
