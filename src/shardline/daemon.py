@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .aws import AwsSettings, client
+from .aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .coordinator import (
     DEFAULT_JOBS_TABLE,
     DEFAULT_LAMBDA_CONCURRENCY,
@@ -42,6 +42,7 @@ from .coordinator import (
 )
 from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
+from .processes import hide_environment
 from .protocol import DEFAULT_MARKER_TABLE
 
 __all__ = ["ServeSettings", "serve"]
@@ -85,6 +86,9 @@ class ServeSettings:
     exchange_tls_cert: str | None = None
     exchange_tls_key: str | None = None
     exchange_ca: str | None = None
+    #: Let commands see the daemon's AWS credential variables (off: the
+    #: workers use them to read S3, commands do not get them).
+    command_aws_credentials: bool = False
 
     def __post_init__(self) -> None:
         if self.default_backend not in ("local", "lambda"):
@@ -136,6 +140,9 @@ async def serve(
 
     `on_ready(http_url, exchange_address)` is called once the HTTP API
     accepts requests (with the real ports when 0 was asked for)."""
+    # Commands run as our (grand)children: keep the token and the
+    # credentials in our environment out of their reach.
+    hide_environment()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -175,6 +182,7 @@ async def serve(
                     spool_dir=settings.spool_dir,
                     advertise_host=settings.advertise_host,
                     exchange_ca=_read_ca(settings.exchange_ca),
+                    command_env_drop=() if settings.command_aws_credentials else AWS_CREDENTIAL_VARIABLES,
                 ),
             )
             await stack.enter_async_context(coordinator)

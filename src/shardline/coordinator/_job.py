@@ -109,6 +109,9 @@ class CoordinatorSettings:
     speculate_min_s: float = 10.0
     #: How often deadlines are checked.
     supervise_interval_s: float = 0.25
+    #: Variables kept out of every command's environment (shards' and the
+    #: reduce's), on top of the ``SHARDLINE_*`` ones that never reach a command.
+    command_env_drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +397,7 @@ class Job:
             part_size_bytes=self.spec.part_size_bytes,
             max_in_flight_bytes=self.spec.max_in_flight_bytes,
             aws=self.context.aws.to_dict(),
+            command_env_drop=self.context.settings.command_env_drop,
         )
 
     def _spool_path(self, index: int, attempt: int) -> str:
@@ -730,7 +734,8 @@ class Job:
         outputs = [shard.committed.output_path for shard in self.shards if shard.committed is not None]
         path = os.path.join(self.record.spool_dir, f"result.{os.getpid()}.{time.monotonic_ns()}.out")
         env = {"SHARDLINE_JOB_ID": self.id, "SHARDLINE_SHARDS": str(self.spec.shards)}
-        async with ReduceRunner(self.spec.reduce, path, env=env, args=outputs) as reduce:
+        drop = self.context.settings.command_env_drop
+        async with ReduceRunner(self.spec.reduce, path, env=env, drop_env=drop, args=outputs) as reduce:
             self.result_path = path  # readers follow it as it grows
             self._notify()
             for output in outputs:
