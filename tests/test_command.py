@@ -9,11 +9,9 @@ has been handed, processes gone after an abort), never through durations.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +21,8 @@ import pytest
 from shardline.command import CommandOutput, PassthroughOutput, ShardOutput
 from shardline.errors import CommandFailedError, StorageError
 from shardline.processes import COMMAND_ID_VARIABLE
+
+from leftovers import DAEMONISING, alive, kill_quietly, leave_behind, read_pids
 
 MIB = 1024 * 1024
 
@@ -380,37 +380,15 @@ async def test_shardlines_own_variables_and_dropped_names_are_not_inherited(
 
 # --- every process a command starts ends with it ---------------------------------
 
-#: Commands that leave processes behind, each writing their pids to files in {dir}.
-DAEMONISING = {
-    "setsid": "setsid sleep 97 & echo $! > {dir}/setsid.pid",
-    "setsid-quiet": "setsid sleep 97 >/dev/null 2>&1 </dev/null & echo $! > {dir}/quiet.pid",
-    "double-fork": "(sleep 97 & echo $! > {dir}/double.pid)",
-    "nohup": "nohup sleep 97 >/dev/null 2>&1 & echo $! > {dir}/nohup.pid",
-    "nested": "setsid sh -c 'sleep 97 & echo $! > {dir}/nested.pid; wait' >/dev/null 2>&1 &",
-}
-LEAVE_BEHIND = "\n".join(DAEMONISING.values())
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
 
 async def pids_written(directory: Path, count: int) -> list[int]:
-    """The pids in the *.pid files of `directory`, once `count` are there."""
+    """The pids in the pid files of `directory`, once `count` are there."""
     for _ in range(400):
-        pids = []
-        for path in directory.glob("*.pid"):
-            with contextlib.suppress(ValueError):
-                pids.append(int(path.read_text()))
+        pids = read_pids(directory)
         if len(pids) == count:
-            return pids
+            return list(pids.values())
         await asyncio.sleep(0.05)
-    pytest.fail(f"only {sorted(p.name for p in directory.glob('*.pid'))} of {count} pid files written")
+    pytest.fail(f"only {sorted(read_pids(directory))} of {count} pid files written")
 
 
 async def assert_all_gone(pids: list[int]) -> None:
@@ -421,26 +399,19 @@ async def assert_all_gone(pids: list[int]) -> None:
     pytest.fail(f"still running: {[pid for pid in pids if alive(pid)]}")
 
 
-def kill_quietly(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
 @pytest.fixture
 def pid_dir(tmp_path: Path):
     directory = tmp_path / "pids"
     directory.mkdir()
     yield directory
-    # Whatever a failing test leaves running.
-    kill_quietly([int(p.read_text()) for p in directory.glob("*.pid") if p.read_text().strip().isdigit()])
+    kill_quietly(read_pids(directory).values())  # whatever a failing test left running
 
 
 @needs_proc
 @pytest.mark.parametrize("outcome", ["success", "failure"])
 async def test_processes_a_command_daemonised_end_with_it(tmp_path: Path, pid_dir: Path, outcome: str) -> None:
     status = 0 if outcome == "success" else 3
-    command = LEAVE_BEHIND.format(dir=pid_dir) + f"\ncat; exit {status}"
+    command = leave_behind(pid_dir) + f"cat; exit {status}"
     output = CommandOutput(command, tmp_path / "out")
     async with output:
         await output.write(b"line\n")
@@ -456,7 +427,7 @@ async def test_processes_a_command_daemonised_end_with_it(tmp_path: Path, pid_di
 
 @needs_proc
 async def test_processes_a_command_daemonised_end_when_it_is_aborted(tmp_path: Path, pid_dir: Path) -> None:
-    output = CommandOutput(LEAVE_BEHIND.format(dir=pid_dir) + "\nsleep 300", tmp_path / "out")
+    output = CommandOutput(leave_behind(pid_dir) + "sleep 300", tmp_path / "out")
     await output.start()
     pids = await pids_written(pid_dir, len(DAEMONISING))
     await asyncio.wait_for(output.aclose(), 60)
@@ -469,8 +440,8 @@ async def test_ending_one_command_spares_a_running_ones_processes(tmp_path: Path
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     first_dir.mkdir()
     second_dir.mkdir()
-    first = CommandOutput(LEAVE_BEHIND.format(dir=first_dir) + "\ncat", tmp_path / "first.out")
-    second = CommandOutput(LEAVE_BEHIND.format(dir=second_dir) + "\ncat", tmp_path / "second.out")
+    first = CommandOutput(leave_behind(first_dir) + "cat", tmp_path / "first.out")
+    second = CommandOutput(leave_behind(second_dir) + "cat", tmp_path / "second.out")
     first_pids: list[int] = []
     try:
         async with first, second:

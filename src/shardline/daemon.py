@@ -174,7 +174,7 @@ async def serve(
             coordinator = Coordinator(
                 aws=aws,
                 backends=backends,
-                store=DynamoJobStore(dynamodb, settings.jobs_table),
+                store=DynamoJobStore(dynamodb, settings.jobs_table, durable=not settings.embedded_dynamodb),
                 exchange=exchange,
                 settings=CoordinatorSettings(
                     markers_table=settings.markers_table,
@@ -189,6 +189,7 @@ async def serve(
             resumed = await coordinator.resume()
             if resumed:
                 log.warning("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+            await coordinator.sweep_spools()  # after resume(): what no coordinator will resume
 
             runner = web.AppRunner(make_app(coordinator, token=settings.token), shutdown_timeout=HTTP_SHUTDOWN_GRACE_S)
             await runner.setup()

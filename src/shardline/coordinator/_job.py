@@ -72,6 +72,7 @@ from ._backends import Backend
 from ._metrics import CoordinatorMetrics
 from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum, output_size
 from ._spec import JobView, ShardView
+from ._spool import LOCK_FILE, MEMORY_SPOOL_DIR
 from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
 __all__ = ["CoordinatorSettings", "OutputPiece"]
@@ -90,6 +91,10 @@ class CoordinatorSettings:
     #: (`choose_spool_dir`).  A daemon that must resume after a restart needs
     #: a root that survives it.
     spool_dir: str | None = None
+    #: Where `choose_spool_dir` looks first (memory-backed), and how much of
+    #: it the spools of live jobs may claim in all (None: what is free).
+    memory_spool_dir: str = MEMORY_SPOOL_DIR
+    memory_spool_limit_bytes: int | None = None
     #: Address workers use to reach the exchange (the listener's own by default).
     #: With TLS it must be a name the exchange's certificate holds.
     advertise_host: str | None = None
@@ -804,6 +809,7 @@ class Job:
         outputs (and the reduce result) are kept."""
         keep = {shard.committed.output_path for shard in self.shards if shard.committed is not None}
         keep.add(self.result_path or "")
+        keep.add(os.path.join(self.record.spool_dir, LOCK_FILE))
         with contextlib.suppress(OSError), os.scandir(self.record.spool_dir) as entries:
             for entry in entries:
                 if entry.path not in keep:
