@@ -238,6 +238,26 @@ async def test_cancelling_run_kills_the_command_process_group(tmp_path, make_tas
         await backend.aclose()
 
 
+async def test_a_stuck_workers_commands_and_what_they_daemonised_are_killed(tmp_path, make_task):
+    backend = LocalProcessBackend(max_processes=1, stop_grace_s=0.5)
+    command = (
+        f"setsid sleep 300 >/dev/null 2>&1 & echo $! > {tmp_path}/setsid.pid; "
+        f"(setsid sleep 300 & echo $! > {tmp_path}/orphan.pid); " + SLEEPER.format(dir=tmp_path)
+    )
+    try:
+        running = asyncio.ensure_future(backend.run(make_task(command=command), on_started=lambda: None))
+        worker = await pid_from(tmp_path / "worker.pid")
+        others = [await pid_from(tmp_path / name) for name in ("setsid.pid", "orphan.pid", "sleep.pid")]
+        os.kill(worker, signal.SIGSTOP)  # cannot end its command: the backend must
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        for pid in others:
+            await eventually(lambda pid=pid: not alive(pid), f"process {pid} the command left is killed")
+    finally:
+        await backend.aclose()
+
+
 # --- the worker process's wire protocol ---------------------------------------------
 
 
