@@ -238,6 +238,22 @@ async def test_cancelling_run_kills_the_command_process_group(tmp_path, make_tas
         await backend.aclose()
 
 
+async def test_the_job_secret_reaches_the_worker_on_stdin_only(tmp_path, make_task):
+    secret = os.urandom(32)
+    # What the command, and (as far as it may read them) its worker, show of themselves.
+    command = "env; tr '\\0' '\\n' < /proc/$PPID/cmdline; tr '\\0' '\\n' < /proc/$PPID/environ 2>/dev/null; true"
+    backend = LocalProcessBackend(max_processes=1)
+    try:
+        task = make_task(command=command, secret=secret)
+        exit_ = await backend.run(task, on_started=lambda: None)
+    finally:
+        await backend.aclose()
+    assert exit_.ok, exit_.detail
+    shown = Path(task.output_path).read_bytes()
+    assert b"shardline.worker" in shown and b"SHARDLINE_SHARD=0" in shown
+    assert secret.hex().encode() not in shown.lower() and secret not in shown
+
+
 async def test_a_stuck_workers_commands_and_what_they_daemonised_are_killed(tmp_path, make_task):
     backend = LocalProcessBackend(max_processes=1, stop_grace_s=0.5)
     command = (
