@@ -9,6 +9,7 @@ files; waits are bounded only so that a regression fails instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,13 @@ from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
+    DynamoJobStore,
     ExchangeServer,
     JobSpec,
+    JobStore,
     MemoryJobStore,
     choose_spool_dir,
+    ensure_jobs_table,
     ensure_marker_table,
     sweep_spools,
 )
@@ -341,6 +346,26 @@ def test_spool_reservations_of_other_processes_count(tmp_path):
     assert choose_spool_dir(size, memory_dir=str(memory), memory_limit_bytes=3 * size) == str(memory)
 
 
+@contextlib.asynccontextmanager
+async def in_process_coordinator(
+    aws: AwsSettings, settings: CoordinatorSettings, store: JobStore | None = None
+) -> AsyncIterator[Coordinator]:
+    async with client(aws, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, settings.markers_table)
+    backend = InProcessBackend()
+    async with (
+        ExchangeServer() as exchange,
+        Coordinator(
+            aws=aws,
+            backends={backend.name: backend},
+            store=store or MemoryJobStore(),
+            exchange=exchange,
+            settings=settings,
+        ) as service,
+    ):
+        yield service
+
+
 async def test_concurrent_jobs_reserve_memory_spool_space_together(tmp_path, aws_settings: AwsSettings):
     source = tmp_path / "input"
     source.write_bytes(DATA)
@@ -350,19 +375,7 @@ async def test_concurrent_jobs_reserve_memory_spool_space_together(tmp_path, aws
     # Room for one job's reservation (twice its input), not for two.
     settings = CoordinatorSettings(memory_spool_dir=str(memory), memory_spool_limit_bytes=3 * len(DATA))
     command = f"while [ ! -e {gate} ]; do sleep 0.05; done; cat"
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, settings.markers_table)
-    backend = InProcessBackend()
-    async with (
-        ExchangeServer() as exchange,
-        Coordinator(
-            aws=aws_settings,
-            backends={backend.name: backend},
-            store=MemoryJobStore(),
-            exchange=exchange,
-            settings=settings,
-        ) as service,
-    ):
+    async with in_process_coordinator(aws_settings, settings) as service:
         first = await service.submit(JobSpec(source=str(source), shards=2, command=command))
         second = await service.submit(JobSpec(source=str(source), shards=2, command=command))
         assert [path.name.split("-")[1] for path in spools_under(memory)] == [first.id]
@@ -376,3 +389,33 @@ async def test_concurrent_jobs_reserve_memory_spool_space_together(tmp_path, aws
         assert [path.name.split("-")[1] for path in spools_under(memory)] == [third.id]
         await service.wait(third.id)
     assert spools_under(memory) == []
+
+
+async def test_only_the_coordinator_holding_a_jobs_spool_resumes_it(tmp_path, aws_settings: AwsSettings):
+    source = tmp_path / "input"
+    source.write_bytes(DATA)
+    spool = tmp_path / "spool"
+    gate = tmp_path / "gate"
+    settings = CoordinatorSettings(spool_dir=str(spool), retry_backoff_s=0.05, supervise_interval_s=0.05)
+    command = f"while [ ! -e {gate} ]; do sleep 0.05; done; cat"
+    table = f"leaks-jobs-{uuid.uuid4().hex[:8]}"
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_jobs_table(dynamodb, table)
+        store = DynamoJobStore(dynamodb, table)
+        async with in_process_coordinator(aws_settings, settings, store) as first:
+            view = await first.submit(JobSpec(source=str(source), shards=2, command=command))
+            async with in_process_coordinator(aws_settings, settings, store) as second:
+                assert await second.resume() == []  # the first one holds it
+                assert second.views() == []
+                assert await second.sweep_spools() == []
+            assert len(spools_under(spool)) == 1
+        # The first coordinator is gone, its job unfinished: the spool is kept for the next one,
+        # and a sweep by a coordinator of another store (shardline run) leaves it alone.
+        assert sweep_spools([str(spool)]) == []
+        async with in_process_coordinator(aws_settings, settings, store) as third:
+            assert await third.resume() == [view.id]
+            assert await third.sweep_spools() == []
+            gate.touch()
+            assert (await third.wait(view.id)).state.value == "succeeded"
+            third.forget(view.id)
+    assert spools_under(spool) == []

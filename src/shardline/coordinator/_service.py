@@ -194,16 +194,16 @@ class Coordinator:
             if loaded is None:
                 continue
             record, shards = loaded
+            # First: a job whose spool another live coordinator holds is that one's.  A job
+            # that cannot be resumed keeps its lock too, so that no sweep removes its outputs.
+            if not self._relock_spool(record):
+                continue
             shards = [await self._check_kept_output(record, shard) for shard in shards]
             try:
                 backend = self._backend(record.spec.backend)
                 destination = await self._destination(record.spec) if not record.state.is_final else None
             except ConfigurationError as exc:
                 log.error("job %s cannot be resumed: %s", record.job_id, exc)
-                continue
-            if not self._relock_spool(record):
-                if destination is not None:
-                    await destination.aclose()
                 continue
             job = Job(
                 record=record,
@@ -224,6 +224,8 @@ class Coordinator:
     def _relock_spool(self, record: JobRecord) -> bool:
         """Take the lock of a resumed job's spool (an unfinished job's is
         created if missing); False if another live coordinator holds it."""
+        if record.job_id in self._spools:
+            return True  # held since an earlier resume()
         if record.state.is_final and not os.path.isdir(record.spool_dir):
             return True  # nothing kept (a failed job's outputs are removed)
         spool = SpoolDir.relock(
