@@ -249,6 +249,42 @@ async def test_cancelling_run_kills_the_command_process_group(tmp_path, make_tas
         await backend.aclose()
 
 
+async def test_the_job_secret_reaches_the_worker_on_stdin_only(tmp_path, make_task):
+    secret = os.urandom(32)
+    # What the command, and (as far as it may read them) its worker, show of themselves.
+    command = "env; tr '\\0' '\\n' < /proc/$PPID/cmdline; tr '\\0' '\\n' < /proc/$PPID/environ 2>/dev/null; true"
+    backend = LocalProcessBackend(max_processes=1)
+    try:
+        task = make_task(command=command, secret=secret)
+        exit_ = await backend.run(task, on_started=lambda: None)
+    finally:
+        await backend.aclose()
+    assert exit_.ok, exit_.detail
+    shown = Path(task.output_path).read_bytes()
+    assert b"shardline.worker" in shown and b"SHARDLINE_SHARD=0" in shown
+    assert secret.hex().encode() not in shown.lower() and secret not in shown
+
+
+async def test_a_stuck_workers_commands_and_what_they_daemonised_are_killed(tmp_path, make_task):
+    backend = LocalProcessBackend(max_processes=1, stop_grace_s=0.5)
+    command = (
+        f"setsid sleep 300 >/dev/null 2>&1 & echo $! > {tmp_path}/setsid.pid; "
+        f"(setsid sleep 300 & echo $! > {tmp_path}/orphan.pid); " + SLEEPER.format(dir=tmp_path)
+    )
+    try:
+        running = asyncio.ensure_future(backend.run(make_task(command=command), on_started=lambda: None))
+        worker = await pid_from(tmp_path / "worker.pid")
+        others = [await pid_from(tmp_path / name) for name in ("setsid.pid", "orphan.pid", "sleep.pid")]
+        os.kill(worker, signal.SIGSTOP)  # cannot end its command: the backend must
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        for pid in others:
+            await eventually(lambda pid=pid: not alive(pid), f"process {pid} the command left is killed")
+    finally:
+        await backend.aclose()
+
+
 # --- the worker process's wire protocol ---------------------------------------------
 
 

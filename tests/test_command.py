@@ -20,6 +20,9 @@ import pytest
 
 from shardline.command import CommandOutput, PassthroughOutput, ShardOutput
 from shardline.errors import CommandFailedError, StorageError
+from shardline.processes import COMMAND_ID_VARIABLE
+
+from leftovers import DAEMONISING, alive, kill_quietly, leave_behind, read_pids
 
 MIB = 1024 * 1024
 
@@ -347,9 +350,108 @@ async def test_aclose_from_another_task_interrupts_a_blocked_write(tmp_path: Pat
 
 
 async def test_env_is_added_to_the_inherited_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SHARDLINE_TEST_INHERITED", "inherited")
-    command = 'printf "%s %s %s" "$SHARDLINE_SHARD" "$SHARDLINE_ATTEMPT" "$SHARDLINE_TEST_INHERITED"'
+    monkeypatch.setenv("TEST_INHERITED", "inherited")
+    command = 'printf "%s %s %s" "$SHARDLINE_SHARD" "$SHARDLINE_ATTEMPT" "$TEST_INHERITED"'
     env = {"SHARDLINE_SHARD": "7", "SHARDLINE_ATTEMPT": "2"}
     async with CommandOutput(command, tmp_path / "out", env=env) as output:
         await output.finish()
     assert (tmp_path / "out").read_bytes() == b"7 2 inherited"
+
+
+async def test_shardlines_own_variables_and_dropped_names_are_not_inherited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHARDLINE_TOKEN", "api-token")
+    monkeypatch.setenv("SHARDLINE_SHARD", "stale, from an outer shardline")
+    monkeypatch.setenv("SHARDLINE_ANYTHING", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    env = {"SHARDLINE_JOB_ID": "job"}
+    async with CommandOutput("env", tmp_path / "out", env=env, drop_env=["AWS_SECRET_ACCESS_KEY"]) as output:
+        await output.finish()
+    seen = dict(line.split("=", 1) for line in (tmp_path / "out").read_text().splitlines() if "=" in line)
+    shardline_names = {name for name in seen if name.startswith("SHARDLINE_")}
+    assert shardline_names == {"SHARDLINE_JOB_ID", COMMAND_ID_VARIABLE}
+    assert seen["SHARDLINE_JOB_ID"] == "job"
+    assert "AWS_SECRET_ACCESS_KEY" not in seen
+    assert seen["AWS_REGION"] == "eu-west-1"
+    assert seen["PATH"] == os.environ["PATH"]
+
+
+# --- every process a command starts ends with it ---------------------------------
+
+
+async def pids_written(directory: Path, count: int) -> list[int]:
+    """The pids in the pid files of `directory`, once `count` are there."""
+    for _ in range(400):
+        pids = read_pids(directory)
+        if len(pids) == count:
+            return list(pids.values())
+        await asyncio.sleep(0.05)
+    pytest.fail(f"only {sorted(read_pids(directory))} of {count} pid files written")
+
+
+async def assert_all_gone(pids: list[int]) -> None:
+    for _ in range(200):
+        if not any(alive(pid) for pid in pids):
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"still running: {[pid for pid in pids if alive(pid)]}")
+
+
+@pytest.fixture
+def pid_dir(tmp_path: Path):
+    directory = tmp_path / "pids"
+    directory.mkdir()
+    yield directory
+    kill_quietly(read_pids(directory).values())  # whatever a failing test left running
+
+
+@needs_proc
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+async def test_processes_a_command_daemonised_end_with_it(tmp_path: Path, pid_dir: Path, outcome: str) -> None:
+    status = 0 if outcome == "success" else 3
+    command = leave_behind(pid_dir) + f"cat; exit {status}"
+    output = CommandOutput(command, tmp_path / "out")
+    async with output:
+        await output.write(b"line\n")
+        pids = await pids_written(pid_dir, len(DAEMONISING))
+        assert all(alive(pid) for pid in pids)
+        if status:
+            with pytest.raises(CommandFailedError):
+                await asyncio.wait_for(output.finish(), 60)
+        else:
+            assert await asyncio.wait_for(output.finish(), 60) == len(b"line\n")
+    await assert_all_gone(pids)
+
+
+@needs_proc
+async def test_processes_a_command_daemonised_end_when_it_is_aborted(tmp_path: Path, pid_dir: Path) -> None:
+    output = CommandOutput(leave_behind(pid_dir) + "sleep 300", tmp_path / "out")
+    await output.start()
+    pids = await pids_written(pid_dir, len(DAEMONISING))
+    await asyncio.wait_for(output.aclose(), 60)
+    assert output.pid is not None
+    await assert_all_gone([*pids, output.pid])
+
+
+@needs_proc
+async def test_ending_one_command_spares_a_running_ones_processes(tmp_path: Path) -> None:
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first = CommandOutput(leave_behind(first_dir) + "cat", tmp_path / "first.out")
+    second = CommandOutput(leave_behind(second_dir) + "cat", tmp_path / "second.out")
+    first_pids: list[int] = []
+    try:
+        async with first, second:
+            first_pids = await pids_written(first_dir, len(DAEMONISING))
+            second_pids = await pids_written(second_dir, len(DAEMONISING))
+            await asyncio.wait_for(second.finish(), 60)
+            await assert_all_gone(second_pids)
+            # The first command still runs: everything it started still does.
+            assert all(alive(pid) for pid in first_pids)
+            await asyncio.wait_for(first.finish(), 60)
+        await assert_all_gone(first_pids)
+    finally:
+        kill_quietly(first_pids)

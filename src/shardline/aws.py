@@ -29,6 +29,7 @@ from .errors import (
 )
 
 __all__ = [
+    "AWS_CREDENTIAL_VARIABLES",
     "AwsSettings",
     "aws_configured",
     "client",
@@ -36,6 +37,25 @@ __all__ = [
 ]
 
 DEFAULT_REGION = "us-east-1"
+
+#: Environment variables that hold AWS credentials, or say where to fetch
+#: them (a container credentials endpoint, a web identity token).  The daemon
+#: keeps them out of commands' environments (`shardline serve
+#: --command-aws-credentials` lets them through).
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CREDENTIAL_EXPIRATION",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+)
 
 _RETRYABLE_CODES = frozenset(
     {

@@ -123,8 +123,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run COMMAND on N shards of SOURCE in parallel and write the outputs to stdout in shard "
         "order. Without COMMAND the output equals the input byte for byte. COMMAND is everything after "
         "'--': a single argument is a shell command line (pipes allowed); several arguments are quoted "
-        "and joined. It runs with 'sh -c' and gets SHARDLINE_SHARD, SHARDLINE_SHARDS and SHARDLINE_JOB_ID "
-        "in its environment.",
+        "and joined. It runs with 'sh -c' in your environment, your AWS credentials included (so 'aws s3 cp' "
+        "works), minus every SHARDLINE_* variable, plus SHARDLINE_JOB_ID, SHARDLINE_SHARD, SHARDLINE_SHARDS, "
+        "SHARDLINE_ATTEMPT and SHARDLINE_COMMAND_ID (the reduce command: SHARDLINE_JOB_ID, SHARDLINE_SHARDS "
+        "and SHARDLINE_COMMAND_ID). With --coordinator it runs in the daemon's environment instead, without "
+        "the daemon's AWS credentials (see 'shardline serve --help'). Every process a command starts, even "
+        "one it daemonises, is killed when the command ends (Linux; elsewhere its process group only).",
         epilog="examples:\n"
         "  shardline run access.log -n 8 -- grep -c ' 500 '\n"
         "  shardline run s3://bucket/big.jsonl -n 16 -- 'jq -c .user | sort -u'\n"
@@ -226,7 +230,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "state lives in DynamoDB, so a restarted daemon resumes unfinished jobs. With no AWS configuration "
         "an embedded DynamoDB-compatible endpoint is used and job state does not survive a restart. "
         "SIGTERM or Ctrl-C stops accepting jobs, lets running ones finish for --drain-timeout seconds, "
-        "and exits 0; jobs still running then are resumed by the next daemon.",
+        "and exits 0; jobs still running then are resumed by the next daemon. Commands run with the "
+        "daemon's environment minus every SHARDLINE_* variable (the API token among them) and minus its AWS "
+        "credential variables (unless --command-aws-credentials).",
         epilog="examples:\n"
         "  shardline serve\n"
         "  SHARDLINE_TOKEN=secret shardline serve --host 0.0.0.0 --port 8080\n"
@@ -325,6 +331,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="CA certificate workers verify the exchange with, sent in each task (default: their system trust "
         "store); the certificate must name --advertise-host",
+    )
+    serve.add_argument(
+        "--command-aws-credentials",
+        action="store_true",
+        help="pass the daemon's AWS credential variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_SESSION_TOKEN, container and web identity credentials, ...) on to commands; by default only the "
+        "workers get them, to read and write S3, and commands do not",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -696,6 +709,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         exchange_ca=args.exchange_ca,
         output_root=os.path.abspath(args.output_root) if args.output_root else None,
         output_buckets=tuple(args.output_bucket),
+        command_aws_credentials=args.command_aws_credentials,
         **fields,
     )
 

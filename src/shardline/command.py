@@ -20,7 +20,12 @@
 #   process, so a chatty command can never deadlock against a full stderr
 #   pipe; only its last `stderr_tail_bytes` are kept, for the error message.
 # - The command runs in its own session, hence its own process group, so an
-#   abort kills the shell *and* everything it started.
+#   abort kills the shell *and* everything it started.  On Linux even what it
+#   daemonised ends with it (processes.py): whenever a command ends, every
+#   process it left behind is killed.
+# - Its environment is ours minus shardline's own variables (`SHARDLINE_*`:
+#   the API token, settings) and minus `drop_env` (the daemon's AWS
+#   credentials), plus what the caller adds (`command_environment`).
 #
 # The low-level `loop.subprocess_exec` with our own protocol is used instead
 # of `asyncio.create_subprocess_exec`: on Python 3.11 `Process.wait()` only
@@ -28,6 +33,8 @@
 # stderr would hang `finish()` although the shell has exited.  The protocol
 # sees the exit itself, and `finish()` gives such stragglers a short grace
 # before killing them, so nothing writes into the output after it is measured.
+# Background processes that let go of stderr get no grace: they are killed
+# as soon as the shell has exited.
 
 from __future__ import annotations
 
@@ -41,13 +48,14 @@ import os
 import signal
 import stat
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 from typing import IO, BinaryIO, Self, cast
 
 from .errors import CommandFailedError, StorageError
+from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 
-__all__ = ["CommandOutput", "PassthroughOutput", "ShardOutput"]
+__all__ = ["COMMAND_VARIABLES", "CommandOutput", "PassthroughOutput", "ShardOutput", "command_environment"]
 
 log = logging.getLogger("shardline.command")
 
@@ -67,6 +75,12 @@ _BACKGROUND_GRACE_S = 2.0
 #: How long an abort waits for the killed process to be reaped before giving up
 #: with a warning (a process in uninterruptible sleep cannot die at once).
 _KILL_WAIT_S = 10.0
+
+#: What shardline itself tells a shard's command (and, without the shard
+#: ones, the reduce command).  No other ``SHARDLINE_*`` variable is passed on
+#: from our environment: those are shardline's own, SHARDLINE_TOKEN included.
+COMMAND_VARIABLES = ("SHARDLINE_JOB_ID", "SHARDLINE_SHARD", "SHARDLINE_SHARDS", "SHARDLINE_ATTEMPT")
+_OWN_PREFIX = "SHARDLINE_"
 
 #: Shell conventions for a command that could not be executed.
 _STATUS_NOT_FOUND = 127
@@ -290,6 +304,17 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
         self._wake_writer()
 
 
+def command_environment(
+    inherited: Mapping[str, str], *, add: Mapping[str, str] = {}, drop: Collection[str] = ()
+) -> dict[str, str]:
+    """A command's environment: `inherited` without any ``SHARDLINE_*``
+    variable and without the names in `drop`, plus `add`."""
+    dropped = frozenset(drop)
+    env = {k: v for k, v in inherited.items() if not k.startswith(_OWN_PREFIX) and k not in dropped}
+    env.update(add)
+    return env
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -306,8 +331,12 @@ async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> b
 class CommandOutput(ShardOutput):
     """Pipes the input through ``sh -c command``; its stdout becomes `output_path`.
 
-    `env` adds to (not replaces) the inherited environment; `args` become the
-    shell's positional parameters (``"$@"``).  Only the last
+    The command inherits this process's environment except every
+    ``SHARDLINE_*`` variable and the names in `drop_env`; `env` adds to that
+    (`command_environment`).  `args` become the shell's positional parameters
+    (``"$@"``).  When the command ends (finished, failed or aborted), every
+    process it started ends too (processes.py; its process group only where
+    there is no subreaper).  Only the last
     `stderr_tail_bytes` of stderr are kept, for `CommandFailedError`; pass
     `forward_stderr` to also copy all of it there as it arrives (written from
     the event loop, so give it something that does not block for long, such
@@ -320,6 +349,7 @@ class CommandOutput(ShardOutput):
         output_path: str | os.PathLike[str],
         *,
         env: Mapping[str, str] | None = None,
+        drop_env: Collection[str] = (),
         args: Sequence[str] = (),
         stderr_tail_bytes: int = 8192,
         forward_stderr: IO[bytes] | None = None,
@@ -330,7 +360,8 @@ class CommandOutput(ShardOutput):
             raise ValueError(f"stderr_tail_bytes must be >= 0, not {stderr_tail_bytes}")
         self._command = command
         self._path = os.fspath(output_path)
-        self._extra_env = dict(env) if env is not None else None
+        self._extra_env = dict(env or {})
+        self._drop_env = frozenset(drop_env)
         self._stderr_tail_bytes = stderr_tail_bytes
         self._forward_stderr = forward_stderr
         #: Input bytes accepted but discarded, never offered to the command,
@@ -341,6 +372,7 @@ class CommandOutput(ShardOutput):
         self._transport: asyncio.SubprocessTransport | None = None
         self._protocol: _CommandProtocol | None = None
         self._stdin: asyncio.WriteTransport | None = None
+        self._processes: CommandProcesses | None = None
 
     @property
     def pid(self) -> int | None:
@@ -361,7 +393,11 @@ class CommandOutput(ShardOutput):
         except OSError as exc:
             self._state = _State.CLOSED
             raise _storage_error("open", self._path, exc) from exc
-        env = {**os.environ, **self._extra_env} if self._extra_env is not None else None
+        adopt_orphans()
+        processes = self._processes = CommandProcesses()
+        env = command_environment(
+            os.environ, add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
+        )
         try:
             self._transport, self._protocol = await asyncio.get_running_loop().subprocess_exec(
                 lambda: _CommandProtocol(
@@ -380,16 +416,19 @@ class CommandOutput(ShardOutput):
                 start_new_session=True,
             )
         except OSError as exc:
+            processes.spawned(None)
             self._close_output_fd()
             self._state = _State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
             raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
         except BaseException:
             # Cancelled while spawning: asyncio has already killed the child.
+            processes.spawned(None)
             self._close_output_fd()
             self._state = _State.CLOSED
             raise
         self._pid = self._transport.get_pid()
+        processes.spawned(self._pid)
         # uvloop's pipe transports do not derive from asyncio.WriteTransport.
         self._stdin = cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
         if not self._stdin.is_closing():  # it is if the command has exited already
@@ -430,6 +469,7 @@ class CommandOutput(ShardOutput):
                 self._stdin.close()
             await self._protocol.exited
             await self._wait_for_background_processes()
+            await self._end_processes()
             self._advance(_State.FINISHING, _State.FINISHING, "finish")  # not aborted meanwhile
         except BaseException:
             await self.aclose()
@@ -451,16 +491,23 @@ class CommandOutput(ShardOutput):
         assert self._protocol is not None and self._pid is not None
         if await _completes_within(self._protocol.stderr_closed, _BACKGROUND_GRACE_S):
             return
-        # Something still holds stderr, so the group is not empty and its id
-        # cannot have been reused: safe to signal.
         log.warning(
             "command %r exited but left a background process holding its stderr; killing process group %d",
             self._command,
             self._pid,
         )
-        _kill_group(self._pid)
+        if not await self._end_processes():
+            # No subreaper: something still holds stderr, so the group is
+            # most likely not empty and its id not reused.  The best we can do.
+            _kill_group(self._pid)
         if not await _completes_within(self._protocol.stderr_closed, _KILL_WAIT_S):
             log.warning("stderr of process group %d still open; closing it anyway", self._pid)
+
+    async def _end_processes(self) -> bool:
+        """End whatever the command left running (see processes.py), once;
+        False where that cannot be done (no subreaper)."""
+        processes, self._processes = self._processes, None
+        return processes is not None and await processes.end()
 
     def _output_size(self) -> int:
         assert self._output_fd is not None
@@ -489,6 +536,7 @@ class CommandOutput(ShardOutput):
             if not await _completes_within(protocol.exited, _KILL_WAIT_S):
                 log.warning("process %d still not reaped %.0fs after SIGKILL", pid, _KILL_WAIT_S)
             transport.close()
+        await self._end_processes()
         self._close_output_fd()
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .aws import AwsSettings, client
+from .aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .coordinator import (
     DEFAULT_JOBS_TABLE,
     DEFAULT_LAMBDA_CONCURRENCY,
@@ -44,6 +44,7 @@ from .coordinator import (
 )
 from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
+from .processes import hide_environment
 from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE
 from .rlimits import raise_open_files_limit
 from .sources import parse_s3_prefix
@@ -96,6 +97,9 @@ class ServeSettings:
     output_root: str | None = None
     #: Buckets jobs may write S3 outputs to; none: no S3 outputs.
     output_buckets: tuple[str, ...] = ()
+    #: Let commands see the daemon's AWS credential variables (off: the
+    #: workers use them to read S3, commands do not get them).
+    command_aws_credentials: bool = False
 
     def __post_init__(self) -> None:
         if self.default_backend not in ("local", "lambda"):
@@ -163,6 +167,9 @@ async def serve(
     `on_ready(http_url, exchange_address)` is called once the HTTP API
     accepts requests (with the real ports when 0 was asked for)."""
     output_policy = _output_policy(settings)
+    # Commands run as our (grand)children: keep the token and the
+    # credentials in our environment out of their reach.
+    hide_environment()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -198,7 +205,7 @@ async def serve(
             coordinator = Coordinator(
                 aws=aws,
                 backends=backends,
-                store=DynamoJobStore(dynamodb, settings.jobs_table),
+                store=DynamoJobStore(dynamodb, settings.jobs_table, durable=not settings.embedded_dynamodb),
                 exchange=exchange,
                 settings=CoordinatorSettings(
                     markers_table=settings.markers_table,
@@ -207,6 +214,7 @@ async def serve(
                     advertise_host=settings.advertise_host,
                     exchange_ca=_read_ca(settings.exchange_ca),
                     output_policy=output_policy,
+                    command_env_drop=() if settings.command_aws_credentials else AWS_CREDENTIAL_VARIABLES,
                 ),
                 coordinator_key=coordinator_key,
             )
@@ -214,6 +222,7 @@ async def serve(
             resumed = await coordinator.resume()
             if resumed:
                 log.warning("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+            await coordinator.sweep_spools()  # after resume(): what no coordinator will resume
 
             runner = web.AppRunner(make_app(coordinator, token=settings.token), shutdown_timeout=HTTP_SHUTDOWN_GRACE_S)
             await runner.setup()

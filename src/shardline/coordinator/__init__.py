@@ -11,14 +11,16 @@ from ._http import make_app
 from ._job import CoordinatorSettings, OutputPiece
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._outputs import OutputPolicy
-from ._service import Coordinator, JobProgress, JobReport, ShardReport, choose_spool_dir, copy_piece, run_job
+from ._service import Coordinator, JobProgress, JobReport, ShardReport, copy_piece, run_job
 from ._spec import JobSpec, JobView, ShardTimeouts, ShardView
+from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
 from ._tables import ensure_jobs_table, ensure_marker_table, marker_table_create_command
 
 __all__ = [
     "DEFAULT_JOBS_TABLE",
     "DEFAULT_LAMBDA_CONCURRENCY",
+    "MEMORY_SPOOL_DIR",
     "Backend",
     "Coordinator",
     "CoordinatorSettings",
@@ -38,6 +40,7 @@ __all__ = [
     "ShardReport",
     "ShardTimeouts",
     "ShardView",
+    "SpoolDir",
     "WorkerExit",
     "choose_spool_dir",
     "copy_piece",
@@ -47,4 +50,5 @@ __all__ = [
     "marker_table_create_command",
     "run_job",
     "server_tls_context",
+    "sweep_spools",
 ]

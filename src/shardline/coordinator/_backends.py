@@ -8,9 +8,10 @@
 # one task JSON line in on stdin, one answer line out on stdout, stderr kept
 # as a tail for error messages.  A process is reused only after it answered;
 # one whose attempt was cancelled, or that died, is stopped and forgotten.
-# Stopping is SIGTERM (the worker cancels its task, which kills its command's
-# process group), a grace period, then SIGKILL for the worker's process group
-# and for the process groups of its children, which are its commands.
+# Stopping is SIGTERM (the worker cancels its task, which ends its command and
+# every process the command started), a grace period, then SIGKILL for the
+# worker's process group and for its children and their process groups: its
+# commands, and the orphans of its commands that it adopted.
 
 from __future__ import annotations
 
@@ -284,9 +285,15 @@ class _WorkerProcess:
         if not await _completes_within(self._protocol.exited, grace_s):
             log.info("worker process %d still running %.1fs after SIGTERM; killing it", self.pid, grace_s)
             # Unreaped, so neither its pid nor its children's can have been reused.
+            # Below it: its commands and whatever they started, daemonised or
+            # not (it adopts their orphans): each group, and each process.
+            descendants = _descendant_pids(self.pid)
             for group in (*_child_pids(self.pid), self.pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(group, signal.SIGKILL)
+            for pid in descendants:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
             if not await _completes_within(self._protocol.exited, _KILL_WAIT_S):
                 log.warning("worker process %d not reaped %.0fs after SIGKILL", self.pid, _KILL_WAIT_S)
         self._transport.close()
@@ -300,6 +307,17 @@ def _child_pids(pid: int) -> list[int]:
         with contextlib.suppress(OSError), open(path) as f:
             children.extend(int(child) for child in f.read().split())
     return children
+
+
+def _descendant_pids(pid: int) -> list[int]:
+    """Every process below `pid` (Linux; elsewhere none)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        children = _child_pids(pending.pop())
+        found.extend(children)
+        pending.extend(children)
+    return found
 
 
 async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> bool:

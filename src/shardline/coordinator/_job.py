@@ -91,6 +91,7 @@ from ._outputs import (
     part_name,
 )
 from ._spec import JobSpec, JobView, ShardView
+from ._spool import LOCK_FILE, MEMORY_SPOOL_DIR
 from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
 __all__ = ["CoordinatorSettings", "OutputPiece", "written_by_earlier_runs"]
@@ -109,6 +110,10 @@ class CoordinatorSettings:
     #: (`choose_spool_dir`).  A daemon that must resume after a restart needs
     #: a root that survives it.
     spool_dir: str | None = None
+    #: Where `choose_spool_dir` looks first (memory-backed), and how much of
+    #: it the spools of live jobs may claim in all (None: what is free).
+    memory_spool_dir: str = MEMORY_SPOOL_DIR
+    memory_spool_limit_bytes: int | None = None
     #: Address workers use to reach the exchange (the listener's own by default).
     #: With TLS it must be a name the exchange's certificate holds.
     advertise_host: str | None = None
@@ -130,6 +135,9 @@ class CoordinatorSettings:
     supervise_interval_s: float = 0.25
     #: Which destinations jobs may write (`JobSpec.output`); the default allows none.
     output_policy: OutputPolicy = OutputPolicy()
+    #: Variables kept out of every command's environment (shards' and the
+    #: reduce's), on top of the ``SHARDLINE_*`` ones that never reach a command.
+    command_env_drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +432,7 @@ class Job:
             part_size_bytes=self.spec.part_size_bytes,
             max_in_flight_bytes=self.spec.max_in_flight_bytes,
             aws=self.context.aws.to_dict(),
+            command_env_drop=self.context.settings.command_env_drop,
         )
 
     def _spool_path(self, index: int, attempt: int) -> str:
@@ -770,7 +779,8 @@ class Job:
         outputs = [shard.committed.output_path for shard in self.shards if shard.committed is not None]
         path = os.path.join(self.record.spool_dir, f"result.{os.getpid()}.{time.monotonic_ns()}.out")
         env = {"SHARDLINE_JOB_ID": self.id, "SHARDLINE_SHARDS": str(self.spec.shards)}
-        async with ReduceRunner(self.spec.reduce, path, env=env, args=outputs) as reduce:
+        drop = self.context.settings.command_env_drop
+        async with ReduceRunner(self.spec.reduce, path, env=env, drop_env=drop, args=outputs) as reduce:
             self.result_path = path  # readers follow it as it grows
             self._notify()
             for output in outputs:
@@ -849,6 +859,7 @@ class Job:
         outputs (and the reduce result) are kept."""
         keep = {shard.committed.output_path for shard in self.shards if shard.committed is not None}
         keep.add(self.result_path or "")
+        keep.add(os.path.join(self.record.spool_dir, LOCK_FILE))
         with contextlib.suppress(OSError), os.scandir(self.record.spool_dir) as entries:
             for entry in entries:
                 if entry.path not in keep:

@@ -704,9 +704,15 @@ class ReduceRunner:
     """
 
     def __init__(
-        self, command: str, output_path: str, *, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
+        self,
+        command: str,
+        output_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        drop_env: Collection[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
-        self._output = CommandOutput(command, output_path, env=env, args=args)
+        self._output = CommandOutput(command, output_path, env=env, drop_env=drop_env, args=args)
         self._started = False
 
     async def __aenter__(self) -> Self:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import time
 import uuid
@@ -39,6 +38,7 @@ from ._job import CoordinatorSettings, Job, JobContext, OutputPiece, written_by_
 from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import Destination, open_destination, output_size
 from ._spec import JobSpec, JobView
+from ._spool import SpoolDir, choose_spool_dir, sweep_spools
 from ._store import JobRecord, JobStore, MemoryJobStore, ShardRecord
 
 __all__ = [
@@ -46,29 +46,10 @@ __all__ = [
     "JobProgress",
     "JobReport",
     "ShardReport",
-    "choose_spool_dir",
     "run_job",
 ]
 
 log = logging.getLogger("shardline.coordinator")
-
-#: Memory-backed and usually mounted; writing there skips disk writeback,
-#: which costs more than the download itself on slow disks.
-_MEMORY_SPOOL = "/dev/shm"
-_SPOOL_HEADROOM_BYTES = 256 * 1024 * 1024
-
-
-def choose_spool_dir(object_size: int) -> str:
-    """tmpfs when it can hold twice the object (outputs rarely outgrow their
-    input by more), else the system temp dir."""
-    try:
-        stat = os.statvfs(_MEMORY_SPOOL)
-    except OSError:
-        return tempfile.gettempdir()
-    free = stat.f_bavail * stat.f_frsize
-    if os.access(_MEMORY_SPOOL, os.W_OK) and free >= 2 * object_size + _SPOOL_HEADROOM_BYTES:
-        return _MEMORY_SPOOL
-    return tempfile.gettempdir()
 
 
 class Coordinator:
@@ -110,6 +91,8 @@ class Coordinator:
         self._s3_buckets = S3Buckets(aws)
         self._context: JobContext | None = None
         self._janitor: asyncio.Task[None] | None = None
+        #: Locked for as long as the job is known here (see _spool.py).
+        self._spools: dict[str, SpoolDir] = {}
 
     async def __aenter__(self) -> Coordinator:
         await self.start()
@@ -147,6 +130,9 @@ class Coordinator:
                 await job.destination.aclose()
             if not self.store.durable:
                 job.discard_spool()  # nothing will ever resume it or serve its output
+        for spool in self._spools.values():
+            spool.release()  # a durable store's jobs: left for the next coordinator to resume
+        self._spools.clear()
         await self._stack.aclose()
 
     @property
@@ -180,8 +166,19 @@ class Coordinator:
         self, spec: JobSpec, info: ObjectInfo, backend: Backend, destination: Destination | None
     ) -> JobView:
         job_id = uuid.uuid4().hex[:16]
-        root = self.settings.spool_dir or choose_spool_dir(info.size)
-        os.makedirs(root, exist_ok=True)
+        # Chosen and created with no await in between: the next job's choice sees this one's reservation.
+        root = self.settings.spool_dir or choose_spool_dir(
+            info.size,
+            memory_dir=self.settings.memory_spool_dir,
+            memory_limit_bytes=self.settings.memory_spool_limit_bytes,
+        )
+        spool = SpoolDir.create(
+            root,
+            job_id=job_id,
+            reserved_bytes=2 * info.size,
+            resumable=self.store.durable,
+            store=self.store.identity,
+        )
         now = time.time()
         record = JobRecord(
             job_id=job_id,
@@ -192,7 +189,7 @@ class Coordinator:
             finished_at=None,
             size=info.size,
             etag=info.etag,
-            spool_dir=tempfile.mkdtemp(prefix=f"shardline-{job_id}-", dir=root),
+            spool_dir=spool.path,
         )
         shards = [
             ShardRecord(job_id=job_id, index=index, state=ShardState.PENDING, next_attempt=1)
@@ -201,8 +198,9 @@ class Coordinator:
         try:
             await self.store.create_job(record, shards)
         except BaseException:
-            shutil.rmtree(record.spool_dir, ignore_errors=True)
+            spool.remove()
             raise
+        self._spools[job_id] = spool
         job = Job(
             record=record, shards=shards, backend=backend, destination=destination, context=self.context, fresh=True
         )
@@ -220,6 +218,10 @@ class Coordinator:
             if loaded is None:
                 continue
             record, shards = loaded
+            # First: a job whose spool another live coordinator holds is that one's.  A job
+            # that cannot be resumed keeps its lock too, so that no sweep removes its outputs.
+            if not self._relock_spool(record):
+                continue
             # From the records as stored: a shard whose output must be redone was still published.
             written = written_by_earlier_runs(record.spec, shards)
             shards = [await self._check_kept_output(record, shard) for shard in shards]
@@ -242,12 +244,40 @@ class Coordinator:
             )
             self._jobs[job.id] = job
             if not record.state.is_final:
-                os.makedirs(record.spool_dir, exist_ok=True)
                 self._start(job)
                 resumed.append(job.id)
                 done = sum(shard.state is ShardState.DONE for shard in shards)
                 log.info("job %s resumed: %d of %d shards already committed", job.id, done, len(shards))
         return resumed
+
+    def _relock_spool(self, record: JobRecord) -> bool:
+        """Take the lock of a resumed job's spool (an unfinished job's is
+        created if missing); False if another live coordinator holds it."""
+        if record.job_id in self._spools:
+            return True  # held since an earlier resume()
+        if record.state.is_final and not os.path.isdir(record.spool_dir):
+            return True  # nothing kept (a failed job's outputs are removed)
+        spool = SpoolDir.relock(
+            record.spool_dir,
+            job_id=record.job_id,
+            reserved_bytes=2 * (record.size or 0),
+            resumable=self.store.durable,
+            store=self.store.identity,
+        )
+        if spool is None:
+            log.warning("job %s not resumed: another coordinator holds its spool %s", record.job_id, record.spool_dir)
+            return False
+        self._spools[record.job_id] = spool
+        return True
+
+    async def sweep_spools(self) -> list[str]:
+        """Remove the spool directories that no live coordinator holds (see
+        _spool.py); call it after `resume()`.  Returns the removed paths."""
+        roots = [self.settings.memory_spool_dir, tempfile.gettempdir()]
+        if self.settings.spool_dir is not None:
+            roots.append(self.settings.spool_dir)
+        store = self.store.identity if self.store.durable else None
+        return await asyncio.to_thread(sweep_spools, roots, store=store)
 
     async def _check_kept_output(self, record: JobRecord, shard: ShardRecord) -> ShardRecord:
         """A committed shard whose output is gone (e.g. the spool did not
@@ -390,6 +420,9 @@ class Coordinator:
         if job is not None:
             self.exchange.unregister(job_id)
             job.discard_spool()
+        spool = self._spools.pop(job_id, None)
+        if spool is not None:
+            spool.release()
 
 
 # -- one job in-process: `shardline run` and tests ----------------------------------------
@@ -452,6 +485,7 @@ async def run_job(
     async with Coordinator(
         aws=aws, backends={backend.name: backend}, store=MemoryJobStore(), exchange=exchange, settings=settings
     ) as coordinator:
+        await coordinator.sweep_spools()  # what earlier runs, killed, left behind
         view = await coordinator.submit(spec)
         job_id = view.id
         if on_start is not None:

@@ -210,6 +210,9 @@ class JobStore(abc.ABC):
 
     #: True if the state survives a coordinator restart.
     durable: bool
+    #: Names where the state lives: recorded with each job's spool, so that
+    #: only a coordinator of the same store removes a resumable job's spool.
+    identity: str = ""
 
     @abc.abstractmethod
     async def create_job(self, job: JobRecord, shards: Sequence[ShardRecord]) -> None:
@@ -289,7 +292,11 @@ class _KeyWrites:
 
 
 class DynamoJobStore(JobStore):
-    """Job state in a DynamoDB table (see the layout at the top of this module)."""
+    """Job state in a DynamoDB table (see the layout at the top of this module).
+
+    Pass `durable=False` for a table that does not outlive this process (an
+    embedded endpoint): nothing is then kept for a restart to resume.
+    """
 
     durable = True
 
@@ -300,7 +307,12 @@ class DynamoJobStore(JobStore):
         *,
         retry_policy: RetryPolicy = RetryPolicy(),
         ttl_s: int = DEFAULT_RECORD_TTL_S,
+        durable: bool = True,
     ) -> None:
+        self.durable = durable
+        meta = getattr(dynamodb, "meta", None)
+        where = getattr(meta, "endpoint_url", None) or getattr(meta, "region_name", None) or ""
+        self.identity = f"dynamodb {where} {table}"
         self._dynamodb = dynamodb
         self._table = table
         self._retry = retry_policy

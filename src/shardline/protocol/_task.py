@@ -51,6 +51,9 @@ class ShardTask:
     #: Serialised shardline.aws.AwsSettings; credentials only for the embedded
     #: endpoint (kept out of the repr all the same).
     aws: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Variables of the worker's environment that the command must not see
+    #: (the daemon's AWS credentials); ``SHARDLINE_*`` ones it never sees.
+    command_env_drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_delimiter(self.delimiter)
@@ -61,6 +64,8 @@ class ShardTask:
             raise ConfigurationError("task needs both exchange_host and exchange_port, or neither")
         if self.exchange_ca is not None and not self.exchange_tls:
             raise ConfigurationError("task has an exchange_ca but exchange_tls is off")
+        if not all(isinstance(name, str) and name and "=" not in name for name in self.command_env_drop):
+            raise ConfigurationError(f"command_env_drop must be variable names, got {self.command_env_drop!r}")
         if self.max_line_bytes is not None and self.max_line_bytes < 1:
             raise ConfigurationError(f"max_line_bytes must be >= 1, got {self.max_line_bytes}")
         if self.part_size_bytes < 1 or self.max_in_flight_bytes < self.part_size_bytes:
@@ -94,6 +99,7 @@ class ShardTask:
                 raise ValueError(f"task version {version!r}, expected {TASK_VERSION}")
             data["delimiter"] = bytes.fromhex(data["delimiter"])
             data["secret"] = bytes.fromhex(data["secret"])
+            data["command_env_drop"] = tuple(data.get("command_env_drop", ()))
             return cls(**data)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigurationError(f"invalid shard task: {exc}") from None

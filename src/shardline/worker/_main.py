@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
 from ..errors import ConfigurationError, ShardlineError
+from ..processes import adopt_orphans, hide_environment
 from ..protocol import ShardTask
 from ._shard import WorkerSettings, run_task
 
@@ -51,8 +52,17 @@ def _run_loop(go: Callable[[], Coroutine[Any, Any, int]], *, use_uvloop: bool) -
     return asyncio.run(go())
 
 
+def _become_command_runner() -> None:
+    """This process runs commands and nothing else in sessions of their own:
+    it reaps (and ends) whatever they leave behind, and keeps the credentials
+    in its environment out of their reach (processes.py)."""
+    adopt_orphans(dedicated=True)
+    hide_environment()
+
+
 def run_task_file(stream: BinaryIO, *, use_uvloop: bool = True) -> int:
     """Read one task as JSON from `stream` and run it; returns the exit status."""
+    _become_command_runner()
     try:
         task = ShardTask.from_json(stream.read())
     except ConfigurationError as exc:
@@ -98,6 +108,7 @@ async def _answer(line: bytes, settings: WorkerSettings) -> dict[str, object]:
 
 async def serve_pool() -> int:
     """Serve tasks from stdin until EOF or SIGTERM (see the module comment); returns the exit status."""
+    _become_command_runner()
     settings = WorkerSettings()
     loop = asyncio.get_running_loop()
     serving = asyncio.current_task()

@@ -230,7 +230,13 @@ def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) ->
         "SHARDLINE_SHARDS": str(task.shards),
         "SHARDLINE_ATTEMPT": str(task.attempt),
     }
-    return CommandOutput(task.command, output_path, env=env, stderr_tail_bytes=settings.stderr_tail_bytes)
+    return CommandOutput(
+        task.command,
+        output_path,
+        env=env,
+        drop_env=task.command_env_drop,
+        stderr_tail_bytes=settings.stderr_tail_bytes,
+    )
 
 
 class _ShardRun:

@@ -33,6 +33,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigurationError, ShardlineError
+from ..processes import adopt_orphans, hide_environment
 from ..protocol import ShardTask
 from ._shard import WorkerSettings, is_retryable, run_task
 
@@ -98,6 +99,10 @@ def _reserve_s() -> float:
 def handler(event: Any, context: Any) -> dict[str, Any]:
     """Run the shard attempt in `event`; see the module docstring."""
     started = time.monotonic()
+    # This process runs nothing but commands: it ends whatever they leave
+    # behind, and keeps the function's credentials out of their reach.
+    adopt_orphans(dedicated=True)
+    hide_environment()
     try:
         task = ShardTask.from_json(event if isinstance(event, (str, bytes)) else json.dumps(event))
     except (ConfigurationError, TypeError) as exc:
