@@ -71,7 +71,7 @@ from ..sources import is_s3_url
 from ._backends import Backend
 from ._metrics import CoordinatorMetrics
 from ._outputs import Destination, ManifestShard, ReduceRunner, build_manifest, file_checksum, output_size
-from ._spec import JobView, ShardView
+from ._spec import JobLimits, JobView, ShardView
 from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
 __all__ = ["CoordinatorSettings", "OutputPiece"]
@@ -109,6 +109,8 @@ class CoordinatorSettings:
     speculate_min_s: float = 10.0
     #: How often deadlines are checked.
     supervise_interval_s: float = 0.25
+    #: The most a submitted job may ask for (checked by `Coordinator.submit`).
+    job_limits: JobLimits = JobLimits()
 
 
 @dataclass(frozen=True, slots=True)
