@@ -147,6 +147,10 @@ async def test_allowed_hosts_add_names_with_or_without_their_port(coordinator):
         assert (await get(server, "/jobs", Host="proxy.example:443", **AUTH))[0] == 200
         assert (await get(server, "/jobs", Host="proxy.example", **AUTH))[0] == 403  # port 80
         assert (await get(server, "/jobs", Host="other.example.com", **AUTH))[0] == 403
+        # A page of another server under an allowed name is still another origin.
+        host = {"Host": "coord.example.com:8443"}
+        assert (await get(server, "/jobs", **host, Origin="http://coord.example.com:3000", **AUTH))[0] == 403
+        assert (await get(server, "/jobs", **host, Origin="http://coord.example.com:8443", **AUTH))[0] == 200
 
 
 @pytest.mark.parametrize(

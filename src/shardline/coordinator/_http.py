@@ -43,7 +43,15 @@ from ..errors import (
     ShardlineError,
     StorageError,
 )
-from ._httpguard import ConnectionGuard, HostNames, HttpAccess, HttpLimits, HttpRefusals, guarded_protocol
+from ._httpguard import (
+    ConnectionGuard,
+    HostNames,
+    HttpAccess,
+    HttpLimits,
+    HttpRefusals,
+    guarded_protocol,
+    is_own_origin,
+)
 from ._spec import JobSpec
 
 if TYPE_CHECKING:
@@ -155,7 +163,7 @@ def _guard_middleware(access: HttpAccess, refusals: HttpRefusals) -> Middleware:
             return "bad_host", f"Host {host!r} from {peer}", _error(403, message)
         origin = request.headers.get("Origin")
         fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
-        if (origin is not None and not names.allows_origin(origin, scheme=request.scheme, local=local[:2])) or (
+        if (origin is not None and not is_own_origin(origin, scheme=request.scheme, host=host)) or (
             fetch_site in ("cross-site", "same-site")
         ):
             shown = origin if origin is not None else f"Sec-Fetch-Site: {fetch_site}"

@@ -41,7 +41,9 @@ __all__ = [
     "HttpAccess",
     "HttpLimits",
     "HttpRefusals",
+    "guarded_protocol",
     "is_loopback_host",
+    "is_own_origin",
 ]
 
 log = logging.getLogger("shardline.coordinator.http")
@@ -172,15 +174,21 @@ class HostNames:
             return address == local_ip or (address.is_loopback and local_ip.is_loopback)
         return name == self._bound_name or (local_ip.is_loopback and is_loopback_host(name))
 
-    def allows_origin(self, origin: str, *, scheme: str, local: tuple[str, int]) -> bool:
-        """Whether `origin` (an Origin header) is this server itself; "null" never is."""
-        try:
-            parts = urllib.parse.urlsplit(origin)
-        except ValueError:
-            return False
-        if parts.scheme != scheme or parts.path or parts.query or parts.fragment:
-            return False
-        return self.allows(parts.netloc, local=local, default_port=443 if scheme == "https" else 80)
+
+def is_own_origin(origin: str, *, scheme: str, host: str | None) -> bool:
+    """Whether `origin` (an Origin header) is the server as the request addressed it
+    (`scheme` and its Host, port included); "null" never is."""
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:
+        return False
+    if host is None or parts.scheme != scheme or parts.path or parts.query or parts.fragment:
+        return False
+    default_port = 443 if scheme == "https" else 80
+    addressed, claimed = _split_host(host), _split_host(parts.netloc)
+    if addressed is None or claimed is None:
+        return False
+    return (addressed[0], addressed[1] or default_port) == (claimed[0], claimed[1] or default_port)
 
 
 class HttpRefusals:
