@@ -11,6 +11,7 @@ test's jobs.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import stat
 import subprocess
@@ -18,6 +19,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from shardline.coordinator import HttpLimits, JobLimits
 
 from daemons import SHARDLINE, Daemon, clean_env, request, submit
 from jobs import sequential_reference
@@ -274,3 +277,20 @@ def test_https_daemon_with_the_clients_ca(workdir, env):
         assert unverified.returncode == 2 and "certificate" in unverified.stderr.decode()
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_serve_help_states_the_real_limits(env):
+    text = " ".join(shardline("serve", "--help", env=env).stdout.decode().split())
+    text = text[text.index("options:") :]  # the descriptions, not the usage line
+    jobs, http = JobLimits(), HttpLimits()
+    defaults = {
+        "--max-shards": str(jobs.max_shards),
+        "--max-attempts": str(jobs.max_attempts),
+        "--max-timeout": str(int(jobs.max_timeout_s)),
+        "--max-part-size": f"{jobs.max_part_size_bytes >> 20}M",
+        "--max-in-flight": f"{jobs.max_in_flight_bytes >> 30}G",
+        "--max-connections": str(http.max_connections),
+    }
+    for flag, default in defaults.items():
+        described = re.search(rf"{flag} \S+ (.*?)(?= --|$)", text)
+        assert described and f"(default: {default}" in described.group(1), (flag, described)
