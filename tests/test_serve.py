@@ -177,7 +177,7 @@ def test_a_token_from_the_environment_and_graceful_shutdown(workdir, env, local_
 # -- safe by default -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "coord.example.com"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "coord.example.com", "app.localhost"])
 def test_serve_off_loopback_without_a_token_refuses_to_start(env, host):
     # Refused before anything binds: the test never listens off loopback.
     result = shardline("serve", "--host", host, "--port", "0", env=env, timeout=60)

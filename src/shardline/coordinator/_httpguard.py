@@ -105,7 +105,7 @@ class HttpAccess:
 def is_loopback_host(host: str) -> bool:
     """Whether `host` (an address or name to bind or dial) stays on this machine."""
     name = host.strip("[]").lower()
-    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+    if name in _LOOPBACK_NAMES:  # not *.localhost: some resolvers ask DNS for those
         return True
     address = _ip(name)
     return address is not None and address.is_loopback
