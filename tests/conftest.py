@@ -21,6 +21,14 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 _bucket_numbers = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory) -> Path:
+    """Whatever a test runs in-process keeps its state (a daemon's token) here, never in ~."""
+    path = tmp_path_factory.mktemp("state")
+    os.environ["SHARDLINE_STATE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def moto() -> Endpoint:
     server = MotoServer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,14 +21,24 @@ STARTUP_DEADLINE_S = 90.0
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """This environment without any AWS configuration, plus `extra`."""
+    """This environment without any AWS or shardline configuration, plus `extra`; the
+    state directory (where a daemon keeps its generated token) is under `home`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SHARDLINE_")) or k == "AWS_CA_BUNDLE"}
-    env.update({"HOME": str(home), "AWS_EC2_METADATA_DISABLED": "true", **extra})
+    env.update(
+        {"HOME": str(home), "SHARDLINE_STATE_DIR": str(home / "state"), "AWS_EC2_METADATA_DISABLED": "true", **extra}
+    )
     return env
 
 
+_READY = re.compile(r"^shardline: serving (https?://\S+) \(API description at \S+; (.+?)\); workers connect")
+
+
 class Daemon:
-    """One `shardline serve --port 0` process; its stderr goes to a file."""
+    """One `shardline serve --port 0` process; its stderr goes to a file.
+
+    `token` is the one the daemon requires (read from where its ready line
+    says it is), or None if it serves without one.
+    """
 
     def __init__(self, workdir: Path, env: dict[str, str], *args: str) -> None:
         self.log_path = workdir / f"serve-{uuid.uuid4().hex[:8]}.log"
@@ -36,14 +47,20 @@ class Daemon:
         argv += ["--markers-table", f"markers-{suffix}", "--spool-dir", str(workdir / "spool"), *args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        self.url = self._wait_ready()
+        self.url, auth = self._wait_ready()
+        self.token: str | None = None
+        if auth == "token in $SHARDLINE_TOKEN":
+            self.token = env["SHARDLINE_TOKEN"]
+        elif auth.startswith("token in "):
+            self.token = Path(auth.removeprefix("token in ")).read_text().strip()
 
-    def _wait_ready(self) -> str:
+    def _wait_ready(self) -> tuple[str, str]:
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while time.monotonic() < deadline:
             for line in self.log().splitlines():
-                if line.startswith("shardline: serving http://"):
-                    return line.split()[2]
+                ready = _READY.match(line)
+                if ready:
+                    return ready.group(1), ready.group(2)
             if self.process.poll() is not None:
                 break
             time.sleep(0.1)
@@ -64,13 +81,20 @@ class Daemon:
             self.process.wait()
             raise AssertionError(f"shardline serve did not stop:\n{self.log()}") from None
 
+    def request(self, path: str, method: str = "GET", body: Any = None) -> tuple[int, bytes]:
+        """`request` of this daemon's `path`, with its token."""
+        return request(self.url + path, method, body, token=self.token)
 
-def request(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> tuple[int, bytes]:
+
+def request(
+    url: str, method: str = "GET", body: Any = None, token: str | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
+    sent = {"Content-Type": "application/json"} if data is not None else {}
     if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        sent["Authorization"] = f"Bearer {token}"
+    sent.update(headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=sent)
     try:
         with urllib.request.urlopen(req, timeout=120) as response:
             return response.status, response.read()
@@ -79,6 +103,6 @@ def request(url: str, method: str = "GET", body: Any = None, token: str | None =
 
 
 def submit(daemon: Daemon, **spec: Any) -> str:
-    status, body = request(f"{daemon.url}/jobs", "POST", spec)
+    status, body = daemon.request("/jobs", "POST", spec)
     assert status == 201, body.decode()
     return str(json.loads(body)["id"])

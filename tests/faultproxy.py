@@ -465,10 +465,12 @@ class FaultProxy:
         if isinstance(fault, CannedResponse):
             headers = [*fault.headers, ("Content-Length", str(len(fault.body)))]
             headers.append(("Connection", "keep-alive" if client_keep_alive else "close"))
-            writer.write(_head(f"HTTP/1.1 {fault.status} {fault.reason}", headers) + fault.body)
+            # An answer to HEAD has the headers of the body it does not carry.
+            body = b"" if request.method == "HEAD" else fault.body
+            writer.write(_head(f"HTTP/1.1 {fault.status} {fault.reason}", headers) + body)
             record.status, record.content_length = fault.status, len(fault.body)
             await self._drain(writer, record)
-            record.body_bytes = len(fault.body)
+            record.body_bytes = len(body)
             return client_keep_alive
 
         up_reader, up_writer = await asyncio.open_connection(*self._upstream, limit=_HEAD_LIMIT_BYTES)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import Daemon, clean_env, request, submit
+from daemons import Daemon, clean_env, submit
 from jobs import sequential_reference
 from servers import Endpoint
 
@@ -32,7 +32,7 @@ def serve_env(tmp_path, moto: Endpoint) -> dict[str, str]:
 
 
 def view(daemon: Daemon, job_id: str) -> dict:
-    status, body = request(f"{daemon.url}/jobs/{job_id}")
+    status, body = daemon.request(f"/jobs/{job_id}")
     assert status == 200, body
     return json.loads(body)
 
@@ -68,7 +68,7 @@ def test_daemon_sigkilled_mid_job_resumes_with_exact_output(tmp_path, serve_env)
     second = Daemon(tmp_path, serve_env, *state)
     try:
         assert f"resumed 1 unfinished job(s): {job_id}" in second.log()
-        status, output = request(f"{second.url}/jobs/{job_id}/output")
+        status, output = second.request(f"/jobs/{job_id}/output")
         after = view(second, job_id)
     finally:
         assert second.stop() == 0, second.log()
@@ -112,10 +112,10 @@ def test_twenty_jobs_of_64_shards_at_once(tmp_path, serve_env):
         ]
         running = sum(view(daemon, job_id)["state"] in ("pending", "running") for job_id in jobs)
         with ThreadPoolExecutor(max_workers=20) as pool:
-            outputs = list(pool.map(lambda job_id: request(f"{daemon.url}/jobs/{job_id}/output"), jobs))
+            outputs = list(pool.map(lambda job_id: daemon.request(f"/jobs/{job_id}/output"), jobs))
         views = [view(daemon, job_id) for job_id in jobs]
         peak_rss = _peak_rss_bytes(daemon.process.pid)
-        status, metrics = request(f"{daemon.url}/metrics")
+        status, metrics = daemon.request("/metrics")
     finally:
         assert daemon.stop() == 0, daemon.log()
     assert running >= 10  # they really overlapped

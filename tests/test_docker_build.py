@@ -136,10 +136,12 @@ with open("in.txt", "w") as f:
     for i in range(50_000):
         f.write("line %d %s\n" % (i, "x" * random.randint(0, 400)))
 EOF
-shardline run --coordinator http://127.0.0.1:8080 in.txt -n 4 > out.txt
+export SHARDLINE_COORDINATOR=http://127.0.0.1:8080
+if shardline status > /dev/null 2>&1; then echo "the API answered without its token"; exit 1; fi
+shardline run --token-file /run/secrets/shardline-token in.txt -n 4 > out.txt
 cmp in.txt out.txt
 echo "lines $(wc -l < in.txt)"
-shardline run --coordinator http://127.0.0.1:8080 in.txt -n 4 -- wc -l
+shardline run --token-file /run/secrets/shardline-token in.txt -n 4 -- wc -l
 """
 
 
@@ -148,9 +150,20 @@ def test_coordinator_help(coordinator_image: str) -> None:
     assert "--exchange-port" in result.stdout
 
 
-def test_coordinator_serves_jobs_healthy_and_stops_cleanly(coordinator_image: str) -> None:
+def test_coordinator_without_a_token_refuses_to_start(coordinator_image: str) -> None:
+    result = docker("run", "--rm", "--network", "none", coordinator_image, check=False)
+    assert result.returncode == 2
+    assert "token file /run/secrets/shardline-token does not exist" in result.stderr
+
+
+def test_coordinator_serves_jobs_healthy_and_stops_cleanly(coordinator_image: str, tmp_path: Path) -> None:
     name = f"shardline-coordinator-{TAG}"
-    docker("run", "--detach", "--network", "none", "--name", name, coordinator_image)
+    # A mounted secret, as an orchestrator provides it: readable by the image's user.
+    token = tmp_path / "shardline-token"
+    token.write_text("docker-test-token\n")
+    token.chmod(0o644)
+    secret = f"{token}:/run/secrets/shardline-token:ro"
+    docker("run", "--detach", "--network", "none", "--volume", secret, "--name", name, coordinator_image)
     try:
         _wait_healthy(name)
         assert docker("exec", name, "id", "-u").stdout.strip() != "0", "the coordinator must not run as root"

@@ -61,7 +61,7 @@ from shardline.protocol import (
 )
 from shardline.worker._exchange import ExchangeClient
 
-from daemons import Daemon, clean_env, request, submit
+from daemons import Daemon, clean_env, submit
 from jobs import GatedBackend, sequential_reference
 from servers import Endpoint
 from tlsca import make_ca
@@ -623,12 +623,12 @@ def test_flood_of_strangers_costs_the_daemon_kilobytes_and_no_job(tmp_path, moto
         host, port = re.search(r"workers connect to (\S+):(\d+);", line).groups()  # type: ignore[union-attr]
         # A first job warms the daemon up (imports, pools): the flood's cost is what comes on top.
         warm_up = submit(daemon, source=str(source), shards=8, command=SED)
-        assert request(f"{daemon.url}/jobs/{warm_up}/output") == (200, expected)
+        assert daemon.request(f"/jobs/{warm_up}/output") == (200, expected)
         baseline_rss = _rss_bytes(daemon.process.pid)
 
         def watch() -> None:
             while not watching.wait(0.5):
-                health.append(request(f"{daemon.url}/healthz")[0])
+                health.append(daemon.request("/healthz")[0])
                 rss.append(_rss_bytes(daemon.process.pid))
 
         watcher = threading.Thread(target=watch, name="watch", daemon=True)
@@ -643,9 +643,9 @@ def test_flood_of_strangers_costs_the_daemon_kilobytes_and_no_job(tmp_path, moto
         # flood goes on, strangers evicted and coming back, while they all
         # connect, report and commit.
         job = submit(daemon, source=str(source), shards=12, command=f"sleep 3; {SED}")
-        status, output = request(f"{daemon.url}/jobs/{job}/output")
-        _, metrics = request(f"{daemon.url}/metrics")
-        _, view = request(f"{daemon.url}/jobs/{job}")
+        status, output = daemon.request(f"/jobs/{job}/output")
+        _, metrics = daemon.request("/metrics")
+        _, view = daemon.request(f"/jobs/{job}")
     finally:
         watching.set()
         if flood is not None:

@@ -20,14 +20,12 @@ from shardline.aws import client
 from shardline.client import CoordinatorClient
 from shardline.coordinator import (
     Coordinator,
-    CoordinatorSettings,
-    ExchangeServer,
+    JobLimits,
     JobSpec,
-    MemoryJobStore,
     ensure_marker_table,
 )
-from shardline.coordinator._http import make_app, openapi_document
-from shardline.embedded import InProcessBackend
+from shardline.coordinator._http import _COORDINATOR, make_app, openapi_document
+from shardline.coordinator._httpguard import HttpAccess
 from shardline.errors import (
     ConfigurationError,
     InputError,
@@ -35,9 +33,12 @@ from shardline.errors import (
     JobFailedError,
     JobNotFoundError,
     NotAcceptingJobsError,
+    RetryableStorageError,
 )
 from shardline.protocol import DEFAULT_MARKER_TABLE
 
+from apiservice import in_process_coordinator
+from faultproxy import Delay, FaultProxy, Rule, s3_internal_error, s3_slow_down
 from jobs import sequential_reference
 
 DATA = b"".join(b"line %05d of the input\n" % i for i in range(3000))
@@ -54,22 +55,12 @@ async def marker_table(aws_settings) -> str:
 
 @pytest.fixture
 async def coordinator(aws_settings, marker_table, tmp_path):
-    backend = InProcessBackend()
-    settings = CoordinatorSettings(markers_table=marker_table, spool_dir=str(tmp_path / "spool"))
-    async with ExchangeServer(host="127.0.0.1") as exchange:
-        async with Coordinator(
-            aws=aws_settings,
-            backends={"inprocess": backend},
-            store=MemoryJobStore(),
-            exchange=exchange,
-            settings=settings,
-        ) as service:
-            yield service
-        await backend.aclose()
+    async with in_process_coordinator(aws_settings, tmp_path / "spool") as service:
+        yield service
 
 
 async def _serve(coordinator: Coordinator, token: str | None = None) -> TestClient:
-    server = TestServer(make_app(coordinator, token=token), host="127.0.0.1", port=0)
+    server = TestServer(make_app(coordinator, access=HttpAccess(token=token)), host="127.0.0.1", port=0)
     # A generous bound, so a hung job fails its test instead of the whole run.
     http = TestClient(server, timeout=aiohttp.ClientTimeout(total=120))
     await http.start_server()
@@ -140,6 +131,19 @@ async def test_client_submits_streams_and_lists(http, source):
         (b'{"source": "SOURCE", "shards": 2, "backend": "nope"}', "'backend'"),
         (b'{"source": "x", "shards": 2, "output": "/o", "overwrite": "yes"}', "'overwrite'"),
         (b'{"source": "x", "shards": 2, "overwrite": true}', "'overwrite'"),
+        # Booleans are never numbers, though Python's True is an int.
+        (b'{"source": "x", "shards": true}', "'shards'"),
+        (b'{"source": "x", "shards": 2, "max_attempts": true}', "'max_attempts'"),
+        (b'{"source": "x", "shards": 2, "max_line_bytes": true}', "'max_line_bytes'"),
+        (b'{"source": "x", "shards": 2, "part_size_bytes": true}', "'part_size_bytes'"),
+        (b'{"source": "x", "shards": 2, "timeouts": {"total_s": true}}', "'timeouts.total_s'"),
+        (b'{"source": "x", "shards": 2.0}', "'shards'"),
+        # Not JSON, or JSON that Python would take but should not.
+        (b'{"source": "x", "shards": NaN}', "NaN is not a JSON number"),
+        (b'{"source": "x", "timeouts": {"total_s": Infinity}, "shards": 1}', "Infinity is not a JSON number"),
+        (b'{"source": ' + b"[" * 20_000 + b"]" * 20_000 + b', "shards": 1}', "request body: JSON nested too deeply"),
+        (b'{"source": "x", "shards": ' + b"7" * 5000 + b"}", "request body: not valid JSON"),
+        (b'{"source": "\xff", "shards": 1}', "request body: not UTF-8"),
     ],
 )
 async def test_invalid_request_is_400_naming_the_field(http, source, body, field):
@@ -148,6 +152,65 @@ async def test_invalid_request_is_400_naming_the_field(http, source, body, field
     )
     assert response.status == 400
     assert field in (await response.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "limit"),
+    [
+        ({"shards": 10**7}, "'shards'", "100000"),
+        ({"shards": 10**400}, "'shards'", "100000"),
+        ({"max_attempts": 10**9}, "'max_attempts'", "10"),
+        ({"timeouts": {"start_s": 1e300}}, "'timeouts.start_s'", "604800"),
+        ({"timeouts": {"heartbeat_s": 1e300}}, "'timeouts.heartbeat_s'", "604800"),
+        ({"timeouts": {"total_s": 1e300}}, "'timeouts.total_s'", "604800"),
+        ({"part_size_bytes": 2**40, "max_in_flight_bytes": 2**41}, "'part_size_bytes'", "268435456"),
+        ({"max_in_flight_bytes": 2**31}, "'max_in_flight_bytes'", "1073741824"),
+    ],
+)
+async def test_fields_above_the_default_limits_are_400(http, source, fields, field, limit):
+    response = await http.post("/jobs", json={"source": source, "shards": 2, **fields})
+    assert response.status == 400
+    message = (await response.json())["error"]
+    assert field in message and f"limit of {limit} " in message, message
+    assert len(message) < 300  # a huge number is abridged, not echoed
+    assert _coordinator_jobs(http) == 0
+
+
+async def test_job_limits_are_the_operators(aws_settings, marker_table, tmp_path, source):
+    async with in_process_coordinator(aws_settings, tmp_path / "spool", job_limits=JobLimits(max_shards=3)) as service:
+        http = await _serve(service)
+        try:
+            refused = await http.post("/jobs", json={"source": source, "shards": 4})
+            assert refused.status == 400 and "limit of 3 " in (await refused.json())["error"]
+            accepted = await http.post("/jobs", json={"source": source, "shards": 3})
+            assert accepted.status == 201
+            output = await http.get(f"/jobs/{(await accepted.json())['id']}/output")
+            assert await output.read() == DATA
+        finally:
+            await http.close()
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]
+)
+async def test_a_body_that_is_not_json_is_415(http, source, content_type):
+    # What a web page may send anywhere without asking (a "simple" request).
+    body = json.dumps({"source": source, "shards": 1, "command": "id"}).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await http.post("/jobs", data=body, headers=headers)
+    assert response.status == 415
+    assert "application/json" in (await response.json())["error"]
+    assert _coordinator_jobs(http) == 0
+
+
+async def test_json_with_a_charset_is_json(http, source):
+    body = json.dumps({"source": source, "shards": 1}).encode()
+    response = await http.post("/jobs", data=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert response.status == 201, await response.text()
+
+
+def _coordinator_jobs(http: TestClient) -> int:
+    return len(http.server.app[_COORDINATOR].views())
 
 
 async def test_missing_source_is_400_and_an_input_error(http, tmp_path):
@@ -235,21 +298,28 @@ async def test_job_failing_mid_stream_aborts_the_response(http, source, tmp_path
         assert DATA.startswith(b"".join(chunks))
 
 
-async def test_token_required_on_every_route(coordinator, source):
+async def test_token_required_on_every_route_but_healthz(coordinator, source):
     http = await _serve(coordinator, token=TOKEN)
     try:
-        paths = ["/healthz", "/metrics", "/openapi.json", "/jobs", "/jobs/x", "/jobs/x/output"]
+        paths = ["/metrics", "/openapi.json", "/jobs", "/jobs/x", "/jobs/x/output"]
         for path in paths:
             response = await http.get(path)
             assert response.status == 401, path
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
         wrong = await http.post("/jobs", json={"source": source, "shards": 1}, headers={"Authorization": "Bearer no"})
         assert wrong.status == 401
-        right = await http.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"})
-        assert right.status == 200
+        assert (await http.get("/jobs", headers={"Authorization": TOKEN})).status == 401  # no scheme
+        assert (await http.get("/jobs", headers={"Authorization": f"Basic {TOKEN}"})).status == 401
+        # The scheme is case-insensitive (RFC 7235).
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            right = await http.get("/jobs", headers={"Authorization": f"{scheme} {TOKEN}"})
+            assert right.status == 200, scheme
+        # A probe needs no token, and learns nothing but "ok".
+        health = await http.get("/healthz")
+        assert (health.status, await health.json()) == (200, {"status": "ok"})
 
         async with CoordinatorClient(_url(http)) as api:
-            with pytest.raises(ConfigurationError, match="--token"):
+            with pytest.raises(ConfigurationError, match="--token-file"):
                 await api.jobs()
         async with CoordinatorClient(_url(http), token=TOKEN) as api:
             assert await api.jobs() == []
@@ -298,7 +368,7 @@ def _documented_routes(document: dict) -> set[tuple[str, str]]:
 async def test_openapi_validates_and_matches_the_routes(coordinator, http):
     document = openapi_document()
     validate(document)  # raises if it is not a valid OpenAPI 3 document
-    app = make_app(coordinator)
+    app = make_app(coordinator, access=HttpAccess(token=None))
     served = {(route.method, route.resource.canonical) for route in app.router.routes() if route.resource is not None}
     assert served == _documented_routes(document)
 
@@ -327,3 +397,58 @@ async def test_client_disconnect_mid_stream_leaves_the_coordinator_serving(http,
     again = await http.get(f"/jobs/{job_id}/output")
     assert await again.read() == DATA
     assert (await (await http.get("/healthz")).json())["status"] == "ok"
+
+
+# -- storage failing at submit time ------------------------------------------------------
+
+
+@pytest.fixture
+async def proxied_s3(moto, marker_table, tmp_path):
+    """A coordinator whose S3 requests (not DynamoDB's) go through a fault proxy, with a short read timeout."""
+    async with FaultProxy(moto.url, seed=3) as proxy:
+        aws = moto.aws_settings(s3_endpoint_url=proxy.url, read_timeout_s=1.0)
+        async with in_process_coordinator(aws, tmp_path / "spool") as service:
+            http = await _serve(service)
+            try:
+                yield proxy, http
+            finally:
+                await http.close()
+
+
+async def test_a_transient_head_failure_at_submit_is_retried(proxied_s3, s3, bucket):
+    proxy, http = proxied_s3
+    s3.put_object(Bucket=bucket, Key="input.txt", Body=DATA)
+    proxy.set_rules(
+        [
+            Rule(method="HEAD", fault=s3_internal_error(), times=1),
+            Rule(method="HEAD", fault=s3_slow_down(), times=1),
+            Rule(method="HEAD", fault=Delay(delay_s=3.0), times=1),  # longer than the read timeout
+        ]
+    )
+    response = await http.post("/jobs", json={"source": f"s3://{bucket}/input.txt", "shards": 3})
+    assert response.status == 201, await response.text()
+    assert proxy.applied == [1, 1, 1]
+    heads = [record for record in proxy.records if record.method == "HEAD"]
+    assert len(heads) == 4  # three faults, then the answer
+    output = await http.get(f"/jobs/{(await response.json())['id']}/output")
+    assert await output.read() == DATA
+
+
+async def test_a_storage_failure_that_persists_is_503_with_retry_after(proxied_s3, s3, bucket):
+    proxy, http = proxied_s3
+    s3.put_object(Bucket=bucket, Key="input.txt", Body=DATA)
+    proxy.set_rules([Rule(method="HEAD", fault=s3_slow_down())])
+    spec = {"source": f"s3://{bucket}/input.txt", "shards": 3}
+    response = await http.post("/jobs", json=spec)
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) > 0
+    message = (await response.json())["error"]
+    assert f"s3://{bucket}/input.txt" in message and "gave up after" in message, message
+    assert proxy.applied[0] >= 2  # it was retried
+    async with CoordinatorClient(_url(http)) as api:
+        with pytest.raises(RetryableStorageError, match="try again in"):
+            await api.submit(JobSpec(**spec))
+    # Storage that answers, but no: still the client's problem (400).
+    proxy.set_rules([])
+    response = await http.post("/jobs", json={**spec, "source": f"s3://{bucket}/missing.txt"})
+    assert response.status == 400

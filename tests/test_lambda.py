@@ -20,7 +20,7 @@ from shardline.coordinator import CoordinatorSettings, JobSpec, LambdaBackend, S
 from shardline.errors import ConfigurationError
 
 from corpus import random_mix
-from daemons import Daemon, clean_env, request, submit
+from daemons import Daemon, clean_env, submit
 from jobs import run_job_on_exchange, sequential_reference
 from lambdaemu import LambdaEmulator
 from tlsca import make_ca
@@ -167,8 +167,8 @@ def test_serve_with_the_lambda_backend_over_tls(moto, s3, bucket, ca, worker_pac
         )  # fmt: skip
         try:
             job_id = submit(server, source=f"s3://{bucket}/input.txt", shards=3, command="rev")
-            status, output = request(f"{server.url}/jobs/{job_id}/output")
-            _, body = request(f"{server.url}/jobs/{job_id}")
+            status, output = server.request(f"/jobs/{job_id}/output")
+            _, body = server.request(f"/jobs/{job_id}")
         finally:
             assert server.stop() == 0, server.log()
         ran = emulator.ran()

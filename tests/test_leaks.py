@@ -279,7 +279,7 @@ def test_a_daemon_on_the_embedded_store_leaves_no_spool_after_sigterm(tmp_path, 
     daemon = Daemon(tmp_path, clean_env(home), "--drain-timeout", "1")
     try:
         finished = submit(daemon, source=source, shards=2, command="cat")
-        status, output = request(f"{daemon.url}/jobs/{finished}/output")
+        status, output = daemon.request(f"/jobs/{finished}/output")
         assert (status, output) == (200, DATA)  # its output is kept for an hour
         submit(daemon, source=source, shards=2, command=f"sleep 300 & echo $! > {pid_dir}/$SHARDLINE_SHARD.pid; wait")
         eventually(lambda: len(read_pids(pid_dir)) == 2, "the second job runs")

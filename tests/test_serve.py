@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
+from shardline.coordinator import HttpLimits, JobLimits
+
 from daemons import SHARDLINE, Daemon, clean_env, request, submit
 from jobs import sequential_reference
 from servers import Endpoint
+from tlsca import make_ca
 
 DATA = b"".join(b"%d,record %05d,%s\n" % (i * 7919 % 1000, i, b"x" * (i % 50)) for i in range(4000))
 SED = "sed 's/^/>/'"
@@ -73,10 +78,10 @@ def local_source(workdir) -> str:
 
 def test_job_over_http_is_byte_identical(daemon, s3_source):
     job_id = submit(daemon, source=s3_source, shards=6, command=SED)
-    status, output = request(f"{daemon.url}/jobs/{job_id}/output")
+    status, output = daemon.request(f"/jobs/{job_id}/output")
     assert status == 200
     assert output == sequential_reference(DATA, SED)
-    status, body = request(f"{daemon.url}/jobs/{job_id}")
+    status, body = daemon.request(f"/jobs/{job_id}")
     view = json.loads(body)
     assert view["state"] == "succeeded" and view["size"] == len(DATA)
     assert view["shards"][0]["emitted"][0] == 0 and view["shards"][-1]["emitted"][1] == len(DATA)
@@ -89,7 +94,7 @@ def test_job_over_http_is_byte_identical(daemon, s3_source):
 )
 def test_reduce_equals_the_sequential_pipeline(daemon, local_source, command, reduce, sequential):
     job_id = submit(daemon, source=local_source, shards=5, command=command, reduce=reduce)
-    status, output = request(f"{daemon.url}/jobs/{job_id}/output")
+    status, output = daemon.request(f"/jobs/{job_id}/output")
     assert status == 200
     assert output == sequential_reference(DATA, sequential)
 
@@ -148,7 +153,7 @@ def test_client_commands_need_a_coordinator(env):
 def test_outputs_are_refused_unless_the_operator_allowed_them(daemon, workdir, local_source):
     # The module's daemon was given neither --output-root nor --output-bucket.
     for output, flag in ((str(workdir / "out"), "--output-root DIR"), ("s3://any-bucket/out/", "--output-bucket NAME")):
-        status, body = request(f"{daemon.url}/jobs", "POST", {"source": local_source, "shards": 2, "output": output})
+        status, body = daemon.request("/jobs", "POST", {"source": local_source, "shards": 2, "output": output})
         assert status == 400 and flag in json.loads(body)["error"], body
     assert not (workdir / "out").exists()
 
@@ -170,11 +175,11 @@ def test_outputs_go_only_below_the_output_root_and_to_listed_buckets(workdir, en
         }
         for output, message in refused.items():
             body = {"source": local_source, "shards": 2, "output": output}
-            status, answer = request(f"{server.url}/jobs", "POST", body)
+            status, answer = server.request("/jobs", "POST", body)
             assert status == 400 and message in json.loads(answer)["error"], answer
         for output in (str(root / "job"), f"s3://{bucket}/out/"):
             job_id = submit(server, source=local_source, shards=2, output=output)
-            assert request(f"{server.url}/jobs/{job_id}/output") == (200, b"")
+            assert server.request(f"/jobs/{job_id}/output") == (200, b"")
 
         # `shardline run --coordinator` sends --output and --overwrite along.
         run = ("run", local_source, "-n", "3", "--coordinator", server.url, "--output", str(root / "job"))
@@ -193,22 +198,148 @@ def test_outputs_go_only_below_the_output_root_and_to_listed_buckets(workdir, en
     assert keys == ["out/_manifest.json", "out/part-00000", "out/part-00001"]
 
 
-def test_token_and_graceful_shutdown(workdir, env, local_source):
+def test_a_token_from_the_environment_and_graceful_shutdown(workdir, env, local_source):
     token = "serve-test-token"
     server = Daemon(workdir, {**env, "SHARDLINE_TOKEN": token})
     try:
-        status, _ = request(f"{server.url}/healthz")
-        assert status == 401
-        status, body = request(f"{server.url}/healthz", token=token)
-        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        assert server.token == token
+        assert request(f"{server.url}/jobs")[0] == 401
+        status, body = server.request("/jobs")
+        assert (status, json.loads(body)) == (200, {"jobs": []})
 
+        # Without the token, the client tries the local daemon's generated
+        # one (the module's daemon shares the state directory): refused.
         refused = shardline("run", local_source, "-n", "2", "--coordinator", server.url, env=env)
         assert refused.returncode == 2
-        assert "--token" in refused.stderr.decode()
-        accepted = shardline("run", local_source, "-n", "2", "--coordinator", server.url, "--token", token, env=env)
+        assert "--token-file FILE or set SHARDLINE_TOKEN" in refused.stderr.decode()
+        accepted = shardline(
+            "run", local_source, "-n", "2", "--coordinator", server.url, env={**env, "SHARDLINE_TOKEN": token}
+        )
         assert accepted.returncode == 0, accepted.stderr.decode()
         assert accepted.stdout == DATA
     finally:
         returncode = server.stop(signal.SIGTERM)
     assert returncode == 0, server.log()
     assert "draining" in server.log()
+
+
+# -- safe by default -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "coord.example.com", "app.localhost"])
+def test_serve_off_loopback_without_a_token_refuses_to_start(env, host):
+    # Refused before anything binds: the test never listens off loopback.
+    result = shardline("serve", "--host", host, "--port", "0", env=env, timeout=60)
+    assert result.returncode == 2
+    message = result.stderr.decode().strip()
+    assert message.startswith(f"shardline: --host {host} is reachable from other machines"), message
+    assert "--token-file FILE" in message and "--insecure-no-auth" in message
+    empty = shardline("serve", "--host", host, "--port", "0", env={**env, "SHARDLINE_TOKEN": ""}, timeout=60)
+    assert empty.returncode == 2
+    assert "SHARDLINE_TOKEN is empty" in empty.stderr.decode()
+
+
+def test_a_local_daemon_needs_no_token_flags(daemon, env, local_source):
+    """The generated token: 0600 in the state directory, found there by the clients."""
+    token_file = Path(env["SHARDLINE_STATE_DIR"]) / "token"
+    assert f"token in {token_file})" in daemon.log()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert daemon.token == token_file.read_text().strip()
+    assert request(f"{daemon.url}/jobs")[0] == 401
+    assert request(f"{daemon.url}/healthz") == (200, b'{"status": "ok"}')
+    # No token flag, no variable; "localhost" names the daemon as well as 127.0.0.1.
+    local_url = daemon.url.replace("127.0.0.1", "localhost")
+    result = shardline("run", local_source, "-n", "3", "--coordinator", local_url, "--", SED, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == sequential_reference(DATA, SED)
+    printed = shardline("token", env=env)
+    assert printed.returncode == 0 and printed.stdout.decode().strip() == daemon.token
+
+
+def test_the_generated_token_survives_a_restart(workdir, moto):
+    home = workdir / "restart-home"
+    home.mkdir()
+    env = clean_env(home, **moto.env())
+    first = Daemon(workdir, env)
+    assert first.stop() == 0, first.log()
+    second = Daemon(workdir, env)
+    try:
+        assert second.token == first.token and second.token
+    finally:
+        assert second.stop() == 0, second.log()
+
+
+def test_token_file_and_an_explicit_insecure_mode(workdir, env, local_source):
+    token_file = workdir / "api-token"
+    made = shardline("token", "--file", str(token_file), env=env)
+    assert made.returncode == 0, made.stderr.decode()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    server = Daemon(workdir, env, "--token-file", str(token_file))
+    try:
+        assert server.token == made.stdout.decode().strip()
+        status = shardline("status", "--coordinator", server.url, "--token-file", str(token_file), env=env)
+        assert status.returncode == 0, status.stderr.decode()
+    finally:
+        assert server.stop() == 0, server.log()
+
+    insecure = Daemon(workdir, env, "--insecure-no-auth")
+    try:
+        assert insecure.token is None
+        assert "HAS NO AUTHENTICATION (--insecure-no-auth)" in insecure.log()
+        assert request(f"{insecure.url}/jobs") == (200, b'{"jobs": []}')
+        # Still not for web pages, nor for bodies that are not JSON.
+        assert request(f"{insecure.url}/jobs", headers={"Origin": "http://evil.example"})[0] == 403
+        form = request(f"{insecure.url}/jobs", "POST", {"source": local_source, "shards": 1}, headers=PLAIN_TEXT)
+        assert form[0] == 415
+    finally:
+        assert insecure.stop() == 0, insecure.log()
+
+
+PLAIN_TEXT = {"Content-Type": "text/plain"}
+
+
+def test_job_limits_are_serve_flags_and_run_has_the_same_defaults(workdir, env, local_source):
+    server = Daemon(workdir, env, "--max-shards", "3", "--max-attempts", "2")
+    try:
+        status, body = server.request("/jobs", "POST", {"source": local_source, "shards": 4})
+        assert status == 400 and "limit of 3 " in json.loads(body)["error"]
+        status, body = server.request("/jobs", "POST", {"source": local_source, "shards": 1, "max_attempts": 3})
+        assert status == 400 and "'max_attempts'" in json.loads(body)["error"]
+        result = shardline("run", local_source, "-n", "4", "--coordinator", server.url, env=env)
+        assert result.returncode == 1 and "--max-shards" in result.stderr.decode()
+    finally:
+        assert server.stop() == 0, server.log()
+    embedded = shardline("run", local_source, "-n", "100001", env=env)
+    assert embedded.returncode == 2
+    assert "field 'shards': 100001 is above this coordinator's limit of 100000" in embedded.stderr.decode()
+
+
+def test_https_daemon_with_the_clients_ca(workdir, env):
+    ca = make_ca(workdir / "api-ca")
+    server = Daemon(workdir, env, "--tls-cert", str(ca.server_cert), "--tls-key", str(ca.server_key))
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        listed = shardline("status", "--coordinator", server.url, "--coordinator-ca", str(ca.ca_cert), env=env)
+        assert listed.returncode == 0, listed.stderr.decode()
+        assert listed.stdout.decode().strip() == "no jobs"
+        unverified = shardline("status", "--coordinator", server.url, env=env)
+        assert unverified.returncode == 2 and "certificate" in unverified.stderr.decode()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_serve_help_states_the_real_limits(env):
+    text = " ".join(shardline("serve", "--help", env=env).stdout.decode().split())
+    text = text[text.index("options:") :]  # the descriptions, not the usage line
+    jobs, http = JobLimits(), HttpLimits()
+    defaults = {
+        "--max-shards": str(jobs.max_shards),
+        "--max-attempts": str(jobs.max_attempts),
+        "--max-timeout": str(int(jobs.max_timeout_s)),
+        "--max-part-size": f"{jobs.max_part_size_bytes >> 20}M",
+        "--max-in-flight": f"{jobs.max_in_flight_bytes >> 30}G",
+        "--max-connections": str(http.max_connections),
+    }
+    for flag, default in defaults.items():
+        described = re.search(rf"{flag} \S+ (.*?)(?= --|$)", text)
+        assert described and f"(default: {default}" in described.group(1), (flag, described)

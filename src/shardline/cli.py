@@ -230,18 +230,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "state lives in DynamoDB, so a restarted daemon resumes unfinished jobs. With no AWS configuration "
         "an embedded DynamoDB-compatible endpoint is used and job state does not survive a restart. "
         "SIGTERM or Ctrl-C stops accepting jobs, lets running ones finish for --drain-timeout seconds, "
-        "and exits 0; jobs still running then are resumed by the next daemon. Commands run with the "
+        "and exits 0; jobs still running then are resumed by the next daemon. "
+        "The API runs commands, so every route but /healthz needs a bearer token: on 127.0.0.1 one is "
+        "generated into the state directory, where 'shardline run --coordinator', 'status' and 'cancel' "
+        "find it; any other --host needs --token-file (or $SHARDLINE_TOKEN). Requests from web pages, "
+        "Host names that are not the server's and bodies that are not JSON are refused. Commands run with the "
         "daemon's environment minus every SHARDLINE_* variable (the API token among them) and minus its AWS "
         "credential variables (unless --command-aws-credentials).",
         epilog="examples:\n"
-        "  shardline serve\n"
-        "  SHARDLINE_TOKEN=secret shardline serve --host 0.0.0.0 --port 8080\n"
+        "  shardline serve                      # 127.0.0.1:8080, token in ~/.local/state/shardline/token\n"
+        "  shardline token --file /etc/shardline/token\n"
+        "  shardline serve --host 0.0.0.0 --token-file /etc/shardline/token --allowed-host coord.example.com \\\n"
+        "      --tls-cert api.pem --tls-key api.key\n"
         "  shardline serve --output-root /srv/shardline/out --output-bucket my-results\n"
         "  shardline serve --backend lambda --function shardline-worker --staging s3://bucket/shardline/staging/ \\\n"
         "      --exchange-host 0.0.0.0 --exchange-port 9000 --advertise-host coord.example.com \\\n"
         "      --exchange-tls-cert cert.pem --exchange-tls-key key.pem --exchange-ca ca.pem\n"
-        '  curl -s localhost:8080/jobs -d \'{"source": "s3://bucket/big.log", "shards": 8, '
-        '"command": "grep -c ERROR"}\'',
+        '  curl -s localhost:8080/jobs -H "Authorization: Bearer $(shardline token)" -H "Content-Type: '
+        'application/json" \\\n'
+        '      -d \'{"source": "s3://bucket/big.log", "shards": 8, "command": "grep -c ERROR"}\'',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: 127.0.0.1)")
@@ -256,12 +263,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "--advertise-host",
         default=None,
         help="address workers use to reach the exchange, when it differs from --exchange-host (NAT, containers)",
-    )
-    serve.add_argument(
-        "--token",
-        default=os.environ.get("SHARDLINE_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every HTTP request (default: $SHARDLINE_TOKEN; prefer "
-        "the variable, a command-line token shows in ps)",
     )
     serve.add_argument(
         "--markers-table", default=DEFAULT_MARKER_TABLE, help="DynamoDB marker table (created if missing)"
@@ -332,6 +333,72 @@ def _build_parser() -> argparse.ArgumentParser:
         help="CA certificate workers verify the exchange with, sent in each task (default: their system trust "
         "store); the certificate must name --advertise-host",
     )
+    access = serve.add_argument_group("who may use the HTTP API (docs/security.md)")
+    access.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help="file holding the bearer token every route but /healthz requires ('shardline token --file FILE' "
+        "makes one); default: $SHARDLINE_TOKEN, else on a loopback --host the token generated in the state "
+        "directory. Any other --host refuses to start without a token",
+    )
+    access.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve the API without any token: anyone who reaches the port can run commands as this user",
+    )
+    access.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME[:PORT]",
+        help="a name clients reach this server by (the Host header), repeatable; the address connected to, "
+        "and localhost over loopback, are always accepted. Without :PORT, with any port (proxies, port mappings)",
+    )
+    access.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
+    access.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    access.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="where the daemon keeps its generated token and keys (default: $SHARDLINE_STATE_DIR, else "
+        "$XDG_STATE_HOME/shardline, else ~/.local/state/shardline)",
+    )
+    limits = serve.add_argument_group("limits on what one client or job may ask for")
+    limits.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="HTTP connections open at once, output streams included; more are answered 503 (default: 256)",
+    )
+    limits.add_argument(
+        "--max-shards", type=_positive_int, default=None, metavar="N", help="shards of one job (default: 100000)"
+    )
+    limits.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="attempts per shard a job may ask for (default: 10)",
+    )
+    limits.add_argument(
+        "--max-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="each of a job's start, heartbeat and total timeouts (default: 604800, a week)",
+    )
+    limits.add_argument(
+        "--max-part-size", type=_size, default=None, metavar="SIZE", help="a job's part_size_bytes (default: 256M)"
+    )
+    limits.add_argument(
+        "--max-in-flight",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="a job's max_in_flight_bytes, the download memory of each running shard (default: 1G)",
+    )
     serve.add_argument(
         "--command-aws-credentials",
         action="store_true",
@@ -368,6 +435,20 @@ def _build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", metavar="ID", help="the job id")
     _add_coordinator(cancel, required=True)
     _add_common(cancel)
+
+    token = sub.add_parser(
+        "token",
+        help="print the API token of a local daemon (creating it if need be)",
+        description="Print the bearer token that 'shardline serve' on 127.0.0.1 uses: the one in the state "
+        "directory, created (mode 0600) if there is none yet. With --file, the token in FILE, created there "
+        "if missing: for 'serve --token-file FILE' on other addresses or in a container.",
+        epilog="examples:\n"
+        '  curl -s localhost:8080/jobs -H "Authorization: Bearer $(shardline token)"\n'
+        "  shardline token --file /run/secrets/shardline-token > /dev/null",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    token.add_argument("--file", default=None, metavar="FILE", help="the token file (default: in the state directory)")
+    _add_common(token)
 
     worker = sub.add_parser(
         "worker",
@@ -412,9 +493,18 @@ def _add_coordinator(parser: argparse.ArgumentParser, *, required: bool) -> None
         help=f"{what}, e.g. http://127.0.0.1:8080 (default: $SHARDLINE_COORDINATOR)",
     )
     parser.add_argument(
-        "--token",
-        default=os.environ.get("SHARDLINE_TOKEN") or None,
-        help="bearer token the coordinator requires (default: $SHARDLINE_TOKEN)",
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help="file holding the bearer token the coordinator requires (default: $SHARDLINE_TOKEN, else, for a "
+        "coordinator on this machine, the token 'shardline serve' generated in the state directory)",
+    )
+    parser.add_argument(
+        "--coordinator-ca",
+        metavar="PEM",
+        default=os.environ.get("SHARDLINE_COORDINATOR_CA") or None,
+        help="CA certificate to verify an https:// coordinator with (default: $SHARDLINE_COORDINATOR_CA, else "
+        "the system trust store)",
     )
 
 
@@ -614,14 +704,12 @@ _PROGRESS_POLL_S = 1.0
 
 
 def _cmd_run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
-    from .client import CoordinatorClient
-
     show_progress = not args.no_progress and sys.stderr.isatty()
     out = sys.stdout.buffer
 
     async def go() -> int:
         _cancel_on_sigterm()
-        async with CoordinatorClient(args.coordinator, token=args.token) as coordinator:
+        async with _client(args) as coordinator:
             view = await coordinator.submit(spec)
             job_id = view["id"]
             log.info("job %s submitted to %s", job_id, coordinator.url)
@@ -682,19 +770,38 @@ async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .coordinator import HttpLimits, JobLimits
     from .daemon import ServeSettings, serve
+    from .statedir import default_state_dir
 
     embedded = not aws_configured()
     fields: dict[str, Any] = {"jobs_table": args.jobs_table} if args.jobs_table else {}
     if args.lambda_concurrency:
         fields["lambda_concurrency"] = args.lambda_concurrency
+    state_dir = os.path.abspath(args.state_dir) if args.state_dir else default_state_dir()
+    token, token_source = _serve_token(args, state_dir)
+    job_limits = {
+        "max_shards": args.max_shards,
+        "max_attempts": args.max_attempts,
+        "max_timeout_s": args.max_timeout,
+        "max_part_size_bytes": args.max_part_size,
+        "max_in_flight_bytes": args.max_in_flight,
+    }
+    http_limits = {"max_connections": args.max_connections}
     settings = ServeSettings(
         host=args.host,
         port=args.port,
         exchange_host=args.exchange_host,
         exchange_port=args.exchange_port,
         advertise_host=args.advertise_host,
-        token=args.token or None,
+        token=token,
+        insecure_no_auth=args.insecure_no_auth,
+        allowed_hosts=tuple(args.allowed_host),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        state_dir=state_dir,
+        job_limits=JobLimits(**{name: value for name, value in job_limits.items() if value is not None}),
+        http_limits=HttpLimits(**{name: value for name, value in http_limits.items() if value is not None}),
         markers_table=args.markers_table,
         spool_dir=args.spool_dir,
         max_processes=args.max_processes,
@@ -714,9 +821,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def ready(url: str, exchange: tuple[str, int]) -> None:
-        auth = ", token required" if settings.token else ""
+        auth = f"token in {token_source}" if token_source else "NO AUTHENTICATION"
         print(
-            f"shardline: serving {url} (API description at {url}/openapi.json{auth}); workers connect to "
+            f"shardline: serving {url} (API description at {url}/openapi.json; {auth}); workers connect to "
             f"{exchange[0]}:{exchange[1]}; SIGTERM or Ctrl-C drains and stops",
             file=sys.stderr,
             flush=True,
@@ -729,6 +836,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return _run_loop(go, use_uvloop=not args.no_uvloop)
 
 
+def _serve_token(args: argparse.Namespace, state_dir: str) -> tuple[str | None, str | None]:
+    """The token `serve` requires, and where it is kept (for the ready line).
+
+    --token-file, else $SHARDLINE_TOKEN, else on a loopback --host the token
+    in the state directory (generated on first use, reused after).  Anywhere
+    else none, which ServeSettings refuses unless --insecure-no-auth.
+    """
+    from .coordinator import is_loopback_host
+    from .statedir import TOKEN_FILE, check_token, read_or_create_secret, read_token_file
+
+    if args.token_file:
+        return read_token_file(args.token_file), args.token_file
+    if "SHARDLINE_TOKEN" in os.environ:
+        return check_token(os.environ["SHARDLINE_TOKEN"], source="SHARDLINE_TOKEN"), "$SHARDLINE_TOKEN"
+    if args.insecure_no_auth or not is_loopback_host(args.host):
+        return None, None
+    path = os.path.join(state_dir, TOKEN_FILE)
+    return read_or_create_secret(path), path
+
+
 def _client(args: argparse.Namespace) -> CoordinatorClient:
     from .client import CoordinatorClient
 
@@ -736,7 +863,35 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
         raise ConfigurationError(
             f"'{args.subcommand}' needs a coordinator: pass --coordinator URL or set SHARDLINE_COORDINATOR"
         )
-    return CoordinatorClient(args.coordinator, token=args.token)
+    return CoordinatorClient(args.coordinator, token=_client_token(args), ca_file=args.coordinator_ca)
+
+
+def _client_token(args: argparse.Namespace) -> str | None:
+    """--token-file, else $SHARDLINE_TOKEN, else a local daemon's generated token, else none."""
+    from urllib.parse import urlsplit
+
+    from .coordinator import is_loopback_host
+    from .statedir import TOKEN_FILE, check_token, default_state_dir, read_secret, read_token_file
+
+    if args.token_file:
+        return read_token_file(args.token_file)
+    if "SHARDLINE_TOKEN" in os.environ:
+        return check_token(os.environ["SHARDLINE_TOKEN"], source="SHARDLINE_TOKEN")
+    # Like Jupyter: a daemon on this machine left its token in our state
+    # directory.  Never sent anywhere else: it would give the token away.
+    if is_loopback_host(urlsplit(args.coordinator).hostname or ""):
+        return read_secret(os.path.join(default_state_dir(), TOKEN_FILE))
+    return None
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from .statedir import TOKEN_FILE, default_state_dir, read_or_create_secret, read_token_file
+
+    if args.file is not None and os.path.exists(args.file):
+        print(read_token_file(args.file))
+    else:
+        print(read_or_create_secret(args.file or os.path.join(default_state_dir(), TOKEN_FILE)))
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -885,6 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serve": _cmd_serve,
             "status": _cmd_status,
             "cancel": _cmd_cancel,
+            "token": _cmd_token,
             "worker": _cmd_worker,
             "package-worker": _cmd_package_worker,
         }

@@ -2,9 +2,13 @@
 
 Answers are the API's JSON objects (see coordinator/openapi.json) as dicts.
 Every failure is a `ShardlineError` carrying the coordinator's own message:
-400 -> InputError, 401 -> ConfigurationError, 404 -> JobNotFoundError,
-409 -> JobFailedError or JobCancelledError, 503 -> NotAcceptingJobsError;
-an unreachable coordinator is a ConfigurationError naming the URL.
+400 -> InputError, 401 and 403 -> ConfigurationError, 404 ->
+JobNotFoundError, 409 -> JobFailedError or JobCancelledError, 502 ->
+StorageError, 503 -> RetryableStorageError when it says when to retry
+(storage failing for now, too many connections), else NotAcceptingJobsError
+(draining); an unreachable coordinator is a ConfigurationError naming the URL.
+An https:// URL is verified against the system's trust store, or against
+`ca_file` when given.
 
 `output()` yields bytes only from a response that ends properly: a stream
 the coordinator aborts (the job failed mid-way) or that breaks (the daemon
@@ -14,6 +18,7 @@ died) raises, so partial output is never presented as complete.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, unquote
@@ -28,7 +33,9 @@ from .errors import (
     JobFailedError,
     JobNotFoundError,
     NotAcceptingJobsError,
+    RetryableStorageError,
     ShardlineError,
+    StorageError,
 )
 
 __all__ = ["CoordinatorClient"]
@@ -43,12 +50,19 @@ class CoordinatorClient:
     """HTTP client for one coordinator; use as ``async with``."""
 
     def __init__(
-        self, url: str, *, token: str | None = None, connect_timeout_s: float = 10.0, request_timeout_s: float = 60.0
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        ca_file: str | None = None,
+        connect_timeout_s: float = 10.0,
+        request_timeout_s: float = 60.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"coordinator URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._tls = _tls_context(ca_file) if ca_file is not None else None
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=connect_timeout_s)
         # The output stream lasts as long as the job: no total or read limit.
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s)
@@ -67,7 +81,8 @@ class CoordinatorClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=self._tls) if self._tls is not None else None
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout, connector=connector)
         return self._session
 
     async def submit(self, spec: JobSpec) -> dict[str, Any]:
@@ -132,14 +147,23 @@ class CoordinatorClient:
         if status == 400:
             return InputError(message)
         if status == 401:
-            hint = "pass --token or set SHARDLINE_TOKEN"
+            hint = "pass --token-file FILE or set SHARDLINE_TOKEN"
             return ConfigurationError(f"the coordinator at {self.url} refused the request ({message}); {hint}")
+        if status == 403:
+            return ConfigurationError(f"the coordinator at {self.url} refused the request: {message}")
         if status == 404:
             return JobNotFoundError(message if job_id is None else f"no job {job_id!r} on {self.url}")
         if status == 409 and job_id is not None:
             # Failed or cancelled before any output: the view says which.
             cancelled = await self._state(job_id) == "cancelled"
             return JobCancelledError(message) if cancelled else JobFailedError(message)
+        if status == 502:
+            return StorageError(message)
+        if status == 503 and "Retry-After" in response.headers:
+            wait = response.headers["Retry-After"]
+            return RetryableStorageError(
+                f"the coordinator at {self.url} cannot do it for now (try again in {wait}s): {message}"
+            )
         if status == 503:
             return NotAcceptingJobsError(f"the coordinator at {self.url} takes no new jobs: {message}")
         return ShardlineError(f"the coordinator at {self.url} answered {status}: {message}")
@@ -162,6 +186,13 @@ class CoordinatorClient:
         if view["state"] == "cancelled":
             return JobCancelledError(f"job {job_id} was cancelled")
         return ShardlineError(f"the output stream of job {job_id} broke before its end; the job is {view['state']}")
+
+
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot load the coordinator's CA certificate {ca_file!r}: {exc}") from exc
 
 
 def _job_path(job_id: str) -> str:

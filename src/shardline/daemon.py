@@ -3,8 +3,9 @@
 Wires DynamoDB (the configured one, or an embedded endpoint when there is no
 AWS configuration), the job store, the exchange listener (TLS when given a
 certificate), the backends (local worker processes, and AWS Lambda when
-given a function) and the `Coordinator`, then serves the HTTP API until
-SIGTERM or SIGINT.  Shutdown drains: new jobs are refused at once, running
+given a function) and the `Coordinator`, then serves the HTTP API (behind
+its guard: token, Host and Origin checks, connection and time limits; TLS
+when given a certificate) until SIGTERM or SIGINT.  Shutdown drains: new jobs are refused at once, running
 jobs get `drain_timeout_s` to finish, and whatever is still running then is
 stopped with its state left in the store, so the next `shardline serve`
 resumes it.
@@ -20,10 +21,9 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from aiohttp import web
 
 from .aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .coordinator import (
@@ -34,12 +34,16 @@ from .coordinator import (
     CoordinatorSettings,
     DynamoJobStore,
     ExchangeServer,
+    HttpAccess,
+    HttpLimits,
+    HttpServer,
+    JobLimits,
     LambdaBackend,
     LocalProcessBackend,
     OutputPolicy,
     ensure_jobs_table,
     ensure_marker_table,
-    make_app,
+    is_loopback_host,
     server_tls_context,
 )
 from .embedded import EmbeddedDynamoDB
@@ -69,8 +73,22 @@ class ServeSettings:
     exchange_port: int = 0
     #: Address workers dial to reach the exchange (default: the listener's own).
     advertise_host: str | None = None
-    #: When set, every HTTP route requires ``Authorization: Bearer <token>``.
+    #: Every HTTP route but /healthz requires ``Authorization: Bearer <token>``.
+    #: None only with `insecure_no_auth`; the CLI generates one for loopback.
     token: str | None = None
+    #: Serve the API without a token: the operator's explicit, logged choice.
+    insecure_no_auth: bool = False
+    #: More names clients may use in Host ("NAME" or "NAME:PORT"), besides
+    #: the address they connect to and, on loopback, localhost.
+    allowed_hosts: tuple[str, ...] = ()
+    #: PEM files: TLS on the HTTP port (HTTPS only).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Private files that outlive the daemon (its API token, the coordinator key).
+    state_dir: str = field(default_factory=default_state_dir)
+    #: The most one job may ask for (serve --max-* flags).
+    job_limits: JobLimits = JobLimits()
+    http_limits: HttpLimits = HttpLimits()
     markers_table: str = DEFAULT_MARKER_TABLE
     jobs_table: str = DEFAULT_JOBS_TABLE
     spool_dir: str | None = None
@@ -91,8 +109,6 @@ class ServeSettings:
     exchange_tls_cert: str | None = None
     exchange_tls_key: str | None = None
     exchange_ca: str | None = None
-    #: Private files that outlive the daemon (the coordinator key).
-    state_dir: str = field(default_factory=default_state_dir)
     #: The directory below which jobs may write local outputs; None: no local outputs.
     output_root: str | None = None
     #: Buckets jobs may write S3 outputs to; none: no S3 outputs.
@@ -102,6 +118,22 @@ class ServeSettings:
     command_aws_credentials: bool = False
 
     def __post_init__(self) -> None:
+        if self.token is not None and self.insecure_no_auth:
+            raise ConfigurationError("--insecure-no-auth and a token contradict each other: drop one")
+        if self.token is None and not self.insecure_no_auth:
+            where = (
+                f"--host {self.host} is reachable from other machines"
+                if not is_loopback_host(self.host)
+                else "no API token was given"
+            )
+            raise ConfigurationError(
+                f"{where}, and the HTTP API runs commands: give it a token with --token-file FILE (a file "
+                "holding the token; 'shardline token --file FILE' makes one) or $SHARDLINE_TOKEN, or pass "
+                "--insecure-no-auth to serve without authentication"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigurationError("--tls-cert and --tls-key go together")
+        self.http_access()  # checks --allowed-host before anything starts
         if self.default_backend not in ("local", "lambda"):
             raise ConfigurationError(f"--backend must be local or lambda, got {self.default_backend!r}")
         if self.default_backend == "lambda" and self.lambda_function is None:
@@ -114,6 +146,10 @@ class ServeSettings:
             raise ConfigurationError("--exchange-tls-cert and --exchange-tls-key go together")
         if self.exchange_ca is not None and self.exchange_tls_cert is None:
             raise ConfigurationError("--exchange-ca needs --exchange-tls-cert and --exchange-tls-key")
+
+    def http_access(self) -> HttpAccess:
+        """Who may use the HTTP API."""
+        return HttpAccess(token=self.token, bind_host=self.host, allowed_hosts=self.allowed_hosts)
 
 
 def _backends(settings: ServeSettings, aws: AwsSettings) -> dict[str, Backend]:
@@ -159,6 +195,12 @@ def _read_ca(path: str | None) -> str | None:
         raise ConfigurationError(f"cannot read the exchange CA {path!r}: {exc}") from exc
 
 
+def _http_tls(settings: ServeSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return server_tls_context(settings.tls_cert, settings.tls_key, what="the HTTP API's")
+
+
 async def serve(
     settings: ServeSettings, *, aws: AwsSettings, on_ready: Callable[[str, tuple[str, int]], None] | None = None
 ) -> None:
@@ -175,6 +217,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        http_tls = _http_tls(settings)  # a bad certificate fails before anything starts
         raise_open_files_limit()  # every session, pipe and spool file is a descriptor
         coordinator_key = read_or_create_key(
             os.path.join(settings.state_dir, COORDINATOR_KEY_FILE), size_bytes=COORDINATOR_KEY_BYTES
@@ -215,6 +258,7 @@ async def serve(
                     exchange_ca=_read_ca(settings.exchange_ca),
                     output_policy=output_policy,
                     command_env_drop=() if settings.command_aws_credentials else AWS_CREDENTIAL_VARIABLES,
+                    job_limits=settings.job_limits,
                 ),
                 coordinator_key=coordinator_key,
             )
@@ -224,14 +268,24 @@ async def serve(
                 log.warning("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
             await coordinator.sweep_spools()  # after resume(): what no coordinator will resume
 
-            runner = web.AppRunner(make_app(coordinator, token=settings.token), shutdown_timeout=HTTP_SHUTDOWN_GRACE_S)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, settings.host, settings.port).start()
-            host, port = runner.addresses[0][:2]
-            url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+            http = HttpServer(
+                coordinator,
+                host=settings.host,
+                port=settings.port,
+                access=settings.http_access(),
+                limits=settings.http_limits,
+                tls=http_tls,
+                shutdown_timeout_s=HTTP_SHUTDOWN_GRACE_S,
+            )
+            await stack.enter_async_context(http)
+            if settings.insecure_no_auth:
+                log.warning(
+                    "THE HTTP API AT %s HAS NO AUTHENTICATION (--insecure-no-auth): anyone who can reach it can "
+                    "run commands as this user",
+                    http.url,
+                )
             if on_ready is not None:
-                on_ready(url, exchange.address)
+                on_ready(http.url, exchange.address)
 
             await stop.wait()
             log.warning("stopping: draining running jobs (up to %.0fs)", settings.drain_timeout_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import stat
@@ -27,12 +28,16 @@ from .errors import ConfigurationError
 __all__ = [
     "COORDINATOR_KEY_FILE",
     "TOKEN_FILE",
+    "check_token",
     "default_state_dir",
     "ensure_private_dir",
     "read_or_create_key",
     "read_or_create_secret",
     "read_secret",
+    "read_token_file",
 ]
+
+log = logging.getLogger("shardline.statedir")
 
 #: The daemon's generated HTTP API token (read by `shardline run --coordinator`, `status`, `cancel`).
 TOKEN_FILE = "token"
@@ -138,3 +143,46 @@ def read_or_create_key(path: str, *, size_bytes: int = 32) -> bytes:
             f"{path} does not hold a {size_bytes}-byte key in hex; delete it to have a new one generated"
         )
     return key
+
+
+def check_token(value: str, *, source: str) -> str:
+    """`value` stripped, if it can be a bearer token (visible ASCII, no spaces); `source` names it in errors."""
+    token = value.strip()
+    if not token:
+        raise ConfigurationError(f"{source} is empty; give the token, or unset it")
+    if not all("!" <= char <= "~" for char in token):
+        raise ConfigurationError(f"{source}: a token is visible ASCII characters without spaces")
+    return token
+
+
+def read_token_file(path: str) -> str:
+    """The API token an operator keeps in `path` (``--token-file``): a file of theirs or a mounted secret.
+
+    Unlike our own secret files, it may belong to root and be readable by
+    others (container secrets are); one that others may write is refused,
+    and one of ours that others may read is worth a warning.
+    """
+    try:
+        with open(path, "rb") as file:
+            st = os.fstat(file.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigurationError(f"token file {path} is not a regular file")
+            data = file.read(4097)
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"token file {path} does not exist; 'shardline token --file {path}' creates one"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.S_IMODE(st.st_mode)
+        raise ConfigurationError(f"token file {path} is writable by others (mode {mode:o}); chmod go-w it")
+    if hasattr(os, "getuid") and st.st_uid == os.getuid() != 0 and st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("token file %s is readable by other users (mode %o); chmod 600 it", path, stat.S_IMODE(st.st_mode))
+    if len(data) > 4096:
+        raise ConfigurationError(f"token file {path} is longer than 4096 bytes: not a token")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"token file {path} is not ASCII text") from None
+    return check_token(text, source=f"token file {path}")

@@ -7,12 +7,13 @@ function, and results come back over the exchange.
 
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
-from ._http import make_app
+from ._http import HttpServer, make_app
+from ._httpguard import HttpAccess, HttpLimits, is_loopback_host
 from ._job import CoordinatorSettings, OutputPiece
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._outputs import OutputPolicy
 from ._service import Coordinator, JobProgress, JobReport, ShardReport, copy_piece, run_job
-from ._spec import JobSpec, JobView, ShardTimeouts, ShardView
+from ._spec import JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
 from ._tables import ensure_jobs_table, ensure_marker_table, marker_table_create_command
@@ -27,6 +28,10 @@ __all__ = [
     "DynamoJobStore",
     "ExchangeHooks",
     "ExchangeServer",
+    "HttpAccess",
+    "HttpLimits",
+    "HttpServer",
+    "JobLimits",
     "JobProgress",
     "JobReport",
     "JobSpec",
@@ -46,6 +51,7 @@ __all__ = [
     "copy_piece",
     "ensure_jobs_table",
     "ensure_marker_table",
+    "is_loopback_host",
     "make_app",
     "marker_table_create_command",
     "run_job",

@@ -579,11 +579,12 @@ class ExchangeServer:
             log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)
 
 
-def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def server_tls_context(cert_file: str, key_file: str, *, what: str = "the exchange's") -> ssl.SSLContext:
     """The exchange's TLS context: its certificate chain and key (PEM files).
 
     Workers verify the certificate against the CA they are given, for the
-    host name they dial (the coordinator's advertised host).
+    host name they dial (the coordinator's advertised host).  The HTTP API
+    uses the same kind of context (`what` names it in errors).
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -591,6 +592,6 @@ def server_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(
-            f"cannot load the exchange's TLS certificate {cert_file!r} and key {key_file!r}: {exc}"
+            f"cannot load {what} TLS certificate {cert_file!r} and key {key_file!r}: {exc}"
         ) from exc
     return context

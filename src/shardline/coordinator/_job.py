@@ -90,7 +90,7 @@ from ._outputs import (
     output_size,
     part_name,
 )
-from ._spec import JobSpec, JobView, ShardView
+from ._spec import JobLimits, JobSpec, JobView, ShardView
 from ._spool import LOCK_FILE, MEMORY_SPOOL_DIR
 from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
 
@@ -138,6 +138,8 @@ class CoordinatorSettings:
     #: Variables kept out of every command's environment (shards' and the
     #: reduce's), on top of the ``SHARDLINE_*`` ones that never reach a command.
     command_env_drop: tuple[str, ...] = ()
+    #: The most a submitted job may ask for (checked by `Coordinator.submit`).
+    job_limits: JobLimits = JobLimits()
 
 
 @dataclass(frozen=True, slots=True)

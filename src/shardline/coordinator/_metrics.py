@@ -9,11 +9,23 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["CoordinatorMetrics", "Histogram", "render_prometheus"]
+__all__ = ["HTTP_REFUSAL_CAUSES", "CoordinatorMetrics", "Histogram", "render_prometheus"]
 
 #: Upper bounds (seconds) for handshake waits: mostly sub-millisecond relays,
 #: up to a neighbour's cold start.
 HANDSHAKE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+
+#: Why the HTTP API refused a connection or request (`shardline_http_refused_total{cause}`).
+HTTP_REFUSAL_CAUSES = (
+    "connection_limit",  # more connections open than --max-connections
+    "header_timeout",  # request head not complete in time
+    "body_timeout",  # POST /jobs body not complete in time
+    "body_too_large",
+    "bad_host",  # Host header names another server (DNS rebinding)
+    "bad_origin",  # sent by a web page of another origin
+    "bad_token",  # missing or wrong bearer token
+    "content_type",  # a body that is not application/json
+)
 
 
 @dataclass(eq=False)
@@ -57,6 +69,8 @@ class CoordinatorMetrics:
     fenced_writes: int = 0
     bytes_emitted: int = 0
     output_bytes: int = 0
+    #: HTTP connections and requests refused, by cause (HTTP_REFUSAL_CAUSES).
+    http_refused: Counter[str] = field(default_factory=Counter)
 
 
 def render_prometheus(
@@ -113,6 +127,12 @@ def render_prometheus(
         "counter",
         "Exchange connections closed by the exchange, by cause.",
         _by("cause", exchange_refused),
+    )
+    family(
+        "shardline_http_refused_total",
+        "counter",
+        "HTTP connections and requests refused, by cause.",
+        _by("cause", {cause: metrics.http_refused[cause] for cause in HTTP_REFUSAL_CAUSES}),
     )
     name = "shardline_handshake_wait_seconds"
     lines.append(f"# HELP {name} Time a worker's request for its neighbour's head fragment waited at the exchange.")

@@ -30,6 +30,7 @@ from ..errors import (
     ShardlineError,
 )
 from ..protocol import COORDINATOR_KEY_BYTES, JobState, ShardState, new_coordinator_key
+from ..retry import retry
 from ..s3bucket import S3Buckets
 from ..sources import ObjectInfo, open_source
 from ._backends import Backend
@@ -146,9 +147,12 @@ class Coordinator:
         """Accept `spec` and start it; errors about the request name the field."""
         if not self.accepting:
             raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
+        self.settings.job_limits.check(spec)
         backend = self._backend(spec.backend)
         async with open_source(spec.source, self.aws) as source:
-            info = await source.stat()
+            # A throttled or briefly unreachable store is no reason to refuse
+            # the job: the same retry loop as every other storage call.
+            info = await retry(source.stat, policy=self.context.retry_policy, describe=f"stat {spec.source}")
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)

@@ -15,10 +15,15 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..protocol import JobState, ShardState, check_delimiter
 
-__all__ = ["JobSpec", "JobView", "ShardTimeouts", "ShardView"]
+__all__ = ["JobLimits", "JobSpec", "JobView", "ShardTimeouts", "ShardView"]
 
 DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer: `True` is an int to Python, never to us."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,7 +82,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigurationError("field 'source': must be an s3://bucket/key URL or a local path")
-        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+        if not _is_int(self.shards) or self.shards < 1:
             raise ConfigurationError(f"field 'shards': number of shards must be an integer >= 1, got {self.shards!r}")
         try:
             check_delimiter(self.delimiter)
@@ -91,13 +96,13 @@ class JobSpec:
             raise ConfigurationError(f"field 'overwrite': must be true or false, got {self.overwrite!r}")
         if self.overwrite and self.output is None:
             raise ConfigurationError("field 'overwrite': needs 'output' (a streamed output has nothing to overwrite)")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if not _is_int(self.max_attempts) or self.max_attempts < 1:
             raise ConfigurationError(f"field 'max_attempts': must be an integer >= 1, got {self.max_attempts!r}")
-        if self.max_line_bytes is not None and (not isinstance(self.max_line_bytes, int) or self.max_line_bytes < 1):
+        if self.max_line_bytes is not None and (not _is_int(self.max_line_bytes) or self.max_line_bytes < 1):
             raise ConfigurationError(f"field 'max_line_bytes': must be an integer >= 1, got {self.max_line_bytes!r}")
         if not (
-            isinstance(self.part_size_bytes, int)
-            and isinstance(self.max_in_flight_bytes, int)
+            _is_int(self.part_size_bytes)
+            and _is_int(self.max_in_flight_bytes)
             and 1 <= self.part_size_bytes <= self.max_in_flight_bytes
         ):
             raise ConfigurationError(
@@ -146,6 +151,62 @@ class JobSpec:
 
 
 _FIELDS = frozenset(JobSpec.__dataclass_fields__)
+
+_MIB = 1024 * 1024
+
+
+def _shown(number: float) -> str:
+    """`number` for a message: integral values without ".0", huge ones abridged."""
+    integral = isinstance(number, int) or (number.is_integer() and abs(number) < 1e16)
+    text = str(int(number)) if integral else repr(number)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobLimits:
+    """The most one job may ask for: the operator's bounds, checked when a job is submitted.
+
+    A job's fields are the submitter's choice; these caps keep any one job
+    from pinning the coordinator's memory, processes or store for ever.  The
+    defaults are generous for real work; ``shardline serve`` sets them from
+    its --max-* flags, and an embedded ``shardline run`` uses the defaults.
+    """
+
+    max_shards: int = 100_000
+    #: Attempts per shard, the first included.
+    max_attempts: int = 10
+    #: Cap on each of timeouts.start_s, heartbeat_s and total_s.
+    max_timeout_s: float = 7 * 24 * 3600.0
+    max_part_size_bytes: int = 256 * _MIB
+    #: A worker's download buffer (memory held per running shard).
+    max_in_flight_bytes: int = 1024 * _MIB
+
+    def __post_init__(self) -> None:
+        for name in ("max_shards", "max_attempts", "max_part_size_bytes", "max_in_flight_bytes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigurationError(f"job limit {name} must be an integer >= 1, got {value!r}")
+        if not (math.isfinite(self.max_timeout_s) and self.max_timeout_s > 0):
+            raise ConfigurationError(f"job limit max_timeout_s must be a positive number, got {self.max_timeout_s!r}")
+
+    def check(self, spec: JobSpec) -> None:
+        """Raise ConfigurationError, naming the field and the limit, if `spec` asks for more."""
+        fields: list[tuple[str, float, float, str]] = [
+            ("shards", spec.shards, self.max_shards, "--max-shards"),
+            ("max_attempts", spec.max_attempts, self.max_attempts, "--max-attempts"),
+            ("part_size_bytes", spec.part_size_bytes, self.max_part_size_bytes, "--max-part-size"),
+            ("max_in_flight_bytes", spec.max_in_flight_bytes, self.max_in_flight_bytes, "--max-in-flight"),
+        ]
+        fields += [
+            (f"timeouts.{name}", value, self.max_timeout_s, "--max-timeout")
+            for name, value in spec.timeouts.to_dict().items()
+        ]
+        for name, value, limit, flag in fields:
+            if value > limit:
+                raise ConfigurationError(
+                    f"field {name!r}: {_shown(value)} is above this coordinator's limit of {_shown(limit)} "
+                    f"(its operator sets it with 'shardline serve {flag}')"
+                )
 
 
 def _delimiter(value: Any) -> bytes:
