@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # servers.py: SeaweedServer
 
-from shardline.aws import AwsSettings, client  # noqa: E402
-from shardline.sources import open_source  # noqa: E402
+from shardline.io.aws import AwsSettings, client  # noqa: E402
+from shardline.io.sources import open_source  # noqa: E402
 from shardline.worker._reader import RangedReader, ReaderSettings  # noqa: E402
 
 from servers import SeaweedServer  # noqa: E402

@@ -53,7 +53,7 @@ import throughput  # noqa: E402  (data generator, bucket + table helpers)
 from _rawget import download_range  # noqa: E402
 from _strategies import CORRECT, STRATEGIES, Plan, RunResult, nominal, run_strategy  # noqa: E402
 
-from shardline.aws import AwsSettings, client  # noqa: E402
+from shardline.io.aws import AwsSettings, client  # noqa: E402
 
 from servers import MotoServer, SeaweedServer  # noqa: E402
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from shardline.aws import AwsSettings
 from shardline.coordinator import Coordinator, CoordinatorSettings, ExchangeServer, MemoryJobStore
 from shardline.embedded import InProcessBackend
+from shardline.io.aws import AwsSettings
 from shardline.protocol import DEFAULT_MARKER_TABLE
 
 

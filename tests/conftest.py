@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from shardline.aws import AwsSettings
+from shardline.io.aws import AwsSettings
 
 from servers import Endpoint, MotoServer
 

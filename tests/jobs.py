@@ -9,7 +9,6 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Callable
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Backend,
     Coordinator,
@@ -24,6 +23,7 @@ from shardline.coordinator import (
     run_job,
 )
 from shardline.embedded import InProcessBackend, run_embedded
+from shardline.io.aws import AwsSettings, client
 from shardline.protocol import DEFAULT_MARKER_TABLE, ShardTask
 from shardline.worker import WorkerSettings
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardline.aws import AwsSettings
+from shardline.io.aws import AwsSettings
 
 _MOTO_CHILD = r"""
 import logging, sys

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import ExchangeServer, LocalProcessBackend, WorkerExit, ensure_marker_table
 from shardline.errors import CommandFailedError, LineTooLongError, StaleAttemptError
+from shardline.io.aws import AwsSettings, client
+from shardline.io.sources import LocalFileSource
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     Done,
@@ -43,7 +44,6 @@ from shardline.protocol import (
     ShardTask,
     attempt_secret,
 )
-from shardline.sources import LocalFileSource
 from shardline.worker import WorkerSettings, run_task
 
 from reference import reference_split

@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Backend,
     Coordinator,
@@ -74,8 +73,9 @@ from shardline.coordinator import (
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
+from shardline.io.aws import AwsSettings, client
+from shardline.io.retry import RetryPolicy
 from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, ShardRange, ShardTask
-from shardline.retry import RetryPolicy
 from shardline.worker import WorkerSettings
 
 from faultproxy import (

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import client
 from shardline.coordinator import ensure_marker_table
+from shardline.io.aws import client
+from shardline.io.sources import LocalFileSource
 from shardline.protocol import ShardTask
-from shardline.sources import LocalFileSource
 
 from corpus import CORPUS
 from jobs import sequential_reference

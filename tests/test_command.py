@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from shardline.command import CommandOutput, PassthroughOutput, ShardOutput
 from shardline.errors import CommandFailedError, StorageError
-from shardline.processes import COMMAND_ID_VARIABLE
+from shardline.io.command import CommandOutput, PassthroughOutput, ShardOutput
+from shardline.io.processes import COMMAND_ID_VARIABLE
 
 from leftovers import DAEMONISING, alive, kill_quietly, leave_behind, read_pids
 

@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 
-from shardline.aws import client
 from shardline.coordinator import (
     ExchangeServer,
     JobSpec,
@@ -21,6 +20,7 @@ from shardline.coordinator import (
 from shardline.coordinator._job import _CoverageCheck
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError, CoverageError, JobFailedError
+from shardline.io.aws import client
 from shardline.protocol import Done, ExchangeSession, ShardTask, Want
 
 from jobs import GatedBackend

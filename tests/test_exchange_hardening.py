@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import client
 from shardline.coordinator import (
     Coordinator,
     ExchangeServer,
@@ -41,6 +40,7 @@ from shardline.coordinator import (
     server_tls_context,
 )
 from shardline.coordinator._metrics import CoordinatorMetrics, render_prometheus
+from shardline.io.aws import client
 from shardline.protocol import (
     CLOSED,
     DEFAULT_MARKER_TABLE,
@@ -450,7 +450,7 @@ def test_open_file_limit_is_raised_to_the_hard_limit():
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = 64 if hard == resource.RLIM_INFINITY else min(64, hard)
     script = (
-        "import resource; from shardline.rlimits import raise_open_files_limit; "
+        "import resource; from shardline.io.rlimits import raise_open_files_limit; "
         "limit = raise_open_files_limit(); print(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     result = subprocess.run(

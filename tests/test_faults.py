@@ -37,7 +37,6 @@ import aiohttp
 import botocore.exceptions
 import pytest
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Backend,
     Coordinator,
@@ -53,9 +52,10 @@ from shardline.coordinator import (
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
+from shardline.io.aws import AwsSettings, client
+from shardline.io.retry import RetryPolicy
 from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, FrameType, Head, ShardTask
 from shardline.protocol._frames import encode_payload
-from shardline.retry import RetryPolicy
 from shardline.worker import TailSource, WorkerSettings
 
 from faultproxy import (

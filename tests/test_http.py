@@ -16,7 +16,6 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
-from shardline.aws import client
 from shardline.client import CoordinatorClient
 from shardline.coordinator import (
     Coordinator,
@@ -35,6 +34,7 @@ from shardline.errors import (
     NotAcceptingJobsError,
     RetryableStorageError,
 )
+from shardline.io.aws import client
 from shardline.protocol import DEFAULT_MARKER_TABLE
 
 from apiservice import in_process_coordinator

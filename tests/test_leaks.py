@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
@@ -39,7 +38,8 @@ from shardline.coordinator import (
     sweep_spools,
 )
 from shardline.embedded import InProcessBackend
-from shardline.processes import COMMAND_ID_VARIABLE
+from shardline.io.aws import AwsSettings, client
+from shardline.io.processes import COMMAND_ID_VARIABLE
 
 from daemons import SHARDLINE, Daemon, clean_env, request, submit
 from jobs import only_in_attempt
@@ -188,7 +188,7 @@ def test_a_hidden_environment_is_unreadable_to_other_processes_of_its_user(tmp_p
         as_user = []
     code = (
         "import sys, time\n"
-        "from shardline.processes import hide_environment\n"
+        "from shardline.io.processes import hide_environment\n"
         "print(hide_environment(), flush=True)\n"
         "time.sleep(60)\n"
     )

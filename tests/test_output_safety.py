@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Backend,
     Coordinator,
@@ -37,6 +36,7 @@ from shardline.coordinator._job import written_by_earlier_runs
 from shardline.coordinator._store import CommittedAttempt, ShardRecord
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
+from shardline.io.aws import AwsSettings, client
 from shardline.protocol import ShardState, ShardTask
 
 from faultproxy import FaultProxy

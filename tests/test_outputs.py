@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import AwsSettings
 from shardline.coordinator._outputs import (
     MANIFEST_VERSION,
     LocalDirectoryDestination,
@@ -35,7 +34,8 @@ from shardline.coordinator._outputs import (
     open_destination,
 )
 from shardline.errors import CommandFailedError, ConfigurationError, CoverageError, StorageError
-from shardline.retry import RetryPolicy
+from shardline.io.aws import AwsSettings
+from shardline.io.retry import RetryPolicy
 
 from faultproxy import FaultProxy, Rule, s3_error
 

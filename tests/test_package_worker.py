@@ -30,7 +30,7 @@ def test_zip_holds_the_worker_and_its_dependencies(worker_package):
         "shardline/worker/lambda_handler.py",
         "shardline/worker/_shard.py",
         "shardline/protocol/_frames.py",
-        "shardline/s3bucket.py",
+        "shardline/io/s3bucket.py",
         "aioboto3/__init__.py",
         "aiobotocore/__init__.py",
         "botocore/__init__.py",

@@ -16,9 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import ensure_marker_table
-from shardline.coordinator._store import raise_marker_fence
 from shardline.errors import (
     ConfigurationError,
     LocalProtocolError,
@@ -26,6 +24,8 @@ from shardline.errors import (
     RemoteProtocolError,
     StaleAttemptError,
 )
+from shardline.io.aws import AwsSettings, client
+from shardline.io.markers import MarkerStore
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,
@@ -43,7 +43,6 @@ from shardline.protocol import (
     next_shard_state,
 )
 from shardline.protocol._markers import MARKER_FENCE_ATTRIBUTE, marker_fence, marker_fence_request
-from shardline.worker._markers import MarkerStore
 
 # --- markers ----------------------------------------------------------------------
 
@@ -351,7 +350,7 @@ async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> 
 async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
     store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
     marker = fresh_marker(attempt=1)
-    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 2)
+    await store.raise_fence(marker.job_id, marker.shard, 2)
     with pytest.raises(StaleAttemptError, match=r"shard 4 attempt 1 .*fenced at attempt 2"):
         await store.publish(marker)
     assert await store.lookup(marker.job_id, marker.shard) is None  # the fence alone is no marker
@@ -364,7 +363,7 @@ async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) ->
     store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
     marker = fresh_marker(attempt=0)
     await store.publish(marker)
-    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 1)
+    await store.raise_fence(marker.job_id, marker.shard, 1)
     with pytest.raises(StaleAttemptError):
         await store.publish(marker)
     assert await store.lookup(marker.job_id, marker.shard) == marker  # the fence does not hide a marker
@@ -375,7 +374,7 @@ async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dyn
     store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
     marker = fresh_marker(attempt=3)
     await store.publish(marker)
-    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 3)
+    await store.raise_fence(marker.job_id, marker.shard, 3)
     with pytest.raises(StaleAttemptError):
         await store.publish(replace(marker, attempt=1, etag='"other"'))
 
@@ -386,18 +385,18 @@ async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
     await store.publish(marker)
     expires_at = (await stored_item(dynamodb, marker.job_id, marker.shard))[MARKER_TTL_ATTRIBUTE]
     for fence in (3, 1, 3, 0):
-        await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, fence)
+        await store.raise_fence(marker.job_id, marker.shard, fence)
     item = await stored_item(dynamodb, marker.job_id, marker.shard)
     assert marker_fence(item) == 3
     assert item[MARKER_TTL_ATTRIBUTE] == expires_at
     assert Marker.from_stored(item) == marker
-    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, marker.job_id, marker.shard, 4)
+    await store.raise_fence(marker.job_id, marker.shard, 4)
     assert marker_fence(await stored_item(dynamodb, marker.job_id, marker.shard)) == 4
 
 
 async def test_fence_creates_an_expiring_fence_only_item(dynamodb) -> None:
     job_id = uuid.uuid4().hex
-    await raise_marker_fence(dynamodb, DEFAULT_MARKER_TABLE, job_id, 7, 2)
+    await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE).raise_fence(job_id, 7, 2)
     item = await stored_item(dynamodb, job_id, 7)
     assert set(item) == {"job", "shard", MARKER_FENCE_ATTRIBUTE, MARKER_TTL_ATTRIBUTE}
     assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()

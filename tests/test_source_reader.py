@@ -1,4 +1,4 @@
-"""Object sources and the ranged reader (shardline.sources and shardline.worker._reader).
+"""Object sources and the ranged reader (shardline.io.sources and shardline.worker._reader).
 
 Local files and a real moto server over real sockets; faults are injected
 either by `faultproxy.FaultProxy` in front of moto or, where exact control of
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import AwsSettings
 from shardline.errors import (
     ConfigurationError,
     ObjectChangedError,
@@ -27,16 +26,10 @@ from shardline.errors import (
     SourceAccessError,
     SourceNotFoundError,
 )
-from shardline.retry import RetryPolicy
-from shardline.sources import (
-    LocalFileSource,
-    ObjectInfo,
-    ObjectSource,
-    OnBytes,
-    S3Source,
-    open_source,
-    parse_s3_url,
-)
+from shardline.io.aws import AwsSettings
+from shardline.io.retry import RetryPolicy
+from shardline.io.sources import LocalFileSource, ObjectInfo, ObjectSource, OnBytes, S3Source, open_source
+from shardline.io.urls import parse_s3_url
 from shardline.worker._reader import TASK_NAME_PREFIX, RangedReader, ReaderSettings, fetch_range
 
 from faultproxy import CannedResponse, CutBody, FaultProxy, ProxyRecord, Rule, s3_error
@@ -542,7 +535,7 @@ async def test_s3_persistent_slow_down_gives_up(s3, bucket: str, aws_settings: A
 
 
 async def test_botocore_does_not_retry_on_its_own(s3, bucket: str, aws_settings: AwsSettings) -> None:
-    """shardline.retry must see every failure (DESIGN §4), so botocore may not retry first."""
+    """shardline.io.retry must see every failure (DESIGN §4), so botocore may not retry first."""
     s3.put_object(Bucket=bucket, Key="k", Body=b"0123456789")
     rule = Rule(method="HEAD", fault=CannedResponse(status=503, reason="Service Unavailable"), times=1)
     async with FaultProxy(aws_settings.s3_endpoint_url, [rule]) as proxy:

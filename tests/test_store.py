@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import ensure_jobs_table, ensure_marker_table, marker_table_create_command
 from shardline.coordinator._spec import JobSpec, ShardTimeouts
 from shardline.coordinator._store import (
@@ -28,8 +27,9 @@ from shardline.coordinator._store import (
     MemoryJobStore,
     ShardRecord,
 )
-from shardline.coordinator._tables import ensure_table, table_create_command
 from shardline.errors import ConfigurationError, StorageError
+from shardline.io.aws import AwsSettings, client
+from shardline.io.tables import ensure_table, table_create_command
 from shardline.protocol import MARKER_TTL_ATTRIBUTE, JobState, ShardState, marker_key
 
 DAY_S = 24 * 3600

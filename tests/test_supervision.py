@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from shardline.aws import AwsSettings, client
 from shardline.coordinator import (
     Backend,
     Coordinator,
@@ -33,9 +32,10 @@ from shardline.coordinator import (
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
+from shardline.io.aws import AwsSettings, client
+from shardline.io.markers import MarkerStore
 from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Error, ExchangeSession, Marker, ShardTask
 from shardline.worker import run_task
-from shardline.worker._markers import MarkerStore
 
 from jobs import running_coordinator, sequential_reference
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .aws import AwsSettings, aws_configured
 from .errors import ConfigurationError, ShardlineError
+from .io.aws import AwsSettings, aws_configured
 from .protocol import DEFAULT_MARKER_TABLE
 
 if TYPE_CHECKING:
@@ -626,7 +626,7 @@ def _cmd_run(args: argparse.Namespace, command: str | None) -> int:
             f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
             "S3-compatible server); none was found in the environment"
         )
-    from .rlimits import raise_open_files_limit
+    from .io.rlimits import raise_open_files_limit
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
     settings = CoordinatorSettings(
@@ -772,7 +772,7 @@ async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .coordinator import HttpLimits, JobLimits
     from .daemon import ServeSettings, serve
-    from .statedir import default_state_dir
+    from .io.statedir import default_state_dir
 
     embedded = not aws_configured()
     fields: dict[str, Any] = {"jobs_table": args.jobs_table} if args.jobs_table else {}
@@ -844,7 +844,7 @@ def _serve_token(args: argparse.Namespace, state_dir: str) -> tuple[str | None, 
     else none, which ServeSettings refuses unless --insecure-no-auth.
     """
     from .coordinator import is_loopback_host
-    from .statedir import TOKEN_FILE, check_token, read_or_create_secret, read_token_file
+    from .io.statedir import TOKEN_FILE, check_token, read_or_create_secret, read_token_file
 
     if args.token_file:
         return read_token_file(args.token_file), args.token_file
@@ -871,7 +871,7 @@ def _client_token(args: argparse.Namespace) -> str | None:
     from urllib.parse import urlsplit
 
     from .coordinator import is_loopback_host
-    from .statedir import TOKEN_FILE, check_token, default_state_dir, read_secret, read_token_file
+    from .io.statedir import TOKEN_FILE, check_token, default_state_dir, read_secret, read_token_file
 
     if args.token_file:
         return read_token_file(args.token_file)
@@ -885,7 +885,7 @@ def _client_token(args: argparse.Namespace) -> str | None:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from .statedir import TOKEN_FILE, default_state_dir, read_or_create_secret, read_token_file
+    from .io.statedir import TOKEN_FILE, default_state_dir, read_or_create_secret, read_token_file
 
     if args.file is not None and os.path.exists(args.file):
         print(read_token_file(args.file))

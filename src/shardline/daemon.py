@@ -25,7 +25,6 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .coordinator import (
     DEFAULT_JOBS_TABLE,
     DEFAULT_LAMBDA_CONCURRENCY,
@@ -48,11 +47,12 @@ from .coordinator import (
 )
 from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
-from .processes import hide_environment
+from .io.aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
+from .io.processes import hide_environment
+from .io.rlimits import raise_open_files_limit
+from .io.statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
+from .io.urls import parse_s3_prefix
 from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE
-from .rlimits import raise_open_files_limit
-from .sources import parse_s3_prefix
-from .statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
 
 __all__ = ["ServeSettings", "serve"]
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .aws import AwsSettings, client
 from .coordinator import (
     Backend,
     CoordinatorSettings,
@@ -31,6 +30,7 @@ from .coordinator import (
     run_job,
 )
 from .errors import ShardlineError
+from .io.aws import AwsSettings, client
 from .protocol import ShardTask
 
 if TYPE_CHECKING:

@@ -1,9 +1,8 @@
 """`shardline package-worker`: the AWS Lambda deployment zip of a worker.
 
-The zip holds exactly what the handler imports: shardline's `worker` and
-`protocol` packages with the shared modules they use (found by importing the
-handler in a clean interpreter, so the list cannot drift from the code), and
-the worker's one third-party requirement, aioboto3, with its dependencies,
+The zip holds shardline's `worker`, `protocol` and `io` packages (the layers
+a worker may import; a test checks the imports), and the worker's one
+third-party requirement, aioboto3, with its dependencies,
 installed by pip for Lambda's platform (manylinux, the chosen architecture
 and Python version).  Not included: the coordinator, the CLI, moto, uvloop,
 and awslambdaric (Lambda's Python runtime provides it).
@@ -15,7 +14,6 @@ the same inputs give the same bytes (and CloudFormation sees no change).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import re
 import shutil
@@ -64,21 +62,18 @@ def _name(requirement: str) -> str:
     return match.group(0).lower().replace("_", "-") if match else ""
 
 
+#: What a worker deployment needs of shardline: the layers the worker may
+#: import (tests/test_layers.py holds them to that), never the coordinator or the CLI.
+WORKER_PACKAGES = ("protocol", "io", "worker")
+WORKER_MODULES = ("__init__.py", "errors.py")
+
+
 def _shardline_modules() -> list[Path]:
-    """Files of every shardline module the handler imports, plus the whole
-    worker and protocol packages (for lazily imported modules)."""
-    probe = (
-        "import json, sys, shardline.worker.lambda_handler\n"
-        "print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items()"
-        " if n.split('.')[0] == 'shardline' and getattr(m, '__file__', None))))"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise ShardlineError(f"cannot import the worker's handler: {result.stderr.strip()[-2000:]}")
-    files = {Path(f) for f in json.loads(result.stdout)}
+    """Files of the shardline modules a worker deployment ships."""
     package_root = Path(__file__).resolve().parent
-    for package in ("worker", "protocol"):
-        files |= set((package_root / package).glob("*.py"))
+    files = [package_root / name for name in WORKER_MODULES]
+    for package in WORKER_PACKAGES:
+        files += (package_root / package).glob("*.py")
     return sorted(files)
 
 

@@ -5,6 +5,7 @@ Depends on `shardline.protocol` and the shared I/O helpers, never on
 function, and results come back over the exchange.
 """
 
+from ..io.tables import ensure_jobs_table, ensure_marker_table, marker_table_create_command
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
 from ._http import HttpServer, make_app
@@ -16,7 +17,6 @@ from ._service import Coordinator, JobProgress, JobReport, ShardReport, copy_pie
 from ._spec import JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
-from ._tables import ensure_jobs_table, ensure_marker_table, marker_table_create_command
 
 __all__ = [
     "DEFAULT_JOBS_TABLE",

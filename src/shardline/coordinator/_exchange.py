@@ -52,6 +52,7 @@ from ..errors import (
     ProtocolError,
     RemoteProtocolError,
 )
+from ..io.rlimits import open_files_limit
 from ..protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
@@ -71,7 +72,6 @@ from ..protocol import (
     Want,
     attempt_secret,
 )
-from ..rlimits import open_files_limit
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 
 __all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer", "server_tls_context"]

@@ -45,7 +45,6 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..aws import AwsSettings
 from ..errors import (
     CommandFailedError,
     CoverageError,
@@ -54,6 +53,11 @@ from ..errors import (
     ShardFailedError,
     ShardlineError,
 )
+from ..io.aws import AwsSettings
+from ..io.markers import MarkerStore
+from ..io.retry import RetryPolicy
+from ..io.s3bucket import S3Buckets
+from ..io.urls import is_s3_url
 from ..protocol import (
     DEFAULT_MARKER_TABLE,
     Done,
@@ -73,9 +77,6 @@ from ..protocol import (
     next_job_state,
     next_shard_state,
 )
-from ..retry import RetryPolicy
-from ..s3bucket import S3Buckets
-from ..sources import is_s3_url
 from ._backends import Backend
 from ._metrics import CoordinatorMetrics
 from ._outputs import (
@@ -92,7 +93,7 @@ from ._outputs import (
 )
 from ._spec import JobLimits, JobSpec, JobView, ShardView
 from ._spool import LOCK_FILE, MEMORY_SPOOL_DIR
-from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord, raise_marker_fence
+from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord
 
 __all__ = ["CoordinatorSettings", "OutputPiece", "written_by_earlier_runs"]
 
@@ -225,7 +226,7 @@ class JobContext:
     exchange_tls: bool
     #: Every job's exchange secret is derived from it (protocol.job_secret).
     coordinator_key: bytes = field(repr=False)
-    dynamodb: Any  # for marker fences
+    markers: MarkerStore  # for marker fences
     #: Remote workers' attempt outputs (checked on DONE, fetched at release).
     s3_buckets: S3Buckets
     retry_policy: RetryPolicy = RetryPolicy()
@@ -515,14 +516,7 @@ class Job:
             return
         shard.fence = fence
         self._spawn(
-            raise_marker_fence(
-                self.context.dynamodb,
-                self.context.settings.markers_table,
-                self.id,
-                shard.index,
-                fence,
-                retry_policy=self.context.retry_policy,
-            ),
+            self.context.markers.raise_fence(self.id, shard.index, fence),
             f"marker fence of shard {shard.index}",
         )
 

@@ -21,12 +21,12 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..aws import AwsSettings, error_code, translate_error
 from ..errors import ConfigurationError, RetryableStorageError
+from ..io.aws import AwsSettings, LazyClient, error_code, translate_error
+from ..io.retry import RetryPolicy, retry
+from ..io.s3bucket import S3Bucket
+from ..io.urls import parse_s3_prefix
 from ..protocol import ShardTask
-from ..retry import RetryPolicy, retry
-from ..s3bucket import S3Bucket
-from ..sources import LazyClient, parse_s3_prefix
 from ._backends import Backend, WorkerExit
 
 __all__ = ["DEFAULT_LAMBDA_CONCURRENCY", "LambdaBackend"]

@@ -47,8 +47,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Self
 
-from ..aws import AwsSettings
-from ..command import CommandOutput
 from ..errors import (
     ConfigurationError,
     CoverageError,
@@ -56,14 +54,12 @@ from ..errors import (
     ShardlineError,
     StorageError,
 )
-from ..retry import RetryPolicy
-from ..s3bucket import (
-    DEFAULT_MULTIPART_PART_BYTES,
-    DEFAULT_MULTIPART_THRESHOLD_BYTES,
-    S3Bucket,
-    S3Buckets,
-)
-from ..sources import is_s3_url, parse_s3_prefix, wait_uncancellable
+from ..io.aio import wait_uncancellable
+from ..io.aws import AwsSettings
+from ..io.command import CommandOutput
+from ..io.retry import RetryPolicy
+from ..io.s3bucket import DEFAULT_MULTIPART_PART_BYTES, DEFAULT_MULTIPART_THRESHOLD_BYTES, S3Bucket, S3Buckets
+from ..io.urls import is_s3_url, parse_s3_prefix
 
 __all__ = [
     "MANIFEST_NAME",

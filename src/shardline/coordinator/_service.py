@@ -22,17 +22,18 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..aws import AwsSettings, client
 from ..errors import (
     ConfigurationError,
     JobNotFoundError,
     NotAcceptingJobsError,
     ShardlineError,
 )
+from ..io.aws import AwsSettings, client
+from ..io.markers import MarkerStore
+from ..io.retry import RetryPolicy, retry
+from ..io.s3bucket import S3Buckets
+from ..io.sources import ObjectInfo, open_source
 from ..protocol import COORDINATOR_KEY_BYTES, JobState, ShardState, new_coordinator_key
-from ..retry import retry
-from ..s3bucket import S3Buckets
-from ..sources import ObjectInfo, open_source
 from ._backends import Backend
 from ._exchange import ExchangeServer
 from ._job import CoordinatorSettings, Job, JobContext, OutputPiece, written_by_earlier_runs
@@ -113,7 +114,7 @@ class Coordinator:
             exchange_address=self.exchange.address,
             exchange_tls=self.exchange.tls,
             coordinator_key=self._coordinator_key,
-            dynamodb=dynamodb,
+            markers=MarkerStore(dynamodb, self.settings.markers_table, retry_policy=RetryPolicy()),
             s3_buckets=self._s3_buckets,
         )
         self._janitor = asyncio.create_task(self._expire_finished_jobs(), name="coordinator-janitor")

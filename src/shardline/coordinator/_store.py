@@ -24,10 +24,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..aws import error_code, translate_error
 from ..errors import ConfigurationError, RetryableStorageError, StorageError
-from ..protocol import MARKER_TTL_ATTRIBUTE, JobState, ShardState, marker_fence_request, marker_key
-from ..retry import RetryPolicy, retry
+from ..io.aws import translate_error
+from ..io.retry import RetryPolicy, retry
+from ..protocol import MARKER_TTL_ATTRIBUTE, JobState, ShardState, marker_key
 from ._spec import JobSpec
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "JobStore",
     "MemoryJobStore",
     "ShardRecord",
-    "raise_marker_fence",
 ]
 
 DEFAULT_JOBS_TABLE = "shardline-jobs"
@@ -50,8 +49,6 @@ JOB_RECORD_SHARD = -1
 DEFAULT_RECORD_TTL_S = 30 * 24 * 3600
 #: Expiry of a running job's items: no job runs this long, yet an abandoned table is still reaped.
 _ACTIVE_EXPIRY_S = 365 * 24 * 3600
-#: A fence-only marker item must outlive every attempt it blocks: as long as workers keep markers.
-_FENCE_TTL_S = 7 * 24 * 3600
 _RECORD_ATTRIBUTE = "record"
 #: BatchWriteItem's limit per request.
 _BATCH_WRITE_ITEMS = 25
@@ -481,34 +478,3 @@ class DynamoJobStore(JobStore):
 def _consume_result(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-# --- marker fencing -------------------------------------------------------------------
-
-
-async def raise_marker_fence(
-    dynamodb: Any,
-    table: str,
-    job_id: str,
-    shard: int,
-    min_attempt: int,
-    *,
-    retry_policy: RetryPolicy = RetryPolicy(),
-) -> None:
-    """Make `shard`'s marker refuse writes from attempts below `min_attempt`.
-
-    The fence never moves down; a missing item is created holding only the
-    fence (which reads as "no marker yet"), an existing one keeps its expiry.
-    """
-    request = marker_fence_request(job_id, shard, min_attempt, expires_at=int(time.time()) + _FENCE_TTL_S)
-    what = f"raising the marker fence of job {job_id} shard {shard} to attempt {min_attempt}"
-
-    async def update() -> None:
-        try:
-            await dynamodb.update_item(TableName=table, **request)
-        except Exception as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return  # already fenced at min_attempt or higher
-            raise translate_error(exc, what=what) from exc
-
-    await retry(update, policy=retry_policy, describe=what)

@@ -33,6 +33,7 @@ __all__ = [
     "MARKER_FENCE_ATTRIBUTE",
     "MARKER_KEY_SCHEMA",
     "MARKER_TTL_ATTRIBUTE",
+    "MARKER_TTL_S",
     "PUT_CONDITION",
     "Marker",
     "marker_fence",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 DEFAULT_MARKER_TABLE = "shardline-markers"
+#: Markers and fences only matter while their job runs; the store's TTL reaps them after.
+MARKER_TTL_S = 7 * 24 * 3600
 MARKER_TTL_ATTRIBUTE = "expires_at"
 MARKER_FENCE_ATTRIBUTE = "fence"
 MARKER_KEY_SCHEMA = [

@@ -48,7 +48,7 @@ class ShardTask:
     max_line_bytes: int | None = None
     part_size_bytes: int = 8 * 1024 * 1024
     max_in_flight_bytes: int = 32 * 1024 * 1024
-    #: Serialised shardline.aws.AwsSettings; credentials only for the embedded
+    #: Serialised shardline.io.aws.AwsSettings; credentials only for the embedded
     #: endpoint (kept out of the repr all the same).
     aws: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Variables of the worker's environment that the command must not see

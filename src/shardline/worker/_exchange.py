@@ -24,6 +24,7 @@ import logging
 import ssl
 
 from ..errors import ConfigurationError, ProtocolError, ShardlineError, StaleAttemptError
+from ..io.retry import RetryPolicy
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -36,7 +37,6 @@ from ..protocol import (
     Pending,
     Want,
 )
-from ..retry import RetryPolicy
 
 __all__ = ["ExchangeClient", "ExchangeUnavailable", "client_tls_context"]
 

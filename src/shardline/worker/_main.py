@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
 from ..errors import ConfigurationError, ShardlineError
-from ..processes import adopt_orphans, hide_environment
+from ..io.processes import adopt_orphans, hide_environment
 from ..protocol import ShardTask
 from ._shard import WorkerSettings, run_task
 

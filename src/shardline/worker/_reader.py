@@ -11,7 +11,7 @@
 # `__anext__` releases, then issues every part that now fits, then awaits the
 # next part in order: decide synchronously, then await.
 #
-# Each request goes through `shardline.retry.retry`; a request that failed
+# Each request goes through `shardline.io.retry.retry`; a request that failed
 # after k bytes is resumed at start + k (the source reports k through its
 # `on_bytes` callback), so no byte is fetched twice by this reader.
 
@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Self
 
 from ..errors import ConfigurationError
-from ..retry import RetryPolicy
-from ..retry import retry as with_retries
-from ..sources import ObjectSource, wait_uncancellable
+from ..io.aio import wait_uncancellable
+from ..io.retry import RetryPolicy
+from ..io.retry import retry as with_retries
+from ..io.sources import ObjectSource
 
 __all__ = [
     "RangedReader",

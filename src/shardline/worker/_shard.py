@@ -30,8 +30,6 @@ from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-from ..aws import AwsSettings, client
-from ..command import CommandOutput, PassthroughOutput, ShardOutput
 from ..errors import (
     ConfigurationError,
     InputError,
@@ -40,6 +38,13 @@ from ..errors import (
     StaleAttemptError,
     TimeBudgetError,
 )
+from ..io.aws import AwsSettings, client
+from ..io.command import CommandOutput, PassthroughOutput, ShardOutput
+from ..io.markers import MarkerStore
+from ..io.retry import RetryPolicy
+from ..io.s3bucket import S3Bucket
+from ..io.sources import ObjectSource, open_source
+from ..io.urls import is_s3_url
 from ..protocol import (
     Boundary,
     Done,
@@ -52,11 +57,7 @@ from ..protocol import (
     ShardRange,
     ShardTask,
 )
-from ..retry import RetryPolicy
-from ..s3bucket import S3Bucket
-from ..sources import ObjectSource, is_s3_url, open_source
 from ._exchange import ExchangeClient, ExchangeUnavailable, client_tls_context
-from ._markers import MarkerStore
 from ._reader import RangedReader, ReaderSettings, fetch_range
 
 __all__ = ["ShardResult", "TailSource", "WorkerSettings", "run_task"]

@@ -33,7 +33,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigurationError, ShardlineError
-from ..processes import adopt_orphans, hide_environment
+from ..io.processes import adopt_orphans, hide_environment
 from ..protocol import ShardTask
 from ._shard import WorkerSettings, is_retryable, run_task
 

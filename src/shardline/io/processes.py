@@ -41,7 +41,7 @@ import threading
 
 __all__ = ["COMMAND_ID_VARIABLE", "CommandProcesses", "adopt_orphans", "hide_environment"]
 
-log = logging.getLogger("shardline.processes")
+log = logging.getLogger("shardline.io.processes")
 
 #: Set in every command's environment: which run of a command a process
 #: belongs to.  The value starts with the pid of the process that ran it.

@@ -14,7 +14,7 @@ import resource
 
 __all__ = ["open_files_limit", "raise_open_files_limit"]
 
-log = logging.getLogger("shardline.rlimits")
+log = logging.getLogger("shardline.io.rlimits")
 
 #: Linux refuses a soft limit above fs.nr_open (2**20 by default), which an
 #: "unlimited" hard limit would ask for.

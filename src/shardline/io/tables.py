@@ -10,9 +10,9 @@ import asyncio
 import logging
 from typing import Any
 
-from ..aws import error_code, translate_error
 from ..errors import ConfigurationError
 from ..protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
+from .aws import error_code, translate_error
 
 __all__ = [
     "ensure_jobs_table",

@@ -19,22 +19,21 @@ import abc
 import asyncio
 import errno
 import os
-import re
 import stat as stat_module
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
-from .aws import AwsSettings, client, translate_error
-from .errors import (
-    ConfigurationError,
+from ..errors import (
     ObjectChangedError,
     RetryableStorageError,
     SourceAccessError,
     SourceNotFoundError,
     StorageError,
 )
+from .aio import wait_uncancellable
+from .aws import AwsSettings, LazyClient, translate_error
+from .urls import is_s3_url, parse_s3_url
 
 __all__ = [
     "LocalFileSource",
@@ -43,7 +42,6 @@ __all__ = [
     "OnBytes",
     "S3Source",
     "open_source",
-    "parse_s3_url",
 ]
 
 #: Called with the number of bytes just copied into the caller's buffer.
@@ -53,9 +51,6 @@ OnBytes = Callable[[int], None]
 #: read (S3) handles, and so how often progress is reported.
 _CHUNK_BYTES = 1024 * 1024
 
-_S3_SCHEME = "s3://"
-#: botocore's own bucket-name check (it accepts legacy names too).
-_S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 _NOT_FOUND_STATUS = 404
 
 T = TypeVar("T")
@@ -116,34 +111,6 @@ class ObjectSource(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description!r})"
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """Split "s3://bucket/key" into (bucket, key); the key may contain '/'."""
-    if not url.startswith(_S3_SCHEME):
-        raise ConfigurationError(f"not an S3 URL (expected s3://bucket/key): {url!r}")
-    bucket, slash, key = url[len(_S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise ConfigurationError(f"S3 URL has no bucket (expected s3://bucket/key): {url!r}")
-    if not slash or not key:
-        raise ConfigurationError(f"S3 URL has no key (expected s3://bucket/key): {url!r}")
-    return bucket, key
-
-
-def is_s3_url(location: str) -> bool:
-    return location.startswith(_S3_SCHEME)
-
-
-def parse_s3_prefix(url: str, *, what: str) -> tuple[str, str]:
-    """Split "s3://bucket/prefix/" into (bucket, prefix); the prefix may be
-    empty, and a missing trailing slash is added.  Errors name `what` (the
-    field or flag the URL came from)."""
-    bucket, _, prefix = url.removeprefix(_S3_SCHEME).partition("/")
-    if not is_s3_url(url) or not _S3_BUCKET.fullmatch(bucket):
-        raise ConfigurationError(f"{what}: not a valid S3 bucket name in {url!r} (expected s3://bucket/prefix/)")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return bucket, prefix
 
 
 def open_source(location: str, aws: AwsSettings) -> ObjectSource:
@@ -411,46 +378,3 @@ def _http_status(exc: BaseException) -> int | None:
     if not isinstance(response, dict):
         return None
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-
-
-class LazyClient:
-    """One aiobotocore client for `service`, created on first use (so an
-    owner that never calls costs nothing; concurrent first uses share one)
-    and closed by `aclose()`, after which it refuses to make another."""
-
-    def __init__(self, aws: AwsSettings, service: str) -> None:
-        self._aws = aws
-        self._service = service
-        self._exit_stack = AsyncExitStack()
-        self._client: Any = None
-        self._lock = asyncio.Lock()
-        self._closed = False
-
-    async def get(self) -> Any:
-        if self._closed:
-            raise RuntimeError(f"the {self._service} client is closed")
-        if self._client is None:
-            async with self._lock:
-                if self._client is None:
-                    self._client = await self._exit_stack.enter_async_context(client(self._aws, self._service))
-        return self._client
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._client = None
-        await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
-
-
-async def wait_uncancellable(future: asyncio.Future[Any]) -> None:
-    """Await `future` to the end even if we are cancelled meanwhile, then re-raise."""
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if future.done():
-                break
-            cancelled = True
-    future.result()
-    if cancelled:
-        raise asyncio.CancelledError

@@ -3,7 +3,7 @@
 Shared by the worker (a remote worker uploads its attempt output, since the
 coordinator cannot read its disk) and the coordinator (it fetches committed
 attempt outputs and writes job outputs).  Every call goes through the one
-retry loop, `shardline.retry`.
+retry loop, `shardline.io.retry`.
 
 Memory stays bounded whatever the file size: an upload holds one part (at
 most `multipart_part_bytes`, or the whole file up to
@@ -19,10 +19,11 @@ import logging
 import os
 from typing import Any, Self
 
-from .aws import AwsSettings, translate_error
-from .errors import InputError, ShardlineError, SourceNotFoundError, StorageError
+from ..errors import InputError, ShardlineError, SourceNotFoundError, StorageError
+from .aio import wait_uncancellable
+from .aws import AwsSettings, LazyClient, translate_error
 from .retry import RetryPolicy, retry
-from .sources import LazyClient, parse_s3_url, wait_uncancellable
+from .urls import parse_s3_url
 
 __all__ = [
     "DEFAULT_MULTIPART_PART_BYTES",
@@ -31,7 +32,7 @@ __all__ = [
     "S3Buckets",
 ]
 
-log = logging.getLogger("shardline.s3bucket")
+log = logging.getLogger("shardline.io.s3bucket")
 
 _S3_SCHEME = "s3://"
 #: Defaults as in the AWS CLI: a file above 8 MiB goes in 8 MiB parts.

@@ -4,21 +4,22 @@ Settings are built once at the edge (the CLI, a Lambda event) and passed
 down; nothing below reads the environment except botocore itself, which
 honours the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
 ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL_DYNAMODB``) for every field left
-as None here.  botocore's own retries are off: `shardline.retry` is the one
+as None here.  botocore's own retries are off: `shardline.io.retry` is the one
 retry loop, and it needs to see every failure to resume ranged GETs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from ..errors import (
     ConfigurationError,
     ObjectChangedError,
     RetryableStorageError,
@@ -27,6 +28,7 @@ from .errors import (
     SourceNotFoundError,
     StorageError,
 )
+from .aio import wait_uncancellable
 
 __all__ = [
     "AWS_CREDENTIAL_VARIABLES",
@@ -183,7 +185,7 @@ def error_code(exc: BaseException) -> str:
 def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
     """Map a botocore / aiohttp / OS error about `what` to a ShardlineError.
 
-    Retryable causes become RetryableStorageError, so `shardline.retry` can
+    Retryable causes become RetryableStorageError, so `shardline.io.retry` can
     tell them apart from failures no retry will fix.
     """
     import aiohttp
@@ -218,3 +220,31 @@ def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
     if isinstance(exc, (BotoCoreError, OSError, TimeoutError, aiohttp.ClientError)):
         return RetryableStorageError(f"{what}: {type(exc).__name__}: {exc}")
     return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class LazyClient:
+    """One aiobotocore client for `service`, created on first use (so an
+    owner that never calls costs nothing; concurrent first uses share one)
+    and closed by `aclose()`, after which it refuses to make another."""
+
+    def __init__(self, aws: AwsSettings, service: str) -> None:
+        self._aws = aws
+        self._service = service
+        self._exit_stack = AsyncExitStack()
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def get(self) -> Any:
+        if self._closed:
+            raise RuntimeError(f"the {self._service} client is closed")
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await self._exit_stack.enter_async_context(client(self._aws, self._service))
+        return self._client
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._client = None
+        await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))

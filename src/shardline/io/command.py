@@ -52,12 +52,12 @@ from collections.abc import Collection, Mapping, Sequence
 from types import TracebackType
 from typing import IO, BinaryIO, Self, cast
 
-from .errors import CommandFailedError, StorageError
+from ..errors import CommandFailedError, StorageError
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 
 __all__ = ["COMMAND_VARIABLES", "CommandOutput", "PassthroughOutput", "ShardOutput", "command_environment"]
 
-log = logging.getLogger("shardline.command")
+log = logging.getLogger("shardline.io.command")
 
 #: Largest slice handed to the stdin transport at once.  Bounds the copy the
 #: transport keeps of bytes the pipe has not taken yet.

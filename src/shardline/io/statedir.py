@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = [
     "COORDINATOR_KEY_FILE",
@@ -37,7 +37,7 @@ __all__ = [
     "read_token_file",
 ]
 
-log = logging.getLogger("shardline.statedir")
+log = logging.getLogger("shardline.io.statedir")
 
 #: The daemon's generated HTTP API token (read by `shardline run --coordinator`, `status`, `cancel`).
 TOKEN_FILE = "token"

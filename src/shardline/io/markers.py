@@ -1,4 +1,5 @@
-# Boundary markers in DynamoDB, the worker's side (DESIGN §3 steps 2 and 4).
+# Boundary markers in DynamoDB (DESIGN §3 steps 2 and 4): the one store both
+# sides use -- the worker publishes and looks up, the coordinator fences.
 #
 # publish() is a conditional write (protocol PUT_CONDITION): the first
 # attempt to find a shard's boundary writes it; any later attempt must find
@@ -7,6 +8,8 @@
 # coordinator gave up on it) is refused with StaleAttemptError.  lookup() is
 # a strongly consistent read, so a marker published before the read started
 # is always seen; an item holding only a fence reads as no marker.
+# raise_fence() makes a shard refuse marker writes from attempts below a
+# number; the fence never moves down.
 
 from __future__ import annotations
 
@@ -14,20 +17,17 @@ import logging
 import time
 from typing import Any
 
-from ..aws import error_code, translate_error
-from ..protocol import Marker, marker_key
-from ..retry import RetryPolicy, retry
+from ..protocol import MARKER_TTL_S, Marker, marker_fence_request, marker_key
+from .aws import error_code, translate_error
+from .retry import RetryPolicy, retry
 
-__all__ = ["DEFAULT_MARKER_TTL_S", "MarkerStore"]
+__all__ = ["MarkerStore"]
 
-log = logging.getLogger("shardline.worker.markers")
-
-#: Markers only matter while their job runs; DynamoDB's TTL reaps them after.
-DEFAULT_MARKER_TTL_S = 7 * 24 * 3600
+log = logging.getLogger("shardline.io.markers")
 
 
 class MarkerStore:
-    """Reads and writes one job's boundary markers through a DynamoDB client."""
+    """Reads, writes and fences boundary markers in one DynamoDB table."""
 
     def __init__(
         self,
@@ -35,7 +35,7 @@ class MarkerStore:
         table: str,
         *,
         retry_policy: RetryPolicy = RetryPolicy(),
-        ttl_s: int = DEFAULT_MARKER_TTL_S,
+        ttl_s: int = MARKER_TTL_S,
     ) -> None:
         self._dynamodb = dynamodb
         self._table = table
@@ -83,3 +83,22 @@ class MarkerStore:
             return item
 
         return await retry(get, policy=self._retry, describe=what)
+
+    async def raise_fence(self, job_id: str, shard: int, min_attempt: int) -> None:
+        """Make `shard`'s marker refuse writes from attempts below `min_attempt`.
+
+        The fence never moves down; a missing item is created holding only the
+        fence (which reads as "no marker yet"), an existing one keeps its expiry.
+        """
+        request = marker_fence_request(job_id, shard, min_attempt, expires_at=int(time.time()) + self._ttl_s)
+        what = f"raising the marker fence of job {job_id} shard {shard} to attempt {min_attempt}"
+
+        async def update() -> None:
+            try:
+                await self._dynamodb.update_item(TableName=self._table, **request)
+            except Exception as exc:
+                if error_code(exc) == "ConditionalCheckFailedException":
+                    return  # already fenced at min_attempt or higher
+                raise translate_error(exc, what=what) from exc
+
+        await retry(update, policy=self._retry, describe=what)

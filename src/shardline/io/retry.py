@@ -1,7 +1,7 @@
 """The one retry loop: bounded attempts, capped exponential backoff, full jitter.
 
 Only RetryableStorageError is retried; operations translate their library
-errors first (`shardline.aws.translate_error`), so what is retryable is
+errors first (`shardline.io.aws.translate_error`), so what is retryable is
 decided in exactly one place.  Operations that must resume (ranged GETs) keep
 their own position in a closure and are simply called again.
 """
@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import RetryableStorageError
+from ..errors import RetryableStorageError
 
 __all__ = ["RetryPolicy", "retry"]
 
-log = logging.getLogger("shardline.retry")
+log = logging.getLogger("shardline.io.retry")
 T = TypeVar("T")
 
 
