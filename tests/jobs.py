@@ -15,16 +15,15 @@ from shardline.coordinator import (
     CoordinatorSettings,
     ExchangeServer,
     JobReport,
-    JobSpec,
     JobStore,
     MemoryJobStore,
     WorkerExit,
-    ensure_marker_table,
     run_job,
 )
 from shardline.embedded import InProcessBackend, run_embedded
 from shardline.io.aws import AwsSettings, client
-from shardline.protocol import DEFAULT_MARKER_TABLE, ShardTask
+from shardline.io.tables import ensure_marker_table
+from shardline.protocol import DEFAULT_MARKER_TABLE, JobSpec, ShardTask
 from shardline.worker import WorkerSettings
 
 

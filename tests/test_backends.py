@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import ExchangeServer, LocalProcessBackend, WorkerExit, ensure_marker_table
+from shardline.coordinator import ExchangeServer, LocalProcessBackend, WorkerExit
 from shardline.errors import CommandFailedError, LineTooLongError, StaleAttemptError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.sources import LocalFileSource
+from shardline.io.tables import ensure_marker_table
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     Done,

@@ -61,21 +61,18 @@ from shardline.coordinator import (
     CoordinatorSettings,
     DynamoJobStore,
     ExchangeServer,
-    JobSpec,
     JobStore,
     LocalProcessBackend,
     MemoryJobStore,
     OutputPolicy,
-    ShardTimeouts,
     WorkerExit,
-    ensure_jobs_table,
-    ensure_marker_table,
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, ShardRange, ShardTask
+from shardline.io.tables import ensure_jobs_table, ensure_marker_table
+from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, JobSpec, ShardRange, ShardTask, ShardTimeouts
 from shardline.worker import WorkerSettings
 
 from faultproxy import (

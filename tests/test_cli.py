@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import ensure_marker_table
 from shardline.io.aws import client
 from shardline.io.sources import LocalFileSource
+from shardline.io.tables import ensure_marker_table
 from shardline.protocol import ShardTask
 
 from corpus import CORPUS

@@ -9,19 +9,12 @@ import uuid
 
 import pytest
 
-from shardline.coordinator import (
-    ExchangeServer,
-    JobSpec,
-    WorkerExit,
-    ensure_marker_table,
-    marker_table_create_command,
-    run_job,
-)
-from shardline.coordinator._job import _CoverageCheck
+from shardline.coordinator import ExchangeServer, WorkerExit, run_job
 from shardline.embedded import InProcessBackend
-from shardline.errors import ConfigurationError, CoverageError, JobFailedError
+from shardline.errors import ConfigurationError, JobFailedError
 from shardline.io.aws import client
-from shardline.protocol import Done, ExchangeSession, ShardTask, Want
+from shardline.io.tables import ensure_marker_table, marker_table_create_command
+from shardline.protocol import ExchangeSession, JobSpec, ShardTask, Want
 
 from jobs import GatedBackend
 from reference import reference_split
@@ -45,37 +38,6 @@ async def test_missing_table_is_created_on_demand_with_ttl(aws_settings):
         await ensure_marker_table(dynamodb, table)  # idempotent
         ttl = await dynamodb.describe_time_to_live(TableName=table)
     assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
-
-
-def _done(start: int, end: int, line_start: bool = True) -> Done:
-    return Done(
-        emitted_start=start, emitted_end=end, line_start=line_start, bytes=end - start, checksum="", output_bytes=0
-    )
-
-
-def test_coverage_accepts_an_exact_tiling_with_empty_shards():
-    check = _CoverageCheck(30)
-    check.admit(0, 0, 10, _done(0, 25))
-    check.admit(1, 10, 20, _done(20, 20, line_start=False))  # a long line covers shard 1
-    check.admit(2, 20, 30, _done(25, 30))
-    check.finish()
-
-
-@pytest.mark.parametrize(
-    ("results", "message"),
-    [
-        ([_done(0, 16), _done(18, 30)], r"gap: bytes \[16, 18\) before shard 1"),
-        ([_done(0, 20), _done(18, 30)], r"overlap: bytes \[18, 20\) emitted twice \(shard 1\)"),
-        ([_done(0, 15), _done(15, 29)], r"gap: bytes \[29, 30\) at the end"),
-        ([_done(0, 15), _done(9, 30)], r"shard 1 emitted from 9, outside its range \[15, 30\)"),
-    ],
-)
-def test_coverage_names_gaps_and_overlaps(results, message):
-    check = _CoverageCheck(30)
-    with pytest.raises(CoverageError, match=message):
-        for index, done in enumerate(results):
-            check.admit(index, 15 * index, 15 * (index + 1), done)
-        check.finish()
 
 
 async def _rogue(address: tuple[str, int], payload: bytes) -> bytes:

@@ -31,16 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import (
-    Coordinator,
-    ExchangeServer,
-    JobSpec,
-    MemoryJobStore,
-    ensure_marker_table,
-    server_tls_context,
-)
+from shardline.coordinator import Coordinator, ExchangeServer, MemoryJobStore, server_tls_context
 from shardline.coordinator._metrics import CoordinatorMetrics, render_prometheus
 from shardline.io.aws import client
+from shardline.io.tables import ensure_marker_table
 from shardline.protocol import (
     CLOSED,
     DEFAULT_MARKER_TABLE,
@@ -52,6 +46,7 @@ from shardline.protocol import (
     Frame,
     Head,
     Hello,
+    JobSpec,
     Pending,
     Progress,
     Want,

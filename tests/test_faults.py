@@ -42,21 +42,28 @@ from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
     ExchangeServer,
-    JobSpec,
     LocalProcessBackend,
     MemoryJobStore,
     OutputPolicy,
-    ShardTimeouts,
     WorkerExit,
-    ensure_marker_table,
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, FrameType, Head, ShardTask
+from shardline.io.tables import ensure_marker_table
+from shardline.protocol import (
+    DEFAULT_MARKER_TABLE,
+    ExchangeSession,
+    FrameType,
+    Head,
+    JobSpec,
+    ShardTask,
+    ShardTimeouts,
+    TailSource,
+)
 from shardline.protocol._frames import encode_payload
-from shardline.worker import TailSource, WorkerSettings
+from shardline.worker import WorkerSettings
 
 from faultproxy import (
     CutBody,

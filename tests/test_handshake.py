@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import ensure_marker_table
 from shardline.embedded import InProcessBackend
 from shardline.errors import MarkerConflictError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.sources import open_source
-from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Marker, ShardTask
-from shardline.worker import TailSource, WorkerSettings, run_task
+from shardline.io.tables import ensure_marker_table
+from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Marker, ShardTask, TailSource
+from shardline.worker import WorkerSettings, run_task
 
 from jobs import OrderedBackend, run_job_inprocess
 from reference import reference_split

@@ -17,12 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from shardline.client import CoordinatorClient
-from shardline.coordinator import (
-    Coordinator,
-    JobLimits,
-    JobSpec,
-    ensure_marker_table,
-)
+from shardline.coordinator import Coordinator
 from shardline.coordinator._http import _COORDINATOR, make_app, openapi_document
 from shardline.coordinator._httpguard import HttpAccess
 from shardline.errors import (
@@ -35,7 +30,8 @@ from shardline.errors import (
     RetryableStorageError,
 )
 from shardline.io.aws import client
-from shardline.protocol import DEFAULT_MARKER_TABLE
+from shardline.io.tables import ensure_marker_table
+from shardline.protocol import DEFAULT_MARKER_TABLE, JobLimits, JobSpec
 
 from apiservice import in_process_coordinator
 from faultproxy import Delay, FaultProxy, Rule, s3_internal_error, s3_slow_down

@@ -16,8 +16,9 @@ from dataclasses import replace
 
 import pytest
 
-from shardline.coordinator import CoordinatorSettings, JobSpec, LambdaBackend, ShardTimeouts, server_tls_context
+from shardline.coordinator import CoordinatorSettings, LambdaBackend, server_tls_context
 from shardline.errors import ConfigurationError
+from shardline.protocol import JobSpec, ShardTimeouts
 
 from corpus import random_mix
 from daemons import Daemon, clean_env, submit

@@ -29,17 +29,16 @@ from shardline.coordinator import (
     CoordinatorSettings,
     DynamoJobStore,
     ExchangeServer,
-    JobSpec,
     JobStore,
     MemoryJobStore,
     choose_spool_dir,
-    ensure_jobs_table,
-    ensure_marker_table,
     sweep_spools,
 )
 from shardline.embedded import InProcessBackend
 from shardline.io.aws import AwsSettings, client
 from shardline.io.processes import COMMAND_ID_VARIABLE
+from shardline.io.tables import ensure_jobs_table, ensure_marker_table
+from shardline.protocol import JobSpec
 
 from daemons import SHARDLINE, Daemon, clean_env, request, submit
 from jobs import only_in_attempt

@@ -25,19 +25,16 @@ from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
     DynamoJobStore,
-    JobSpec,
     JobStore,
-    JobView,
     OutputPolicy,
     WorkerExit,
-    ensure_jobs_table,
 )
 from shardline.coordinator._job import written_by_earlier_runs
-from shardline.coordinator._store import CommittedAttempt, ShardRecord
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
 from shardline.io.aws import AwsSettings, client
-from shardline.protocol import ShardState, ShardTask
+from shardline.io.tables import ensure_jobs_table
+from shardline.protocol import CommittedAttempt, JobSpec, JobView, ShardRecord, ShardState, ShardTask
 
 from faultproxy import FaultProxy
 from jobs import running_coordinator, sequential_reference

@@ -603,9 +603,9 @@ def test_manifest_shards_with_empty_ranges_tile_an_empty_object() -> None:
 @pytest.mark.parametrize(
     ("shards", "size", "message"),
     [
-        ([shard(0, 0, 4), shard(1, 5, 9)], 9, "gap after byte 4"),
-        ([shard(0, 0, 5), shard(1, 4, 9)], 9, "overlap after byte 5"),
-        ([shard(0, 0, 5), shard(1, 5, 9)], 10, r"emitted \[0, 9\) of a 10-byte object"),
+        ([shard(0, 0, 4), shard(1, 5, 9)], 9, r"gap: bytes \[4, 5\) before shard 1"),
+        ([shard(0, 0, 5), shard(1, 4, 9)], 9, r"overlap: bytes \[4, 5\) emitted twice \(shard 1\)"),
+        ([shard(0, 0, 5), shard(1, 5, 9)], 10, r"gap: bytes \[9, 10\) at the end"),
     ],
 )
 def test_manifest_refuses_shards_that_do_not_tile_the_object(

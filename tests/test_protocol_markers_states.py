@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardline.coordinator import ensure_marker_table
 from shardline.errors import (
     ConfigurationError,
     LocalProtocolError,
@@ -26,6 +25,7 @@ from shardline.errors import (
 )
 from shardline.io.aws import AwsSettings, client
 from shardline.io.markers import MarkerStore
+from shardline.io.tables import ensure_marker_table
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,

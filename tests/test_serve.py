@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import HttpLimits, JobLimits
+from shardline.coordinator import HttpLimits
+from shardline.protocol import JobLimits
 
 from daemons import SHARDLINE, Daemon, clean_env, request, submit
 from jobs import sequential_reference

@@ -15,22 +15,27 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from shardline.coordinator import ensure_jobs_table, ensure_marker_table, marker_table_create_command
-from shardline.coordinator._spec import JobSpec, ShardTimeouts
-from shardline.coordinator._store import (
-    DEFAULT_JOBS_TABLE,
-    JOB_RECORD_SHARD,
-    CommittedAttempt,
-    DynamoJobStore,
-    JobRecord,
-    JobStore,
-    MemoryJobStore,
-    ShardRecord,
-)
+from shardline.coordinator._store import DEFAULT_JOBS_TABLE, JOB_RECORD_SHARD, DynamoJobStore, JobStore, MemoryJobStore
 from shardline.errors import ConfigurationError, StorageError
 from shardline.io.aws import AwsSettings, client
-from shardline.io.tables import ensure_table, table_create_command
-from shardline.protocol import MARKER_TTL_ATTRIBUTE, JobState, ShardState, marker_key
+from shardline.io.tables import (
+    ensure_jobs_table,
+    ensure_marker_table,
+    ensure_table,
+    marker_table_create_command,
+    table_create_command,
+)
+from shardline.protocol import (
+    MARKER_TTL_ATTRIBUTE,
+    CommittedAttempt,
+    JobRecord,
+    JobSpec,
+    JobState,
+    ShardRecord,
+    ShardState,
+    ShardTimeouts,
+    marker_key,
+)
 
 DAY_S = 24 * 3600
 

@@ -22,19 +22,26 @@ from shardline.coordinator import (
     Coordinator,
     CoordinatorSettings,
     DynamoJobStore,
-    JobSpec,
     JobStore,
     LocalProcessBackend,
     OutputPolicy,
-    ShardTimeouts,
     WorkerExit,
-    ensure_jobs_table,
 )
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.markers import MarkerStore
-from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Error, ExchangeSession, Marker, ShardTask
+from shardline.io.tables import ensure_jobs_table
+from shardline.protocol import (
+    DEFAULT_MARKER_TABLE,
+    Boundary,
+    Error,
+    ExchangeSession,
+    JobSpec,
+    Marker,
+    ShardTask,
+    ShardTimeouts,
+)
 from shardline.worker import run_task
 
 from jobs import running_coordinator, sequential_reference

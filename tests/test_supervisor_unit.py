@@ -12,8 +12,6 @@ import socket
 import pytest
 
 from shardline.coordinator._metrics import CoordinatorMetrics
-from shardline.coordinator._spec import ShardTimeouts
-from shardline.coordinator._store import ShardRecord
 from shardline.coordinator._supervisor import (
     CommitShard,
     FailJob,
@@ -25,7 +23,7 @@ from shardline.coordinator._supervisor import (
     SupervisorSettings,
 )
 from shardline.errors import ShardFailedError
-from shardline.protocol import Done, Failed, Head, Hello, Progress, ShardState
+from shardline.protocol import Done, Failed, Head, Hello, Progress, ShardRecord, ShardState, ShardTimeouts
 
 JOB = "job1"
 NONCE = "0" * 32

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from shardline.coordinator import (
-    CoordinatorSettings,
-    ExchangeServer,
-    JobSpec,
-    LocalProcessBackend,
-    server_tls_context,
-)
+from shardline.coordinator import CoordinatorSettings, ExchangeServer, LocalProcessBackend, server_tls_context
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError, JobFailedError, ShardlineError
+from shardline.protocol import JobSpec
 from shardline.worker._exchange import ExchangeClient, client_tls_context
 
 from corpus import random_mix

@@ -26,34 +26,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import __version__
 from .errors import ConfigurationError, ShardlineError
 from .io.aws import AwsSettings, aws_configured
-from .protocol import DEFAULT_MARKER_TABLE
+from .protocol import DEFAULT_MARKER_TABLE, DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES, parse_delimiter
 
 if TYPE_CHECKING:
     from .client import CoordinatorClient
-    from .coordinator import JobSpec
+    from .protocol import JobSpec
 
-__all__ = ["main", "parse_delimiter"]
+__all__ = ["main"]
 
 log = logging.getLogger("shardline.cli")
-
-_ESCAPES = {"\\n": b"\n", "\\0": b"\0", "\\t": b"\t", "\\r": b"\r", "\\\\": b"\\"}
-
-
-def parse_delimiter(text: str) -> bytes:
-    r"""Turn ``\n``, ``\0``, ``\t``, ``\r``, ``\\``, ``\xHH`` or one literal byte into the delimiter."""
-    if text in _ESCAPES:
-        return _ESCAPES[text]
-    if len(text) == 4 and text.startswith("\\x"):
-        try:
-            return bytes([int(text[2:], 16)])
-        except ValueError:
-            pass
-    encoded = text.encode("utf-8", errors="surrogateescape")
-    if len(encoded) != 1:
-        raise ConfigurationError(
-            f"--delimiter must be one byte (\\n, \\0, \\t, \\r, \\xHH or a single ASCII character), got {text!r}"
-        )
-    return encoded
 
 
 def _size(text: str) -> int:
@@ -184,9 +165,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fail (naming the offset) if a line is longer than this, e.g. 64M (default: no limit)",
     )
-    run.add_argument("--part-size", type=_size, default=8 << 20, help="bytes per ranged GET (default: 8M)")
     run.add_argument(
-        "--parts-in-flight", type=_positive_int, default=4, help="ranged GETs in flight per worker (default: 4)"
+        "--part-size", type=_size, default=DEFAULT_PART_SIZE_BYTES, help="bytes per ranged GET (default: 8M)"
+    )
+    run.add_argument(
+        "--parts-in-flight",
+        type=_positive_int,
+        default=DEFAULT_MAX_IN_FLIGHT_BYTES // DEFAULT_PART_SIZE_BYTES,
+        help="ranged GETs in flight per worker (default: 4)",
     )
     run.add_argument("--stats", action="store_true", help="print a JSON summary of the job to stderr at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress display, even on a terminal")
@@ -580,7 +566,7 @@ def _human(n: float) -> str:
 
 
 def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
-    from .coordinator import JobSpec
+    from .protocol import JobSpec
 
     source, output = args.source, args.output
     if args.coordinator:
@@ -593,7 +579,7 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
     return JobSpec(
         source=source,
         shards=args.shards,
-        delimiter=parse_delimiter(args.delimiter),
+        delimiter=parse_delimiter(args.delimiter, what="--delimiter"),
         command=command,
         output=output,
         overwrite=args.overwrite,
@@ -770,9 +756,10 @@ async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .coordinator import HttpLimits, JobLimits
+    from .coordinator import HttpLimits
     from .daemon import ServeSettings, serve
     from .io.statedir import default_state_dir
+    from .protocol import JobLimits
 
     embedded = not aws_configured()
     fields: dict[str, Any] = {"jobs_table": args.jobs_table} if args.jobs_table else {}

@@ -25,7 +25,6 @@ from urllib.parse import quote, unquote
 
 import aiohttp
 
-from .coordinator._spec import JobSpec
 from .errors import (
     ConfigurationError,
     InputError,
@@ -37,6 +36,7 @@ from .errors import (
     ShardlineError,
     StorageError,
 )
+from .protocol import JobSpec
 
 __all__ = ["CoordinatorClient"]
 

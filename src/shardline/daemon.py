@@ -36,12 +36,9 @@ from .coordinator import (
     HttpAccess,
     HttpLimits,
     HttpServer,
-    JobLimits,
     LambdaBackend,
     LocalProcessBackend,
     OutputPolicy,
-    ensure_jobs_table,
-    ensure_marker_table,
     is_loopback_host,
     server_tls_context,
 )
@@ -51,8 +48,9 @@ from .io.aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .io.processes import hide_environment
 from .io.rlimits import raise_open_files_limit
 from .io.statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
+from .io.tables import ensure_jobs_table, ensure_marker_table
 from .io.urls import parse_s3_prefix
-from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE
+from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE, JobLimits
 
 __all__ = ["ServeSettings", "serve"]
 

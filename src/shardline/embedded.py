@@ -23,15 +23,14 @@ from .coordinator import (
     ExchangeServer,
     JobProgress,
     JobReport,
-    JobSpec,
     LocalProcessBackend,
     WorkerExit,
-    ensure_marker_table,
     run_job,
 )
 from .errors import ShardlineError
 from .io.aws import AwsSettings, client
-from .protocol import ShardTask
+from .io.tables import ensure_marker_table
+from .protocol import JobSpec, ShardTask
 
 if TYPE_CHECKING:
     from .worker import WorkerSettings

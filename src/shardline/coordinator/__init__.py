@@ -1,11 +1,10 @@
 """The coordinator: accepts jobs, starts workers, relays fragments, verifies output.
 
-Depends on `shardline.protocol` and the shared I/O helpers, never on
+Depends on `shardline.protocol` and the I/O layer (`shardline.io`), never on
 `shardline.worker`: backends start workers by module name or by invoking a
 function, and results come back over the exchange.
 """
 
-from ..io.tables import ensure_jobs_table, ensure_marker_table, marker_table_create_command
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
 from ._http import HttpServer, make_app
@@ -14,7 +13,6 @@ from ._job import CoordinatorSettings, OutputPiece
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._outputs import OutputPolicy
 from ._service import Coordinator, JobProgress, JobReport, ShardReport, copy_piece, run_job
-from ._spec import JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
 
@@ -31,29 +29,21 @@ __all__ = [
     "HttpAccess",
     "HttpLimits",
     "HttpServer",
-    "JobLimits",
     "JobProgress",
     "JobReport",
-    "JobSpec",
     "JobStore",
-    "JobView",
     "LambdaBackend",
     "LocalProcessBackend",
     "MemoryJobStore",
     "OutputPiece",
     "OutputPolicy",
     "ShardReport",
-    "ShardTimeouts",
-    "ShardView",
     "SpoolDir",
     "WorkerExit",
     "choose_spool_dir",
     "copy_piece",
-    "ensure_jobs_table",
-    "ensure_marker_table",
     "is_loopback_host",
     "make_app",
-    "marker_table_create_command",
     "run_job",
     "server_tls_context",
     "sweep_spools",

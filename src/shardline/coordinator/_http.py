@@ -43,6 +43,8 @@ from ..errors import (
     ShardlineError,
     StorageError,
 )
+from ..io import COPY_CHUNK_BYTES
+from ..protocol import JobSpec
 from ._httpguard import (
     ConnectionGuard,
     HostNames,
@@ -52,7 +54,6 @@ from ._httpguard import (
     guarded_protocol,
     is_own_origin,
 )
-from ._spec import JobSpec
 
 if TYPE_CHECKING:
     from ._job import OutputPiece
@@ -62,9 +63,6 @@ __all__ = ["HttpServer", "make_app", "openapi_document"]
 
 log = logging.getLogger("shardline.coordinator.http")
 
-#: Bytes read from a spool file per write to the client: large enough to
-#: keep a fast client busy, small enough that many streams stay cheap.
-OUTPUT_CHUNK_BYTES = 1024 * 1024
 
 #: Seconds a client is asked to wait (Retry-After) when storage is failing
 #: for now: about how long the retry loop has just spent trying.
@@ -350,13 +348,13 @@ def _abort(request: web.Request) -> None:
 
 
 async def _send_piece(response: web.StreamResponse, piece: OutputPiece) -> None:
-    """Send bytes [start, end) of the piece's file, OUTPUT_CHUNK_BYTES at a
+    """Send bytes [start, end) of the piece's file, COPY_CHUNK_BYTES at a
     time, read in a thread so a slow disk never stalls the event loop."""
     with open(piece.path, "rb") as f:
         f.seek(piece.start)
         remaining = piece.end - piece.start
         while remaining > 0:
-            chunk = await asyncio.to_thread(f.read, min(remaining, OUTPUT_CHUNK_BYTES))
+            chunk = await asyncio.to_thread(f.read, min(remaining, COPY_CHUNK_BYTES))
             if not chunk:
                 raise ShardlineError(f"output file {piece.path} ended {remaining} bytes early")
             remaining -= len(chunk)

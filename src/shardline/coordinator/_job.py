@@ -47,7 +47,6 @@ from typing import Any
 
 from ..errors import (
     CommandFailedError,
-    CoverageError,
     JobCancelledError,
     JobFailedError,
     ShardFailedError,
@@ -60,18 +59,27 @@ from ..io.s3bucket import S3Buckets
 from ..io.urls import is_s3_url
 from ..protocol import (
     DEFAULT_MARKER_TABLE,
+    CommittedAttempt,
+    Coverage,
     Done,
     Error,
     Failed,
     Head,
     Hello,
     JobEvent,
+    JobLimits,
+    JobRecord,
+    JobSpec,
     JobState,
+    JobView,
     Progress,
     ShardEvent,
     ShardRange,
+    ShardRecord,
     ShardState,
     ShardTask,
+    ShardView,
+    attempt_output_name,
     attempt_secret,
     job_secret,
     next_job_state,
@@ -91,9 +99,8 @@ from ._outputs import (
     output_size,
     part_name,
 )
-from ._spec import JobLimits, JobSpec, JobView, ShardView
 from ._spool import LOCK_FILE, MEMORY_SPOOL_DIR
-from ._store import DEFAULT_JOBS_TABLE, CommittedAttempt, JobRecord, JobStore, ShardRecord
+from ._store import DEFAULT_JOBS_TABLE, JobStore
 
 __all__ = ["CoordinatorSettings", "OutputPiece", "written_by_earlier_runs"]
 
@@ -439,7 +446,7 @@ class Job:
         )
 
     def _spool_path(self, index: int, attempt: int) -> str:
-        return os.path.join(self.record.spool_dir, f"shard-{index:05d}.attempt-{attempt}.out")
+        return os.path.join(self.record.spool_dir, attempt_output_name(index, attempt))
 
     def _launch(self, shard: _Shard, *, speculative: bool = False) -> None:
         number = shard.next_attempt
@@ -739,7 +746,7 @@ class Job:
         if self.destination is not None and self.spec.overwrite:
             # Before any part is replaced: the earlier output stops claiming to be complete.
             await self.destination.remove_manifest()
-        coverage = _CoverageCheck(self.size)
+        coverage = Coverage(self.size)
         for shard in self.shards:
             await self._until(functools.partial(self._committed_or_failing, shard))
             if self.failure is not None:
@@ -748,7 +755,11 @@ class Job:
                 await shard.commit_saved
             committed = shard.committed
             assert committed is not None
-            coverage.admit(shard.index, shard.range.start, shard.range.end, committed)
+            coverage.admit(
+                shard.index,
+                nominal=(shard.range.start, shard.range.end),
+                emitted=(committed.emitted_start, committed.emitted_end),
+            )
             if is_s3_url(committed.output_path):
                 committed = await self._fetch_output(shard, committed)
             self.released = shard.index + 1
@@ -972,29 +983,3 @@ def written_by_earlier_runs(spec: JobSpec, shards: Sequence[ShardRecord]) -> set
         else:
             names |= {RESULT_NAME, MANIFEST_NAME} if spec.reduce is not None else {MANIFEST_NAME}
     return names
-
-
-class _CoverageCheck:
-    """Checks, shard by shard in order, that emitted ranges tile [0, size)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.next_start = 0  # where the next non-empty shard must start
-
-    def admit(self, index: int, shard_start: int, shard_end: int, done: CommittedAttempt | Done) -> None:
-        if not done.line_start:
-            return  # no line starts here: emits nothing, covered by a predecessor
-        start, end = done.emitted_start, done.emitted_end
-        if not shard_start <= start < shard_end:
-            raise CoverageError(f"shard {index} emitted from {start}, outside its range [{shard_start}, {shard_end})")
-        if start > self.next_start:
-            raise CoverageError(
-                f"gap: bytes [{self.next_start}, {start}) before shard {index} were emitted by no shard"
-            )
-        if start < self.next_start:
-            raise CoverageError(f"overlap: bytes [{start}, {self.next_start}) emitted twice (shard {index})")
-        self.next_start = end
-
-    def finish(self) -> None:
-        if self.next_start != self.size:
-            raise CoverageError(f"gap: bytes [{self.next_start}, {self.size}) at the end were emitted by no shard")

@@ -26,7 +26,7 @@ from ..io.aws import AwsSettings, LazyClient, error_code, translate_error
 from ..io.retry import RetryPolicy, retry
 from ..io.s3bucket import S3Bucket
 from ..io.urls import parse_s3_prefix
-from ..protocol import ShardTask
+from ..protocol import ShardTask, attempt_output_name
 from ._backends import Backend, WorkerExit
 
 __all__ = ["DEFAULT_LAMBDA_CONCURRENCY", "LambdaBackend"]
@@ -110,7 +110,7 @@ class LambdaBackend(Backend):
         log.debug("%s: accepted", what)
 
     def output_location(self, job_id: str, shard: int, attempt: int) -> str:
-        return f"{self.staging}{job_id}/shard-{shard:05d}.attempt-{attempt}.out"
+        return f"{self.staging}{job_id}/{attempt_output_name(shard, attempt)}"
 
     async def discard_outputs(self, job_id: str) -> None:
         async with S3Bucket(self._staging_bucket, aws=self._aws) as bucket:

@@ -49,17 +49,18 @@ from typing import Any, BinaryIO, Self
 
 from ..errors import (
     ConfigurationError,
-    CoverageError,
     RetryableStorageError,
     ShardlineError,
     StorageError,
 )
+from ..io import COPY_CHUNK_BYTES
 from ..io.aio import wait_uncancellable
 from ..io.aws import AwsSettings
 from ..io.command import CommandOutput
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import DEFAULT_MULTIPART_PART_BYTES, DEFAULT_MULTIPART_THRESHOLD_BYTES, S3Bucket, S3Buckets
 from ..io.urls import is_s3_url, parse_s3_prefix
+from ..protocol import check_tiling
 
 __all__ = [
     "MANIFEST_NAME",
@@ -93,10 +94,6 @@ _OUR_TEMP_NAME = re.compile(r"\.(part-\d{5,}|result|_manifest\.json)\.\w+\.tmp")
 _SHOWN_ENTRIES = 3
 
 _S3_SCHEME = "s3://"
-
-
-#: Bytes moved per step by local copies, checksums and the reduce feed.
-_CHUNK_BYTES = 1024 * 1024
 
 
 def part_name(index: int) -> str:
@@ -533,7 +530,7 @@ class LocalDirectoryDestination(Destination):
 
 
 def _copy_file(source: str, target: BinaryIO, stop: threading.Event) -> None:
-    buffer = bytearray(_CHUNK_BYTES)
+    buffer = bytearray(COPY_CHUNK_BYTES)
     view = memoryview(buffer)
     with open(source, "rb", buffering=0) as file:
         while count := file.readinto(buffer):
@@ -578,7 +575,7 @@ async def file_checksum(path: str) -> str:
 
 def _crc32_file(path: str) -> str:
     crc = 0
-    buffer = bytearray(_CHUNK_BYTES)
+    buffer = bytearray(COPY_CHUNK_BYTES)
     view = memoryview(buffer)
     try:
         with open(path, "rb", buffering=0) as file:
@@ -655,16 +652,7 @@ def build_manifest(
     ordered = sorted(shards, key=lambda shard: shard.index)
     if [shard.index for shard in ordered] != list(range(len(ordered))):
         raise ValueError(f"shard indexes must be 0..{len(ordered) - 1}, got {[s.index for s in ordered]}")
-    covered = 0
-    for shard in ordered:
-        if not shard.bytes:
-            continue  # no line starts here: it lies inside a predecessor's range
-        if shard.emitted[0] != covered:
-            kind = "gap" if shard.emitted[0] > covered else "overlap"
-            raise CoverageError(f"shard {shard.index} emitted {list(shard.emitted)}: {kind} after byte {covered}")
-        covered = shard.emitted[1]
-    if covered != size:
-        raise CoverageError(f"shards emitted [0, {covered}) of a {size}-byte object")
+    check_tiling(size, ((shard.index, shard.range, shard.emitted) for shard in ordered))
     return {
         "version": MANIFEST_VERSION,
         "job_id": job_id,
@@ -731,7 +719,7 @@ class ReduceRunner:
         except OSError as exc:
             raise StorageError(f"cannot read {path} for the reduce: {exc.strerror or exc}") from exc
         with file:
-            buffer = bytearray(_CHUNK_BYTES)
+            buffer = bytearray(COPY_CHUNK_BYTES)
             # Reusing the buffer is safe: write() returns once the pipe has the bytes.
             view = memoryview(buffer)
             while not self._output.bytes_dropped:

@@ -28,20 +28,29 @@ from ..errors import (
     NotAcceptingJobsError,
     ShardlineError,
 )
+from ..io import COPY_CHUNK_BYTES
 from ..io.aws import AwsSettings, client
 from ..io.markers import MarkerStore
 from ..io.retry import RetryPolicy, retry
 from ..io.s3bucket import S3Buckets
 from ..io.sources import ObjectInfo, open_source
-from ..protocol import COORDINATOR_KEY_BYTES, JobState, ShardState, new_coordinator_key
+from ..protocol import (
+    COORDINATOR_KEY_BYTES,
+    JobRecord,
+    JobSpec,
+    JobState,
+    JobView,
+    ShardRecord,
+    ShardState,
+    new_coordinator_key,
+)
 from ._backends import Backend
 from ._exchange import ExchangeServer
 from ._job import CoordinatorSettings, Job, JobContext, OutputPiece, written_by_earlier_runs
 from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import Destination, open_destination, output_size
-from ._spec import JobSpec, JobView
 from ._spool import SpoolDir, choose_spool_dir, sweep_spools
-from ._store import JobRecord, JobStore, MemoryJobStore, ShardRecord
+from ._store import JobStore, MemoryJobStore
 
 __all__ = [
     "Coordinator",
@@ -538,9 +547,6 @@ async def run_job(
     )
 
 
-_COPY_BYTES = 1024 * 1024
-
-
 def copy_piece(piece: OutputPiece, out: BinaryIO) -> int:
     """Copy one output piece to `out`; sendfile when both ends allow it."""
     with open(piece.path, "rb") as f:
@@ -562,7 +568,7 @@ def copy_piece(piece: OutputPiece, out: BinaryIO) -> int:
                     raise
         f.seek(position)
         while position < piece.end:
-            chunk = f.read(min(_COPY_BYTES, piece.end - position))
+            chunk = f.read(min(COPY_CHUNK_BYTES, piece.end - position))
             if not chunk:
                 raise OSError(f"{piece.path} is shorter than expected ({position} < {piece.end} bytes)")
             out.write(chunk)

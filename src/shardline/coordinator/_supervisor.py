@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from ..errors import ShardFailedError, ShardlineError
 from ..io.retry import RetryPolicy
 from ..protocol import (
+    CommittedAttempt,
     Done,
     Error,
     Failed,
@@ -47,12 +48,12 @@ from ..protocol import (
     Progress,
     ShardEvent,
     ShardRange,
+    ShardRecord,
     ShardState,
+    ShardTimeouts,
     next_shard_state,
 )
 from ._metrics import CoordinatorMetrics
-from ._spec import ShardTimeouts
-from ._store import CommittedAttempt, ShardRecord
 
 __all__ = [
     "Action",

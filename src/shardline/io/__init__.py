@@ -17,3 +17,8 @@ on behalf of both the worker and the coordinator.
 It imports `shardline.protocol` and `shardline.errors`, never `worker` or
 `coordinator`.
 """
+
+#: Bytes moved per step wherever shardline copies a stream through its own
+#: buffers (local reads, S3 bodies, output files, the reduce feed): large enough
+#: to amortise a system call or a thread hop, small enough to bound memory.
+COPY_CHUNK_BYTES = 1024 * 1024

@@ -20,6 +20,7 @@ import os
 from typing import Any, Self
 
 from ..errors import InputError, ShardlineError, SourceNotFoundError, StorageError
+from . import COPY_CHUNK_BYTES
 from .aio import wait_uncancellable
 from .aws import AwsSettings, LazyClient, translate_error
 from .retry import RetryPolicy, retry
@@ -44,7 +45,6 @@ S3_MIN_PART_BYTES = 5 * 1024 * 1024
 _S3_MAX_PARTS = 10_000
 #: DeleteObjects takes at most this many keys per request.
 _S3_DELETE_BATCH = 1000
-_CHUNK_BYTES = 1024 * 1024
 
 
 class S3Bucket:
@@ -124,7 +124,7 @@ class S3Bucket:
                 written = 0
                 with open(path, "wb") as file:
                     async with body:
-                        while chunk := await body.read(_CHUNK_BYTES):
+                        while chunk := await body.read(COPY_CHUNK_BYTES):
                             await asyncio.to_thread(file.write, chunk)
                             written += len(chunk)
             except Exception as exc:

@@ -31,6 +31,7 @@ from ..errors import (
     SourceNotFoundError,
     StorageError,
 )
+from . import COPY_CHUNK_BYTES
 from .aio import wait_uncancellable
 from .aws import AwsSettings, LazyClient, translate_error
 from .urls import is_s3_url, parse_s3_url
@@ -47,9 +48,6 @@ __all__ = [
 #: Called with the number of bytes just copied into the caller's buffer.
 OnBytes = Callable[[int], None]
 
-#: Bytes copied per step.  Bounds how much one thread hop (local) or one body
-#: read (S3) handles, and so how often progress is reported.
-_CHUNK_BYTES = 1024 * 1024
 
 _NOT_FOUND_STATUS = 404
 
@@ -180,7 +178,7 @@ class LocalFileSource(ObjectSource):
         fd = self._open()
         filled = 0
         while filled < len(view):
-            chunk = view[filled : filled + _CHUNK_BYTES]
+            chunk = view[filled : filled + COPY_CHUNK_BYTES]
             count = await self._in_thread(self._read_chunk, fd, chunk, start + filled, etag)
             filled += count
             if on_bytes is not None:
@@ -334,7 +332,7 @@ class S3Source(ObjectSource):
             filled = 0
             while filled < wanted:
                 try:
-                    data = await read_chunk(min(_CHUNK_BYTES, wanted - filled))
+                    data = await read_chunk(min(COPY_CHUNK_BYTES, wanted - filled))
                 except Exception as exc:
                     raise translate_error(exc, what=f"{what} after {filled} bytes") from exc
                 if not data:

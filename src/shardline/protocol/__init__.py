@@ -1,10 +1,13 @@
 """Everything two parties must agree on, with no I/O (DESIGN §2).
 
 Range planning and the ownership rule, the boundary-marker item schema, the
-exchange frame codec and session state machine, and job/shard state names.
-Imports nothing outside the standard library and `shardline.errors`.
+exchange frame codec and session state machine, job/shard state names, the
+shard task a worker is given, the HTTP API's job spec and view, and the
+records a coordinator keeps in its store.  Imports nothing outside the
+standard library and `shardline.errors`.
 """
 
+from ._coverage import Coverage, check_tiling
 from ._frames import (
     DEFAULT_MAX_FRAME_BYTES,
     MAX_HANDSHAKE_FRAME_BYTES,
@@ -20,6 +23,7 @@ from ._frames import (
     Hello,
     Pending,
     Progress,
+    TailSource,
     Want,
     Welcome,
 )
@@ -43,11 +47,15 @@ from ._ranges import (
     LineLengthGuard,
     ShardRange,
     check_delimiter,
+    format_delimiter,
     nominal_starts,
+    parse_delimiter,
     plan_shards,
 )
+from ._records import CommittedAttempt, JobRecord, ShardRecord
 from ._secrets import COORDINATOR_KEY_BYTES, attempt_secret, job_secret, new_coordinator_key
 from ._session import CLOSED, ExchangeSession, Role, SessionState
+from ._spec import JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
 from ._states import (
     JobEvent,
     JobState,
@@ -56,13 +64,15 @@ from ._states import (
     next_job_state,
     next_shard_state,
 )
-from ._task import TASK_VERSION, ShardTask
+from ._task import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES, TASK_VERSION, ShardTask, attempt_output_name
 
 __all__ = [
     "CLOSED",
     "COORDINATOR_KEY_BYTES",
     "DEFAULT_MARKER_TABLE",
     "DEFAULT_MAX_FRAME_BYTES",
+    "DEFAULT_MAX_IN_FLIGHT_BYTES",
+    "DEFAULT_PART_SIZE_BYTES",
     "MARKER_ATTRIBUTE_DEFINITIONS",
     "MARKER_FENCE_ATTRIBUTE",
     "MARKER_KEY_SCHEMA",
@@ -75,6 +85,8 @@ __all__ = [
     "TASK_VERSION",
     "Ack",
     "Boundary",
+    "CommittedAttempt",
+    "Coverage",
     "Done",
     "Error",
     "ExchangeSession",
@@ -86,7 +98,11 @@ __all__ = [
     "HeadScanner",
     "Hello",
     "JobEvent",
+    "JobLimits",
+    "JobRecord",
+    "JobSpec",
     "JobState",
+    "JobView",
     "LineLengthGuard",
     "Marker",
     "Pending",
@@ -95,12 +111,19 @@ __all__ = [
     "SessionState",
     "ShardEvent",
     "ShardRange",
+    "ShardRecord",
     "ShardState",
     "ShardTask",
+    "ShardTimeouts",
+    "ShardView",
+    "TailSource",
     "Want",
     "Welcome",
+    "attempt_output_name",
     "attempt_secret",
     "check_delimiter",
+    "check_tiling",
+    "format_delimiter",
     "job_secret",
     "marker_fence",
     "marker_fence_request",
@@ -109,5 +132,6 @@ __all__ = [
     "next_job_state",
     "next_shard_state",
     "nominal_starts",
+    "parse_delimiter",
     "plan_shards",
 ]

@@ -47,6 +47,7 @@ __all__ = [
     "Hello",
     "Pending",
     "Progress",
+    "TailSource",
     "Want",
     "Welcome",
 ]
@@ -68,6 +69,17 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024 + 64 * 1024
 MAX_HANDSHAKE_FRAME_BYTES = 4 * 1024
 #: JSON metadata is small by construction; a larger one is hostile.
 MAX_META_BYTES = 64 * 1024
+
+
+class TailSource(str, enum.Enum):
+    """How a worker completed one neighbour's head fragment (DESIGN §3 step 4; reported in DONE)."""
+
+    PUSHED = "pushed"  # bytes pushed to it over the exchange
+    MARKER = "marker"  # offset from a marker (or a data-less push), bytes by one exact GET
+    SCAN = "scan"  # its own forward scan in the object
+
+
+_TAIL_SOURCES = frozenset(source.value for source in TailSource)
 
 
 class FrameType(enum.IntEnum):
@@ -259,7 +271,7 @@ class Done(Frame):
         _require(self.line_start or self.bytes == 0, "DONE emits bytes although no line starts in its range")
         _require(isinstance(self.checksum, str) and len(self.checksum) <= 64, "DONE.checksum invalid")
         _require(
-            isinstance(self.tail_sources, list) and all(s in ("pushed", "marker", "scan") for s in self.tail_sources),
+            isinstance(self.tail_sources, list) and all(s in _TAIL_SOURCES for s in self.tail_sources),
             "DONE.tail_sources invalid",
         )
         _require(not self.data, "DONE carries no data")

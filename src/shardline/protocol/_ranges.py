@@ -20,7 +20,9 @@ __all__ = [
     "LineLengthGuard",
     "ShardRange",
     "check_delimiter",
+    "format_delimiter",
     "nominal_starts",
+    "parse_delimiter",
     "plan_shards",
 ]
 
@@ -41,6 +43,45 @@ def check_delimiter(delimiter: bytes) -> bytes:
     if not isinstance(delimiter, (bytes, bytearray)) or len(delimiter) != 1:
         raise ConfigurationError(f"delimiter must be exactly one byte, got {delimiter!r}")
     return bytes(delimiter)
+
+
+_ESCAPES = {"\\n": b"\n", "\\0": b"\0", "\\t": b"\t", "\\r": b"\r", "\\\\": b"\\"}
+#: Where Python's "surrogateescape" puts an undecodable byte of a command line.
+_SURROGATE_ESCAPES = range(0xDC80, 0xDD00)
+
+
+def parse_delimiter(text: str, *, what: str = "delimiter") -> bytes:
+    r"""The one-byte delimiter `text` names: ``\n``, ``\0``, ``\t``, ``\r``, ``\\``, ``\xHH``
+    or one ASCII character (the CLI's ``--delimiter`` and the API's field alike).
+
+    A non-ASCII character is refused rather than guessed at: it is several
+    bytes in UTF-8, and splitting on one of them would cut characters.
+    """
+    if not isinstance(text, str):
+        raise ConfigurationError(f'{what}: must be a string such as "\\n", got {text!r}')
+    if text in _ESCAPES:
+        return _ESCAPES[text]
+    if len(text) == 4 and text.startswith("\\x"):
+        try:
+            return bytes([int(text[2:], 16)])
+        except ValueError:
+            pass
+    if len(text) == 1 and ord(text) < 0x80:
+        return text.encode("ascii")
+    if len(text) == 1 and ord(text) in _SURROGATE_ESCAPES:
+        return bytes([ord(text) - 0xDC00])
+    hint = ""
+    if len(text) == 1:
+        hint = f" ({text!r} is {len(text.encode('utf-8', 'surrogatepass'))} bytes in UTF-8; \\xHH names one byte)"
+    raise ConfigurationError(
+        f"{what}: must be one byte: \\n, \\0, \\t, \\r, \\xHH or a single ASCII character, got {text!r}{hint}"
+    )
+
+
+def format_delimiter(delimiter: bytes) -> str:
+    """The form `parse_delimiter` reads back: the character itself if ASCII, else ``\\xHH``."""
+    byte = check_delimiter(delimiter)[0]
+    return chr(byte) if byte < 0x80 else f"\\x{byte:02x}"
 
 
 def _check_plan(size: int, shards: int) -> None:

@@ -11,9 +11,17 @@ from typing import Any
 from ..errors import ConfigurationError
 from ._ranges import ShardRange, check_delimiter
 
-__all__ = ["TASK_VERSION", "ShardTask"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT_BYTES", "DEFAULT_PART_SIZE_BYTES", "TASK_VERSION", "ShardTask", "attempt_output_name"]
 
 TASK_VERSION = 1
+#: Bytes per ranged GET, and the memory a worker may reserve for GETs in flight (DESIGN §4).
+DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_IN_FLIGHT_BYTES = 4 * DEFAULT_PART_SIZE_BYTES
+
+
+def attempt_output_name(shard: int, attempt: int) -> str:
+    """The file (or object) name of one attempt's output: one per attempt, so a stale one never overwrites."""
+    return f"shard-{shard:05d}.attempt-{attempt}.out"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,8 +54,8 @@ class ShardTask:
     secret: bytes = field(default=b"", repr=False)
     markers_table: str
     max_line_bytes: int | None = None
-    part_size_bytes: int = 8 * 1024 * 1024
-    max_in_flight_bytes: int = 32 * 1024 * 1024
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
     #: Serialised shardline.io.aws.AwsSettings; credentials only for the embedded
     #: endpoint (kept out of the repr all the same).
     aws: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -29,6 +29,7 @@ from ..io.aio import wait_uncancellable
 from ..io.retry import RetryPolicy
 from ..io.retry import retry as with_retries
 from ..io.sources import ObjectSource
+from ..protocol import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES
 
 __all__ = [
     "RangedReader",
@@ -45,9 +46,9 @@ TASK_NAME_PREFIX = "shardline-reader-part"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReaderSettings:
-    part_size_bytes: int = 8 * 1024 * 1024
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
     #: Memory reserved for parts issued but not yet released by the consumer.
-    max_in_flight_bytes: int = 4 * 8 * 1024 * 1024
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
     #: Caps concurrent GETs when parts are small relative to the budget.
     max_concurrent_requests: int = 16
     retry: RetryPolicy = RetryPolicy()

@@ -56,21 +56,15 @@ from ..protocol import (
     Progress,
     ShardRange,
     ShardTask,
+    TailSource,
+    attempt_output_name,
 )
 from ._exchange import ExchangeClient, ExchangeUnavailable, client_tls_context
 from ._reader import RangedReader, ReaderSettings, fetch_range
 
-__all__ = ["ShardResult", "TailSource", "WorkerSettings", "run_task"]
+__all__ = ["ShardResult", "WorkerSettings", "run_task"]
 
 log = logging.getLogger("shardline.worker.shard")
-
-
-class TailSource:
-    """How one neighbour's head fragment was obtained (reported in DONE)."""
-
-    PUSHED = "pushed"  # bytes pushed to us over the exchange
-    MARKER = "marker"  # offset from a marker (or a data-less push), bytes by exact GET
-    SCAN = "scan"  # our own forward scan in the object
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,7 +207,7 @@ def is_retryable(exc: ShardlineError) -> bool:
 
 
 def _local_output_path(task: ShardTask) -> str:
-    name = f"shardline-{task.job_id}-{task.shard:05d}.attempt-{task.attempt}.out"
+    name = f"shardline-{task.job_id}-{attempt_output_name(task.shard, task.attempt)}"
     return os.path.join(tempfile.gettempdir(), name)
 
 

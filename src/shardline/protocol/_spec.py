@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..protocol import JobState, ShardState, check_delimiter
+from ._ranges import check_delimiter, format_delimiter, parse_delimiter
+from ._states import JobState, ShardState
+from ._task import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES
 
 __all__ = ["JobLimits", "JobSpec", "JobView", "ShardTimeouts", "ShardView"]
-
-DEFAULT_PART_SIZE_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 
 
 def _is_int(value: Any) -> bool:
@@ -115,7 +114,7 @@ class JobSpec:
         return {
             "source": self.source,
             "shards": self.shards,
-            "delimiter": chr(self.delimiter[0]),
+            "delimiter": format_delimiter(self.delimiter),
             "command": self.command,
             "output": self.output,
             "overwrite": self.overwrite,
@@ -141,7 +140,7 @@ class JobSpec:
                 raise ConfigurationError(f"field {required!r}: required")
         values = {key: value for key, value in data.items() if value is not None}
         if "delimiter" in values:
-            values["delimiter"] = _delimiter(values["delimiter"])
+            values["delimiter"] = parse_delimiter(values["delimiter"], what="field 'delimiter'")
         if "timeouts" in values:
             values["timeouts"] = _timeouts(values["timeouts"])
         try:
@@ -207,14 +206,6 @@ class JobLimits:
                     f"field {name!r}: {_shown(value)} is above this coordinator's limit of {_shown(limit)} "
                     f"(its operator sets it with 'shardline serve {flag}')"
                 )
-
-
-def _delimiter(value: Any) -> bytes:
-    if not isinstance(value, str) or len(value) != 1 or ord(value) > 0xFF:
-        raise ConfigurationError(
-            f'field \'delimiter\': must be one character standing for one byte (e.g. "\\n" or "\\u0000"), got {value!r}'
-        )
-    return bytes([ord(value)])
 
 
 def _timeouts(value: Any) -> ShardTimeouts:
