@@ -29,7 +29,7 @@ from shardline.coordinator import (
     OutputPolicy,
     WorkerExit,
 )
-from shardline.coordinator._job import written_by_earlier_runs
+from shardline.coordinator._release import written_by_earlier_runs
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
 from shardline.io.aws import AwsSettings, client

@@ -6,12 +6,13 @@ function, and results come back over the exchange.
 """
 
 from ._backends import Backend, LocalProcessBackend, WorkerExit
+from ._context import CoordinatorSettings
 from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
 from ._http import HttpServer, make_app
 from ._httpguard import HttpAccess, HttpLimits, is_loopback_host
-from ._job import CoordinatorSettings, OutputPiece
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._outputs import OutputPolicy
+from ._release import OutputPiece
 from ._service import Coordinator, JobProgress, JobReport, ShardReport, copy_piece, run_job
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore

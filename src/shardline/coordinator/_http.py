@@ -56,7 +56,7 @@ from ._httpguard import (
 )
 
 if TYPE_CHECKING:
-    from ._job import OutputPiece
+    from ._release import OutputPiece
     from ._service import Coordinator
 
 __all__ = ["HttpServer", "make_app", "openapi_document"]

@@ -31,7 +31,7 @@ from ..errors import (
 from ..io import COPY_CHUNK_BYTES
 from ..io.aws import AwsSettings, client
 from ..io.markers import MarkerStore
-from ..io.retry import RetryPolicy, retry
+from ..io.retry import retry
 from ..io.s3bucket import S3Buckets
 from ..io.sources import ObjectInfo, open_source
 from ..protocol import (
@@ -45,10 +45,12 @@ from ..protocol import (
     new_coordinator_key,
 )
 from ._backends import Backend
+from ._context import CoordinatorSettings, JobContext
 from ._exchange import ExchangeServer
-from ._job import CoordinatorSettings, Job, JobContext, OutputPiece, written_by_earlier_runs
+from ._job import Job
 from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import Destination, open_destination, output_size
+from ._release import OutputPiece, written_by_earlier_runs
 from ._spool import SpoolDir, choose_spool_dir, sweep_spools
 from ._store import JobStore, MemoryJobStore
 
@@ -123,7 +125,7 @@ class Coordinator:
             exchange_address=self.exchange.address,
             exchange_tls=self.exchange.tls,
             coordinator_key=self._coordinator_key,
-            markers=MarkerStore(dynamodb, self.settings.markers_table, retry_policy=RetryPolicy()),
+            markers=MarkerStore(dynamodb, self.settings.markers_table, retry_policy=self.settings.retry),
             s3_buckets=self._s3_buckets,
         )
         self._janitor = asyncio.create_task(self._expire_finished_jobs(), name="coordinator-janitor")
@@ -140,7 +142,7 @@ class Coordinator:
             if job.destination is not None:
                 await job.destination.aclose()
             if not self.store.durable:
-                job.discard_spool()  # nothing will ever resume it or serve its output
+                job.release.discard_spool()  # nothing will ever resume it or serve its output
         for spool in self._spools.values():
             spool.release()  # a durable store's jobs: left for the next coordinator to resume
         self._spools.clear()
@@ -162,7 +164,7 @@ class Coordinator:
         async with open_source(spec.source, self.aws) as source:
             # A throttled or briefly unreachable store is no reason to refuse
             # the job: the same retry loop as every other storage call.
-            info = await retry(source.stat, policy=self.context.retry_policy, describe=f"stat {spec.source}")
+            info = await retry(source.stat, policy=self.settings.retry, describe=f"stat {spec.source}")
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)
@@ -390,14 +392,16 @@ class Coordinator:
         JobCancelledError after the last piece unless the job succeeded.
         """
         job = self._job(job_id)
-        async for piece in job.output(consume=consume):
+        async for piece in job.release.output(consume=consume):
             yield piece
 
     # -- operations -------------------------------------------------------------------
 
     def metrics_text(self) -> str:
         jobs = Counter(job.state.value for job in self._jobs.values())
-        shards = Counter(shard.state.value for job in self._jobs.values() for shard in job.shards)
+        shards: Counter[str] = Counter()
+        for job in self._jobs.values():
+            shards.update(job.supervisor.state_counts())
         return render_prometheus(
             self.metrics,
             jobs_by_state={state.value: jobs.get(state.value, 0) for state in JobState},
@@ -433,7 +437,7 @@ class Coordinator:
         job = self._jobs.pop(job_id, None)
         if job is not None:
             self.exchange.unregister(job_id)
-            job.discard_spool()
+            job.release.discard_spool()
         spool = self._spools.pop(job_id, None)
         if spool is not None:
             spool.release()
@@ -520,7 +524,8 @@ async def run_job(
             async for piece in coordinator.output(job_id, consume=True):
                 written += await asyncio.to_thread(copy_piece, piece, out)
             final = coordinator.view(job_id)
-            committed = [shard.committed for shard in coordinator._job(job_id).shards]
+            supervisor = coordinator._job(job_id).supervisor
+            committed = [supervisor.committed(index) for index in range(len(supervisor))]
         finally:
             await coordinator.cancel(job_id)  # no-op once finished; stops workers on error
             coordinator.forget(job_id)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ __all__ = [
     "Supervisor",
     "SupervisorSettings",
 ]
+
+log = logging.getLogger("shardline.coordinator.supervisor")
 
 
 # --- actions ------------------------------------------------------------------
@@ -310,6 +313,13 @@ class Supervisor:
             retries=s.retries,
         )
 
+    def state_counts(self) -> dict[str, int]:
+        """How many shards are in each state."""
+        counts: dict[str, int] = {}
+        for shard in self._shards:
+            counts[shard.state.value] = counts.get(shard.state.value, 0) + 1
+        return counts
+
     @property
     def retries(self) -> int:
         return sum(shard.retries for shard in self._shards)
@@ -325,6 +335,12 @@ class Supervisor:
             error=s.error,
             retries=s.retries,
         )
+
+    def update_committed(self, shard: int, committed: CommittedAttempt) -> None:
+        """Where `shard`'s committed output is now (fetched into the spool, published); the attempt is the same."""
+        s = self._shards[shard]
+        assert s.committed is not None and s.committed.attempt == committed.attempt
+        s.committed = committed
 
     def saved(self, shard: int, record: ShardRecord) -> None:
         """`record` (from `record(shard)`) is now durable."""
@@ -497,6 +513,8 @@ class Supervisor:
             return
         shard.failures += 1
         shard.error = f"attempt {attempt.number}: {cause}"
+        # INFO: most failures are retried; the job's own failure is what callers report.
+        log.info("job %s shard %d attempt %d: %s", self.job_id, shard.index, attempt.number, cause)
         self._raise_fence(shard, actions)
         if shard.live:
             return  # a speculative twin is still running

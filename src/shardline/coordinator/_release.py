@@ -1,0 +1,304 @@
+# A job's output, released in order (DESIGN §1, §2).
+#
+# Shards are *released* in index order, each only once its commit is durable
+# and its emitted range passed the tiling check, so nothing unverified is
+# ever shown.  A remote worker's committed output (Lambda: an S3 object) is
+# fetched into the spool first, so every reader of outputs reads local files.
+# Released shards are published to the destination (`spec.output`) and fed to
+# the reduce command in the same pass; the manifest is written last.
+#
+# A destination is never mixed with an earlier job's files (DESIGN §9).  A
+# job that may overwrite removes the earlier output's manifest before it
+# writes anything, and the rest of that output only once its own manifest is
+# in place; a job that fails removes only the names it may have written, so
+# it never deletes an earlier job's files.
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from ..errors import CommandFailedError, JobCancelledError, JobFailedError, ShardlineError
+from ..io.urls import is_s3_url
+from ..protocol import CommittedAttempt, Coverage, JobSpec, JobState, ShardRecord
+from ._outputs import (
+    MANIFEST_NAME,
+    RESULT_NAME,
+    Destination,
+    ManifestShard,
+    ReduceRunner,
+    build_manifest,
+    file_checksum,
+    part_name,
+)
+from ._spool import LOCK_FILE
+
+if TYPE_CHECKING:
+    from ._job import Job
+
+__all__ = ["OutputPiece", "Release", "written_by_earlier_runs"]
+
+log = logging.getLogger("shardline.coordinator.release")
+
+#: How often a reader following a growing reduce result looks for more.
+_FOLLOW_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPiece:
+    """Bytes [start, end) of the file at `path`, the next part of a job's output."""
+
+    path: str
+    start: int
+    end: int
+
+
+class Release:
+    """The ordered release of one job's output, its destination and its reduce."""
+
+    def __init__(self, job: Job, destination: Destination | None, *, written_earlier: Collection[str]) -> None:
+        self.job = job
+        self.destination = destination
+        succeeded = job.state is JobState.SUCCEEDED
+        #: Shards [0, released) are verified and may be read.
+        self.released = len(job.supervisor) if succeeded else 0
+        self.result_path: str | None = job.record.result_path if succeeded else None
+        self.result_done = succeeded
+        #: Destination names this job may have written: what its failure removes.
+        self._written = set(written_earlier)
+
+    # -- releasing -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Release every shard in order, then run the reduce and write the manifest."""
+        job, supervisor = self.job, self.job.supervisor
+        spec = job.spec
+        if self.destination is not None and spec.overwrite:
+            # Before any part is replaced: the earlier output stops claiming to be complete.
+            await self.destination.remove_manifest()
+        coverage = Coverage(job.size)
+        for index in range(len(supervisor)):
+            committed = await job.committed_durably(index)
+            shard_range = supervisor.range(index)
+            coverage.admit(
+                index,
+                nominal=(shard_range.start, shard_range.end),
+                emitted=(committed.emitted_start, committed.emitted_end),
+            )
+            if is_s3_url(committed.output_path):
+                committed = await self._fetch(index, committed)
+            self.released = index + 1
+            job.notify()
+            if self.destination is not None and committed.published is None:
+                checksum = await file_checksum(committed.output_path)
+                self._written.add(part_name(index))  # before: a failed write may still have landed
+                where = await self.destination.put_part(index, committed.output_path)
+                await job.update_committed(index, replace(committed, published=where, output_checksum=checksum))
+        coverage.finish()
+        result_bytes = await self._reduce() if spec.reduce is not None else None
+        if self.destination is not None:
+            await self._publish_manifest(result_bytes)
+            if spec.overwrite:
+                # Only now that this output is complete: whatever the earlier one had beyond it.
+                await self.destination.remove_others(self._output_names())
+        self.result_done = True
+
+    async def _fetch(self, index: int, committed: CommittedAttempt) -> CommittedAttempt:
+        """Bring a remote worker's committed output into the spool."""
+        local = self.job.spool_path(index, committed.attempt)
+        bucket, key = self.job.context.s3_buckets.for_url(committed.output_path)
+        await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
+        with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
+            await bucket.request("delete_object", Key=key)
+        fetched = replace(committed, output_path=local)
+        await self.job.update_committed(index, fetched)
+        return fetched
+
+    def _outputs(self) -> list[CommittedAttempt]:
+        supervisor = self.job.supervisor
+        return [c for c in (supervisor.committed(i) for i in range(len(supervisor))) if c is not None]
+
+    async def _reduce(self) -> int:
+        """Run the reduce command over every shard's output, in order: on its
+        stdin, and as its arguments for merges (``sort -m "$@"``)."""
+        job = self.job
+        assert job.spec.reduce is not None
+        outputs = [committed.output_path for committed in self._outputs()]
+        path = os.path.join(job.record.spool_dir, f"result.{os.getpid()}.{time.monotonic_ns()}.out")
+        env = {"SHARDLINE_JOB_ID": job.id, "SHARDLINE_SHARDS": str(job.spec.shards)}
+        drop = job.context.settings.command_env_drop
+        async with ReduceRunner(job.spec.reduce, path, env=env, drop_env=drop, args=outputs) as reduce:
+            self.result_path = path  # readers follow it as it grows
+            job.notify()
+            for output in outputs:
+                await reduce.feed_file(output)
+            try:
+                result_bytes = await reduce.finish()
+            except CommandFailedError as exc:
+                raise ShardlineError(f"reduce {exc}") from exc
+        job.record = replace(job.record, result_path=path)
+        return result_bytes
+
+    async def _publish_manifest(self, result_bytes: int | None) -> None:
+        job, supervisor = self.job, self.job.supervisor
+        assert self.destination is not None
+        result = None
+        if self.result_path is not None:
+            self._written.add(RESULT_NAME)
+            result = await self.destination.put_result(self.result_path)
+        shards = []
+        for index in range(len(supervisor)):
+            committed = supervisor.committed(index)
+            assert committed is not None and committed.published is not None
+            shard_range = supervisor.range(index)
+            shards.append(
+                ManifestShard(
+                    index=index,
+                    range=(shard_range.start, shard_range.end),
+                    emitted=(committed.emitted_start, committed.emitted_end),
+                    bytes=committed.bytes,
+                    checksum=committed.checksum,
+                    attempt=committed.attempt,
+                    part=committed.published,
+                    output_bytes=committed.output_bytes,
+                    output_checksum=committed.output_checksum or "",
+                )
+            )
+        manifest = build_manifest(
+            job_id=job.id,
+            source=job.spec.source,
+            size=job.size,
+            etag=job.record.etag or "",
+            delimiter=job.spec.delimiter,
+            command=job.spec.command,
+            reduce=job.spec.reduce,
+            shards=shards,
+            result=result,
+            result_bytes=result_bytes,
+        )
+        self._written.add(MANIFEST_NAME)
+        where = await self.destination.put_manifest(manifest)
+        job.record = replace(job.record, manifest=where)
+
+    def _output_names(self) -> set[str]:
+        """The destination names of this job's complete output."""
+        names = {part_name(index) for index in range(self.job.spec.shards)} | {MANIFEST_NAME}
+        if self.job.spec.reduce is not None:
+            names.add(RESULT_NAME)
+        return names
+
+    # -- cleaning up -------------------------------------------------------------------
+
+    async def discard_outputs(self) -> None:
+        """A failed or cancelled job leaves nothing that could pass for its
+        output, and removes nothing it did not write."""
+        if self.destination is not None:
+            try:
+                await self.destination.remove(self._written)
+            except ShardlineError as exc:
+                log.error("job %s: could not remove partial output at %s: %s", self.job.id, self.destination.url, exc)
+        self.discard_spool()
+
+    def sweep_spool(self) -> None:
+        """Delete whatever stale attempts left in the spool: only committed
+        outputs (and the reduce result) are kept."""
+        spool = self.job.record.spool_dir
+        keep = {committed.output_path for committed in self._outputs()}
+        keep |= {self.result_path or "", os.path.join(spool, LOCK_FILE)}
+        with contextlib.suppress(OSError), os.scandir(spool) as entries:
+            for entry in entries:
+                if entry.path not in keep:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def discard_spool(self) -> None:
+        shutil.rmtree(self.job.record.spool_dir, ignore_errors=True)
+
+    # -- reading the output ------------------------------------------------------------
+
+    async def output(self, *, consume: bool = False) -> AsyncIterator[OutputPiece]:
+        """The job's output in order, as it becomes available; raises at the
+        end unless the job succeeded.  `consume` deletes each shard's file once
+        the caller has taken it (a single reader that needs no replay)."""
+        job = self.job
+        if job.spec.reduce is not None:
+            async for piece in self._follow_result():
+                yield piece
+        elif job.spec.output is None:
+            for index in range(len(job.supervisor)):
+                await job.until(functools.partial(self._released_or_finished, index))
+                if self.released <= index:
+                    break
+                committed = job.supervisor.committed(index)
+                assert committed is not None
+                if committed.output_bytes:
+                    yield OutputPiece(committed.output_path, 0, committed.output_bytes)
+                if consume:
+                    with contextlib.suppress(OSError):
+                        os.unlink(committed.output_path)
+        await job.finished.wait()
+        self._raise_unless_succeeded()
+
+    def _released_or_finished(self, index: int) -> bool:
+        return self.released > index or self.job.finished.is_set()
+
+    async def _follow_result(self) -> AsyncIterator[OutputPiece]:
+        """Follow the reduce command's output file while it grows."""
+        job = self.job
+        await job.until(lambda: self.result_path is not None or job.finished.is_set())
+        position = 0
+        while True:
+            complete = self.result_done or job.finished.is_set()
+            path = self.result_path
+            if path is None:
+                return
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                size = position
+            if size > position:
+                yield OutputPiece(path, position, size)
+                position = size
+            if complete:
+                return
+            await job.until(lambda: self.result_done or job.finished.is_set(), timeout_s=_FOLLOW_INTERVAL_S)
+
+    def _raise_unless_succeeded(self) -> None:
+        job = self.job
+        if job.state is JobState.SUCCEEDED:
+            return
+        if job.state is JobState.CANCELLED:
+            raise JobCancelledError(job.error or f"job {job.id} was cancelled")
+        raise JobFailedError(job.error or f"job {job.id} failed")
+
+
+def written_by_earlier_runs(spec: JobSpec, shards: Sequence[ShardRecord]) -> set[str]:
+    """Destination names that runs of this job before a coordinator restart
+    may have written, judged from its stored shard records.
+
+    The store records each part once it is written (`published`), and parts
+    are written in order: so beyond the recorded ones, only the first
+    unrecorded part -- or, once every part is recorded, the result and the
+    manifest -- may have been written without the store learning of it.
+    Those count only when the job does not overwrite: its destination was
+    empty at submit, so whatever bears those names is its own.  With
+    overwrite they may be the earlier output's, which a failed job leaves
+    (the earlier manifest is removed as each run starts, so it never claims
+    completeness again).
+    """
+    recorded = {shard.index for shard in shards if shard.committed is not None and shard.committed.published}
+    names = {part_name(index) for index in recorded}
+    if not spec.overwrite:
+        first_unrecorded = next((index for index in range(spec.shards) if index not in recorded), None)
+        if first_unrecorded is not None:
+            names.add(part_name(first_unrecorded))
+        else:
+            names |= {RESULT_NAME, MANIFEST_NAME} if spec.reduce is not None else {MANIFEST_NAME}
+    return names
