@@ -469,7 +469,7 @@ async def lane(moto: Endpoint, workdir: Path) -> AsyncIterator[Lane]:
                 "local": ChaosBackend(local, relay, running),
             },
             running=running,
-            store=DynamoJobStore(dynamodb, jobs_table),
+            store=DynamoJobStore(dynamodb, jobs_table, retry_policy=RetryPolicy()),
             workdir=workdir,
         )
 

@@ -210,8 +210,8 @@ def test_worker_role_has_exactly_the_worker_actions() -> None:
 
 
 def test_worker_dynamodb_actions_match_the_worker_code() -> None:
-    calls = _source_calls(SRC / "worker" / "_markers.py", client="dynamodb")
-    assert calls, "no DynamoDB calls found in the worker's marker store"
+    calls = _source_calls(SRC / "io" / "markers.py", client="dynamodb")
+    assert calls, "no DynamoDB calls found in the marker store"
     role = load_template()["Resources"]["WorkerRole"]["Properties"]
     granted = {
         a.removeprefix("dynamodb:")
@@ -236,10 +236,10 @@ def test_coordinator_policy_covers_the_coordinator_code() -> None:
         }
 
     coordinator = (
-        _source_calls(SRC / "coordinator" / "_store.py", SRC / "coordinator" / "_tables.py", client="dynamodb")
+        _source_calls(SRC / "coordinator" / "_store.py", SRC / "io" / "tables.py", client="dynamodb")
         - TABLE_CREATION_CALLS
     )
-    worker = _source_calls(SRC / "worker" / "_markers.py", client="dynamodb")
+    worker = _source_calls(SRC / "io" / "markers.py", client="dynamodb")
     assert coordinator and worker
     # Both tables share the store's calls' superset; the markers table also
     # serves the workers the coordinator runs itself (local backend).

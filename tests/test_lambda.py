@@ -18,6 +18,7 @@ import pytest
 
 from shardline.coordinator import CoordinatorSettings, LambdaBackend, server_tls_context
 from shardline.errors import ConfigurationError
+from shardline.io.retry import RetryPolicy
 from shardline.protocol import JobSpec, ShardTimeouts
 
 from corpus import random_mix
@@ -47,7 +48,13 @@ def _emulator(moto, worker_package_dir, tmp_path, **kwargs) -> LambdaEmulator:
 async def _run_on_lambda(emulator, *, aws_settings, ca, s3, bucket, data, command, shards=4, **spec_fields):
     s3.put_object(Bucket=bucket, Key="input.txt", Body=data)
     aws = replace(aws_settings, lambda_endpoint_url=emulator.url)
-    backend = LambdaBackend(function=emulator.arn, staging=f"s3://{bucket}/staging/", aws=aws, max_concurrency=4)
+    backend = LambdaBackend(
+        function=emulator.arn,
+        staging=f"s3://{bucket}/staging/",
+        aws=aws,
+        max_concurrency=4,
+        storage_retry=RetryPolicy(),
+    )
     output, report = await run_job_on_exchange(
         JobSpec(source=f"s3://{bucket}/input.txt", shards=shards, command=command, backend="lambda", **spec_fields),
         aws=aws,
@@ -140,10 +147,12 @@ async def test_throttled_invokes_back_off_and_succeed(moto, s3, bucket, aws_sett
 
 def test_lambda_backend_configuration_errors(aws_settings):
     with pytest.raises(ConfigurationError, match="function"):
-        LambdaBackend(function="not a name!", staging="s3://b/p/", aws=aws_settings)
+        LambdaBackend(function="not a name!", staging="s3://b/p/", aws=aws_settings, storage_retry=RetryPolicy())
     with pytest.raises(ConfigurationError, match="staging"):
-        LambdaBackend(function="shardline-worker", staging="/local/dir", aws=aws_settings)
-    backend = LambdaBackend(function="shardline-worker", staging="s3://b/pre", aws=aws_settings)
+        LambdaBackend(function="shardline-worker", staging="/local/dir", aws=aws_settings, storage_retry=RetryPolicy())
+    backend = LambdaBackend(
+        function="shardline-worker", staging="s3://b/pre", aws=aws_settings, storage_retry=RetryPolicy()
+    )
     assert backend.output_location("j", 3, 1) == "s3://b/pre/j/shard-00003.attempt-1.out"
 
 

@@ -37,6 +37,7 @@ from shardline.coordinator import (
 from shardline.embedded import InProcessBackend
 from shardline.io.aws import AwsSettings, client
 from shardline.io.processes import COMMAND_ID_VARIABLE
+from shardline.io.retry import RetryPolicy
 from shardline.io.tables import ensure_jobs_table, ensure_marker_table
 from shardline.protocol import JobSpec
 
@@ -400,7 +401,7 @@ async def test_only_the_coordinator_holding_a_jobs_spool_resumes_it(tmp_path, aw
     table = f"leaks-jobs-{uuid.uuid4().hex[:8]}"
     async with client(aws_settings, "dynamodb") as dynamodb:
         await ensure_jobs_table(dynamodb, table)
-        store = DynamoJobStore(dynamodb, table)
+        store = DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy())
         async with in_process_coordinator(aws_settings, settings, store) as first:
             view = await first.submit(JobSpec(source=str(source), shards=2, command=command))
             async with in_process_coordinator(aws_settings, settings, store) as second:

@@ -33,6 +33,7 @@ from shardline.coordinator._release import written_by_earlier_runs
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
 from shardline.io.aws import AwsSettings, client
+from shardline.io.retry import RetryPolicy
 from shardline.io.tables import ensure_jobs_table
 from shardline.protocol import CommittedAttempt, JobSpec, JobView, ShardRecord, ShardState, ShardTask
 
@@ -291,7 +292,7 @@ async def test_a_resumed_job_that_fails_removes_what_its_earlier_run_wrote(sourc
     spool = str(tmp_path / "spool")
     async with client(aws_settings, "dynamodb") as dynamodb:
         await ensure_jobs_table(dynamodb, "output-safety-jobs")
-        store = DynamoJobStore(dynamodb, "output-safety-jobs")
+        store = DynamoJobStore(dynamodb, "output-safety-jobs", retry_policy=RetryPolicy())
         async with coordinator(aws_settings, store=store, spool_dir=spool) as first:
             earlier = await local_earlier_output(first, source, directory)
             spec = JobSpec(

@@ -90,7 +90,7 @@ def shard(index: int, start: int, end: int, part: str = "", *, output: bytes = b
     ],
 )
 async def test_s3_urls_name_a_prefix_ending_in_a_slash(url: str, bucket: str, prefix: str) -> None:
-    async with open_destination(url, AwsSettings()) as destination:
+    async with open_destination(url, AwsSettings(), retry_policy=RetryPolicy()) as destination:
         assert isinstance(destination, S3Destination)
         assert (destination.bucket, destination.prefix) == (bucket, prefix)
         assert destination.url == f"s3://{bucket}/{prefix}"
@@ -98,7 +98,7 @@ async def test_s3_urls_name_a_prefix_ending_in_a_slash(url: str, bucket: str, pr
 
 async def test_other_urls_are_local_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    async with open_destination("out/dir", AwsSettings()) as destination:
+    async with open_destination("out/dir", AwsSettings(), retry_policy=RetryPolicy()) as destination:
         assert isinstance(destination, LocalDirectoryDestination)
         assert destination.url == str(tmp_path / "out" / "dir")
 
@@ -106,7 +106,7 @@ async def test_other_urls_are_local_directories(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.parametrize("url", ["", "   ", "s3://", "s3:///prefix/", "s3://no spaces/p/", "gs://bkt/p/", "http://h/p"])
 def test_malformed_urls_name_the_output_field(url: str) -> None:
     with pytest.raises(ConfigurationError, match="field 'output'"):
-        open_destination(url, AwsSettings())
+        open_destination(url, AwsSettings(), retry_policy=RetryPolicy())
 
 
 # --- S3 -----------------------------------------------------------------------
@@ -116,7 +116,7 @@ async def test_s3_parts_result_and_manifest_round_trip(
     s3, bucket: str, aws_settings: AwsSettings, tmp_path: Path
 ) -> None:
     outputs = [b"first shard\n", b"", b"\x00binary\xff" * 1000]
-    async with open_destination(f"s3://{bucket}/job/out", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/job/out", aws_settings, retry_policy=RetryPolicy()) as destination:
         await destination.check(require_empty=True)
         locations = [
             await destination.put_part(index, write_file(tmp_path / f"out{index}", data))
@@ -153,7 +153,7 @@ async def test_s3_parts_result_and_manifest_round_trip(
 
 
 async def test_s3_put_part_overwrites(s3, bucket: str, aws_settings: AwsSettings, tmp_path: Path) -> None:
-    async with open_destination(f"s3://{bucket}/", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/", aws_settings, retry_policy=RetryPolicy()) as destination:
         await destination.put_part(7, write_file(tmp_path / "a", b"attempt 1\n"))
         await destination.put_part(7, write_file(tmp_path / "b", b"attempt 2\n"))
     assert object_bytes(s3, bucket, "part-00007") == b"attempt 2\n"
@@ -163,7 +163,9 @@ async def test_s3_large_part_goes_by_multipart_upload(
     s3, bucket: str, aws_settings: AwsSettings, tmp_path: Path
 ) -> None:
     data = random.Random(1).randbytes(11 * MIB + 123)
-    async with S3Destination(bucket, "p/", aws=aws_settings, **SMALL_MULTIPART) as destination:
+    async with S3Destination(
+        bucket, "p/", aws=aws_settings, **SMALL_MULTIPART, retry_policy=RetryPolicy()
+    ) as destination:
         await destination.put_part(0, write_file(tmp_path / "big", data))
     assert object_bytes(s3, bucket, "p/part-00000") == data
     # A multipart object's ETag ends in "-<number of parts>".
@@ -200,13 +202,15 @@ async def test_s3_failed_multipart_upload_is_aborted(
 
 
 async def test_s3_missing_local_file_is_a_storage_error(bucket: str, aws_settings: AwsSettings, tmp_path: Path) -> None:
-    async with open_destination(f"s3://{bucket}/", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/", aws_settings, retry_policy=RetryPolicy()) as destination:
         with pytest.raises(StorageError, match=r"cannot read .*missing"):
             await destination.put_part(0, str(tmp_path / "missing"))
 
 
 async def test_s3_check_names_the_output_field_for_a_missing_bucket(aws_settings: AwsSettings) -> None:
-    async with open_destination("s3://shardline-no-such-bucket/out/", aws_settings) as destination:
+    async with open_destination(
+        "s3://shardline-no-such-bucket/out/", aws_settings, retry_policy=RetryPolicy()
+    ) as destination:
         with pytest.raises(
             ConfigurationError, match=r"field 'output'.*s3://shardline-no-such-bucket/out/.*no such bucket"
         ):
@@ -229,7 +233,7 @@ def put_earlier_output(s3, bucket: str, prefix: str) -> list[str]:
 
 async def test_s3_remove_deletes_only_the_names_given(s3, bucket: str, aws_settings: AwsSettings) -> None:
     others = put_earlier_output(s3, bucket, "out/")
-    async with open_destination(f"s3://{bucket}/out/", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/out/", aws_settings, retry_policy=RetryPolicy()) as destination:
         await destination.remove({"part-00001", "part-00002", "_manifest.json"})
         await destination.remove({"part-00001"})  # nothing left to do, not an error
     assert keys(s3, bucket) == sorted([*others, "out/part-00000", "out/result"])
@@ -238,7 +242,7 @@ async def test_s3_remove_deletes_only_the_names_given(s3, bucket: str, aws_setti
 
 async def test_s3_remove_others_keeps_only_the_names_given(s3, bucket: str, aws_settings: AwsSettings) -> None:
     others = put_earlier_output(s3, bucket, "out/")
-    async with open_destination(f"s3://{bucket}/out/", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/out/", aws_settings, retry_policy=RetryPolicy()) as destination:
         await destination.remove_others({"part-00000", "_manifest.json"})
     assert keys(s3, bucket) == sorted([*others, "out/part-00000", "out/_manifest.json"])
     assert open_uploads(s3, bucket) == []
@@ -249,7 +253,7 @@ async def test_removals_refuse_names_a_destination_never_writes(
     tmp_path: Path, bucket: str, aws_settings: AwsSettings, name: str
 ) -> None:
     for url in (f"s3://{bucket}/out/", str(tmp_path)):
-        async with open_destination(url, aws_settings) as destination:
+        async with open_destination(url, aws_settings, retry_policy=RetryPolicy()) as destination:
             with pytest.raises(ValueError, match="not a name a destination writes"):
                 await destination.remove({name})
             with pytest.raises(ValueError, match="not a name a destination writes"):
@@ -258,7 +262,7 @@ async def test_removals_refuse_names_a_destination_never_writes(
 
 async def test_s3_check_refuses_a_non_empty_prefix_untouched(s3, bucket: str, aws_settings: AwsSettings) -> None:
     s3.put_object(Bucket=bucket, Key="out/deep/inside/notes.txt", Body=b"someone's")
-    async with open_destination(f"s3://{bucket}/out", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/out", aws_settings, retry_policy=RetryPolicy()) as destination:
         with pytest.raises(
             ConfigurationError,
             match=rf"field 'output': s3://{bucket}/out/ is not empty \(it holds 'deep/inside/notes.txt'\).*overwrite",
@@ -266,10 +270,10 @@ async def test_s3_check_refuses_a_non_empty_prefix_untouched(s3, bucket: str, aw
             await destination.check(require_empty=True)
         await destination.check(require_empty=False)  # an overwriting or resumed job may use it
     assert keys(s3, bucket) == ["out/deep/inside/notes.txt"]  # no write probe either
-    async with open_destination(f"s3://{bucket}/", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/", aws_settings, retry_policy=RetryPolicy()) as destination:
         with pytest.raises(ConfigurationError, match=rf"s3://{bucket}/ is not empty"):
             await destination.check(require_empty=True)
-    async with open_destination(f"s3://{bucket}/output/", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}/output/", aws_settings, retry_policy=RetryPolicy()) as destination:
         await destination.check(require_empty=True)  # "out/" is not below "output/"
 
 
@@ -278,7 +282,7 @@ async def test_s3_remove_pages_through_many_objects(s3, bucket: str, aws_setting
     names = [f"part-{i:05d}" for i in range(1005)]  # more than one list page and one delete batch
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda name: s3.put_object(Bucket=bucket, Key=name, Body=b""), names))
-    async with open_destination(f"s3://{bucket}", aws_settings) as destination:
+    async with open_destination(f"s3://{bucket}", aws_settings, retry_policy=RetryPolicy()) as destination:
         await destination.remove_others(["part-00003"])
     assert keys(s3, bucket) == ["part-00003"]
 
@@ -356,7 +360,7 @@ def our_files(directory: Path) -> list[str]:
 
 async def test_local_round_trip_creates_the_directory(tmp_path: Path) -> None:
     directory = tmp_path / "a" / "b"
-    async with open_destination(str(directory), AwsSettings()) as destination:
+    async with open_destination(str(directory), AwsSettings(), retry_policy=RetryPolicy()) as destination:
         await destination.check(require_empty=True)
         assert directory.is_dir()
         part = await destination.put_part(0, write_file(tmp_path / "out0", b"zero\n"))

@@ -25,6 +25,7 @@ from shardline.errors import (
 )
 from shardline.io.aws import AwsSettings, client
 from shardline.io.markers import MarkerStore
+from shardline.io.retry import RetryPolicy
 from shardline.io.tables import ensure_marker_table
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
@@ -310,7 +311,7 @@ async def stored_item(dynamodb, job_id: str, shard: int) -> dict | None:
 
 
 async def test_publish_then_lookup(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=1)
     assert await store.lookup(marker.job_id, marker.shard) is None
     await store.publish(marker)
@@ -321,7 +322,7 @@ async def test_publish_then_lookup(dynamodb) -> None:
 
 
 async def test_republish_is_idempotent_and_keeps_the_first_writer(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     first = fresh_marker(attempt=0)
     await store.publish(first)
     await store.publish(first)
@@ -338,7 +339,7 @@ async def test_republish_is_idempotent_and_keeps_the_first_writer(dynamodb) -> N
     ],
 )
 async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     first = fresh_marker(attempt=0)
     await store.publish(first)
     other = replace(first, attempt=1, **changes)
@@ -348,7 +349,7 @@ async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> 
 
 
 async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=1)
     await store.raise_fence(marker.job_id, marker.shard, 2)
     with pytest.raises(StaleAttemptError, match=r"shard 4 attempt 1 .*fenced at attempt 2"):
@@ -360,7 +361,7 @@ async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
 
 
 async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=0)
     await store.publish(marker)
     await store.raise_fence(marker.job_id, marker.shard, 1)
@@ -371,7 +372,7 @@ async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) ->
 
 async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dynamodb) -> None:
     # Fenced first: a stale worker's view of the boundary is not evidence of corruption.
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=3)
     await store.publish(marker)
     await store.raise_fence(marker.job_id, marker.shard, 3)
@@ -380,7 +381,7 @@ async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dyn
 
 
 async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, ttl_s=1000)
+    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, ttl_s=1000, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=0)
     await store.publish(marker)
     expires_at = (await stored_item(dynamodb, marker.job_id, marker.shard))[MARKER_TTL_ATTRIBUTE]
@@ -396,11 +397,11 @@ async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
 
 async def test_fence_creates_an_expiring_fence_only_item(dynamodb) -> None:
     job_id = uuid.uuid4().hex
-    await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE).raise_fence(job_id, 7, 2)
+    await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).raise_fence(job_id, 7, 2)
     item = await stored_item(dynamodb, job_id, 7)
     assert set(item) == {"job", "shard", MARKER_FENCE_ATTRIBUTE, MARKER_TTL_ATTRIBUTE}
     assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()
-    assert await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE).lookup(job_id, 7) is None
+    assert await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).lookup(job_id, 7) is None
 
 
 # --- state tables -------------------------------------------------------------------

@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 from shardline.coordinator._store import DEFAULT_JOBS_TABLE, JOB_RECORD_SHARD, DynamoJobStore, JobStore, MemoryJobStore
 from shardline.errors import ConfigurationError, StorageError
 from shardline.io.aws import AwsSettings, client
+from shardline.io.retry import RetryPolicy
 from shardline.io.tables import (
     ensure_jobs_table,
     ensure_marker_table,
@@ -223,7 +224,7 @@ def test_default_jobs_table_name() -> None:
 async def store(request, dynamodb, table) -> JobStore:
     if request.param == "memory":
         return MemoryJobStore()
-    return DynamoJobStore(dynamodb, table)
+    return DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy())
 
 
 def test_durability() -> None:
@@ -302,7 +303,7 @@ class SlowPuts:
 
 async def test_saves_are_coalesced_latest_wins(dynamodb, table) -> None:
     slow = SlowPuts(dynamodb)
-    store = DynamoJobStore(slow, table)
+    store = DynamoJobStore(slow, table, retry_policy=RetryPolicy())
     job = job_record()
     await store.create_job(job, shard_records(job.job_id, 2))
     slow.puts.clear()
@@ -310,15 +311,18 @@ async def test_saves_are_coalesced_latest_wins(dynamodb, table) -> None:
     jobs = [job_record(job.job_id, updated_at=float(n)) for n in range(30)]
     await asyncio.gather(*(store.save_shard(v) for v in versions), *(store.save_job(j) for j in jobs))
     untouched = ShardRecord(job_id=job.job_id, index=1, state=ShardState.PENDING, next_attempt=1)
-    assert await DynamoJobStore(dynamodb, table).load_job(job.job_id) == (jobs[-1], [versions[-1], untouched])
+    assert await DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy()).load_job(job.job_id) == (
+        jobs[-1],
+        [versions[-1], untouched],
+    )
     assert len(slow.puts) < len(versions) + len(jobs)  # superseded records were never written
 
 
 async def test_a_failed_write_fails_its_callers_and_later_records_are_still_written(dynamodb, table) -> None:
     slow = SlowPuts(dynamodb, fail_first=1)
-    store = DynamoJobStore(slow, table)
+    store = DynamoJobStore(slow, table, retry_policy=RetryPolicy())
     job = job_record()
-    await DynamoJobStore(dynamodb, table).create_job(job, shard_records(job.job_id, 1))
+    await DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy()).create_job(job, shard_records(job.job_id, 1))
     versions = [ShardRecord(job_id=job.job_id, index=0, state=ShardState.RUNNING, next_attempt=n) for n in range(5)]
     results = await asyncio.gather(*(store.save_shard(v) for v in versions), return_exceptions=True)
     # The first write carried only the first record; its failure is reported to that caller alone.
@@ -332,9 +336,9 @@ async def test_a_failed_write_fails_its_callers_and_later_records_are_still_writ
 
 async def test_a_cancelled_save_does_not_disturb_later_ones(dynamodb, table) -> None:
     slow = SlowPuts(dynamodb)
-    store = DynamoJobStore(slow, table)
+    store = DynamoJobStore(slow, table, retry_policy=RetryPolicy())
     job = job_record()
-    await DynamoJobStore(dynamodb, table).create_job(job, shard_records(job.job_id, 1))
+    await DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy()).create_job(job, shard_records(job.job_id, 1))
     old = ShardRecord(job_id=job.job_id, index=0, state=ShardState.STARTING, next_attempt=1)
     new = ShardRecord(job_id=job.job_id, index=0, state=ShardState.RUNNING, next_attempt=2)
     first = asyncio.ensure_future(store.save_shard(old))
@@ -348,7 +352,7 @@ async def test_a_cancelled_save_does_not_disturb_later_ones(dynamodb, table) -> 
 
 
 async def test_items_carry_a_ttl(dynamodb, table) -> None:
-    store = DynamoJobStore(dynamodb, table, ttl_s=DAY_S)
+    store = DynamoJobStore(dynamodb, table, ttl_s=DAY_S, retry_policy=RetryPolicy())
     job = job_record()
     await store.create_job(job, shard_records(job.job_id, 2))
 
@@ -366,7 +370,7 @@ async def test_items_carry_a_ttl(dynamodb, table) -> None:
 async def test_pagination_beyond_one_megabyte(dynamodb, table) -> None:
     # DynamoDB pages Scan and Query at 1 MB; moto does too.  ~1.6 MB of job
     # records and ~1.2 MB of one job's shard records each need several pages.
-    store = DynamoJobStore(dynamodb, table)
+    store = DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy())
     big = "x" * 100_000
     jobs = [
         job_record(spec=JobSpec(source="s3://b/k", shards=1, command=f"echo {n}; : {big}"), created_at=float(n))
@@ -392,7 +396,7 @@ async def test_pagination_beyond_one_megabyte(dynamodb, table) -> None:
 
 
 async def test_storage_errors_are_translated(dynamodb) -> None:
-    store = DynamoJobStore(dynamodb, f"missing-{uuid.uuid4().hex[:12]}")
+    store = DynamoJobStore(dynamodb, f"missing-{uuid.uuid4().hex[:12]}", retry_policy=RetryPolicy())
     with pytest.raises(StorageError, match="listing jobs"):
         await store.list_jobs()
     with pytest.raises(StorageError, match="saving job"):

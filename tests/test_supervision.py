@@ -31,6 +31,7 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.markers import MarkerStore
+from shardline.io.retry import RetryPolicy
 from shardline.io.tables import ensure_jobs_table
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
@@ -166,7 +167,7 @@ async def test_stale_attempt_writes_are_rejected(source, aws_settings):
 
         # Its marker write is fenced off once the coordinator raised the fence.
         async with client(aws_settings, "dynamodb") as dynamodb:
-            markers = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE)
+            markers = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
             boundary = Boundary(start=stale.range.start, head_end=stale.range.start, line_start=True)
             marker = Marker(job_id=stale.job_id, shard=1, attempt=0, boundary=boundary, etag=stale.etag)
             for _ in range(200):
@@ -257,7 +258,7 @@ async def test_resume_after_the_coordinator_stops_keeps_committed_shards(source,
     settings = CoordinatorSettings(spool_dir=str(tmp_path / "spool"), retry_backoff_s=0.05, supervise_interval_s=0.05)
     async with client(aws_settings, "dynamodb") as dynamodb:
         await ensure_jobs_table(dynamodb, "resume-jobs")
-        store = DynamoJobStore(dynamodb, "resume-jobs")
+        store = DynamoJobStore(dynamodb, "resume-jobs", retry_policy=RetryPolicy())
         async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as first:
             view = await first.submit(JobSpec(source=source, shards=4, command=command))
             while first.view(view.id).shards_done < 3:

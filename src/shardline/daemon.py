@@ -46,6 +46,7 @@ from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
 from .io.aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .io.processes import hide_environment
+from .io.retry import RetryPolicy
 from .io.rlimits import raise_open_files_limit
 from .io.statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
 from .io.tables import ensure_jobs_table, ensure_marker_table
@@ -87,6 +88,8 @@ class ServeSettings:
     #: The most one job may ask for (serve --max-* flags).
     job_limits: JobLimits = JobLimits()
     http_limits: HttpLimits = HttpLimits()
+    #: Every storage call of the daemon (S3, its store, marker fences) retries by this.
+    retry: RetryPolicy = RetryPolicy()
     markers_table: str = DEFAULT_MARKER_TABLE
     jobs_table: str = DEFAULT_JOBS_TABLE
     spool_dir: str | None = None
@@ -161,6 +164,7 @@ def _backends(settings: ServeSettings, aws: AwsSettings) -> dict[str, Backend]:
             aws=aws,
             region=settings.lambda_region,
             max_concurrency=settings.lambda_concurrency,
+            storage_retry=settings.retry,
         )
         if settings.exchange_tls_cert is None:
             log.warning("Lambda workers will reach the exchange over plain TCP: pass --exchange-tls-cert/-key")
@@ -246,13 +250,16 @@ async def serve(
             coordinator = Coordinator(
                 aws=aws,
                 backends=backends,
-                store=DynamoJobStore(dynamodb, settings.jobs_table, durable=not settings.embedded_dynamodb),
+                store=DynamoJobStore(
+                    dynamodb, settings.jobs_table, durable=not settings.embedded_dynamodb, retry_policy=settings.retry
+                ),
                 exchange=exchange,
                 settings=CoordinatorSettings(
                     markers_table=settings.markers_table,
                     jobs_table=settings.jobs_table,
                     spool_dir=settings.spool_dir,
                     advertise_host=settings.advertise_host,
+                    retry=settings.retry,
                     exchange_ca=_read_ca(settings.exchange_ca),
                     output_policy=output_policy,
                     command_env_drop=() if settings.command_aws_credentials else AWS_CREDENTIAL_VARIABLES,

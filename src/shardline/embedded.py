@@ -125,7 +125,9 @@ async def run_embedded(
 
     With `embedded_dynamodb`, markers go to a moto server started for this
     job; otherwise to the DynamoDB that `aws` (or the standard AWS
-    configuration) names.  The backend defaults to local worker processes.
+    configuration) names.  The backend defaults to local worker processes;
+    either way this job owns it and closes it when it ends, so give each run
+    a new one.
     """
     embedded: EmbeddedDynamoDB | None = None
     try:

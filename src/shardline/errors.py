@@ -13,6 +13,10 @@ __all__ = [
     "CommandFailedError",
     "ConfigurationError",
     "CoverageError",
+    "ExchangeNetworkError",
+    "ExchangeRefusedError",
+    "ExchangeTimeoutError",
+    "ExchangeUnavailable",
     "FrameTooLargeError",
     "InputError",
     "JobCancelledError",
@@ -32,6 +36,9 @@ __all__ = [
     "SourceNotFoundError",
     "StaleAttemptError",
     "StorageError",
+    "StorageNetworkError",
+    "StorageThrottledError",
+    "StorageTimeoutError",
     "TimeBudgetError",
 ]
 
@@ -80,7 +87,19 @@ class StorageError(ShardlineError):
 
 
 class RetryableStorageError(StorageError):
-    """A transient storage failure (throttling, 5xx, reset, timeout)."""
+    """A transient storage failure: the one retry loop tries again."""
+
+
+class StorageTimeoutError(RetryableStorageError):
+    """A storage request got no (complete) answer in time."""
+
+
+class StorageNetworkError(RetryableStorageError):
+    """A storage request failed on the way: reset, refused, a body cut short, a 5xx."""
+
+
+class StorageThrottledError(RetryableStorageError):
+    """The storage service asked us to slow down (429, SlowDown, throttling)."""
 
 
 class MarkerConflictError(StorageError):
@@ -100,6 +119,22 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something malformed, unexpected or unauthenticated."""
+
+
+class ExchangeUnavailable(ShardlineError):
+    """A worker cannot talk to the coordinator's exchange right now."""
+
+
+class ExchangeTimeoutError(ExchangeUnavailable):
+    """The exchange did not answer (connect, handshake, ACK) in time."""
+
+
+class ExchangeNetworkError(ExchangeUnavailable):
+    """The connection to the exchange could not be made or was lost."""
+
+
+class ExchangeRefusedError(ExchangeUnavailable):
+    """The exchange refused the session or the report; trying again will not help."""
 
 
 class AuthenticationError(RemoteProtocolError):

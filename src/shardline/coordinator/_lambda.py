@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..errors import ConfigurationError, RetryableStorageError
+from ..errors import ConfigurationError, StorageNetworkError
 from ..io.aws import AwsSettings, LazyClient, error_code, translate_error
 from ..io.retry import RetryPolicy, retry
 from ..io.s3bucket import S3Bucket
@@ -58,6 +58,7 @@ class LambdaBackend(Backend):
         aws: AwsSettings,
         region: str | None = None,  # the function's, when it differs from the buckets'
         max_concurrency: int = DEFAULT_LAMBDA_CONCURRENCY,
+        storage_retry: RetryPolicy,
         invoke_retry: RetryPolicy = _INVOKE_RETRY,
     ) -> None:
         if not _FUNCTION.fullmatch(function):
@@ -72,6 +73,7 @@ class LambdaBackend(Backend):
         self._staging_prefix = prefix
         self._aws = aws
         self._invoke_retry = invoke_retry
+        self._storage_retry = storage_retry
         self._slots = asyncio.Semaphore(max_concurrency)
         self._lambda = LazyClient(replace(aws, region=region) if region else aws, "lambda")
         self.throttled = 0  # invokes answered 429, for metrics and tests
@@ -104,7 +106,7 @@ class LambdaBackend(Backend):
                 raise translate_error(exc, what=what) from exc
             status = response.get("StatusCode")
             if status != 202:
-                raise RetryableStorageError(f"{what}: Lambda answered {status}, expected 202 for an Event invoke")
+                raise StorageNetworkError(f"{what}: Lambda answered {status}, expected 202 for an Event invoke")
 
         await retry(attempt, policy=self._invoke_retry, describe=what)
         log.debug("%s: accepted", what)
@@ -113,7 +115,7 @@ class LambdaBackend(Backend):
         return f"{self.staging}{job_id}/{attempt_output_name(shard, attempt)}"
 
     async def discard_outputs(self, job_id: str) -> None:
-        async with S3Bucket(self._staging_bucket, aws=self._aws) as bucket:
+        async with S3Bucket(self._staging_bucket, aws=self._aws, retry_policy=self._storage_retry) as bucket:
             removed = await bucket.delete_prefix(f"{self._staging_prefix}{job_id}/")
         if removed:
             log.info("job %s: removed %d attempt outputs from %s", job_id, removed, self.staging)

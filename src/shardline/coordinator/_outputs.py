@@ -255,14 +255,14 @@ class Destination(abc.ABC):
         return f"{type(self).__name__}({self.url!r})"
 
 
-def open_destination(url: str, aws: AwsSettings) -> Destination:
+def open_destination(url: str, aws: AwsSettings, *, retry_policy: RetryPolicy) -> Destination:
     """An S3Destination for "s3://bucket/prefix/" (a missing trailing slash is
     added; the prefix may be empty), else a LocalDirectoryDestination."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError("field 'output': must be s3://bucket/prefix/ or a local directory")
     if is_s3_url(url):
         bucket, prefix = parse_s3_prefix(url, what="field 'output'")
-        return S3Destination(bucket, prefix, aws=aws)
+        return S3Destination(bucket, prefix, aws=aws, retry_policy=retry_policy)
     if "://" in url:
         raise ConfigurationError(
             f"field 'output': unsupported URL {url!r} (expected s3://bucket/prefix/ or a local path)"
@@ -283,7 +283,7 @@ class S3Destination(Destination):
         prefix: str,
         *,
         aws: AwsSettings,
-        retry_policy: RetryPolicy = RetryPolicy(),
+        retry_policy: RetryPolicy,
         multipart_threshold_bytes: int = DEFAULT_MULTIPART_THRESHOLD_BYTES,
         multipart_part_bytes: int = DEFAULT_MULTIPART_PART_BYTES,
     ) -> None:

@@ -101,7 +101,7 @@ class Coordinator:
         #: Destinations of submissions in progress (not yet in `_jobs`).
         self._claimed_destinations: set[str] = set()
         self._stack = AsyncExitStack()
-        self._s3_buckets = S3Buckets(aws)
+        self._s3_buckets = S3Buckets(aws, retry_policy=settings.retry)
         self._context: JobContext | None = None
         self._janitor: asyncio.Task[None] | None = None
         #: Locked for as long as the job is known here (see _spool.py).
@@ -336,7 +336,7 @@ class Coordinator:
         `submitting`) no running job writes it and it is empty or may be overwritten."""
         if spec.output is None:
             return None
-        destination = open_destination(spec.output, self.aws)
+        destination = open_destination(spec.output, self.aws, retry_policy=self.settings.retry)
         try:
             await asyncio.to_thread(self.settings.output_policy.check, spec.output)
             if submitting:

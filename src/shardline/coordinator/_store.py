@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RetryableStorageError
+from ..errors import StorageThrottledError
 from ..io.aws import translate_error
 from ..io.retry import RetryPolicy, retry
 from ..protocol import MARKER_TTL_ATTRIBUTE, JobRecord, ShardRecord, marker_key
@@ -152,7 +152,7 @@ class DynamoJobStore(JobStore):
         dynamodb: Any,
         table: str,
         *,
-        retry_policy: RetryPolicy = RetryPolicy(),
+        retry_policy: RetryPolicy,
         ttl_s: int = DEFAULT_RECORD_TTL_S,
         durable: bool = True,
     ) -> None:
@@ -320,7 +320,7 @@ class DynamoJobStore(JobStore):
                 raise translate_error(exc, what=what) from exc
             pending = response.get("UnprocessedItems", {}).get(self._table, [])
             if pending:
-                raise RetryableStorageError(f"{what}: {len(pending)} of {len(requests)} items left unprocessed")
+                raise StorageThrottledError(f"{what}: {len(pending)} of {len(requests)} items left unprocessed")
 
         await retry(attempt, policy=self._retry, describe=what)
 

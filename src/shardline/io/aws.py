@@ -22,11 +22,13 @@ from typing import Any
 from ..errors import (
     ConfigurationError,
     ObjectChangedError,
-    RetryableStorageError,
     ShardlineError,
     SourceAccessError,
     SourceNotFoundError,
     StorageError,
+    StorageNetworkError,
+    StorageThrottledError,
+    StorageTimeoutError,
 )
 from .aio import wait_uncancellable
 
@@ -59,25 +61,29 @@ AWS_CREDENTIAL_VARIABLES = (
     "AWS_ROLE_SESSION_NAME",
 )
 
-_RETRYABLE_CODES = frozenset(
+#: Error codes that ask us to slow down, and ones of a transient server-side failure.
+_THROTTLE_CODES = frozenset(
     {
         "SlowDown",
-        "ServiceUnavailable",
-        "InternalError",
-        "InternalServerError",
-        "RequestTimeout",
-        "RequestTimeoutException",
         "Throttling",
         "ThrottlingException",
         "ThrottledException",
         "ProvisionedThroughputExceededException",
         "RequestLimitExceeded",
         "TooManyRequestsException",
+        "429",
+    }
+)
+_TIMEOUT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "504"})
+_TRANSIENT_CODES = frozenset(
+    {
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalServerError",
         "TransactionInProgressException",
         "500",
         "502",
         "503",
-        "504",
     }
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
@@ -185,16 +191,19 @@ def error_code(exc: BaseException) -> str:
 def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
     """Map a botocore / aiohttp / OS error about `what` to a ShardlineError.
 
-    Retryable causes become RetryableStorageError, so `shardline.io.retry` can
-    tell them apart from failures no retry will fix.
+    Transient causes become a RetryableStorageError (timeout, network or
+    throttling), so `shardline.io.retry` can tell them apart from failures no
+    retry will fix.
     """
     import aiohttp
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        ConnectTimeoutError,
         NoCredentialsError,
         ParamValidationError,
         PartialCredentialsError,
+        ReadTimeoutError,
     )
 
     if isinstance(exc, ShardlineError):
@@ -209,16 +218,22 @@ def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         if code in _CHANGED_CODES or status == 412:
             return ObjectChangedError(f"{what}: the object changed during the job (ETag no longer matches)")
-        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-            return RetryableStorageError(f"{what}: {code}: {message}")
+        if code in _THROTTLE_CODES or status == 429:
+            return StorageThrottledError(f"{what}: {code}: {message}")
+        if code in _TIMEOUT_CODES:
+            return StorageTimeoutError(f"{what}: {code}: {message}")
+        if code in _TRANSIENT_CODES or status >= 500:
+            return StorageNetworkError(f"{what}: {code}: {message}")
         if code in _NOT_FOUND_CODES:
             kind = "bucket" if code == "NoSuchBucket" else "object"
             return SourceNotFoundError(f"{what}: no such {kind} ({code})")
         if code in _ACCESS_CODES:
             return SourceAccessError(f"{what}: access denied ({code}: {message})")
         return StorageError(f"{what}: {code}: {message}")
-    if isinstance(exc, (BotoCoreError, OSError, TimeoutError, aiohttp.ClientError)):
-        return RetryableStorageError(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (TimeoutError, ReadTimeoutError, ConnectTimeoutError, aiohttp.ServerTimeoutError)):
+        return StorageTimeoutError(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (BotoCoreError, OSError, aiohttp.ClientError)):
+        return StorageNetworkError(f"{what}: {type(exc).__name__}: {exc}")
     return StorageError(f"{what}: {type(exc).__name__}: {exc}")
 
 

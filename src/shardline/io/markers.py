@@ -34,7 +34,7 @@ class MarkerStore:
         dynamodb: Any,
         table: str,
         *,
-        retry_policy: RetryPolicy = RetryPolicy(),
+        retry_policy: RetryPolicy,
         ttl_s: int = MARKER_TTL_S,
     ) -> None:
         self._dynamodb = dynamodb

@@ -61,7 +61,7 @@ class S3Bucket:
         bucket: str,
         *,
         aws: AwsSettings,
-        retry_policy: RetryPolicy = RetryPolicy(),
+        retry_policy: RetryPolicy,
         multipart_threshold_bytes: int = DEFAULT_MULTIPART_THRESHOLD_BYTES,
         multipart_part_bytes: int = DEFAULT_MULTIPART_PART_BYTES,
     ) -> None:
@@ -279,7 +279,7 @@ class S3Buckets:
     and fetches every remote attempt output through it, instead of paying a
     client's setup per object.  Closed by `aclose()`."""
 
-    def __init__(self, aws: AwsSettings, *, retry_policy: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(self, aws: AwsSettings, *, retry_policy: RetryPolicy) -> None:
         self._aws = aws
         self._retry_policy = retry_policy
         self._buckets: dict[str, S3Bucket] = {}

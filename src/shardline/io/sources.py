@@ -26,10 +26,10 @@ from typing import Any, Self, TypeVar
 
 from ..errors import (
     ObjectChangedError,
-    RetryableStorageError,
     SourceAccessError,
     SourceNotFoundError,
     StorageError,
+    StorageNetworkError,
 )
 from . import COPY_CHUNK_BYTES
 from .aio import wait_uncancellable
@@ -336,7 +336,7 @@ class S3Source(ObjectSource):
                 except Exception as exc:
                     raise translate_error(exc, what=f"{what} after {filled} bytes") from exc
                 if not data:
-                    raise RetryableStorageError(f"{what}: body ended after {filled} of {wanted} bytes")
+                    raise StorageNetworkError(f"{what}: body ended after {filled} of {wanted} bytes")
                 if filled + len(data) > wanted:
                     raise StorageError(f"{what}: server sent more than the {wanted} bytes of the range")
                 view[filled : filled + len(data)] = data

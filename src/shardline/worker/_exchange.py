@@ -23,8 +23,16 @@ import contextlib
 import logging
 import ssl
 
-from ..errors import ConfigurationError, ProtocolError, ShardlineError, StaleAttemptError
-from ..io.retry import RetryPolicy
+from ..errors import (
+    ConfigurationError,
+    ExchangeNetworkError,
+    ExchangeRefusedError,
+    ExchangeTimeoutError,
+    ExchangeUnavailable,
+    ProtocolError,
+    StaleAttemptError,
+)
+from ..io.retry import RetryPolicy, retry
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -38,17 +46,14 @@ from ..protocol import (
     Want,
 )
 
-__all__ = ["ExchangeClient", "ExchangeUnavailable", "client_tls_context"]
+__all__ = ["ExchangeClient", "client_tls_context"]
 
 log = logging.getLogger("shardline.worker.exchange")
 
 _READ_BYTES = 256 * 1024
 #: Between tries of the final report: from 0.1 s doubling to 2 s, jittered.
-REPORT_BACKOFF = RetryPolicy(base_delay_s=0.1, max_delay_s=2.0)
-
-
-class ExchangeUnavailable(ShardlineError):
-    """The coordinator's exchange could not be reached or rejected us."""
+#: Reporting DONE/FAILED tries again through a flood or a restart of the exchange, for up to its timeout.
+REPORT_BACKOFF = RetryPolicy(attempts=1_000, base_delay_s=0.1, max_delay_s=2.0)
 
 
 class ExchangeClient:
@@ -113,23 +118,33 @@ class ExchangeClient:
                 f"exchange at {self._address[0]}:{self._address[1]} presented a certificate we cannot verify: "
                 f"{exc.verify_message or exc}"
             ) from exc
-        except (TimeoutError, OSError) as exc:
-            raise ExchangeUnavailable(f"cannot reach exchange at {self._address[0]}:{self._address[1]}: {exc}") from exc
+        except TimeoutError as exc:
+            raise ExchangeTimeoutError(
+                f"no connection to the exchange at {self._where()} within {timeout_s:g}s"
+            ) from exc
+        except OSError as exc:
+            raise ExchangeNetworkError(f"cannot reach the exchange at {self._where()}: {exc}") from exc
         self._session, self._reader, self._writer = session, reader, writer
         try:
             writer.write(session.send(session.hello))  # type: ignore[arg-type]
             await writer.drain()
             async with asyncio.timeout(timeout_s):
                 welcome = await self._read_frame()
-        except (TimeoutError, OSError, ProtocolError) as exc:
+        except TimeoutError as exc:
             await self._drop_connection()
-            raise ExchangeUnavailable(f"exchange handshake failed: {exc}") from exc
+            raise ExchangeTimeoutError(
+                f"the exchange at {self._where()} did not answer HELLO in {timeout_s:g}s"
+            ) from exc
+        except (OSError, ProtocolError) as exc:
+            await self._drop_connection()
+            raise ExchangeNetworkError(f"exchange handshake failed: {exc}") from exc
         if isinstance(welcome, Error) or welcome is None:
             await self._drop_connection()
             if isinstance(welcome, Error):
                 self._refused(welcome)
-            reason = welcome.message if isinstance(welcome, Error) else "connection closed"
-            raise ExchangeUnavailable(f"exchange refused the session: {reason}")
+            if isinstance(welcome, Error):
+                raise ExchangeRefusedError(f"exchange refused the session: {welcome.message}")
+            raise ExchangeNetworkError("the exchange closed the connection during the handshake")
         self.connected = True
         self._read_task = asyncio.create_task(self._read_loop(), name="exchange-reader")
         if self._head is not None:
@@ -171,7 +186,12 @@ class ExchangeClient:
             self.connected = False
             self._answer_arrived.set()
             if self._ack is not None and not self._ack.done():
-                self._ack.set_exception(ExchangeUnavailable(self.rejection or "exchange session lost before ACK"))
+                lost: ExchangeUnavailable = (
+                    ExchangeRefusedError(self.rejection)
+                    if self.rejection is not None
+                    else ExchangeNetworkError("exchange session lost before ACK")
+                )
+                self._ack.set_exception(lost)
 
     def _refused(self, error: Error) -> None:
         self.rejection = error.message
@@ -197,13 +217,13 @@ class ExchangeClient:
     async def _send(self, frame: Frame) -> None:
         async with self._send_lock:
             if not self.connected or self._writer is None or self._session is None:
-                raise ExchangeUnavailable("not connected to the exchange")
+                raise ExchangeNetworkError("not connected to the exchange")
             try:
                 self._writer.write(self._session.send(frame))
                 await self._writer.drain()
             except OSError as exc:
                 self.connected = False
-                raise ExchangeUnavailable(f"exchange write failed: {exc}") from exc
+                raise ExchangeNetworkError(f"exchange write failed: {exc}") from exc
 
     async def send(self, frame: Frame) -> bool:
         """Best-effort send; False if the session is gone (the shard goes on)."""
@@ -246,18 +266,17 @@ class ExchangeClient:
 
     async def report(self, frame: Frame, *, timeout_s: float) -> Ack:
         """Send DONE or FAILED and wait for the coordinator's ACK, reconnecting
-        with backoff as often as needed within `timeout_s` in all.
+        with backoff (the one retry loop) as often as needed within `timeout_s` in all.
 
         Raises StaleAttemptError if the coordinator has fenced this attempt,
-        ExchangeUnavailable if it refused the report or `timeout_s` ran out.
+        ExchangeRefusedError if it refused the report, and the last
+        ExchangeUnavailable once `timeout_s` has run out.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        last_error: Exception | None = None
-        tries = 0
-        while True:
+
+        async def attempt() -> Ack:
             self._raise_if_fenced()
-            tries += 1
             try:
                 async with asyncio.timeout_at(deadline):
                     if not self.connected:
@@ -265,20 +284,29 @@ class ExchangeClient:
                     self._ack = loop.create_future()
                     await self._send(frame)
                     return await self._ack
-            except (TimeoutError, ExchangeUnavailable) as exc:
-                last_error = exc
-                self._raise_if_fenced()
-                if self.rejection is not None:
-                    break  # refused: reconnecting will not help
+            except TimeoutError:
                 await self._drop_connection()
-            delay_s = REPORT_BACKOFF.delay_s(tries)
-            if loop.time() + delay_s >= deadline:
-                break
-            log.info("exchange: reporting %s failed (%s); trying again in %.2fs", frame.TYPE.name, last_error, delay_s)
-            await asyncio.sleep(delay_s)
-        raise ExchangeUnavailable(
-            f"could not report {frame.TYPE.name} to the exchange ({tries} tries in {timeout_s:g}s): {last_error}"
+                raise ExchangeTimeoutError(f"no ACK for {frame.TYPE.name} within {timeout_s:g}s") from None
+            except ExchangeUnavailable:
+                self._raise_if_fenced()
+                await self._drop_connection()
+                raise
+
+        policy = RetryPolicy(
+            attempts=REPORT_BACKOFF.attempts,
+            base_delay_s=REPORT_BACKOFF.base_delay_s,
+            max_delay_s=REPORT_BACKOFF.max_delay_s,
+            total_s=timeout_s,
         )
+        return await retry(
+            attempt,
+            policy=policy,
+            describe=f"reporting {frame.TYPE.name} to the exchange",
+            retryable=(ExchangeTimeoutError, ExchangeNetworkError),
+        )
+
+    def _where(self) -> str:
+        return f"{self._address[0]}:{self._address[1]}"
 
     async def _drop_connection(self) -> None:
         self.connected = False

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from ..errors import (
     ConfigurationError,
+    ExchangeUnavailable,
     InputError,
     MarkerConflictError,
     ShardlineError,
@@ -59,7 +60,7 @@ from ..protocol import (
     TailSource,
     attempt_output_name,
 )
-from ._exchange import ExchangeClient, ExchangeUnavailable, client_tls_context
+from ._exchange import ExchangeClient, client_tls_context
 from ._reader import RangedReader, ReaderSettings, fetch_range
 
 __all__ = ["ShardResult", "WorkerSettings", "run_task"]
