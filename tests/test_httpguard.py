@@ -299,8 +299,8 @@ async def test_refusals_are_counted_and_logged_once_per_cause(coordinator, caplo
     assert 'shardline_http_refused_total{cause="bad_host"} 20' in metrics
     assert 'shardline_http_refused_total{cause="header_timeout"} 0' in metrics
     warnings = [r.getMessage() for r in caplog.records if r.name == "shardline.coordinator.http"]
-    assert len([w for w in warnings if "(bad_token)" in w]) == 1, warnings
-    assert len([w for w in warnings if "(bad_host)" in w]) == 1, warnings
+    assert len([w for w in warnings if "(cause bad_token)" in w]) == 1, warnings
+    assert len([w for w in warnings if "(cause bad_host)" in w]) == 1, warnings
     # Nor does the access log list them one by one.
     access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert access and not any('" 401 ' in line or '" 403 ' in line for line in access), access

@@ -1,4 +1,4 @@
-"""Job outputs (shardline.coordinator._outputs): destinations, the manifest, reduce.
+"""Job outputs: destinations, the manifest, reduce.
 
 S3 destinations run against the session's moto server (through
 `faultproxy.FaultProxy` where a request must fail); local ones against
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator._outputs import (
+from shardline.coordinator import (
     MANIFEST_VERSION,
     LocalDirectoryDestination,
     ManifestShard,

@@ -7,23 +7,28 @@ function, and results come back over the exchange.
 
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._context import CoordinatorSettings
+from ._destination import Destination, OutputPolicy
 from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
 from ._http import HttpServer, make_app
 from ._httpguard import HttpAccess, HttpLimits, is_loopback_host
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
-from ._outputs import OutputPolicy
-from ._release import OutputPiece
-from ._service import Coordinator, JobProgress, JobReport, ShardReport, copy_piece, run_job
+from ._manifest import MANIFEST_VERSION, ManifestShard, build_manifest, file_checksum
+from ._outputs import LocalDirectoryDestination, S3Destination, open_destination
+from ._release import OutputPiece, ReduceRunner
+from ._runjob import JobProgress, JobReport, ShardReport, copy_piece, run_job
+from ._service import Coordinator
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
 
 __all__ = [
     "DEFAULT_JOBS_TABLE",
     "DEFAULT_LAMBDA_CONCURRENCY",
+    "MANIFEST_VERSION",
     "MEMORY_SPOOL_DIR",
     "Backend",
     "Coordinator",
     "CoordinatorSettings",
+    "Destination",
     "DynamoJobStore",
     "ExchangeHooks",
     "ExchangeServer",
@@ -34,17 +39,24 @@ __all__ = [
     "JobReport",
     "JobStore",
     "LambdaBackend",
+    "LocalDirectoryDestination",
     "LocalProcessBackend",
+    "ManifestShard",
     "MemoryJobStore",
     "OutputPiece",
     "OutputPolicy",
+    "ReduceRunner",
+    "S3Destination",
     "ShardReport",
     "SpoolDir",
     "WorkerExit",
+    "build_manifest",
     "choose_spool_dir",
     "copy_piece",
+    "file_checksum",
     "is_loopback_host",
     "make_app",
+    "open_destination",
     "run_job",
     "server_tls_context",
     "sweep_spools",

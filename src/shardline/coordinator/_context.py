@@ -11,8 +11,8 @@ from ..io.markers import MarkerStore
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Buckets
 from ..protocol import DEFAULT_MARKER_TABLE, JobLimits
+from ._destination import OutputPolicy
 from ._metrics import CoordinatorMetrics
-from ._outputs import OutputPolicy
 from ._spool import MEMORY_SPOOL_DIR
 from ._store import DEFAULT_JOBS_TABLE, JobStore
 

@@ -73,6 +73,7 @@ from ..protocol import (
     attempt_secret,
 )
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
+from ._refusals import REFUSAL_LOG_INTERVAL_S, Refusals
 
 __all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer", "server_tls_context"]
 
@@ -88,9 +89,6 @@ HANDSHAKE_DEADLINE_S = 10.0
 #: (further capped at a quarter, and a sixteenth, of the open-file limit).
 MAX_UNAUTHENTICATED = 1024
 MAX_UNAUTHENTICATED_PER_PEER = 256
-#: After the first refusal of a cause is logged, the next log line for it
-#: (a count) comes at most this much later.
-REFUSAL_LOG_INTERVAL_S = 60.0
 
 #: Why the exchange closed a connection: the `cause` label of
 #: shardline_exchange_refused_total.
@@ -286,47 +284,6 @@ class _Unauthenticated:
         return len(self._all)
 
 
-class _RefusalLog:
-    """Logs the first refusal of each cause, then how many followed, at most once per interval."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._logged_at: dict[str, float] = {}
-        self._unlogged: Counter[str] = Counter()
-
-    def refused(self, cause: str, who: str, detail: str) -> None:
-        now = time.monotonic()
-        logged_at = self._logged_at.get(cause)
-        if logged_at is None:
-            self._logged_at[cause] = now
-            log.warning(
-                "exchange refused a connection (cause %s): %s: %s; more are counted in "
-                'shardline_exchange_refused_total{cause="%s"} and logged at most every %.0fs',
-                cause,
-                who,
-                detail,
-                cause,
-                self._interval_s,
-            )
-            return
-        self._unlogged[cause] += 1
-        if now - logged_at >= self._interval_s:
-            self._summarise(cause, now - logged_at, f"; the latest: {who}: {detail}")
-            self._logged_at[cause] = now
-
-    def flush(self) -> None:
-        now = time.monotonic()
-        for cause in list(self._unlogged):
-            self._summarise(cause, now - self._logged_at[cause], "")
-
-    def _summarise(self, cause: str, elapsed_s: float, latest: str) -> None:
-        count = self._unlogged.pop(cause, 0)
-        if count:
-            log.warning(
-                "exchange refused %d more connection(s) (cause %s) in the last %.0fs%s", count, cause, elapsed_s, latest
-            )
-
-
 @dataclass(eq=False)
 class _JobRelay:
     secret: bytes = field(repr=False)  # the job's; each attempt's is derived from it
@@ -367,12 +324,20 @@ class ExchangeServer:
         total = max_unauthenticated or max(1, min(MAX_UNAUTHENTICATED, open_files_limit() // 4))
         per_peer = max_unauthenticated_per_peer or max(1, min(MAX_UNAUTHENTICATED_PER_PEER, total // 4))
         self._unauthenticated = _Unauthenticated(max_total=total, max_per_peer=per_peer)
-        self._refusal_log = _RefusalLog(refusal_log_interval_s)
         self._jobs: dict[str, _JobRelay] = {}
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         #: Connections closed by the exchange, by cause (REFUSAL_CAUSES).
         self.refused: Counter[str] = Counter(dict.fromkeys(REFUSAL_CAUSES, 0))
+        self._refusals = Refusals(
+            "exchange",
+            causes=REFUSAL_CAUSES,
+            counts=self.refused,
+            metric="shardline_exchange_refused_total",
+            unit="connection",
+            log=log,
+            log_interval_s=refusal_log_interval_s,
+        )
         #: How long each WANT waited for its neighbour's HEAD (0 when it was already here).
         self.handshake_wait_s = Histogram(HANDSHAKE_WAIT_BUCKETS_S)
 
@@ -415,7 +380,7 @@ class ExchangeServer:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-            self._refusal_log.flush()
+            self._refusals.flush()
 
     def register(self, job_id: str, secret: bytes, hooks: ExchangeHooks) -> None:
         """Serve `job_id`'s attempts; `secret` is the job's (protocol.job_secret)."""
@@ -478,8 +443,7 @@ class ExchangeServer:
         if connection.refused is not None:
             return  # e.g. evicted: its handler then sees the connection end
         connection.refused = refusal.cause
-        self.refused[refusal.cause] += 1
-        self._refusal_log.refused(refusal.cause, connection.who, str(refusal))
+        self._refusals.refuse(refusal.cause, f"{connection.who}: {refusal}")
 
     async def _authenticate(self, connection: _Connection) -> bool:
         """TLS and a verified, fresh HELLO within one deadline from accept;

@@ -50,10 +50,11 @@ from ._httpguard import (
     HostNames,
     HttpAccess,
     HttpLimits,
-    HttpRefusals,
     guarded_protocol,
+    http_refusals,
     is_own_origin,
 )
+from ._refusals import Refusals
 
 if TYPE_CHECKING:
     from ._release import OutputPiece
@@ -83,7 +84,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[ShardlineError], int], ...] = (
 
 _COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator")
 _LIMITS: web.AppKey[HttpLimits] = web.AppKey("limits")
-_REFUSALS: web.AppKey[HttpRefusals] = web.AppKey("refusals")
+_REFUSALS: web.AppKey[Refusals] = web.AppKey("refusals")
 #: Set on a request the guard refused; the access log leaves it out.
 _REFUSED: web.RequestKey[bool] = web.RequestKey("refused")
 
@@ -100,7 +101,7 @@ def make_app(
     *,
     access: HttpAccess,
     limits: HttpLimits = HttpLimits(),
-    refusals: HttpRefusals | None = None,
+    refusals: Refusals | None = None,
 ) -> web.Application:
     """The HTTP API over `coordinator`, refusing what `access` does not allow.
 
@@ -108,7 +109,7 @@ def make_app(
     ``Authorization: Bearer <token>``.  Refusals are counted in the
     coordinator's metrics (or in `refusals`, shared with the connection guard).
     """
-    refusals = refusals or HttpRefusals(coordinator.metrics.http_refused)
+    refusals = refusals or http_refusals(coordinator.metrics.http_refused)
     app = web.Application(
         middlewares=[_guard_middleware(access, refusals), _error_middleware], client_max_size=limits.max_body_bytes
     )
@@ -140,7 +141,7 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
-def _guard_middleware(access: HttpAccess, refusals: HttpRefusals) -> Middleware:
+def _guard_middleware(access: HttpAccess, refusals: Refusals) -> Middleware:
     names = HostNames(access)
     token = access.token.encode() if access.token is not None else None
 
@@ -407,7 +408,7 @@ class HttpServer:
 
     async def start(self) -> None:
         limits = self._limits
-        refusals = HttpRefusals(self._coordinator.metrics.http_refused)
+        refusals = http_refusals(self._coordinator.metrics.http_refused)
         app = make_app(self._coordinator, access=self._access, limits=limits, refusals=refusals)
         runner = web.AppRunner(
             app,
@@ -438,7 +439,7 @@ _MAX_HEADERS = 32
 
 
 class _AccessLogger(AccessLogger):
-    """aiohttp's access log without the refused requests: `HttpRefusals` logs those, at a bounded rate."""
+    """aiohttp's access log without the refused requests: `Refusals` logs those, at a bounded rate."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         if not request.get(_REFUSED):

@@ -24,7 +24,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import cast
 
 from ..errors import ConfigurationError
 from ._metrics import HTTP_REFUSAL_CAUSES
+from ._refusals import REFUSAL_LOG_INTERVAL_S, Refusals
 
 __all__ = [
     "ConnectionGuard",
@@ -40,8 +40,8 @@ __all__ = [
     "HostNames",
     "HttpAccess",
     "HttpLimits",
-    "HttpRefusals",
     "guarded_protocol",
+    "http_refusals",
     "is_loopback_host",
     "is_own_origin",
 ]
@@ -191,30 +191,17 @@ def is_own_origin(origin: str, *, scheme: str, host: str | None) -> bool:
     return (addressed[0], addressed[1] or default_port) == (claimed[0], claimed[1] or default_port)
 
 
-class HttpRefusals:
-    """Counts refusals by cause, and logs each cause at most once per `log_interval_s`."""
-
-    def __init__(
-        self, counts: Counter[str], *, log_interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.counts = counts
-        self._log_interval_s = log_interval_s
-        self._clock = clock
-        self._last_logged: dict[str, float] = {}
-        self._unlogged: Counter[str] = Counter()
-
-    def refuse(self, cause: str, detail: str) -> None:
-        assert cause in HTTP_REFUSAL_CAUSES, cause
-        self.counts[cause] += 1
-        now = self._clock()
-        last = self._last_logged.get(cause)
-        if last is not None and now - last < self._log_interval_s:
-            self._unlogged[cause] += 1
-            return
-        self._last_logged[cause] = now
-        unlogged = self._unlogged.pop(cause, 0)
-        more = f" (and {unlogged} more like it since the last report)" if unlogged else ""
-        log.warning("HTTP refused (%s): %s%s", cause, detail, more)
+def http_refusals(counts: Counter[str], *, log_interval_s: float = REFUSAL_LOG_INTERVAL_S) -> Refusals:
+    """The refusals of one HTTP server, counted into `counts` (shardline_http_refused_total)."""
+    return Refusals(
+        "HTTP",
+        causes=HTTP_REFUSAL_CAUSES,
+        counts=counts,
+        metric="shardline_http_refused_total",
+        unit="request",
+        log=log,
+        log_interval_s=log_interval_s,
+    )
 
 
 def _canned(status: int, reason: str, message: str, *headers: str) -> bytes:
@@ -239,7 +226,7 @@ _HEAD_TIMEOUT = _canned(408, "Request Timeout", "the request head did not arrive
 class ConnectionGuard:
     """The connection cap and head deadline, shared by every connection of one server."""
 
-    def __init__(self, limits: HttpLimits, refusals: HttpRefusals) -> None:
+    def __init__(self, limits: HttpLimits, refusals: Refusals) -> None:
         self.limits = limits
         self.refusals = refusals
         self.open_connections = 0

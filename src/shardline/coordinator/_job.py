@@ -46,7 +46,8 @@ from ..protocol import (
 )
 from ._backends import Backend
 from ._context import JobContext
-from ._outputs import Destination, output_size
+from ._destination import Destination
+from ._manifest import output_size
 from ._release import Release
 from ._supervisor import (
     Action,

@@ -15,35 +15,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
-from ..errors import CommandFailedError, JobCancelledError, JobFailedError, ShardlineError
+from ..errors import CommandFailedError, JobCancelledError, JobFailedError, ShardlineError, StorageError
+from ..io import COPY_CHUNK_BYTES
+from ..io.aio import wait_uncancellable
+from ..io.command import CommandOutput
 from ..io.urls import is_s3_url
 from ..protocol import CommittedAttempt, Coverage, JobSpec, JobState, ShardRecord
-from ._outputs import (
-    MANIFEST_NAME,
-    RESULT_NAME,
-    Destination,
-    ManifestShard,
-    ReduceRunner,
-    build_manifest,
-    file_checksum,
-    part_name,
-)
+from ._destination import MANIFEST_NAME, RESULT_NAME, Destination, part_name
+from ._manifest import ManifestShard, build_manifest, file_checksum
 from ._spool import LOCK_FILE
 
 if TYPE_CHECKING:
     from ._job import Job
 
-__all__ = ["OutputPiece", "Release", "written_by_earlier_runs"]
+__all__ = ["OutputPiece", "ReduceRunner", "Release", "written_by_earlier_runs"]
 
 log = logging.getLogger("shardline.coordinator.release")
 
@@ -277,6 +273,77 @@ class Release:
         if job.state is JobState.CANCELLED:
             raise JobCancelledError(job.error or f"job {job.id} was cancelled")
         raise JobFailedError(job.error or f"job {job.id} failed")
+
+
+class ReduceRunner:
+    """``sh -c reduce`` run once on the coordinator; its stdout is written to
+    `output_path`, its stdin is the shard outputs fed in order, and `args`
+    (the shard output files, in order) are its ``"$@"`` so that a merge such
+    as ``sort -m "$@"`` can read each shard's output separately.
+
+    Use as an async context manager (entering starts it; leaving aborts it
+    unless `finish()` was awaited), or call `start()`, `feed_file()` per
+    shard output, then `finish()`.  A reduce that stops reading early
+    (``head -1``) is fine: the rest of the input is skipped, not read.
+    """
+
+    def __init__(
+        self,
+        command: str,
+        output_path: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        drop_env: Collection[str] = (),
+        args: Sequence[str] = (),
+    ) -> None:
+        self._output = CommandOutput(command, output_path, env=env, drop_env=drop_env, args=args)
+        self._started = False
+
+    async def __aenter__(self) -> Self:
+        if not self._started:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        self._started = True
+        await self._output.start()
+
+    async def feed_file(self, path: str) -> None:
+        """Stream the file at `path` into the command's stdin; returns once the
+        pipe has taken it all (backpressure), or the command stopped reading."""
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, after any read in flight
+        except OSError as exc:
+            raise StorageError(f"cannot read {path} for the reduce: {exc.strerror or exc}") from exc
+        with file:
+            buffer = bytearray(COPY_CHUNK_BYTES)
+            # Reusing the buffer is safe: write() returns once the pipe has the bytes.
+            view = memoryview(buffer)
+            while not self._output.bytes_dropped:
+                read = asyncio.ensure_future(asyncio.to_thread(file.readinto, buffer))
+                try:
+                    # Never close the file under a read still running in a thread.
+                    await wait_uncancellable(read)
+                except OSError as exc:
+                    raise StorageError(f"cannot read {path} for the reduce: {exc.strerror or exc}") from exc
+                count = read.result()
+                if not count:
+                    return
+                await self._output.write(view[:count])
+
+    async def finish(self) -> int:
+        """Close stdin and wait for the command; returns its output's size in bytes.
+
+        Raises CommandFailedError (with its stderr tail) on a non-zero exit.
+        """
+        return await self._output.finish()
+
+    async def aclose(self) -> None:
+        """Kill the command unless finished; idempotent and cancellation-safe."""
+        await self._output.aclose()
 
 
 def written_by_earlier_runs(spec: JobSpec, shards: Sequence[ShardRecord]) -> set[str]:

@@ -17,10 +17,9 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
-from typing import BinaryIO
+from dataclasses import replace
 
 from ..errors import (
     ConfigurationError,
@@ -28,7 +27,6 @@ from ..errors import (
     NotAcceptingJobsError,
     ShardlineError,
 )
-from ..io import COPY_CHUNK_BYTES
 from ..io.aws import AwsSettings, client
 from ..io.markers import MarkerStore
 from ..io.retry import retry
@@ -46,20 +44,18 @@ from ..protocol import (
 )
 from ._backends import Backend
 from ._context import CoordinatorSettings, JobContext
+from ._destination import Destination
 from ._exchange import ExchangeServer
 from ._job import Job
+from ._manifest import output_size
 from ._metrics import CoordinatorMetrics, render_prometheus
-from ._outputs import Destination, open_destination, output_size
+from ._outputs import open_destination
 from ._release import OutputPiece, written_by_earlier_runs
 from ._spool import SpoolDir, choose_spool_dir, sweep_spools
-from ._store import JobStore, MemoryJobStore
+from ._store import JobStore
 
 __all__ = [
     "Coordinator",
-    "JobProgress",
-    "JobReport",
-    "ShardReport",
-    "run_job",
 ]
 
 log = logging.getLogger("shardline.coordinator")
@@ -441,142 +437,3 @@ class Coordinator:
         spool = self._spools.pop(job_id, None)
         if spool is not None:
             spool.release()
-
-
-# -- one job in-process: `shardline run` and tests ----------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardReport:
-    index: int
-    attempt: int
-    emitted: tuple[int, int]
-    bytes: int
-    checksum: str
-    output_bytes: int
-    tail_sources: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobReport:
-    job_id: str
-    size: int
-    etag: str
-    shards: tuple[ShardReport, ...]
-    output_bytes: int
-    elapsed_s: float
-    retries: int
-
-    @property
-    def tail_source_counts(self) -> dict[str, int]:
-        return dict(Counter(source for shard in self.shards for source in shard.tail_sources))
-
-
-@dataclass(frozen=True, slots=True)
-class JobProgress:
-    """A snapshot for progress displays."""
-
-    shards: int
-    shards_done: int
-    bytes_emitted: int
-    size: int
-    elapsed_s: float
-
-
-async def run_job(
-    spec: JobSpec,
-    *,
-    aws: AwsSettings,
-    backend: Backend,
-    exchange: ExchangeServer,
-    out: BinaryIO,
-    settings: CoordinatorSettings = CoordinatorSettings(),
-    on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
-) -> JobReport:
-    """Run one job with an in-process coordinator, writing its ordered output to `out`.
-
-    `on_start` receives a function returning a JobProgress snapshot.  Raises
-    JobFailedError (naming the shard and cause) or a ShardlineError about the
-    input; never returns with unverified output.
-    """
-    started = time.monotonic()
-    async with Coordinator(
-        aws=aws, backends={backend.name: backend}, store=MemoryJobStore(), exchange=exchange, settings=settings
-    ) as coordinator:
-        await coordinator.sweep_spools()  # what earlier runs, killed, left behind
-        view = await coordinator.submit(spec)
-        job_id = view.id
-        if on_start is not None:
-
-            def progress() -> JobProgress:
-                current = coordinator.view(job_id)
-                return JobProgress(
-                    shards=len(current.shards),
-                    shards_done=current.shards_done,
-                    bytes_emitted=current.bytes_emitted,
-                    size=current.size or 0,
-                    elapsed_s=time.monotonic() - started,
-                )
-
-            on_start(progress)
-        written = 0
-        try:
-            async for piece in coordinator.output(job_id, consume=True):
-                written += await asyncio.to_thread(copy_piece, piece, out)
-            final = coordinator.view(job_id)
-            supervisor = coordinator._job(job_id).supervisor
-            committed = [supervisor.committed(index) for index in range(len(supervisor))]
-        finally:
-            await coordinator.cancel(job_id)  # no-op once finished; stops workers on error
-            coordinator.forget(job_id)
-    return JobReport(
-        job_id=job_id,
-        size=final.size or 0,
-        etag=final.etag or "",
-        shards=tuple(
-            ShardReport(
-                index=index,
-                attempt=c.attempt,
-                emitted=(c.emitted_start, c.emitted_end),
-                bytes=c.bytes,
-                checksum=c.checksum,
-                output_bytes=c.output_bytes,
-                tail_sources=c.tail_sources,
-            )
-            for index, c in enumerate(committed)
-            if c is not None
-        ),
-        output_bytes=written,
-        elapsed_s=time.monotonic() - started,
-        retries=final.retries,
-    )
-
-
-def copy_piece(piece: OutputPiece, out: BinaryIO) -> int:
-    """Copy one output piece to `out`; sendfile when both ends allow it."""
-    with open(piece.path, "rb") as f:
-        out.flush()
-        try:
-            out_fd: int | None = out.fileno()
-        except (AttributeError, OSError, ValueError):
-            out_fd = None
-        position = piece.start
-        if out_fd is not None:
-            try:
-                while position < piece.end:
-                    sent = os.sendfile(out_fd, f.fileno(), position, piece.end - position)
-                    if sent == 0:
-                        break
-                    position += sent
-            except OSError as exc:
-                if exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
-                    raise
-        f.seek(position)
-        while position < piece.end:
-            chunk = f.read(min(COPY_CHUNK_BYTES, piece.end - position))
-            if not chunk:
-                raise OSError(f"{piece.path} is shorter than expected ({position} < {piece.end} bytes)")
-            out.write(chunk)
-            position += len(chunk)
-        out.flush()
-    return piece.end - piece.start

@@ -271,7 +271,8 @@ class Done(Frame):
         _require(self.line_start or self.bytes == 0, "DONE emits bytes although no line starts in its range")
         _require(isinstance(self.checksum, str) and len(self.checksum) <= 64, "DONE.checksum invalid")
         _require(
-            isinstance(self.tail_sources, list) and all(isinstance(s, str) and s in _TAIL_SOURCES for s in self.tail_sources),
+            isinstance(self.tail_sources, list)
+            and all(isinstance(s, str) and s in _TAIL_SOURCES for s in self.tail_sources),
             "DONE.tail_sources invalid",
         )
         _require(not self.data, "DONE carries no data")
