@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from shardline.coordinator import CoordinatorSettings, OutputPiece, choose_spool_dir, copy_piece
 from shardline.embedded import InProcessBackend, run_embedded
 from shardline.io.aws import AwsSettings, client
-from shardline.io.command import PassthroughOutput
+from shardline.io.shardoutput import PassthroughOutput
 from shardline.io.sources import ObjectSource, open_source
 from shardline.protocol import JobSpec
 from shardline.worker import _shard as shard_module

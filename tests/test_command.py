@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from shardline.errors import CommandFailedError, StorageError
-from shardline.io.command import CommandOutput, PassthroughOutput, ShardOutput
+from shardline.io.command import CommandOutput
 from shardline.io.processes import COMMAND_ID_VARIABLE
+from shardline.io.shardoutput import PassthroughOutput, ShardOutput
 
 from leftovers import DAEMONISING, alive, kill_quietly, leave_behind, read_pids
 

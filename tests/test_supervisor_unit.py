@@ -11,9 +11,9 @@ import socket
 
 import pytest
 
-from shardline.coordinator._metrics import CoordinatorMetrics
-from shardline.coordinator._supervisor import (
+from shardline.coordinator import (
     CommitShard,
+    CoordinatorMetrics,
     FailJob,
     Launch,
     RaiseFence,

@@ -5,20 +5,24 @@ Depends on `shardline.protocol` and the I/O layer (`shardline.io`), never on
 function, and results come back over the exchange.
 """
 
+from ._actions import CommitShard, FailJob, Launch, RaiseFence, SaveShard, StopAttempt, SupervisorSettings
 from ._backends import Backend, LocalProcessBackend, WorkerExit
 from ._context import CoordinatorSettings
 from ._destination import Destination, OutputPolicy
-from ._exchange import ExchangeHooks, ExchangeServer, server_tls_context
+from ._exchange import ExchangeHooks, ExchangeServer
+from ._exchangeio import server_tls_context
 from ._http import HttpServer, make_app
 from ._httpguard import HttpAccess, HttpLimits, is_loopback_host
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._manifest import MANIFEST_VERSION, ManifestShard, build_manifest, file_checksum
+from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import LocalDirectoryDestination, S3Destination, open_destination
 from ._release import OutputPiece, ReduceRunner
 from ._runjob import JobProgress, JobReport, ShardReport, copy_piece, run_job
 from ._service import Coordinator
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
 from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
+from ._supervisor import Supervisor
 
 __all__ = [
     "DEFAULT_JOBS_TABLE",
@@ -26,12 +30,15 @@ __all__ = [
     "MANIFEST_VERSION",
     "MEMORY_SPOOL_DIR",
     "Backend",
+    "CommitShard",
     "Coordinator",
+    "CoordinatorMetrics",
     "CoordinatorSettings",
     "Destination",
     "DynamoJobStore",
     "ExchangeHooks",
     "ExchangeServer",
+    "FailJob",
     "HttpAccess",
     "HttpLimits",
     "HttpServer",
@@ -39,16 +46,22 @@ __all__ = [
     "JobReport",
     "JobStore",
     "LambdaBackend",
+    "Launch",
     "LocalDirectoryDestination",
     "LocalProcessBackend",
     "ManifestShard",
     "MemoryJobStore",
     "OutputPiece",
     "OutputPolicy",
+    "RaiseFence",
     "ReduceRunner",
     "S3Destination",
+    "SaveShard",
     "ShardReport",
     "SpoolDir",
+    "StopAttempt",
+    "Supervisor",
+    "SupervisorSettings",
     "WorkerExit",
     "build_manifest",
     "choose_spool_dir",
@@ -57,6 +70,7 @@ __all__ = [
     "is_loopback_host",
     "make_app",
     "open_destination",
+    "render_prometheus",
     "run_job",
     "server_tls_context",
     "sweep_spools",

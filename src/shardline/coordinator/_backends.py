@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..io.aio import completes_within
 from ..protocol import ShardTask
 
 __all__ = ["Backend", "LocalProcessBackend", "WorkerExit"]
@@ -247,7 +248,7 @@ class _WorkerProcess:
             return self._parse_answer(answer.result())
         answer.cancel()
         # Its last words (a traceback) may still be on the way.
-        await _completes_within(self._protocol.stderr_closed, _STDERR_WAIT_S)
+        await completes_within(self._protocol.stderr_closed, _STDERR_WAIT_S)
         return WorkerExit(ok=False, detail=self._exit_detail()), False
 
     def _parse_answer(self, line: bytes) -> tuple[WorkerExit, bool]:
@@ -282,7 +283,7 @@ class _WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self._transport.send_signal(signal.SIGTERM)
         self._stdin().close()
-        if not await _completes_within(self._protocol.exited, grace_s):
+        if not await completes_within(self._protocol.exited, grace_s):
             log.info("worker process %d still running %.1fs after SIGTERM; killing it", self.pid, grace_s)
             # Unreaped, so neither its pid nor its children's can have been reused.
             # Below it: its commands and whatever they started, daemonised or
@@ -294,7 +295,7 @@ class _WorkerProcess:
             for pid in descendants:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-            if not await _completes_within(self._protocol.exited, _KILL_WAIT_S):
+            if not await completes_within(self._protocol.exited, _KILL_WAIT_S):
                 log.warning("worker process %d not reaped %.0fs after SIGKILL", self.pid, _KILL_WAIT_S)
         self._transport.close()
 
@@ -318,9 +319,3 @@ def _descendant_pids(pid: int) -> list[int]:
         found.extend(children)
         pending.extend(children)
     return found
-
-
-async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> bool:
-    """Wait for `future` without cancelling it on timeout."""
-    done, _ = await asyncio.wait({future}, timeout=timeout_s)
-    return bool(done)

@@ -47,7 +47,6 @@ from typing import Protocol
 
 from ..errors import (
     AuthenticationError,
-    ConfigurationError,
     FrameTooLargeError,
     ProtocolError,
     RemoteProtocolError,
@@ -72,16 +71,15 @@ from ..protocol import (
     Want,
     attempt_secret,
 )
+from ._exchangeio import Stream, TlsStream, Unauthenticated
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 from ._refusals import REFUSAL_LOG_INTERVAL_S, Refusals
 
-__all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer", "server_tls_context"]
+__all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer"]
 
 log = logging.getLogger("shardline.coordinator.exchange")
 
 _READ_BYTES = 256 * 1024
-#: Raw reads while a TLS handshake runs: one TLS record.
-_TLS_READ_BYTES = 16 * 1024
 LISTEN_BACKLOG = 4096
 #: From accept to a verified HELLO, TLS handshake included: one deadline, not per read.
 HANDSHAKE_DEADLINE_S = 10.0
@@ -126,89 +124,9 @@ class ExchangeHooks(Protocol):
     def on_disconnect(self, hello: Hello) -> None: ...
 
 
-class _Stream:
-    """The bytes of one plain TCP connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-
-    async def read(self, max_bytes: int) -> bytes:
-        """Up to `max_bytes`; b"" at EOF."""
-        return await self._reader.read(max_bytes)
-
-    async def write(self, data: bytes) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
-
-    def abort(self) -> None:
-        self._writer.transport.abort()
-
-    async def aclose(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._writer.wait_closed()
-
-
-class _TlsStream(_Stream):
-    """TLS over a plain connection, through memory BIOs.
-
-    Terminating TLS here instead of in the event loop's transport means the
-    handshake happens inside the connection's handler: under its deadline,
-    counted against the caps, and evictable like any unauthenticated peer.
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext) -> None:
-        super().__init__(reader, writer)
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._received_any = False
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self._tls.do_handshake()
-            except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._receive() and not self._received_any:
-                    raise ConnectionAbortedError("closed before the TLS handshake") from None
-            else:
-                await self._flush()
-                return
-
-    async def read(self, max_bytes: int) -> bytes:
-        while True:
-            try:
-                return self._tls.read(max_bytes)
-            except ssl.SSLWantReadError:
-                await self._flush()  # a key update may want an answer
-                await self._receive()
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-
-    async def write(self, data: bytes) -> None:
-        self._tls.write(data)
-        await self._flush()
-
-    async def _receive(self) -> bool:
-        data = await self._reader.read(_TLS_READ_BYTES)
-        if not data:
-            self._incoming.write_eof()
-            return False
-        self._received_any = True
-        self._incoming.write(data)
-        return True
-
-    async def _flush(self) -> None:
-        pending = self._outgoing.read()
-        if pending:
-            await super().write(pending)
-
-
 @dataclass(eq=False)
 class _Connection:
-    stream: _Stream
+    stream: Stream
     session: ExchangeSession
     peer: str  # host:port
     host: str
@@ -245,43 +163,6 @@ def _refusal_for(exc: RemoteProtocolError, *, authenticated: bool) -> _Refusal:
     if isinstance(exc, FrameTooLargeError) and not authenticated:
         return _Refusal("preauth_oversized", str(exc))
     return _Refusal("bad_frame", str(exc))
-
-
-class _Unauthenticated:
-    """The connections that have not authenticated yet, oldest first: in all and per address."""
-
-    def __init__(self, *, max_total: int, max_per_peer: int) -> None:
-        if max_total < 1 or max_per_peer < 1:
-            raise ConfigurationError("the exchange's unauthenticated connection caps must be >= 1")
-        self.max_total = max_total
-        self.max_per_peer = max_per_peer
-        self._all: dict[_Connection, None] = {}  # dicts keep insertion order: oldest first
-        self._by_host: dict[str, dict[_Connection, None]] = {}
-
-    def admit(self, connection: _Connection) -> list[_Connection]:
-        """Add `connection`; returns the connections to evict to keep within the caps."""
-        self._all[connection] = None
-        same_host = self._by_host.setdefault(connection.host, {})
-        same_host[connection] = None
-        evict = []
-        while len(same_host) > self.max_per_peer:
-            evict.append(next(iter(same_host)))
-            self.remove(evict[-1])
-        while len(self._all) > self.max_total:
-            evict.append(next(iter(self._all)))
-            self.remove(evict[-1])
-        return evict
-
-    def remove(self, connection: _Connection) -> None:
-        self._all.pop(connection, None)
-        same_host = self._by_host.get(connection.host)
-        if same_host is not None:
-            same_host.pop(connection, None)
-            if not same_host:
-                del self._by_host[connection.host]
-
-    def __len__(self) -> int:
-        return len(self._all)
 
 
 @dataclass(eq=False)
@@ -323,7 +204,7 @@ class ExchangeServer:
         self._handshake_deadline_s = handshake_deadline_s
         total = max_unauthenticated or max(1, min(MAX_UNAUTHENTICATED, open_files_limit() // 4))
         per_peer = max_unauthenticated_per_peer or max(1, min(MAX_UNAUTHENTICATED_PER_PEER, total // 4))
-        self._unauthenticated = _Unauthenticated(max_total=total, max_per_peer=per_peer)
+        self._unauthenticated: Unauthenticated[_Connection] = Unauthenticated(max_total=total, max_per_peer=per_peer)
         self._jobs: dict[str, _JobRelay] = {}
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -401,7 +282,7 @@ class ExchangeServer:
         self._handlers.add(task)
         host, port = writer.get_extra_info("peername")[:2]
         connection = _Connection(
-            stream=_TlsStream(reader, writer, self._tls) if self._tls else _Stream(reader, writer),
+            stream=TlsStream(reader, writer, self._tls) if self._tls else Stream(reader, writer),
             session=ExchangeSession.server(self._lookup_secret, max_frame_bytes=self._max_frame_bytes),
             peer=f"{host}:{port}",
             host=str(host),
@@ -452,7 +333,7 @@ class ExchangeServer:
         session = connection.session
         try:
             async with asyncio.timeout_at(connection.accepted_at + self._handshake_deadline_s):
-                if isinstance(connection.stream, _TlsStream):
+                if isinstance(connection.stream, TlsStream):
                     await connection.stream.handshake()
                 while True:
                     frame = session.next_frame()
@@ -541,21 +422,3 @@ class ExchangeServer:
             await connection.send(Fragment.relaying(head))
         except OSError as exc:  # the waiter left; it will use the marker or scan
             log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)
-
-
-def server_tls_context(cert_file: str, key_file: str, *, what: str = "the exchange's") -> ssl.SSLContext:
-    """The exchange's TLS context: its certificate chain and key (PEM files).
-
-    Workers verify the certificate against the CA they are given, for the
-    host name they dial (the coordinator's advertised host).  The HTTP API
-    uses the same kind of context (`what` names it in errors).
-    """
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(
-            f"cannot load {what} TLS certificate {cert_file!r} and key {key_file!r}: {exc}"
-        ) from exc
-    return context

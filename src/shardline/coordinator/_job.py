@@ -47,7 +47,7 @@ from ..protocol import (
 from ._backends import Backend
 from ._context import JobContext
 from ._destination import Destination
-from ._manifest import output_size
+from ._manifest import output_problem
 from ._release import Release
 from ._supervisor import (
     Action,
@@ -60,7 +60,7 @@ from ._supervisor import (
     SupervisorSettings,
 )
 
-__all__ = ["Job"]
+__all__ = ["Job", "job_view", "shard_task"]
 
 log = logging.getLogger("shardline.coordinator.job")
 
@@ -129,39 +129,6 @@ class Job:
     @property
     def destination(self) -> Destination | None:
         return self.release.destination
-
-    def view(self) -> JobView:
-        shards = []
-        for index in range(len(self.supervisor)):
-            status = self.supervisor.status(index)
-            committed = status.committed
-            state = status.state
-            if state is ShardState.DONE and not self._commit_durable(index):
-                state = ShardState.RUNNING  # DONE only once a restart would keep it
-            shards.append(
-                ShardView(
-                    index=index,
-                    state=state,
-                    attempt=status.attempt,
-                    bytes=status.bytes,
-                    emitted=(committed.emitted_start, committed.emitted_end) if committed else None,
-                    tail_sources=committed.tail_sources if committed else (),
-                    error=status.error,
-                )
-            )
-        return JobView(
-            id=self.id,
-            state=self.state,
-            spec=self.spec,
-            size=self.size,
-            etag=self.record.etag,
-            shards=tuple(shards),
-            created_at=self.record.created_at,
-            finished_at=self.finished_at,
-            error=self.error,
-            output=self.spec.output,
-            retries=self.supervisor.retries,
-        )
 
     # -- the job's life -----------------------------------------------------------
 
@@ -270,7 +237,7 @@ class Job:
         for action in actions:
             changed = True
             if isinstance(action, Launch):
-                task = self._task(action.shard, action.attempt)
+                task = shard_task(self, action.shard, action.attempt)
                 self._runners[(action.shard, action.attempt)] = asyncio.create_task(
                     self._run_attempt(action, task), name=f"{self.id}-{action.shard}-{action.attempt}"
                 )
@@ -310,35 +277,8 @@ class Job:
     def spool_path(self, shard: int, attempt: int) -> str:
         return os.path.join(self.record.spool_dir, attempt_output_name(shard, attempt))
 
-    def _output_path(self, shard: int, attempt: int) -> str:
+    def output_path(self, shard: int, attempt: int) -> str:
         return self.backend.output_location(self.id, shard, attempt) or self.spool_path(shard, attempt)
-
-    def _task(self, shard: int, attempt: int) -> ShardTask:
-        host, port = self.context.exchange_address
-        settings = self.context.settings
-        return ShardTask(
-            job_id=self.id,
-            shard=shard,
-            shards=self.spec.shards,
-            attempt=attempt,
-            source=self.spec.source,
-            size=self.size,
-            etag=self.record.etag or "",
-            delimiter=self.spec.delimiter,
-            command=self.spec.command,
-            output_path=self._output_path(shard, attempt),
-            exchange_host=settings.advertise_host or host,
-            exchange_port=port,
-            exchange_tls=self.context.exchange_tls,
-            exchange_ca=settings.exchange_ca if self.context.exchange_tls else None,
-            secret=attempt_secret(self.exchange_secret, shard, attempt),
-            markers_table=settings.markers_table,
-            max_line_bytes=self.spec.max_line_bytes,
-            part_size_bytes=self.spec.part_size_bytes,
-            max_in_flight_bytes=self.spec.max_in_flight_bytes,
-            aws=self.context.aws.to_dict(),
-            command_env_drop=settings.command_env_drop,
-        )
 
     async def _run_attempt(self, launch: Launch, task: ShardTask) -> None:
         loop = asyncio.get_running_loop()
@@ -391,8 +331,8 @@ class Job:
         """Verify the attempt's output (I/O), then let the supervisor decide."""
         if self.supervisor.may_commit(hello, done) is not None:
             return False
-        path = self._output_path(hello.shard, hello.attempt)
-        problem = await self._check_output_size(path, done.output_bytes)
+        path = self.output_path(hello.shard, hello.attempt)
+        problem = await output_problem(path, done.output_bytes, self.context.s3_buckets)
         committed, actions = self.supervisor.on_done(
             hello, done, output_path=path, output_problem=problem, now=asyncio.get_running_loop().time()
         )
@@ -405,21 +345,9 @@ class Job:
     def on_disconnect(self, hello: Hello) -> None:
         pass  # the heartbeat deadline and the backend notice a worker that is gone
 
-    async def _check_output_size(self, location: str, output_bytes: int) -> str | None:
-        """Why the attempt's output at `location` does not match DONE, or None."""
-        try:
-            size = await output_size(location, self.context.s3_buckets)
-        except (OSError, ShardlineError) as exc:
-            return f"output unreadable: {exc}"
-        if size is None:
-            return f"output {location} does not exist"
-        if size != output_bytes:
-            return f"output {location} has {size} bytes, DONE says {output_bytes}"
-        return None
-
     # -- the store ---------------------------------------------------------------------
 
-    def _commit_durable(self, shard: int) -> bool:
+    def commit_durable(self, shard: int) -> bool:
         save = self._commits.get(shard)
         return save is None or save.done()
 
@@ -451,3 +379,67 @@ class Job:
         record = self.supervisor.record(shard)
         await self.context.store.save_shard(record)
         self.supervisor.saved(shard, record)
+
+
+def job_view(job: Job) -> JobView:
+    """What `GET /jobs/{id}` shows of `job`."""
+    shards = []
+    for index in range(len(job.supervisor)):
+        status = job.supervisor.status(index)
+        committed = status.committed
+        state = status.state
+        if state is ShardState.DONE and not job.commit_durable(index):
+            state = ShardState.RUNNING  # DONE only once a restart would keep it
+        shards.append(
+            ShardView(
+                index=index,
+                state=state,
+                attempt=status.attempt,
+                bytes=status.bytes,
+                emitted=(committed.emitted_start, committed.emitted_end) if committed else None,
+                tail_sources=committed.tail_sources if committed else (),
+                error=status.error,
+            )
+        )
+    return JobView(
+        id=job.id,
+        state=job.state,
+        spec=job.spec,
+        size=job.size,
+        etag=job.record.etag,
+        shards=tuple(shards),
+        created_at=job.record.created_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        output=job.spec.output,
+        retries=job.supervisor.retries,
+    )
+
+
+def shard_task(job: Job, shard: int, attempt: int) -> ShardTask:
+    """What attempt `attempt` of `shard` is given to run."""
+    host, port = job.context.exchange_address
+    settings = job.context.settings
+    return ShardTask(
+        job_id=job.id,
+        shard=shard,
+        shards=job.spec.shards,
+        attempt=attempt,
+        source=job.spec.source,
+        size=job.size,
+        etag=job.record.etag or "",
+        delimiter=job.spec.delimiter,
+        command=job.spec.command,
+        output_path=job.output_path(shard, attempt),
+        exchange_host=settings.advertise_host or host,
+        exchange_port=port,
+        exchange_tls=job.context.exchange_tls,
+        exchange_ca=settings.exchange_ca if job.context.exchange_tls else None,
+        secret=attempt_secret(job.exchange_secret, shard, attempt),
+        markers_table=settings.markers_table,
+        max_line_bytes=job.spec.max_line_bytes,
+        part_size_bytes=job.spec.part_size_bytes,
+        max_in_flight_bytes=job.spec.max_in_flight_bytes,
+        aws=job.context.aws.to_dict(),
+        command_env_drop=settings.command_env_drop,
+    )

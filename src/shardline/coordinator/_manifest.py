@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import (
+    ShardlineError,
     StorageError,
 )
 from ..io import COPY_CHUNK_BYTES
@@ -22,7 +23,15 @@ from ..io.s3bucket import S3Buckets
 from ..io.urls import is_s3_url
 from ..protocol import check_tiling
 
-__all__ = ["MANIFEST_VERSION", "ManifestShard", "build_manifest", "file_checksum", "manifest_bytes", "output_size"]
+__all__ = [
+    "MANIFEST_VERSION",
+    "ManifestShard",
+    "build_manifest",
+    "file_checksum",
+    "manifest_bytes",
+    "output_problem",
+    "output_size",
+]
 
 #: Version of the `_manifest.json` layout; bump on any incompatible change.
 MANIFEST_VERSION = 1
@@ -37,6 +46,19 @@ async def output_size(location: str, buckets: S3Buckets) -> int | None:
         return os.path.getsize(location)
     except FileNotFoundError:
         return None
+
+
+async def output_problem(location: str, output_bytes: int, buckets: S3Buckets) -> str | None:
+    """Why the attempt's output at `location` does not match DONE, or None."""
+    try:
+        size = await output_size(location, buckets)
+    except (OSError, ShardlineError) as exc:
+        return f"output unreadable: {exc}"
+    if size is None:
+        return f"output {location} does not exist"
+    if size != output_bytes:
+        return f"output {location} has {size} bytes, DONE says {output_bytes}"
+    return None
 
 
 async def file_checksum(path: str) -> str:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,32 @@ class Histogram:
             pairs.append((_number(bound), running))
         pairs.append(("+Inf", self.count))
         return pairs
+
+
+class RunningMedian:
+    """Median of a growing set of numbers in O(log n) per insertion (two heaps)."""
+
+    def __init__(self) -> None:
+        self._low: list[float] = []  # max-heap, negated
+        self._high: list[float] = []  # min-heap
+
+    def __len__(self) -> int:
+        return len(self._low) + len(self._high)
+
+    def add(self, value: float) -> None:
+        if self._low and value > -self._low[0]:
+            heapq.heappush(self._high, value)
+        else:
+            heapq.heappush(self._low, -value)
+        if len(self._low) > len(self._high) + 1:
+            heapq.heappush(self._high, -heapq.heappop(self._low))
+        elif len(self._high) > len(self._low):
+            heapq.heappush(self._low, -heapq.heappop(self._high))
+
+    def median(self) -> float:
+        if len(self._low) > len(self._high):
+            return -self._low[0]
+        return (-self._low[0] + self._high[0]) / 2
 
 
 @dataclass(eq=False)

@@ -46,7 +46,7 @@ from ._backends import Backend
 from ._context import CoordinatorSettings, JobContext
 from ._destination import Destination
 from ._exchange import ExchangeServer
-from ._job import Job
+from ._job import Job, job_view
 from ._manifest import output_size
 from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import open_destination
@@ -218,7 +218,7 @@ class Coordinator:
         )
         self._start(job)
         log.info("job %s: %s, %d bytes, etag %s, %d shards", job_id, spec.source, info.size, info.etag, spec.shards)
-        return job.view()
+        return job_view(job)
 
     async def resume(self) -> list[str]:
         """Load every job the store knows; resume the unfinished ones.  Returns their ids."""
@@ -365,21 +365,21 @@ class Coordinator:
             raise JobNotFoundError(f"no job {job_id!r}") from None
 
     def view(self, job_id: str) -> JobView:
-        return self._job(job_id).view()
+        return job_view(self._job(job_id))
 
     def views(self) -> list[JobView]:
         jobs = sorted(self._jobs.values(), key=lambda job: job.record.created_at, reverse=True)
-        return [job.view() for job in jobs]
+        return [job_view(job) for job in jobs]
 
     async def cancel(self, job_id: str) -> JobView:
         job = self._job(job_id)
         await job.cancel()
-        return job.view()
+        return job_view(job)
 
     async def wait(self, job_id: str) -> JobView:
         job = self._job(job_id)
         await job.finished.wait()
-        return job.view()
+        return job_view(job)
 
     async def output(self, job_id: str, *, consume: bool = False) -> AsyncIterator[OutputPiece]:
         """The job's ordered output (or reduce result) as it is produced.

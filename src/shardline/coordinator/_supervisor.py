@@ -34,8 +34,7 @@ import heapq
 import itertools
 import logging
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from ..errors import ShardFailedError, ShardlineError
 from ..io.retry import RetryPolicy
@@ -51,10 +50,21 @@ from ..protocol import (
     ShardRange,
     ShardRecord,
     ShardState,
-    ShardTimeouts,
-    next_shard_state,
 )
-from ._metrics import CoordinatorMetrics
+from ._actions import (
+    Action,
+    AttemptState,
+    CommitShard,
+    FailJob,
+    Launch,
+    RaiseFence,
+    SaveShard,
+    ShardProgress,
+    ShardStatus,
+    StopAttempt,
+    SupervisorSettings,
+)
+from ._metrics import CoordinatorMetrics, RunningMedian
 
 __all__ = [
     "Action",
@@ -69,157 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("shardline.coordinator.supervisor")
-
-
-# --- actions ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Launch:
-    """Start attempt `attempt` of `shard`; save the shard's record first if `reserve`."""
-
-    shard: int
-    attempt: int
-    speculative: bool
-    reserve: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StopAttempt:
-    """Stop attempt `attempt` of `shard` (its backend run is cancelled)."""
-
-    shard: int
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class RaiseFence:
-    """Make `shard`'s marker refuse writes from attempts below `min_attempt`."""
-
-    shard: int
-    min_attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class SaveShard:
-    """Persist `shard`'s record (`Supervisor.record`)."""
-
-    shard: int
-
-
-@dataclass(frozen=True, slots=True)
-class CommitShard:
-    """`shard` committed `attempt`: save its record before its output is released, and end the
-    attempt's run if the backend cannot see it end by itself."""
-
-    shard: int
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class FailJob:
-    """The job cannot succeed any more."""
-
-    error: ShardlineError
-
-
-Action = Launch | StopAttempt | RaiseFence | SaveShard | CommitShard | FailJob
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SupervisorSettings:
-    """The rules one job's supervision follows (built from the coordinator's settings and the job's spec)."""
-
-    max_attempts: int
-    timeouts: ShardTimeouts
-    #: Backoff before retry n is base/2 + jitter(min(max, base * 2**(n-1))).
-    retry_backoff_s: float = 0.5
-    retry_backoff_max_s: float = 15.0
-    #: Speculate once this fraction of shards is done, on a shard running
-    #: longer than `speculate_slowdown` x the median commit time (and at
-    #: least `speculate_min_s`).
-    speculate_after_fraction: float = 0.75
-    speculate_slowdown: float = 3.0
-    speculate_min_s: float = 10.0
-    #: Live attempts at most (None: every pending shard launches at once and
-    #: the backend queues them).
-    max_live_attempts: int | None = None
-
-
-# --- state --------------------------------------------------------------------
-
-
-@dataclass(eq=False, slots=True)
-class _Attempt:
-    number: int
-    speculative: bool
-    started_at: float | None = None  # when the backend really started it
-    connected: bool = False
-    last_heard: float = 0.0
-    #: Sequence number of the one deadline entry that still speaks for this attempt.
-    watch: int = -1
-
-
-@dataclass(eq=False, slots=True)
-class _Shard:
-    index: int
-    range: ShardRange
-    state: ShardState
-    #: Attempt numbers below this may have been used (it is in the store).
-    saved_next_attempt: int
-    next_attempt: int
-    committed: CommittedAttempt | None
-    error: str | None
-    retries: int
-    live: dict[int, _Attempt] = field(default_factory=dict)
-    failures: int = 0
-    bytes_emitted: int = 0
-    boundary: tuple[int, bool] | None = None  # (h_i, line start) from the first HEAD
-    retry_at: float | None = None
-    speculated: bool = False
-    fence: int = 0  # marker fence raised so far
-
-    def move(self, event: ShardEvent) -> None:
-        self.state = next_shard_state(self.state, event)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardStatus:
-    """What a view shows of one shard."""
-
-    index: int
-    state: ShardState
-    attempt: int
-    bytes: int
-    committed: CommittedAttempt | None
-    error: str | None
-    retries: int
-
-
-class _RunningMedian:
-    """Median of a growing set of numbers in O(log n) per insertion (two heaps)."""
-
-    def __init__(self) -> None:
-        self._low: list[float] = []  # max-heap, negated
-        self._high: list[float] = []  # min-heap
-
-    def __len__(self) -> int:
-        return len(self._low) + len(self._high)
-
-    def add(self, value: float) -> None:
-        if self._low and value > -self._low[0]:
-            heapq.heappush(self._high, value)
-        else:
-            heapq.heappush(self._low, -value)
-        if len(self._low) > len(self._high) + 1:
-            heapq.heappush(self._high, -heapq.heappop(self._low))
-        elif len(self._high) > len(self._low):
-            heapq.heappush(self._low, -heapq.heappop(self._high))
-
-    def median(self) -> float:
-        if len(self._low) > len(self._high):
-            return -self._low[0]
-        return (-self._low[0] + self._high[0]) / 2
 
 
 class Supervisor:
@@ -248,7 +107,7 @@ class Supervisor:
         ordered = sorted(records, key=lambda r: r.index)
         count = len(ordered)
         self._shards = [
-            _Shard(
+            ShardProgress(
                 index=r.index,
                 range=ShardRange.of(size, count, r.index),
                 state=r.state,
@@ -273,7 +132,7 @@ class Supervisor:
         self._ready: list[int] = []
         #: (started_at, seq, shard, attempt): speculation candidates, oldest first.
         self._running: list[tuple[float, int, int, int]] = []
-        self._durations_s = _RunningMedian()
+        self._durations_s = RunningMedian()
         self._retry_policy = RetryPolicy(
             base_delay_s=settings.retry_backoff_s, max_delay_s=settings.retry_backoff_max_s
         )
@@ -291,14 +150,6 @@ class Supervisor:
 
     def state(self, shard: int) -> ShardState:
         return self._shards[shard].state
-
-    def is_live(self, shard: int, attempt: int) -> bool:
-        return 0 <= shard < len(self._shards) and attempt in self._shards[shard].live
-
-    def live_attempts(self) -> Iterator[tuple[int, int]]:
-        for shard in self._shards:
-            for number in shard.live:
-                yield shard.index, number
 
     def status(self, shard: int) -> ShardStatus:
         s = self._shards[shard]
@@ -415,7 +266,7 @@ class Supervisor:
         self.metrics.deadline_misses[kind] += 1
         self._end_attempt(shard, attempt, cause, retryable=True, reason=kind, now=now, actions=actions)
 
-    def _next_deadline(self, attempt: _Attempt) -> tuple[float, str, str]:
+    def _next_deadline(self, attempt: AttemptState) -> tuple[float, str, str]:
         """When `attempt` misses its first deadline, which one, and why."""
         assert attempt.started_at is not None
         timeouts = self.settings.timeouts
@@ -440,7 +291,7 @@ class Supervisor:
             )
         return min(candidates, key=lambda c: c[0])
 
-    def _push_deadline(self, due: float, attempt: _Attempt, index: int) -> None:
+    def _push_deadline(self, due: float, attempt: AttemptState, index: int) -> None:
         attempt.watch = next(self._seq)
         heapq.heappush(self._deadlines, (due, attempt.watch, index, attempt.number))
 
@@ -454,10 +305,10 @@ class Supervisor:
             if shard.state is ShardState.PENDING and shard.retry_at is None and not shard.live:
                 self._launch(shard, speculative=False, actions=actions)
 
-    def _launch(self, shard: _Shard, *, speculative: bool, actions: list[Action]) -> None:
+    def _launch(self, shard: ShardProgress, *, speculative: bool, actions: list[Action]) -> None:
         number = shard.next_attempt
         shard.next_attempt += 1
-        shard.live[number] = _Attempt(number=number, speculative=speculative)
+        shard.live[number] = AttemptState(number=number, speculative=speculative)
         self._live_count += 1
         shard.retry_at = None
         if shard.state is ShardState.PENDING:
@@ -476,7 +327,7 @@ class Supervisor:
             a.started_at = a.last_heard = now
             self._watch(s, a)
 
-    def _watch(self, shard: _Shard, attempt: _Attempt) -> None:
+    def _watch(self, shard: ShardProgress, attempt: AttemptState) -> None:
         assert attempt.started_at is not None
         due, _, _ = self._next_deadline(attempt)
         self._push_deadline(due, attempt, shard.index)
@@ -495,8 +346,8 @@ class Supervisor:
 
     def _end_attempt(
         self,
-        shard: _Shard,
-        attempt: _Attempt,
+        shard: ShardProgress,
+        attempt: AttemptState,
         cause: str,
         *,
         retryable: bool,
@@ -534,7 +385,7 @@ class Supervisor:
         self.metrics.retries[reason] += 1
         actions.append(SaveShard(shard.index))
 
-    def _raise_fence(self, shard: _Shard, actions: list[Action]) -> None:
+    def _raise_fence(self, shard: ShardProgress, actions: list[Action]) -> None:
         """Refuse marker writes from every attempt below the lowest live one."""
         fence = min([*shard.live, shard.next_attempt])
         if fence > shard.fence:
@@ -560,7 +411,7 @@ class Supervisor:
 
     # -- the exchange's events -------------------------------------------------------
 
-    def _find(self, shard: int, attempt: int) -> tuple[_Shard, _Attempt] | None:
+    def _find(self, shard: int, attempt: int) -> tuple[ShardProgress, AttemptState] | None:
         if not 0 <= shard < len(self._shards):
             return None
         s = self._shards[shard]
@@ -693,7 +544,7 @@ class Supervisor:
         )
         return actions
 
-    def _check_done(self, shard: _Shard, done: Done) -> str | None:
+    def _check_done(self, shard: ShardProgress, done: Done) -> str | None:
         """Why `done`'s boundary cannot be committed, or None."""
         shard_range = shard.range
         if done.line_start and not shard_range.start <= done.emitted_start < shard_range.end:

@@ -1,10 +1,8 @@
 # Where a stream of bytes goes: a file, or a shell command's stdin.  The
 # worker's per-shard output stage, and the coordinator's reduce step.
 #
-# `PassthroughOutput` copies them unchanged into the output file; its writes
-# run in a worker thread so a slow disk never stalls the event loop.
-#
-# `CommandOutput` feeds them to `sh -c COMMAND`, whose stdout *is* the output
+# The stage's interface and `PassthroughOutput` (bytes copied unchanged) are
+# in `shardoutput`; here `CommandOutput` feeds them to `sh -c COMMAND`, whose stdout *is* the output
 # file (the descriptor is handed to the child, so output never passes through
 # Python).  Strategy:
 #
@@ -38,9 +36,7 @@
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import enum
 import errno
 import fcntl
 import logging
@@ -49,13 +45,14 @@ import signal
 import stat
 import subprocess
 from collections.abc import Collection, Mapping, Sequence
-from types import TracebackType
-from typing import IO, BinaryIO, Self, cast
+from typing import IO, cast
 
-from ..errors import CommandFailedError, StorageError
+from ..errors import CommandFailedError
+from .aio import completes_within
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
+from .shardoutput import ShardOutput, State, storage_error
 
-__all__ = ["COMMAND_VARIABLES", "CommandOutput", "PassthroughOutput", "ShardOutput", "command_environment"]
+__all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
 
 log = logging.getLogger("shardline.io.command")
 
@@ -85,149 +82,6 @@ _OWN_PREFIX = "SHARDLINE_"
 #: Shell conventions for a command that could not be executed.
 _STATUS_NOT_FOUND = 127
 _STATUS_NOT_EXECUTABLE = 126
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    FINISHING = "finishing"
-    FINISHED = "finished"
-    CLOSED = "closed"
-
-
-class ShardOutput(abc.ABC):
-    """Where a shard's emitted input bytes go.
-
-    Use as an async context manager (entering calls `start()` unless it was
-    already called; leaving calls `aclose()`), or call the methods directly:
-    `start()`, any number of `write()`, then `finish()`.  One task drives an
-    output; `aclose()` aborts and is idempotent and cancellation-safe.
-    """
-
-    def __init__(self) -> None:
-        #: Input bytes accepted so far (every byte of every completed `write()`).
-        self.bytes_in = 0
-        self._state = _State.NEW
-        self._cleanup: asyncio.Future[None] | None = None
-
-    async def __aenter__(self) -> Self:
-        if self._state is _State.NEW:
-            await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Open the output (and start the command, if any)."""
-
-    @abc.abstractmethod
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Hand over `data`; returns once it is accepted, so `data` may be reused."""
-
-    @abc.abstractmethod
-    async def finish(self) -> int:
-        """End of input: wait for completion and return the output file's size."""
-
-    async def aclose(self) -> None:
-        """Abort unless finished: stop any command, close every file.
-
-        The cleanup runs in its own task under a shield, so cancelling the
-        caller cannot interrupt it halfway; a second call waits for the same
-        cleanup.
-        """
-        if self._cleanup is None:
-            self._state = _State.CLOSED
-            self._cleanup = asyncio.ensure_future(self._abort())
-        await asyncio.shield(self._cleanup)
-
-    @abc.abstractmethod
-    async def _abort(self) -> None:
-        """Release whatever is still held; idempotent, logs instead of raising."""
-
-    def _advance(self, expected: _State, new: _State, action: str) -> None:
-        if self._state is not expected:
-            raise RuntimeError(f"cannot {action} a {type(self).__name__} that is {self._state.value}")
-        self._state = new
-
-    def _require_running(self, action: str) -> None:
-        self._advance(_State.RUNNING, _State.RUNNING, action)
-
-
-def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
-    return StorageError(f"cannot {action} shard output {path!r}: {exc.strerror or exc}")
-
-
-class PassthroughOutput(ShardOutput):
-    """Writes the input unchanged to `output_path` (created or truncated)."""
-
-    def __init__(self, output_path: str | os.PathLike[str]) -> None:
-        super().__init__()
-        self._path = os.fspath(output_path)
-        self._file: BinaryIO | None = None
-        # The write running in a worker thread; an abort waits for it rather
-        # than closing the file under its feet.
-        self._pending_write: asyncio.Future[int] | None = None
-
-    async def start(self) -> None:
-        self._advance(_State.NEW, _State.RUNNING, "start")
-        # Opened on the loop thread: an open abandoned in a worker thread by a
-        # cancelled caller would leak its descriptor.
-        try:
-            self._file = open(self._path, "wb")  # noqa: SIM115 - closed by finish() or aclose()
-        except OSError as exc:
-            self._state = _State.CLOSED
-            raise _storage_error("open", self._path, exc) from exc
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._require_running("write to")
-        assert self._file is not None
-        size = memoryview(data).nbytes
-        if not size:
-            return
-        self._pending_write = asyncio.ensure_future(asyncio.to_thread(self._file.write, data))
-        try:
-            # Shielded: if we are cancelled the thread keeps writing anyway,
-            # and `_abort()` waits for it.
-            await asyncio.shield(self._pending_write)
-        except OSError as exc:
-            raise _storage_error("write", self._path, exc) from exc
-        self.bytes_in += size
-
-    async def finish(self) -> int:
-        self._advance(_State.RUNNING, _State.FINISHING, "finish")
-        assert self._file is not None
-        try:
-            await asyncio.to_thread(self._file.close)  # flushes
-        except OSError as exc:
-            await self.aclose()
-            raise _storage_error("write", self._path, exc) from exc
-        except BaseException:
-            await self.aclose()
-            raise
-        self._file = None
-        self._state = _State.FINISHED
-        return self.bytes_in
-
-    async def _abort(self) -> None:
-        if self._pending_write is not None:
-            await asyncio.wait({self._pending_write})
-            if not self._pending_write.cancelled():
-                # Mark any error retrieved: the writer has raised it already,
-                # or was cancelled and no longer cares.
-                self._pending_write.exception()
-        if self._file is not None:
-            file, self._file = self._file, None
-            try:
-                await asyncio.to_thread(file.close)
-            except OSError as exc:
-                log.warning("closing aborted output %s: %s", self._path, exc)
 
 
 class _CommandProtocol(asyncio.SubprocessProtocol):
@@ -322,12 +176,6 @@ def _kill_group(pgid: int) -> None:
         pass  # already gone (PermissionError: macOS, for a group of zombies)
 
 
-async def _completes_within(future: asyncio.Future[None], timeout_s: float) -> bool:
-    """Wait for `future` without cancelling it on timeout."""
-    done, _ = await asyncio.wait({future}, timeout=timeout_s)
-    return bool(done)
-
-
 class CommandOutput(ShardOutput):
     """Pipes the input through ``sh -c command``; its stdout becomes `output_path`.
 
@@ -387,12 +235,12 @@ class CommandOutput(ShardOutput):
         return self._protocol.stderr_tail.decode("utf-8", errors="replace")
 
     async def start(self) -> None:
-        self._advance(_State.NEW, _State.RUNNING, "start")
+        self._advance(State.NEW, State.RUNNING, "start")
         try:
             self._output_fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            self._state = _State.CLOSED
-            raise _storage_error("open", self._path, exc) from exc
+            self._state = State.CLOSED
+            raise storage_error("open", self._path, exc) from exc
         adopt_orphans()
         processes = self._processes = CommandProcesses()
         env = command_environment(
@@ -418,14 +266,14 @@ class CommandOutput(ShardOutput):
         except OSError as exc:
             processes.spawned(None)
             self._close_output_fd()
-            self._state = _State.CLOSED
+            self._state = State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
             raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
         except BaseException:
             # Cancelled while spawning: asyncio has already killed the child.
             processes.spawned(None)
             self._close_output_fd()
-            self._state = _State.CLOSED
+            self._state = State.CLOSED
             raise
         self._pid = self._transport.get_pid()
         processes.spawned(self._pid)
@@ -460,7 +308,7 @@ class CommandOutput(ShardOutput):
         self.bytes_dropped += size
 
     async def finish(self) -> int:
-        self._advance(_State.RUNNING, _State.FINISHING, "finish")
+        self._advance(State.RUNNING, State.FINISHING, "finish")
         assert self._transport is not None and self._protocol is not None
         assert self._stdin is not None
         try:
@@ -470,7 +318,7 @@ class CommandOutput(ShardOutput):
             await self._protocol.exited
             await self._wait_for_background_processes()
             await self._end_processes()
-            self._advance(_State.FINISHING, _State.FINISHING, "finish")  # not aborted meanwhile
+            self._advance(State.FINISHING, State.FINISHING, "finish")  # not aborted meanwhile
         except BaseException:
             await self.aclose()
             raise
@@ -480,7 +328,7 @@ class CommandOutput(ShardOutput):
         self._transport.close()
         self._transport = None
         self._close_output_fd()
-        self._state = _State.FINISHED
+        self._state = State.FINISHED
         if returncode != 0:
             log.debug("pid %d exited with status %d", self._pid, returncode)
             raise CommandFailedError(returncode=returncode, stderr_tail=self.stderr_tail)
@@ -489,7 +337,7 @@ class CommandOutput(ShardOutput):
     async def _wait_for_background_processes(self) -> None:
         """After the shell exited: wait for stderr EOF, killing stragglers if it is late."""
         assert self._protocol is not None and self._pid is not None
-        if await _completes_within(self._protocol.stderr_closed, _BACKGROUND_GRACE_S):
+        if await completes_within(self._protocol.stderr_closed, _BACKGROUND_GRACE_S):
             return
         log.warning(
             "command %r exited but left a background process holding its stderr; killing process group %d",
@@ -500,7 +348,7 @@ class CommandOutput(ShardOutput):
             # No subreaper: something still holds stderr, so the group is
             # most likely not empty and its id not reused.  The best we can do.
             _kill_group(self._pid)
-        if not await _completes_within(self._protocol.stderr_closed, _KILL_WAIT_S):
+        if not await completes_within(self._protocol.stderr_closed, _KILL_WAIT_S):
             log.warning("stderr of process group %d still open; closing it anyway", self._pid)
 
     async def _end_processes(self) -> bool:
@@ -533,7 +381,7 @@ class CommandOutput(ShardOutput):
                 log.info("aborted command %r: killed process group %d", self._command, pid)
             if self._stdin is not None and not self._stdin.is_closing():
                 self._stdin.abort()  # discard input the command will never read
-            if not await _completes_within(protocol.exited, _KILL_WAIT_S):
+            if not await completes_within(protocol.exited, _KILL_WAIT_S):
                 log.warning("process %d still not reaped %.0fs after SIGKILL", pid, _KILL_WAIT_S)
             transport.close()
         await self._end_processes()

@@ -40,10 +40,11 @@ from ..errors import (
     TimeBudgetError,
 )
 from ..io.aws import AwsSettings, client
-from ..io.command import CommandOutput, PassthroughOutput, ShardOutput
+from ..io.command import CommandOutput
 from ..io.markers import MarkerStore
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
+from ..io.shardoutput import PassthroughOutput, ShardOutput
 from ..io.sources import ObjectSource, open_source
 from ..io.urls import is_s3_url
 from ..protocol import (
