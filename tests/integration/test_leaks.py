@@ -192,7 +192,7 @@ def test_a_hidden_environment_is_unreadable_to_other_processes_of_its_user(tmp_p
         "print(hide_environment(), flush=True)\n"
         "time.sleep(60)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PROBE_SECRET": "s3cret"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), "PROBE_SECRET": "s3cret"}
     hider = subprocess.Popen([*as_user, sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
     plain = subprocess.Popen([*as_user, sys.executable, "-c", "import time; time.sleep(60)"], env=env)
     try:

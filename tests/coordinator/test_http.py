@@ -375,9 +375,9 @@ async def test_openapi_validates_and_matches_the_routes(coordinator, http):
 
 def test_openapi_file_is_package_data():
     # Installed wheels must carry it: pyproject lists it as package data.
-    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"shardline.coordinator" = ["openapi.json"]' in pyproject
-    assert json.loads((Path(__file__).parent.parent / "src/shardline/coordinator/openapi.json").read_text())
+    assert json.loads((Path(__file__).resolve().parents[2] / "src/shardline/coordinator/openapi.json").read_text())
 
 
 async def test_client_disconnect_mid_stream_leaves_the_coordinator_serving(http, source, tmp_path):

@@ -21,7 +21,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-SERVER = Path(__file__).resolve().parent.parent / "docker" / "invoke_server.py"
+SERVER = Path(__file__).resolve().parents[2] / "docker" / "invoke_server.py"
 
 HANDLER_MODULE = """
 import json, os, time

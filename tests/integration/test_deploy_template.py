@@ -24,7 +24,7 @@ import yaml
 
 from shardline.protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TEMPLATE = DEPLOY / "template.yaml"
 SRC = ROOT / "src" / "shardline"

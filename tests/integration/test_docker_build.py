@@ -29,7 +29,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("SHARDLINE_DOCKER_BASE_IMAGE", "python:3.11-slim")
 AWS_LAMBDA_BASE_IMAGE = "public.ecr.aws/lambda/python:3.11"
 
