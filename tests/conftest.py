@@ -1,4 +1,9 @@
-"""Shared fixtures: one moto server (S3 + DynamoDB) per test session."""
+"""Shared fixtures: one moto server (S3 + DynamoDB) per test session, and
+what most layers' tests need of it.
+
+This directory is on sys.path, so every test imports the shared helpers
+beside this file (servers, faultproxy, jobs, polling, ...) by name.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from shardline.io.aws import AwsSettings
+from shardline.io.aws import AwsSettings, client
+from shardline.io.tables import ensure_marker_table
+from shardline.protocol import DEFAULT_MARKER_TABLE
 
 from servers import Endpoint, MotoServer
 
@@ -55,6 +62,21 @@ def bucket(s3) -> str:
     name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
     s3.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+async def dynamodb(aws_settings: AwsSettings):
+    """shardline's own (aioboto3) DynamoDB client on the session's moto server."""
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        yield dynamodb
+
+
+@pytest.fixture(scope="session")
+async def marker_table(aws_settings: AwsSettings) -> str:
+    """The default marker table, created once: jobs never share a job id, so tests may share it."""
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+    return DEFAULT_MARKER_TABLE
 
 
 @pytest.fixture(scope="session")

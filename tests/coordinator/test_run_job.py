@@ -1,43 +1,25 @@
-"""The coordinator: marker table handling, the tiling check, and an exchange
-that shrugs off rogue clients while a real job runs through it."""
+"""`run_job` with a real exchange: rogue and replayed sessions are dropped
+while a real job runs through it, and a backend that cannot start a shard
+fails the job naming it."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import uuid
 
 import pytest
 
 from shardline.coordinator import ExchangeServer, WorkerExit, run_job
 from shardline.embedded import InProcessBackend
-from shardline.errors import ConfigurationError, JobFailedError
+from shardline.errors import JobFailedError
 from shardline.io.aws import client
-from shardline.io.tables import ensure_marker_table, marker_table_create_command
+from shardline.io.tables import ensure_marker_table
 from shardline.protocol import ExchangeSession, JobSpec, ShardTask, Want
 
 from jobs import GatedBackend
 from reference import reference_split
 
 DATA = b"".join(b"row %05d\n" % i for i in range(500))
-
-
-async def test_missing_table_is_reported_with_the_create_command(aws_settings):
-    table = f"missing-{uuid.uuid4().hex[:8]}"
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        with pytest.raises(ConfigurationError) as info:
-            await ensure_marker_table(dynamodb, table, create=False)
-    assert table in str(info.value)
-    assert marker_table_create_command(table) in str(info.value)
-
-
-async def test_missing_table_is_created_on_demand_with_ttl(aws_settings):
-    table = f"created-{uuid.uuid4().hex[:8]}"
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, table)
-        await ensure_marker_table(dynamodb, table)  # idempotent
-        ttl = await dynamodb.describe_time_to_live(TableName=table)
-    assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
 
 
 async def _rogue(address: tuple[str, int], payload: bytes) -> bytes:

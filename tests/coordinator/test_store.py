@@ -1,4 +1,5 @@
-"""The coordinator's job store and its tables, against the session's moto server.
+"""The coordinator's job stores (`MemoryJobStore`, `DynamoJobStore`): one
+contract, and DynamoDB's own concerns, against the session's moto server.
 
 Every test uses a table of its own, so scans see only its own jobs.
 """
@@ -6,178 +7,23 @@ Every test uses a table of its own, so scans see only its own jobs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from shardline.coordinator._store import DEFAULT_JOBS_TABLE, JOB_RECORD_SHARD, DynamoJobStore, JobStore, MemoryJobStore
+from shardline.coordinator import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
+from shardline.coordinator._store import JOB_RECORD_SHARD  # the store's own item layout, private to it
 from shardline.errors import ConfigurationError, StorageError
-from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.io.tables import (
-    ensure_jobs_table,
-    ensure_marker_table,
-    ensure_table,
-    marker_table_create_command,
-    table_create_command,
-)
-from shardline.protocol import (
-    MARKER_TTL_ATTRIBUTE,
-    CommittedAttempt,
-    JobRecord,
-    JobSpec,
-    JobState,
-    ShardRecord,
-    ShardState,
-    ShardTimeouts,
-    marker_key,
-)
+from shardline.io.tables import ensure_jobs_table
+from shardline.protocol import MARKER_TTL_ATTRIBUTE, JobSpec, JobState, ShardRecord, ShardState, marker_key
+
+from records import committed, job_record, shard_records
 
 DAY_S = 24 * 3600
-
-
-def job_record(job_id: str | None = None, **changes: Any) -> JobRecord:
-    fields: dict[str, Any] = {
-        "job_id": job_id or uuid.uuid4().hex[:16],
-        "spec": JobSpec(source="s3://bucket/key", shards=3, command="wc -l"),
-        "state": JobState.RUNNING,
-        "created_at": 1_700_000_000.25,
-        "updated_at": 1_700_000_001.5,
-        "finished_at": None,
-        "size": 1234,
-        "etag": '"abc"',
-        "spool_dir": "/tmp/spool/job",
-    }
-    fields.update(changes)
-    return JobRecord(**fields)
-
-
-def committed(attempt: int = 1, **changes: Any) -> CommittedAttempt:
-    fields: dict[str, Any] = {
-        "attempt": attempt,
-        "emitted_start": 10,
-        "emitted_end": 20,
-        "line_start": True,
-        "bytes": 10,
-        "checksum": "crc32:0000abcd",
-        "output_bytes": 4,
-        "output_path": "/tmp/spool/job/shard-1.1",
-        "tail_sources": ("pushed", "marker"),
-    }
-    fields.update(changes)
-    return CommittedAttempt(**fields)
-
-
-def shard_records(job_id: str, count: int, **changes: Any) -> list[ShardRecord]:
-    base: dict[str, Any] = {"state": ShardState.PENDING, "next_attempt": 1}
-    base.update(changes)
-    return [ShardRecord(job_id=job_id, index=index, **base) for index in range(count)]
-
-
-# --- records -------------------------------------------------------------------------
-
-
-def test_job_record_json_round_trip() -> None:
-    spec = JobSpec(
-        source="/data/in.txt",
-        shards=7,
-        delimiter=b"\0",
-        command="sort",
-        output="s3://b/p/",
-        reduce="sort -m",
-        backend="local",
-        timeouts=ShardTimeouts(start_s=5, heartbeat_s=2.5, total_s=99),
-        max_attempts=5,
-        max_line_bytes=4096,
-        part_size_bytes=1024,
-        max_in_flight_bytes=4096,
-    )
-    for record in (
-        job_record(),
-        job_record(
-            spec=spec,
-            state=JobState.FAILED,
-            finished_at=1_700_000_009.0,
-            size=None,
-            etag=None,
-            error="shard 2 failed: boom",
-            result_path="/tmp/result",
-            manifest="s3://b/p/_manifest.json",
-        ),
-    ):
-        assert JobRecord.from_json(record.to_json()) == record
-
-
-def test_job_record_keeps_no_secret() -> None:
-    # Job secrets are derived from the coordinator's key, never stored.
-    assert "secret" not in {field.name for field in dataclasses.fields(JobRecord)}
-    assert "secret" not in job_record().to_json()
-
-
-@pytest.mark.parametrize(
-    "record",
-    [
-        pytest.param(ShardRecord(job_id="j", index=0, state=ShardState.PENDING, next_attempt=0), id="fresh"),
-        pytest.param(
-            ShardRecord(
-                job_id="j",
-                index=5,
-                state=ShardState.DONE,
-                next_attempt=3,
-                committed=committed(published="s3://b/p/part-00005", output_checksum="crc32:00000001"),
-                retries=2,
-            ),
-            id="committed",
-        ),
-        pytest.param(
-            ShardRecord(job_id="j", index=1, state=ShardState.FAILED, next_attempt=3, error="boom", retries=2),
-            id="failed",
-        ),
-    ],
-)
-def test_shard_record_json_round_trip(record: ShardRecord) -> None:
-    assert ShardRecord.from_json(record.to_json()) == record
-
-
-def test_shard_index_may_not_take_the_job_records_place() -> None:
-    with pytest.raises(ConfigurationError, match="shard index"):
-        ShardRecord(job_id="j", index=JOB_RECORD_SHARD, state=ShardState.PENDING, next_attempt=0)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        pytest.param("not json", id="not-json"),
-        pytest.param("[]", id="list"),
-        pytest.param(job_record().to_json().replace('"running"', '"sleeping"'), id="bad-state"),
-        pytest.param(job_record().to_json().replace('"shards":3', '"shards":0'), id="bad-spec"),
-        pytest.param(job_record().to_json().replace('"size":1234,', ""), id="missing-field"),
-        pytest.param(job_record().to_json().replace('"size":1234,', '"size":1234,"colour":1,'), id="unknown-field"),
-    ],
-)
-def test_malformed_job_record(text: str) -> None:
-    with pytest.raises(StorageError, match="malformed job record"):
-        JobRecord.from_json(text)
-
-
-def test_malformed_shard_record() -> None:
-    text = ShardRecord(job_id="j", index=1, state=ShardState.DONE, next_attempt=2, committed=committed()).to_json()
-    with pytest.raises(StorageError, match="malformed shard record"):
-        ShardRecord.from_json(text.replace('"tail_sources"', '"tails"'))
-
-
-# --- tables --------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def dynamodb(aws_settings: AwsSettings) -> AsyncIterator[Any]:
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        yield dynamodb
 
 
 @pytest.fixture
@@ -187,30 +33,9 @@ async def table(dynamodb) -> str:
     return name
 
 
-async def test_jobs_and_marker_tables_share_one_schema(dynamodb) -> None:
-    jobs, markers = f"jobs-{uuid.uuid4().hex[:12]}", f"markers-{uuid.uuid4().hex[:12]}"
-    await ensure_jobs_table(dynamodb, jobs)
-    await ensure_jobs_table(dynamodb, jobs)  # idempotent
-    await ensure_marker_table(dynamodb, markers)
-    described = [(await dynamodb.describe_table(TableName=name))["Table"] for name in (jobs, markers)]
-    for table in described:
-        assert table["TableStatus"] == "ACTIVE"
-        assert table["KeySchema"] == described[0]["KeySchema"]
-        assert sorted(d["AttributeName"] for d in table["AttributeDefinitions"]) == ["job", "shard"]
-    for name in (jobs, markers):
-        ttl = (await dynamodb.describe_time_to_live(TableName=name))["TimeToLiveDescription"]
-        assert ttl["TimeToLiveStatus"] == "ENABLED"
-        assert ttl["AttributeName"] == MARKER_TTL_ATTRIBUTE
-
-
-@pytest.mark.parametrize("ensure", [ensure_jobs_table, ensure_marker_table, ensure_table])
-async def test_missing_table_without_create_names_the_command(dynamodb, ensure) -> None:
-    name = f"missing-{uuid.uuid4().hex[:12]}"
-    with pytest.raises(ConfigurationError, match="does not exist") as info:
-        await ensure(dynamodb, name, create=False)
-    assert table_create_command(name) in str(info.value)
-    assert marker_table_create_command(name) == table_create_command(name)
-    assert (await dynamodb.list_tables())["TableNames"].count(name) == 0
+def test_shard_index_may_not_take_the_job_records_place() -> None:
+    with pytest.raises(ConfigurationError, match="shard index"):
+        ShardRecord(job_id="j", index=JOB_RECORD_SHARD, state=ShardState.PENDING, next_attempt=0)
 
 
 def test_default_jobs_table_name() -> None:

@@ -31,8 +31,8 @@ LINES = b"".join(b"%d the quick Brown fox\tjumps over\n" % i for i in range(100_
 SMALL = b"alpha\nBeta\n\n gamma \x00 delta\nno final newline"
 
 # What a command that never reads can have been handed: the stdin pipe (1 MiB
-# at most, see _command.py) and nothing buffered in the transport.  Doubled
-# to stay clear of kernel rounding.
+# at most, see shardline/io/command.py) and nothing buffered in the transport.
+# Doubled to stay clear of kernel rounding.
 STALLED_INPUT_BOUND = 2 * MIB
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")

@@ -586,10 +586,9 @@ def test_malformed_welcome() -> None:
 
 @pytest.mark.parametrize("depth", [2_000, 60_000])
 def test_deeply_nested_meta_is_a_remote_error(depth: int) -> None:
-    # SRC BUG: json.loads raises RecursionError (not a ValueError) on deeply
-    # nested input; _decode_payload only catches UnicodeDecodeError and
-    # ValueError, so an *unauthenticated* HELLO (decoded before its MAC is
-    # checked) leaks RecursionError and leaves the session not BROKEN.
+    # json.loads raises RecursionError, not ValueError, on deeply nested
+    # input, and a HELLO is decoded before its MAC is checked: what anyone may
+    # send must still be a remote error that breaks the session.
     # (The handshake frame limit would refuse the deeper one unread: lift it.)
     frame = forge(b"anything", 0, FrameType.HELLO, meta_payload(b"[" * depth))
     server = make_server(max_handshake_frame_bytes=DEFAULT_MAX_FRAME_BYTES)
@@ -597,12 +596,10 @@ def test_deeply_nested_meta_is_a_remote_error(depth: int) -> None:
 
 
 def test_surrogate_nonces_are_remote_errors() -> None:
-    # SRC BUG: Hello/Welcome only check len(nonce) == 32, so a nonce of 32
-    # lone surrogates (valid JSON: "\\udc80...") is accepted, and
-    # _session_key's nonce.encode() then raises UnicodeEncodeError: from the
-    # client's next_frame() on such a WELCOME, and from the server's
-    # send(WELCOME) after it accepted such a HELLO.  (Both frames need the job
-    # secret's MAC, so only a buggy or compromised peer can send them.)
+    # 32 lone surrogates are valid JSON of the right length, but no session
+    # key can be derived from them: such a nonce is invalid.  (Both frames
+    # need the job secret's MAC, so only a buggy or compromised peer can send
+    # them.)
     nonce = "\udc80" * 32
     client = make_client()
     client.send(client.hello)
@@ -752,10 +749,8 @@ def test_error_accepted_before_welcome() -> None:
 
 
 def test_server_can_refuse_a_hello_with_error() -> None:
-    # SRC BUG (dead path): a client in AWAIT_WELCOME accepts ERROR (keyed by
-    # the job secret, sequence 0), but ExchangeSession.send() in SEND_WELCOME
-    # only allows WELCOME, so a server can never produce that ERROR (e.g. to
-    # refuse a stale attempt) and raises LocalProtocolError instead.
+    # Instead of WELCOME (keyed by the job secret, sequence 0): how a server
+    # refuses a stale attempt.
     client, server = make_client(), make_server()
     server.receive_data(client.send(client.hello))
     server.next_frame()

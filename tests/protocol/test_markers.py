@@ -1,49 +1,33 @@
-"""Boundary-marker items and their fenced writes (DESIGN §3 step 2, §5), and the job/shard state tables.
+"""Boundary-marker items (DESIGN §3 step 2, §5): their DynamoDB schema, the
+conditional writes they make, and the fence, all without I/O.
 
-The marker writes run against the session's moto server: the condition
-expressions are only proven by a server evaluating them.
+The same writes against a server evaluating their conditions are in
+tests/io/test_markers.py.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import time
-import uuid
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardline.errors import (
-    ConfigurationError,
-    LocalProtocolError,
-    MarkerConflictError,
-    RemoteProtocolError,
-    StaleAttemptError,
-)
-from shardline.io.aws import AwsSettings, client
-from shardline.io.markers import MarkerStore
-from shardline.io.retry import RetryPolicy
-from shardline.io.tables import ensure_marker_table
+from shardline.errors import ConfigurationError, MarkerConflictError, RemoteProtocolError, StaleAttemptError
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,
+    MARKER_FENCE_ATTRIBUTE,
     MARKER_KEY_SCHEMA,
     MARKER_TTL_ATTRIBUTE,
     PUT_CONDITION,
     Boundary,
-    JobEvent,
-    JobState,
     Marker,
-    ShardEvent,
-    ShardState,
+    marker_fence,
+    marker_fence_request,
     marker_key,
-    next_job_state,
-    next_shard_state,
 )
-from shardline.protocol._markers import MARKER_FENCE_ATTRIBUTE, marker_fence, marker_fence_request
 
 # --- markers ----------------------------------------------------------------------
 
@@ -185,9 +169,8 @@ def test_malformed_marker_items(item: object) -> None:
 
 
 def test_marker_item_with_head_end_before_start() -> None:
-    # SRC BUG: Boundary.__post_init__ raises ConfigurationError, which
-    # Marker.from_item does not catch (it catches KeyError, TypeError and
-    # ValueError only), so a corrupt item escapes as a configuration error.
+    # Boundary itself refuses this with a ConfigurationError; read from the
+    # store it is a corrupt item, the remote side's fault.
     item = _with("head_end", {"N": "99"})  # start is 100
     with pytest.raises(RemoteProtocolError, match="malformed marker item"):
         Marker.from_item(item)
@@ -206,9 +189,8 @@ def test_marker_item_with_head_end_before_start() -> None:
     ],
 )
 def test_marker_item_values_are_type_checked(item: dict) -> None:
-    # SRC BUG: from_item coerces instead of validating: bool("false") is True
-    # (the boundary silently flips), int() accepts " 3 ", "1_00" and "-1", and
-    # the S values are used whatever their type.
+    # Validated, never coerced: bool("false") is True (the boundary would
+    # silently flip), int() accepts " 3 ", "1_00" and "-1".
     with pytest.raises(RemoteProtocolError, match="malformed marker item"):
         Marker.from_item(item)
 
@@ -286,200 +268,3 @@ def test_check_refused() -> None:
         good_marker(attempt=2, etag='"other"').check_refused(stored)
     with pytest.raises(MarkerConflictError, match="no marker is stored"):
         good_marker().check_refused(None)
-
-
-# --- fenced writes against DynamoDB (moto) -------------------------------------------
-
-
-@pytest.fixture
-async def dynamodb(aws_settings: AwsSettings):
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
-        yield dynamodb
-
-
-def fresh_marker(**changes) -> Marker:
-    """good_marker() in a job of its own, so tests sharing the table never meet."""
-    return good_marker(**{"job_id": uuid.uuid4().hex, **changes})
-
-
-async def stored_item(dynamodb, job_id: str, shard: int) -> dict | None:
-    response = await dynamodb.get_item(
-        TableName=DEFAULT_MARKER_TABLE, Key=marker_key(job_id, shard), ConsistentRead=True
-    )
-    return response.get("Item")
-
-
-async def test_publish_then_lookup(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
-    marker = fresh_marker(attempt=1)
-    assert await store.lookup(marker.job_id, marker.shard) is None
-    await store.publish(marker)
-    assert await store.lookup(marker.job_id, marker.shard) == marker
-    item = await stored_item(dynamodb, marker.job_id, marker.shard)
-    assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()
-    assert MARKER_FENCE_ATTRIBUTE not in item
-
-
-async def test_republish_is_idempotent_and_keeps_the_first_writer(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
-    first = fresh_marker(attempt=0)
-    await store.publish(first)
-    await store.publish(first)
-    await store.publish(replace(first, attempt=2))
-    assert await store.lookup(first.job_id, first.shard) == first  # attempt 0 found it first
-
-
-@pytest.mark.parametrize(
-    "changes",
-    [
-        pytest.param({"boundary": Boundary(start=100, head_end=118, line_start=True)}, id="head_end"),
-        pytest.param({"boundary": Boundary(start=100, head_end=117, line_start=False)}, id="line_start"),
-        pytest.param({"etag": '"other"'}, id="etag"),
-    ],
-)
-async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
-    first = fresh_marker(attempt=0)
-    await store.publish(first)
-    other = replace(first, attempt=1, **changes)
-    with pytest.raises(MarkerConflictError, match=f"job {first.job_id} shard 4"):
-        await store.publish(other)
-    assert await store.lookup(first.job_id, first.shard) == first
-
-
-async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
-    marker = fresh_marker(attempt=1)
-    await store.raise_fence(marker.job_id, marker.shard, 2)
-    with pytest.raises(StaleAttemptError, match=r"shard 4 attempt 1 .*fenced at attempt 2"):
-        await store.publish(marker)
-    assert await store.lookup(marker.job_id, marker.shard) is None  # the fence alone is no marker
-    for attempt in (2, 3):  # equal and higher attempts pass
-        await store.publish(replace(marker, attempt=attempt))
-    assert (await store.lookup(marker.job_id, marker.shard)).attempt == 2
-
-
-async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
-    marker = fresh_marker(attempt=0)
-    await store.publish(marker)
-    await store.raise_fence(marker.job_id, marker.shard, 1)
-    with pytest.raises(StaleAttemptError):
-        await store.publish(marker)
-    assert await store.lookup(marker.job_id, marker.shard) == marker  # the fence does not hide a marker
-
-
-async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dynamodb) -> None:
-    # Fenced first: a stale worker's view of the boundary is not evidence of corruption.
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
-    marker = fresh_marker(attempt=3)
-    await store.publish(marker)
-    await store.raise_fence(marker.job_id, marker.shard, 3)
-    with pytest.raises(StaleAttemptError):
-        await store.publish(replace(marker, attempt=1, etag='"other"'))
-
-
-async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, ttl_s=1000, retry_policy=RetryPolicy())
-    marker = fresh_marker(attempt=0)
-    await store.publish(marker)
-    expires_at = (await stored_item(dynamodb, marker.job_id, marker.shard))[MARKER_TTL_ATTRIBUTE]
-    for fence in (3, 1, 3, 0):
-        await store.raise_fence(marker.job_id, marker.shard, fence)
-    item = await stored_item(dynamodb, marker.job_id, marker.shard)
-    assert marker_fence(item) == 3
-    assert item[MARKER_TTL_ATTRIBUTE] == expires_at
-    assert Marker.from_stored(item) == marker
-    await store.raise_fence(marker.job_id, marker.shard, 4)
-    assert marker_fence(await stored_item(dynamodb, marker.job_id, marker.shard)) == 4
-
-
-async def test_fence_creates_an_expiring_fence_only_item(dynamodb) -> None:
-    job_id = uuid.uuid4().hex
-    await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).raise_fence(job_id, 7, 2)
-    item = await stored_item(dynamodb, job_id, 7)
-    assert set(item) == {"job", "shard", MARKER_FENCE_ATTRIBUTE, MARKER_TTL_ATTRIBUTE}
-    assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()
-    assert await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).lookup(job_id, 7) is None
-
-
-# --- state tables -------------------------------------------------------------------
-#
-# Written out here independently of _states.py: every legal transition.
-
-J, JE = JobState, JobEvent
-EXPECTED_JOB = {
-    (J.PENDING, JE.START): J.RUNNING,
-    (J.PENDING, JE.FAIL): J.FAILED,
-    (J.PENDING, JE.CANCEL): J.CANCELLED,
-    (J.RUNNING, JE.SUCCEED): J.SUCCEEDED,
-    (J.RUNNING, JE.FAIL): J.FAILED,
-    (J.RUNNING, JE.CANCEL): J.CANCELLED,
-}
-S, SE = ShardState, ShardEvent
-EXPECTED_SHARD = {
-    (S.PENDING, SE.LAUNCH): S.STARTING,
-    (S.PENDING, SE.FAIL): S.FAILED,
-    (S.PENDING, SE.CANCEL): S.CANCELLED,
-    (S.STARTING, SE.CONNECT): S.RUNNING,
-    (S.STARTING, SE.RETRY): S.PENDING,
-    (S.STARTING, SE.FAIL): S.FAILED,
-    (S.STARTING, SE.CANCEL): S.CANCELLED,
-    (S.RUNNING, SE.COMMIT): S.DONE,
-    (S.RUNNING, SE.RETRY): S.PENDING,
-    (S.RUNNING, SE.FAIL): S.FAILED,
-    (S.RUNNING, SE.CANCEL): S.CANCELLED,
-}
-
-
-@pytest.mark.parametrize("state", list(JobState), ids=lambda s: s.value)
-@pytest.mark.parametrize("event", list(JobEvent), ids=lambda e: e.value)
-def test_job_transitions(state: JobState, event: JobEvent) -> None:
-    if (state, event) in EXPECTED_JOB:
-        assert next_job_state(state, event) is EXPECTED_JOB[(state, event)]
-    else:
-        with pytest.raises(LocalProtocolError, match=f"job cannot {event.value} in state {state.value}"):
-            next_job_state(state, event)
-
-
-@pytest.mark.parametrize("state", list(ShardState), ids=lambda s: s.value)
-@pytest.mark.parametrize("event", list(ShardEvent), ids=lambda e: e.value)
-def test_shard_transitions(state: ShardState, event: ShardEvent) -> None:
-    if (state, event) in EXPECTED_SHARD:
-        assert next_shard_state(state, event) is EXPECTED_SHARD[(state, event)]
-    else:
-        with pytest.raises(LocalProtocolError, match=f"shard cannot {event.value} in state {state.value}"):
-            next_shard_state(state, event)
-
-
-def test_final_states() -> None:
-    assert {s for s in JobState if s.is_final} == {J.SUCCEEDED, J.FAILED, J.CANCELLED}
-    for state in JobState:
-        outgoing = [e for e in JobEvent if (state, e) in EXPECTED_JOB]
-        assert (not outgoing) == state.is_final
-    assert {s for s in ShardState if s.is_final} == {S.DONE, S.FAILED, S.CANCELLED}
-    for state in ShardState:
-        outgoing = [e for e in ShardEvent if (state, e) in EXPECTED_SHARD]
-        assert (not outgoing) == state.is_final
-
-
-def test_every_state_is_reachable_from_pending() -> None:
-    for start, table, states in ((J.PENDING, EXPECTED_JOB, JobState), (S.PENDING, EXPECTED_SHARD, ShardState)):
-        seen, todo = {start}, [start]
-        while todo:
-            state = todo.pop()
-            for (src, _), dst in table.items():
-                if src is state and dst not in seen:
-                    seen.add(dst)
-                    todo.append(dst)
-        assert seen == set(states)
-
-
-def test_state_names_are_stable_strings() -> None:
-    # persisted in DynamoDB and shown by the API: values must round-trip
-    for enum_cls in (JobState, JobEvent, ShardState, ShardEvent):
-        for member in enum_cls:
-            assert isinstance(member, str) and enum_cls(member.value) is member
-    assert [s.value for s in JobState] == ["pending", "running", "succeeded", "failed", "cancelled"]
-    assert [s.value for s in ShardState] == ["pending", "starting", "running", "done", "failed", "cancelled"]

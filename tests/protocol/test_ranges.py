@@ -307,8 +307,8 @@ def test_check_delimiter_rejects_multi_byte(delimiter: bytes) -> None:
 
 @pytest.mark.parametrize("delimiter", ["\n", 10, None, [10]])
 def test_check_delimiter_rejects_non_bytes(delimiter: object) -> None:
-    # SRC BUG: check_delimiter formats its message with bytes(delimiter) and
-    # len(delimiter), which raise TypeError for str, int and None.
+    # A configuration error naming the problem, not a TypeError from
+    # formatting the message.
     with pytest.raises(ConfigurationError):
         check_delimiter(delimiter)  # type: ignore[arg-type]
 
@@ -472,11 +472,9 @@ def test_head_scanner_limit(case: Case, limit: int, pattern: list[int]) -> None:
 
 
 def test_head_scanner_limit_when_no_line_starts_in_the_shard() -> None:
-    # SRC BUG (off by one): s = 0, 4, 8; shard 1 = [4, 8) holds no line start,
-    # so its Boundary is (4, 8, line_start=False), fragment_length 4, and bytes
-    # 3..6 are all line content: the line is at least 4 bytes long.  With
-    # max_line_bytes=3 the scanner must raise, but it only checks
-    # position - start = 7 - 4 = 3.
+    # s = 0, 4, 8; shard 1 = [4, 8) holds no line start, so its Boundary is
+    # (4, 8, line_start=False): the whole range, 4 bytes, is part of one line,
+    # which is therefore longer than max_line_bytes=3.
     data = b"x" * 12
     shard = plan_shards(12, 3)[1]
     with pytest.raises(LineTooLongError) as info:
