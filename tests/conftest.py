@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from shardline.io.aws import AwsSettings, client
 from shardline.io.tables import ensure_marker_table
-from shardline.protocol import DEFAULT_MARKER_TABLE
+from shardline.protocol import DEFAULT_MARKER_TABLE, ShardTask
 
 from servers import Endpoint, MotoServer
+from tasks import task_maker
 
 # Never let botocore wander off to instance metadata from a test.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -77,6 +79,12 @@ async def marker_table(aws_settings: AwsSettings) -> str:
     async with client(aws_settings, "dynamodb") as dynamodb:
         await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
     return DEFAULT_MARKER_TABLE
+
+
+@pytest.fixture
+async def make_task(tmp_path: Path, aws_settings: AwsSettings, marker_table: str) -> Callable[..., ShardTask]:
+    """Tasks over `tasks.DATA` as a coordinator builds them (`tasks.task_maker`)."""
+    return await task_maker(tmp_path, aws_settings, marker_table)
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,7 @@ from shardline.errors import (
     NotAcceptingJobsError,
     RetryableStorageError,
 )
-from shardline.io.aws import client
-from shardline.io.tables import ensure_marker_table
-from shardline.protocol import DEFAULT_MARKER_TABLE, JobLimits, JobSpec
+from shardline.protocol import JobLimits, JobSpec
 
 from apiservice import in_process_coordinator
 from faultproxy import Delay, FaultProxy, Rule, s3_internal_error, s3_slow_down
@@ -40,13 +38,6 @@ from jobs import sequential_reference
 DATA = b"".join(b"line %05d of the input\n" % i for i in range(3000))
 SED = "sed 's/^/>/'"
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture(scope="session")
-async def marker_table(aws_settings) -> str:
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
-    return DEFAULT_MARKER_TABLE
 
 
 @pytest.fixture

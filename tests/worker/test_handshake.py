@@ -25,7 +25,6 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import MarkerConflictError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.sources import open_source
-from shardline.io.tables import ensure_marker_table
 from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Marker, ShardTask, TailSource
 from shardline.worker import WorkerSettings, run_task
 
@@ -40,13 +39,6 @@ def ordered(order: list[int]) -> OrderedBackend:
     # Generous: on an overloaded machine the exchange's answer to WANT must
     # still arrive before the worker gives up waiting for it.
     return OrderedBackend(order, InProcessBackend(worker_settings=WorkerSettings(want_answer_timeout_s=60)))
-
-
-@pytest.fixture
-async def marker_table(aws_settings: AwsSettings) -> str:
-    async with client(aws_settings, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
-    return DEFAULT_MARKER_TABLE
 
 
 async def _standalone_task(

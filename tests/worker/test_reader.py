@@ -1,8 +1,9 @@
-"""Object sources and the ranged reader (shardline.io.sources and shardline.worker._reader).
+"""The worker's ranged reader (`RangedReader`, `fetch_range`) over both sources.
 
 Local files and a real moto server over real sockets; faults are injected
 either by `faultproxy.FaultProxy` in front of moto or, where exact control of
 what a request delivers is needed, by small ObjectSource implementations.
+The sources alone are tested in tests/io/test_sources.py.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from shardline.errors import (
     ConfigurationError,
     ObjectChangedError,
     RetryableStorageError,
-    SourceAccessError,
     SourceNotFoundError,
 )
 from shardline.io.aws import AwsSettings
 from shardline.io.retry import RetryPolicy
-from shardline.io.sources import LocalFileSource, ObjectInfo, ObjectSource, OnBytes, S3Source, open_source
-from shardline.io.urls import parse_s3_url
-from shardline.worker._reader import TASK_NAME_PREFIX, RangedReader, ReaderSettings, fetch_range
+from shardline.io.sources import LocalFileSource, ObjectInfo, ObjectSource, OnBytes, S3Source
+from shardline.worker import RangedReader, ReaderSettings, fetch_range
+from shardline.worker._reader import TASK_NAME_PREFIX  # how the reader names its part tasks: private, to spot leaks
 
 from faultproxy import CannedResponse, CutBody, FaultProxy, ProxyRecord, Rule, s3_error
 
@@ -85,27 +85,7 @@ def make_source(request: pytest.FixtureRequest, tmp_path: Path, aws_settings: Aw
     return make
 
 
-# --- URLs and settings ---------------------------------------------------------
-
-
-def test_parse_s3_url() -> None:
-    assert parse_s3_url("s3://bucket/key") == ("bucket", "key")
-    assert parse_s3_url("s3://bucket/dir/sub/key.txt") == ("bucket", "dir/sub/key.txt")
-
-
-@pytest.mark.parametrize("url", ["s3://", "s3://b", "s3://b/", "s3:///key", "http://b/k"])
-def test_parse_s3_url_rejects(url: str) -> None:
-    with pytest.raises(ConfigurationError, match="s3://bucket/key"):
-        parse_s3_url(url)
-
-
-def test_open_source_dispatches_on_scheme(aws_settings: AwsSettings, tmp_path: Path) -> None:
-    s3_source = open_source("s3://b/some/key", aws_settings)
-    assert isinstance(s3_source, S3Source)
-    assert (s3_source.bucket, s3_source.key, s3_source.description) == ("b", "some/key", "s3://b/some/key")
-    local = open_source(str(tmp_path / "f.txt"), aws_settings)
-    assert isinstance(local, LocalFileSource)
-    assert local.description == str(tmp_path / "f.txt")
+# --- settings ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -210,29 +190,7 @@ async def test_local_file_changed_fails_with_object_changed(tmp_path: Path, chan
         assert (await source.stat()).etag != old.etag
 
 
-# --- missing and unreadable sources --------------------------------------------
-
-
-async def test_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "nope.txt"
-    async with LocalFileSource(path) as source:
-        with pytest.raises(SourceNotFoundError) as caught:
-            await source.stat()
-    assert str(caught.value) == f"no such file: {path}"
-
-
-async def test_directory_is_not_readable(tmp_path: Path) -> None:
-    async with LocalFileSource(tmp_path) as source:
-        with pytest.raises(SourceAccessError) as caught:
-            await source.stat()
-    assert str(caught.value) == f"cannot read {tmp_path}: is a directory"
-
-
-async def test_missing_bucket(aws_settings: AwsSettings) -> None:
-    async with S3Source("no-such-bucket-shardline", "k", aws=aws_settings) as source:
-        with pytest.raises(SourceNotFoundError) as caught:
-            await source.stat()
-    assert str(caught.value) == "no such bucket 'no-such-bucket-shardline'"
+# --- a missing object ----------------------------------------------------------
 
 
 async def test_missing_key(s3, bucket: str, aws_settings: AwsSettings) -> None:
@@ -532,15 +490,3 @@ async def test_s3_persistent_slow_down_gives_up(s3, bucket: str, aws_settings: A
             with pytest.raises(RetryableStorageError, match=r"SlowDown.*gave up after 3 attempts"):
                 await fetch_range(source, 0, 10, etag='"whatever"', retry=policy)
     assert proxy.applied[1] >= 3
-
-
-async def test_botocore_does_not_retry_on_its_own(s3, bucket: str, aws_settings: AwsSettings) -> None:
-    """shardline.io.retry must see every failure (DESIGN §4), so botocore may not retry first."""
-    s3.put_object(Bucket=bucket, Key="k", Body=b"0123456789")
-    rule = Rule(method="HEAD", fault=CannedResponse(status=503, reason="Service Unavailable"), times=1)
-    async with FaultProxy(aws_settings.s3_endpoint_url, [rule]) as proxy:
-        via_proxy = dataclasses.replace(aws_settings, s3_endpoint_url=proxy.url)
-        async with S3Source(bucket, "k", aws=via_proxy) as source:
-            with pytest.raises(RetryableStorageError):
-                await source.stat()
-    assert [r.method for r in proxy.records] == ["HEAD"]

@@ -5,9 +5,23 @@ never on the coordinator, so a worker deployment (process, container,
 Lambda) ships without it.  Entry points: `run_task()`
 in-process, ``python -m shardline.worker`` (one task JSON on stdin, or
 ``--pool`` for one task per line, as the local backend runs it) and
-``shardline worker``.
+``shardline worker``.  Its parts, for those who drive one alone (tests,
+benchmarks): the ranged reader (`RangedReader`, `fetch_range`) and the
+exchange client (`ExchangeClient`).
 """
 
+from ._exchange import ExchangeClient, client_tls_context
+from ._reader import RangedReader, ReaderSettings, ReaderStats, fetch_range
 from ._shard import ShardResult, WorkerSettings, run_task
 
-__all__ = ["ShardResult", "WorkerSettings", "run_task"]
+__all__ = [
+    "ExchangeClient",
+    "RangedReader",
+    "ReaderSettings",
+    "ReaderStats",
+    "ShardResult",
+    "WorkerSettings",
+    "client_tls_context",
+    "fetch_range",
+    "run_task",
+]

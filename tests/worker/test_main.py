@@ -1,0 +1,73 @@
+"""``python -m shardline.worker``: the pool a local backend keeps (one task
+JSON line in, one answer line out, until stdin closes) and a single task on
+stdin, as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from leftovers import alive
+from polling import PATIENCE_S, eventually
+from reference import reference_split
+from tasks import DATA, SLEEPER, kill_group_quietly, pid_from
+
+
+async def spawn_pool_worker() -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shardline.worker",
+        "--pool",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+async def test_pool_worker_answers_each_task_line_and_exits_at_stdin_eof(tmp_path, make_task):
+    process = await spawn_pool_worker()
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        good = make_task(command="cat")
+        bad = make_task(command="echo oops >&2; exit 3")
+        process.stdin.write(f"\n{good.to_json()}\n{bad.to_json()}\nnot json\n".encode())
+        answers = [json.loads(await asyncio.wait_for(process.stdout.readline(), PATIENCE_S)) for _ in range(3)]
+        assert answers[0]["ok"] is True
+        assert answers[1] == {"ok": False, "detail": "worker failed: command exited with status 3: oops"}
+        assert answers[2]["ok"] is False and "invalid shard task" in answers[2]["detail"]
+        assert Path(good.output_path).read_bytes() == DATA
+        # EOF while a task runs: the task is cancelled, its command killed.
+        process.stdin.write(make_task(command=SLEEPER.format(dir=tmp_path)).to_json().encode() + b"\n")
+        sleeper = await pid_from(tmp_path / "sleep.pid")
+        process.stdin.close()
+        assert await asyncio.wait_for(process.wait(), PATIENCE_S) == 0
+        await eventually(lambda: not alive(sleeper), "the command of a worker whose stdin closed is killed")
+    finally:
+        kill_group_quietly(process.pid if process.returncode is None else None)
+        await process.wait()
+
+
+async def test_idle_pool_worker_exits_at_stdin_eof():
+    process = await spawn_pool_worker()
+    assert process.stdin is not None
+    process.stdin.close()
+    assert await asyncio.wait_for(process.wait(), PATIENCE_S) == 0
+
+
+async def test_single_task_on_stdin_still_runs_and_exits(make_task):
+    task = make_task(shards=3, index=1)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "shardline.worker"],
+        input=task.to_json().encode(),
+        capture_output=True,
+        timeout=PATIENCE_S,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    expected = reference_split(DATA, 3, b"\n")[1]
+    assert json.loads(result.stdout)["bytes"] == len(expected)
+    assert Path(task.output_path).read_bytes() == expected
