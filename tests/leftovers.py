@@ -1,4 +1,5 @@
-"""Commands that leave processes behind, and how tests find those processes again.
+"""What jobs may leave behind, and how tests find it again: the processes a
+command leaves running, and spool directories.
 
 Each snippet starts a `sleep 97` in a different way a command might leave it
 running and writes its pid to ``{dir}/{tag}.<how>.pid``; `{tag}` lets the
@@ -55,3 +56,8 @@ def kill_quietly(pids: Iterable[int]) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def spools_under(root: Path) -> list[Path]:
+    """The spool directories of jobs under `root`."""
+    return sorted(root.glob("shardline-*")) if root.exists() else []

@@ -3,10 +3,9 @@ peer gets a few KiB and a few seconds), and job secrets that are derived,
 per attempt, instead of stored.
 
 Everything here talks to a real ExchangeServer over real sockets on
-127.0.0.1 (and other loopback addresses, to be "other peers").  The flood
-test at the end runs `shardline serve` as a process, floods its exchange
-with 1,000 trickling and 100 oversized connections while a real job runs,
-and checks the job's output, the daemon's memory and its HTTP API.
+127.0.0.1 (and other loopback addresses, to be "other peers").  The same
+defences against a flood, on a `shardline serve` process while a job runs:
+tests/integration/test_flood.py.
 """
 
 from __future__ import annotations
@@ -14,25 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
-import random
 import re
-import resource
 import ssl
 import struct
-import subprocess
-import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
-
-from shardline.coordinator import Coordinator, ExchangeServer, MemoryJobStore, server_tls_context
-from shardline.coordinator._metrics import CoordinatorMetrics, render_prometheus
+from shardline.coordinator import (
+    Coordinator,
+    CoordinatorMetrics,
+    ExchangeServer,
+    MemoryJobStore,
+    render_prometheus,
+    server_tls_context,
+)
 from shardline.io.aws import client
 from shardline.io.tables import ensure_marker_table
 from shardline.protocol import (
@@ -54,11 +49,9 @@ from shardline.protocol import (
     attempt_secret,
     job_secret,
 )
-from shardline.worker._exchange import ExchangeClient
+from shardline.worker import ExchangeClient
 
-from daemons import Daemon, clean_env, submit
-from jobs import GatedBackend, sequential_reference
-from servers import Endpoint
+from jobs import GatedBackend
 from tlsca import make_ca
 
 #: A hang guard only: every wait here ends by an event long before it.
@@ -187,7 +180,7 @@ def refused(server: ExchangeServer) -> dict[str, int]:
     return {cause: count for cause, count in server.refused.items() if count}
 
 
-# --- 1. a few KiB before authentication --------------------------------------------
+# --- a few KiB before authentication --------------------------------------------
 
 
 async def test_oversized_pre_auth_frame_is_closed_at_once():
@@ -218,7 +211,7 @@ async def test_full_frame_limit_applies_once_the_hello_verified():
         peer.close()
 
 
-# --- 1. a few seconds: one absolute deadline -------------------------------------------
+# --- a few seconds: one absolute deadline -------------------------------------------
 
 
 async def trickle(peer: Peer, data: bytes, interval_s: float) -> int:
@@ -276,7 +269,7 @@ async def test_trickled_tls_handshake_is_closed_at_the_same_deadline(tmp_path):
         assert refused(server) == {"handshake_deadline": 2, "tls_failed": 1}
 
 
-# --- 2. caps, with eviction of the oldest --------------------------------------------
+# --- caps, with eviction of the oldest --------------------------------------------
 
 
 async def test_caps_evict_the_oldest_unauthenticated_connection():
@@ -371,7 +364,7 @@ async def test_final_report_retries_with_backoff_until_it_gets_through():
         assert ack.committed and dropped == 6 and hooks.done == [done]
 
 
-# --- 3. idle authenticated sessions --------------------------------------------------
+# --- idle authenticated sessions --------------------------------------------------
 
 
 async def test_silent_authenticated_session_is_closed_after_the_heartbeat_deadline():
@@ -393,7 +386,7 @@ async def test_silent_authenticated_session_is_closed_after_the_heartbeat_deadli
         talker.close()
 
 
-# --- 5. refusals counted by cause, logged once per cause ---------------------------------
+# --- refusals counted by cause, logged once per cause ---------------------------------
 
 
 async def test_refusals_are_counted_by_cause_and_logged_once_per_cause(caplog):
@@ -438,29 +431,7 @@ async def test_refusals_are_counted_by_cause_and_logged_once_per_cause(caplog):
     assert summed == {cause: count - 1 for cause, count in counts.items() if count > 1}
 
 
-# --- 4. the open-file limit ----------------------------------------------------------------
-
-
-def test_open_file_limit_is_raised_to_the_hard_limit():
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    low = 64 if hard == resource.RLIM_INFINITY else min(64, hard)
-    script = (
-        "import resource; from shardline.io.rlimits import raise_open_files_limit; "
-        "limit = raise_open_files_limit(); print(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=GUARD_S,
-    )
-    expected = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    assert result.stdout.split() == [str(expected)] * 2
-
-
-# --- 6. secrets: derived per attempt, never stored, never shown --------------------------------
+# --- secrets: derived per attempt, never stored, never shown --------------------------------
 
 
 async def test_each_attempt_gets_its_own_secret_which_opens_no_other_session(tmp_path, aws_settings):
@@ -507,156 +478,3 @@ async def test_each_attempt_gets_its_own_secret_which_opens_no_other_session(tmp
                     file.seek(piece.start)
                     output.write(file.read(piece.end - piece.start))
     assert output.getvalue() == data
-
-
-# --- 7. the flood: a real daemon, a real job, 1,100 strangers ----------------------------------
-
-FLOOD_TRICKLERS = 1000
-FLOOD_OVERSIZED = 100
-#: What the whole flood may cost the daemon: 1,100 connections that each
-#: could once pin a 4 MiB frame now cost a few KiB each.
-MAX_FLOOD_RSS_GROWTH_BYTES = 50 * 1024 * 1024
-FLOOD_DATA = b"".join(b"%06d flood %s\n" % (i, b"f" * (i % 37)) for i in range(30_000))
-SED = "sed 's/^/>/'"
-
-
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc status")
-
-
-class Flood:
-    """1,000 trickling and 100 oversized pre-auth connections to `address`,
-    each opened again a second or two after the exchange closes it, from a
-    thread with its own event loop, until `stop()`."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.address = address
-        self.opened = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="flood", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(GUARD_S)
-        assert not self._thread.is_alive(), "the flood did not stop"
-
-    async def _main(self) -> None:
-        tasks = [asyncio.create_task(self._connection(self._trickle)) for _ in range(FLOOD_TRICKLERS)]
-        tasks += [asyncio.create_task(self._connection(self._oversized)) for _ in range(FLOOD_OVERSIZED)]
-        while not self._stop.is_set():
-            await asyncio.sleep(0.1)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _connection(self, behave) -> None:
-        while True:
-            try:
-                reader, writer = await asyncio.open_connection(*self.address)
-            except OSError:
-                await asyncio.sleep(1.0)
-                continue
-            self.opened += 1
-            try:
-                await behave(reader, writer)
-            except OSError:
-                pass
-            finally:
-                writer.transport.abort()
-            await asyncio.sleep(1.0 + random.random())
-
-    @staticmethod
-    async def _trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # The start of a plausible HELLO, one byte every 3 s, until closed.
-        for byte in _HEADER.pack(b"SL", 1, 1, 200) + b"{" * 200:
-            writer.write(bytes([byte]))
-            await writer.drain()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(3.0):
-                    if not await reader.read(1):
-                        return
-
-    @staticmethod
-    async def _oversized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A header for a 3.9 MB HELLO, then its bytes, as fast as they go.
-        writer.write(_HEADER.pack(b"SL", 1, 1, 3_900_000))
-        chunk = b"\0" * 65536
-        for _ in range(3_900_000 // len(chunk)):
-            writer.write(chunk)
-            await writer.drain()
-        await reader.read()
-
-
-def _raise_own_open_files_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        pytest.skip(f"the flood needs {needed} open files; the hard limit is {hard}")
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def test_flood_of_strangers_costs_the_daemon_kilobytes_and_no_job(tmp_path, moto: Endpoint):
-    _raise_own_open_files_limit(FLOOD_TRICKLERS + FLOOD_OVERSIZED + 512)
-    home = tmp_path / "home"
-    home.mkdir()
-    source = tmp_path / "input"
-    source.write_bytes(FLOOD_DATA)
-    expected = sequential_reference(FLOOD_DATA, SED)
-    daemon = Daemon(tmp_path, clean_env(home, **moto.env()), "--max-processes", "4")
-    flood: Flood | None = None
-    health: list[int] = []
-    rss: list[int] = []
-    watching = threading.Event()
-    try:
-        line = next(line for line in daemon.log().splitlines() if "workers connect to" in line)
-        host, port = re.search(r"workers connect to (\S+):(\d+);", line).groups()  # type: ignore[union-attr]
-        # A first job warms the daemon up (imports, pools): the flood's cost is what comes on top.
-        warm_up = submit(daemon, source=str(source), shards=8, command=SED)
-        assert daemon.request(f"/jobs/{warm_up}/output") == (200, expected)
-        baseline_rss = _rss_bytes(daemon.process.pid)
-
-        def watch() -> None:
-            while not watching.wait(0.5):
-                health.append(daemon.request("/healthz")[0])
-                rss.append(_rss_bytes(daemon.process.pid))
-
-        watcher = threading.Thread(target=watch, name="watch", daemon=True)
-        watcher.start()
-        flood = Flood((host, int(port)))
-        flood.start()
-        deadline = time.monotonic() + GUARD_S
-        while flood.opened < FLOOD_TRICKLERS + FLOOD_OVERSIZED and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert flood.opened >= FLOOD_TRICKLERS + FLOOD_OVERSIZED, "the flood never got going"
-        # Three waves of four worker processes, each a few seconds long: the
-        # flood goes on, strangers evicted and coming back, while they all
-        # connect, report and commit.
-        job = submit(daemon, source=str(source), shards=12, command=f"sleep 3; {SED}")
-        status, output = daemon.request(f"/jobs/{job}/output")
-        _, metrics = daemon.request("/metrics")
-        _, view = daemon.request(f"/jobs/{job}")
-    finally:
-        watching.set()
-        if flood is not None:
-            flood.stop()
-        assert daemon.stop() == 0, daemon.log()
-    assert status == 200 and output == expected, json.loads(view)
-    assert json.loads(view)["state"] == "succeeded"
-    assert health and set(health) == {200}, health
-    growth = max(rss) - baseline_rss
-    assert growth < MAX_FLOOD_RSS_GROWTH_BYTES, f"the flood grew the daemon by {growth / 2**20:.0f} MiB"
-    counted = {
-        match[1]: int(float(match[2]))
-        for match in re.finditer(r'shardline_exchange_refused_total\{cause="(\w+)"\} (\S+)', metrics.decode())
-    }
-    assert counted["evicted"] > 0 and counted["preauth_oversized"] > 0, counted
-    log = daemon.log()
-    assert "open file limit:" in log
-    for cause in counted:
-        assert log.count(f"refused a connection (cause {cause})") <= 1, f"{cause} logged per connection"
