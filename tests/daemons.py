@@ -8,12 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+from polling import eventually_blocking
 
 SHARDLINE = [sys.executable, "-m", "shardline"]
 #: Generous: a daemon that does not come up fails the test, a slow box does not.
@@ -55,18 +56,23 @@ class Daemon:
             self.token = Path(auth.removeprefix("token in ")).read_text().strip()
 
     def _wait_ready(self) -> tuple[str, str]:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while time.monotonic() < deadline:
+        def ready() -> tuple[str, str] | None:
             for line in self.log().splitlines():
-                ready = _READY.match(line)
-                if ready:
-                    return ready.group(1), ready.group(2)
+                if match := _READY.match(line):
+                    return match.group(1), match.group(2)
             if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.process.kill()
-        self.process.wait()
-        raise AssertionError(f"shardline serve did not start:\n{self.log()}")
+                raise AssertionError(f"shardline serve exited with {self.process.returncode}:\n{self.log()}")
+            return None
+
+        try:
+            started: tuple[str, str] = eventually_blocking(
+                ready, lambda: f"shardline serve started:\n{self.log()}", timeout_s=STARTUP_DEADLINE_S, interval_s=0.1
+            )
+        except BaseException:  # pytest.fail raises a BaseException
+            self.process.kill()
+            self.process.wait()
+            raise
+        return started
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -63,6 +63,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from polling import eventually
 from servers import free_ports
 
 __all__ = [
@@ -561,11 +562,11 @@ class LambdaEmulator:
 
     async def until_idle(self, timeout_s: float = 30.0) -> None:
         """`wait_idle` for async tests: never blocks the caller's event loop."""
-        deadline = time.monotonic() + timeout_s
-        while self.in_flight:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.in_flight} invocation(s) still in flight after {timeout_s}s")
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: not self.in_flight,
+            lambda: f"no invocation in flight (still: {self.in_flight})",
+            timeout_s=timeout_s,
+        )
 
     @property
     def log_paths(self) -> list[Path]:

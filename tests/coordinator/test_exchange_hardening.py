@@ -52,10 +52,9 @@ from shardline.protocol import (
 from shardline.worker import ExchangeClient
 
 from jobs import GatedBackend
+from polling import PATIENCE_S, eventually
 from tlsca import make_ca
 
-#: A hang guard only: every wait here ends by an event long before it.
-GUARD_S = 60.0
 JOB = "hardening-job"
 KEY = bytes(range(32))
 JOB_SECRET = job_secret(KEY, JOB)
@@ -121,7 +120,7 @@ class Peer:
     async def until_closed(self) -> bytes:
         """Everything the exchange sent until it closed the connection."""
         received = bytearray()
-        async with asyncio.timeout(GUARD_S):
+        async with asyncio.timeout(PATIENCE_S):
             while True:
                 try:
                     chunk = await self.reader.read(65536)
@@ -134,7 +133,7 @@ class Peer:
 
     async def next_frame(self, session: ExchangeSession) -> Frame | None:
         """The next frame of `session` from this connection; None once it is closed."""
-        async with asyncio.timeout(GUARD_S):
+        async with asyncio.timeout(PATIENCE_S):
             while True:
                 frame = session.next_frame()
                 if frame is CLOSED:
@@ -167,13 +166,6 @@ async def authenticate(peer: Peer, session: ExchangeSession) -> Frame | None:
     """Send `session`'s HELLO over `peer`; the exchange's answer (WELCOME) or None if it closed."""
     peer.send(session.send(session.hello))  # type: ignore[arg-type]
     return await peer.next_frame(session)
-
-
-async def eventually(condition, what: str) -> None:
-    async with asyncio.timeout(GUARD_S):
-        while not condition():
-            await asyncio.sleep(0.02)
-    assert condition(), what
 
 
 def refused(server: ExchangeServer) -> dict[str, int]:
@@ -322,7 +314,7 @@ async def test_a_worker_gets_through_a_flood_of_slow_strangers():
             await eventually(lambda: server.refused["evicted"] >= 32, "the strangers fill the cap")
             async with worker_client(server.address[1], shard=2) as worker:
                 done = Done(emitted_start=0, emitted_end=5, line_start=True, bytes=5, checksum="", output_bytes=5)
-                ack = await worker.report(done, timeout_s=GUARD_S)
+                ack = await worker.report(done, timeout_s=PATIENCE_S)
             assert ack.committed and hooks.done == [done]
         finally:
             stop.set()
@@ -358,7 +350,7 @@ async def test_final_report_retries_with_backoff_until_it_gets_through():
         try:
             async with worker_client(relay.sockets[0].getsockname()[1], shard=1) as worker:
                 done = Done(emitted_start=3, emitted_end=9, line_start=True, bytes=6, checksum="", output_bytes=6)
-                ack = await worker.report(done, timeout_s=GUARD_S)
+                ack = await worker.report(done, timeout_s=PATIENCE_S)
         finally:
             relay.close()
         assert ack.committed and dropped == 6 and hooks.done == [done]
@@ -376,9 +368,13 @@ async def test_silent_authenticated_session_is_closed_after_the_heartbeat_deadli
         silent, quiet = await Peer.connect(server.address), client_session(1)
         assert isinstance(await authenticate(silent, quiet), Welcome)
         closed = asyncio.create_task(silent.until_closed())
-        while not closed.done():
+
+        async def heartbeat_until_closed() -> bool:
             talker.send(talking.send(Progress(bytes_emitted=0)))
             await asyncio.wait({closed}, timeout=0.05)
+            return closed.done()
+
+        await eventually(heartbeat_until_closed, "the silent session is closed", interval_s=0)
         assert closed.result() == b""
         assert refused(server) == {"idle": 1} and hooks.disconnects == 1
         talker.send(talking.send(Want(shard=3)))
@@ -472,7 +468,7 @@ async def test_each_attempt_gets_its_own_secret_which_opens_no_other_session(tmp
         assert isinstance(await authenticate(peer, own), Welcome)
         peer.close()
         backend.gate.set()
-        async with asyncio.timeout(GUARD_S):
+        async with asyncio.timeout(PATIENCE_S):
             async for piece in coordinator.output(view.id):
                 with open(piece.path, "rb") as file:
                     file.seek(piece.start)

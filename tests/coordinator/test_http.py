@@ -17,9 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from shardline.client import CoordinatorClient
-from shardline.coordinator import Coordinator
-from shardline.coordinator._http import _COORDINATOR, make_app, openapi_document
-from shardline.coordinator._httpguard import HttpAccess
+from shardline.coordinator import Coordinator, HttpAccess, make_app, openapi_document
 from shardline.errors import (
     ConfigurationError,
     InputError,
@@ -154,13 +152,13 @@ async def test_invalid_request_is_400_naming_the_field(http, source, body, field
         ({"max_in_flight_bytes": 2**31}, "'max_in_flight_bytes'", "1073741824"),
     ],
 )
-async def test_fields_above_the_default_limits_are_400(http, source, fields, field, limit):
+async def test_fields_above_the_default_limits_are_400(coordinator, http, source, fields, field, limit):
     response = await http.post("/jobs", json={"source": source, "shards": 2, **fields})
     assert response.status == 400
     message = (await response.json())["error"]
     assert field in message and f"limit of {limit} " in message, message
     assert len(message) < 300  # a huge number is abridged, not echoed
-    assert _coordinator_jobs(http) == 0
+    assert coordinator.views() == []  # nothing was submitted
 
 
 async def test_job_limits_are_the_operators(aws_settings, marker_table, tmp_path, source):
@@ -180,24 +178,20 @@ async def test_job_limits_are_the_operators(aws_settings, marker_table, tmp_path
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]
 )
-async def test_a_body_that_is_not_json_is_415(http, source, content_type):
+async def test_a_body_that_is_not_json_is_415(coordinator, http, source, content_type):
     # What a web page may send anywhere without asking (a "simple" request).
     body = json.dumps({"source": source, "shards": 1, "command": "id"}).encode()
     headers = {"Content-Type": content_type} if content_type else {}
     response = await http.post("/jobs", data=body, headers=headers)
     assert response.status == 415
     assert "application/json" in (await response.json())["error"]
-    assert _coordinator_jobs(http) == 0
+    assert coordinator.views() == []  # nothing was submitted
 
 
 async def test_json_with_a_charset_is_json(http, source):
     body = json.dumps({"source": source, "shards": 1}).encode()
     response = await http.post("/jobs", data=body, headers={"Content-Type": "application/json; charset=utf-8"})
     assert response.status == 201, await response.text()
-
-
-def _coordinator_jobs(http: TestClient) -> int:
-    return len(http.server.app[_COORDINATOR].views())
 
 
 async def test_missing_source_is_400_and_an_input_error(http, tmp_path):

@@ -26,14 +26,13 @@ from shardline.coordinator import Coordinator, HttpAccess, HttpLimits, HttpServe
 from shardline.errors import ConfigurationError, RetryableStorageError
 
 from apiservice import in_process_coordinator
+from polling import PATIENCE_S, eventually
 from tlsca import make_ca
 
 TOKEN = "guard-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: The head of an authenticated POST /jobs, but for Host and Content-Length.
 POST_JOBS = ("POST /jobs HTTP/1.1", "Content-Type: application/json", f"Authorization: Bearer {TOKEN}")
-#: Hang guard for anything a test waits for.
-PATIENCE_S = 60.0
 
 
 @pytest.fixture
@@ -244,14 +243,16 @@ async def test_connections_beyond_the_cap_are_answered_503(coordinator):
             with pytest.raises(RetryableStorageError, match="too many connections"):
                 await client.jobs()
         await held.pop().close()
+
         # Once one has gone, a new client gets in.
-        async with asyncio.timeout(PATIENCE_S):
-            while True:
-                with contextlib.suppress(aiohttp.ClientError, RetryableStorageError):
-                    async with CoordinatorClient(server.url, token=TOKEN) as client:
-                        assert await client.jobs() == []
-                        break
-                await asyncio.sleep(0.05)
+        async def a_new_client_gets_in() -> bool:
+            with contextlib.suppress(aiohttp.ClientError, RetryableStorageError):
+                async with CoordinatorClient(server.url, token=TOKEN) as client:
+                    assert await client.jobs() == []
+                    return True
+            return False
+
+        await eventually(a_new_client_gets_in, "a new client gets in", interval_s=0.05)
 
 
 async def test_a_trickled_body_is_cut_off(coordinator):

@@ -29,7 +29,7 @@ from shardline.coordinator import (
     OutputPolicy,
     WorkerExit,
 )
-from shardline.coordinator._release import written_by_earlier_runs
+from shardline.coordinator._release import written_by_earlier_runs  # a step of resuming a job, private to it
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
 from shardline.io.aws import AwsSettings, client
@@ -39,6 +39,7 @@ from shardline.protocol import CommittedAttempt, JobSpec, JobView, ShardRecord, 
 
 from faultproxy import FaultProxy
 from jobs import running_coordinator, sequential_reference
+from polling import eventually
 from reference import reference_split
 from servers import Endpoint
 
@@ -94,13 +95,6 @@ def coordinator(
 async def finished(service: Coordinator, job_id: str) -> JobView:
     async with asyncio.timeout(PATIENCE_S):
         return await service.wait(job_id)
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(PATIENCE_S):
-        while not condition():
-            await asyncio.sleep(0.02)
-    assert condition(), what
 
 
 @pytest.fixture
@@ -186,7 +180,11 @@ async def test_overwrite_replaces_a_larger_earlier_output_manifest_first(source,
         view = await service.submit(spec)
         # Shard 0 is held, so no part of the new output can have been written;
         # the earlier manifest must already be gone.
-        await eventually(lambda: not (directory / "_manifest.json").exists(), "the earlier manifest was removed")
+        await eventually(
+            lambda: not (directory / "_manifest.json").exists(),
+            "the earlier manifest was removed",
+            timeout_s=PATIENCE_S,
+        )
         assert {path.name: path.read_bytes() for path in directory.iterdir()} == {
             name: data for name, data in earlier.items() if name != "_manifest.json"
         }
@@ -254,7 +252,7 @@ async def test_a_failed_overwrite_removes_only_what_it_wrote(source, aws_setting
         def parts_0_and_1_are_new() -> bool:
             return [(directory / f"part-{i:05d}").read_bytes() for i in range(2)] == NEW_PARTS[:2]
 
-        await eventually(parts_0_and_1_are_new, "shards 0 and 1 were published")
+        await eventually(parts_0_and_1_are_new, "shards 0 and 1 were published", timeout_s=PATIENCE_S)
         backend.gate.set()
         failed = await finished(service, view.id)
     assert failed.state.value == "failed" and "shard 2 failed" in (failed.error or "")
@@ -274,7 +272,7 @@ async def test_a_failed_job_never_deletes_files_it_did_not_write(source, aws_set
         (directory / "part-00002").write_bytes(b"someone else's part\n")
         (directory / "result").write_bytes(b"someone else's result\n")
         (directory / "notes.txt").write_bytes(b"someone else's notes\n")
-        await eventually(lambda: (directory / "part-00000").exists(), "shard 0 was published")
+        await eventually(lambda: (directory / "part-00000").exists(), "shard 0 was published", timeout_s=PATIENCE_S)
         backend.gate.set()
         assert (await finished(service, view.id)).state.value == "failed"
     assert names(directory) == ["notes.txt", "part-00002", "result"]
@@ -300,13 +298,14 @@ async def test_a_resumed_job_that_fails_removes_what_its_earlier_run_wrote(sourc
             )
             view = await first.submit(spec)
 
-            async with asyncio.timeout(PATIENCE_S):  # until the store records parts 0..2 as written
-                while True:
-                    loaded = await store.load_job(view.id)
-                    assert loaded is not None
-                    if all(shard.committed and shard.committed.published for shard in loaded[1][:3]):
-                        break
-                    await asyncio.sleep(0.05)
+            async def parts_0_to_2_recorded() -> bool:
+                loaded = await store.load_job(view.id)
+                assert loaded is not None
+                return all(shard.committed and shard.committed.published for shard in loaded[1][:3])
+
+            await eventually(
+                parts_0_to_2_recorded, "the store records parts 0..2 as written", timeout_s=PATIENCE_S, interval_s=0.05
+            )
         assert [(directory / f"part-{i:05d}").read_bytes() for i in range(3)] == NEW_PARTS[:3]
         async with coordinator(aws_settings, store=store, spool_dir=spool) as second:
             assert await second.resume() == [view.id]

@@ -38,6 +38,7 @@ from shardline.io.aws import AwsSettings
 from shardline.io.retry import RetryPolicy
 
 from faultproxy import FaultProxy, Rule, s3_error
+from polling import eventually
 
 MIB = 1024 * 1024
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.001, max_delay_s=0.01)
@@ -508,10 +509,13 @@ async def test_local_cancelled_put_leaves_no_file(tmp_path: Path) -> None:
     try:
         writer.write(b"first bytes\n")
         put.cancel()
-        while not put.done():
+
+        def fed_until_stopped() -> bool:
             with contextlib.suppress(BrokenPipeError):  # the copy has stopped reading
                 writer.write(b"more bytes\n")
-            await asyncio.sleep(0.01)
+            return put.done()
+
+        await eventually(fed_until_stopped, "the cancelled copy stopped", interval_s=0.01)
     finally:
         with contextlib.suppress(BrokenPipeError):
             writer.close()

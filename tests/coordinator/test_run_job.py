@@ -17,6 +17,7 @@ from shardline.io.tables import ensure_marker_table
 from shardline.protocol import ExchangeSession, JobSpec, ShardTask, Want
 
 from jobs import GatedBackend
+from polling import eventually
 from reference import reference_split
 
 DATA = b"".join(b"row %05d\n" % i for i in range(500))
@@ -43,8 +44,7 @@ async def test_rogue_clients_are_dropped_and_the_job_is_unaffected(tmp_path, aws
         job = asyncio.create_task(
             run_job(JobSpec(source=str(path), shards=4), aws=aws_settings, backend=backend, exchange=exchange, out=out)
         )
-        while len(backend.tasks) < 4:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(backend.tasks) == 4, "all attempts launched")
         task = backend.tasks[1]
         wrong_secret = ExchangeSession.client(job_id=task.job_id, shard=1, attempt=0, secret=b"x" * 32)
         unknown_job = ExchangeSession.client(job_id="no-such-job", shard=1, attempt=0, secret=task.secret)
@@ -80,8 +80,7 @@ async def test_replayed_session_is_dropped(tmp_path, aws_settings):
     async with ExchangeServer() as exchange:
         spec = JobSpec(source=str(path), shards=2)
         job = asyncio.create_task(run_job(spec, aws=aws_settings, backend=backend, exchange=exchange, out=io.BytesIO()))
-        while len(backend.tasks) < 2:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: len(backend.tasks) == 2, "all attempts launched")
         task = backend.tasks[0]
         genuine = ExchangeSession.client(job_id=task.job_id, shard=0, attempt=0, secret=task.secret)
         reader, writer = await asyncio.open_connection(*exchange.address)

@@ -21,6 +21,7 @@ from shardline.io.retry import RetryPolicy
 from shardline.io.tables import ensure_jobs_table
 from shardline.protocol import MARKER_TTL_ATTRIBUTE, JobSpec, JobState, ShardRecord, ShardState, marker_key
 
+from polling import eventually
 from records import committed, job_record, shard_records
 
 DAY_S = 24 * 3600
@@ -167,8 +168,8 @@ async def test_a_cancelled_save_does_not_disturb_later_ones(dynamodb, table) -> 
     old = ShardRecord(job_id=job.job_id, index=0, state=ShardState.STARTING, next_attempt=1)
     new = ShardRecord(job_id=job.job_id, index=0, state=ShardState.RUNNING, next_attempt=2)
     first = asyncio.ensure_future(store.save_shard(old))
-    while not slow.puts:  # its PutItem is in flight
-        await asyncio.sleep(0)
+    # Looked for at every turn of the loop, so that the PutItem is still in flight.
+    await eventually(lambda: slow.puts, "its PutItem was sent", interval_s=0)
     first.cancel()
     await store.save_shard(new)
     with pytest.raises(asyncio.CancelledError):

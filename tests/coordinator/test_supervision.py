@@ -45,7 +45,8 @@ from shardline.protocol import (
 )
 from shardline.worker import run_task
 
-from jobs import running_coordinator, sequential_reference
+from jobs import only_in_attempt, running_coordinator, sequential_reference
+from polling import eventually
 
 DATA = b"".join(b"row %06d %s\n" % (i, b"x" * (i % 37)) for i in range(3000))
 FAST = CoordinatorSettings(
@@ -54,11 +55,6 @@ FAST = CoordinatorSettings(
     supervise_interval_s=0.05,
     output_policy=OutputPolicy(anywhere=True),  # outputs go to the test's tmp_path
 )
-
-
-def on(shard: int, attempt: int, then: str) -> str:
-    """A shell snippet that runs `then` only in the given shard attempt."""
-    return f'if [ "$SHARDLINE_SHARD" = {shard} ] && [ "$SHARDLINE_ATTEMPT" = {attempt} ]; then {then}; fi'
 
 
 class Scripted(Backend):
@@ -112,7 +108,7 @@ def source(tmp_path) -> str:
 
 async def test_worker_process_killed_mid_stream_is_retried(source, aws_settings):
     # The command kills its own worker process (SIGKILL) after taking some input.
-    command = on(1, 0, "head -c 5000 >/dev/null; kill -9 $PPID; exit 1") + "; cat"
+    command = only_in_attempt(1, 0, "head -c 5000 >/dev/null; kill -9 $PPID; exit 1") + "; cat"
     async with coordinator(aws_settings, LocalProcessBackend(max_processes=2)) as service:
         view = await service.submit(JobSpec(source=source, shards=4, command=command))
         assert await collect(service, view.id) == DATA
@@ -135,7 +131,7 @@ async def test_worker_that_never_connects_hits_the_start_deadline(source, aws_se
 
 
 async def test_hung_command_hits_the_total_deadline(source, aws_settings):
-    command = on(2, 0, "sleep 600") + "; cat"
+    command = only_in_attempt(2, 0, "sleep 600") + "; cat"
     spec = JobSpec(source=source, shards=3, command=command, timeouts=ShardTimeouts(total_s=5.0))
     async with coordinator(aws_settings, InProcessBackend()) as service:
         view = await service.submit(spec)
@@ -151,8 +147,7 @@ async def test_stale_attempt_writes_are_rejected(source, aws_settings):
     spec = JobSpec(source=source, shards=3, timeouts=ShardTimeouts(start_s=0.5))
     async with coordinator(aws_settings, backend) as service:
         view = await service.submit(spec)
-        while not any((t.shard, t.attempt) == (1, 1) for t in backend.tasks):
-            await asyncio.sleep(0.02)
+        await eventually(lambda: any((t.shard, t.attempt) == (1, 1) for t in backend.tasks), "attempt 1 launched")
         stale = next(t for t in backend.tasks if (t.shard, t.attempt) == (1, 0))
 
         # The exchange refuses the stale attempt's session.
@@ -170,15 +165,17 @@ async def test_stale_attempt_writes_are_rejected(source, aws_settings):
             markers = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
             boundary = Boundary(start=stale.range.start, head_end=stale.range.start, line_start=True)
             marker = Marker(job_id=stale.job_id, shard=1, attempt=0, boundary=boundary, etag=stale.etag)
-            for _ in range(200):
+
+            async def fenced() -> bool:
                 try:
                     await markers.publish(marker)
                 except StaleAttemptError as exc:
                     assert "attempt 0" in str(exc)
-                    break
-                await asyncio.sleep(0.05)  # the fence is raised in the background
-            else:
-                pytest.fail("the stale marker write was never fenced")
+                    return True
+                return False
+
+            # The fence is raised in the background.
+            await eventually(fenced, "the stale marker write is fenced", interval_s=0.05)
 
         # The stale worker itself, run for real, is stopped and commits nothing.
         with pytest.raises(StaleAttemptError):
@@ -193,7 +190,7 @@ async def test_stale_attempt_writes_are_rejected(source, aws_settings):
 
 
 async def test_straggler_gets_a_speculative_attempt_and_the_first_commit_wins(source, aws_settings):
-    command = on(2, 0, "sleep 600") + "; cat"
+    command = only_in_attempt(2, 0, "sleep 600") + "; cat"
     settings = CoordinatorSettings(
         retry_backoff_s=0.05,
         speculate_after_fraction=0.5,
@@ -240,8 +237,7 @@ async def test_cancel_stops_workers_and_removes_outputs(source, aws_settings, tm
     command = f"touch {marker}; sleep 600; rm {marker}"
     async with coordinator(aws_settings, LocalProcessBackend(max_processes=2)) as service:
         view = await service.submit(JobSpec(source=source, shards=2, command=command))
-        while not marker.exists():
-            await asyncio.sleep(0.05)
+        await eventually(marker.exists, "a command is running")
         spool = service._jobs[view.id].record.spool_dir
         cancelled = await service.cancel(view.id)
         assert cancelled.state.value == "cancelled"
@@ -254,15 +250,14 @@ async def test_cancel_stops_workers_and_removes_outputs(source, aws_settings, tm
 async def test_resume_after_the_coordinator_stops_keeps_committed_shards(source, aws_settings, tmp_path):
     runs = tmp_path / "runs.log"
     # Shard 3's first attempt hangs, so the coordinator stops mid-job.
-    command = f'echo "$SHARDLINE_SHARD $SHARDLINE_ATTEMPT" >> {runs}; ' + on(3, 0, "sleep 600") + "; cat"
+    command = f'echo "$SHARDLINE_SHARD $SHARDLINE_ATTEMPT" >> {runs}; ' + only_in_attempt(3, 0, "sleep 600") + "; cat"
     settings = CoordinatorSettings(spool_dir=str(tmp_path / "spool"), retry_backoff_s=0.05, supervise_interval_s=0.05)
     async with client(aws_settings, "dynamodb") as dynamodb:
         await ensure_jobs_table(dynamodb, "resume-jobs")
         store = DynamoJobStore(dynamodb, "resume-jobs", retry_policy=RetryPolicy())
         async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as first:
             view = await first.submit(JobSpec(source=source, shards=4, command=command))
-            while first.view(view.id).shards_done < 3:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: first.view(view.id).shards_done >= 3, "three shards committed")
         # `first` is gone without finishing the job; a new coordinator resumes it.
         async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as second:
             assert await second.resume() == [view.id]

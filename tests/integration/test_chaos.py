@@ -570,7 +570,9 @@ async def run_plan(lane: Lane, plan: Plan, s3: Any, bucket: str) -> Result:
                 if "rogue" in plan.kinds:
                     problems += await rogue_clients(lane.exchange.address, job_id)
                 if restart:
-                    # Stop the coordinator once some shard has committed (or the job ended).
+                    # Stop the coordinator once some shard has committed (or the job ended),
+                    # or after 10 s all the same: not `eventually`, a restart with nothing
+                    # committed is a plan too.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(10):
                             while service.view(job_id).shards_done == 0 and not service.view(job_id).state.is_final:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from daemons import Daemon, clean_env, submit
 from jobs import sequential_reference
+from polling import eventually_blocking
 from servers import Endpoint
 
 SED = "sed 's/^/>/'"
@@ -38,13 +38,18 @@ def view(daemon: Daemon, job_id: str) -> dict:
 
 
 def wait_for(daemon: Daemon, job_id: str, condition, timeout_s: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """The job's view, once `condition` holds for it."""
+
+    def reached() -> dict | None:
         current = view(daemon, job_id)
-        if condition(current):
-            return current
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never got there: {current}\n{daemon.log()}")
+        return current if condition(current) else None
+
+    return eventually_blocking(
+        reached,
+        lambda: f"job {job_id} got there: {view(daemon, job_id)}\n{daemon.log()}",
+        timeout_s=timeout_s,
+        interval_s=0.1,
+    )
 
 
 def test_daemon_sigkilled_mid_job_resumes_with_exact_output(tmp_path, serve_env):

@@ -27,6 +27,8 @@ from typing import NoReturn
 
 import pytest
 
+from polling import eventually_blocking
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,16 +114,21 @@ def worker_image(engine: None) -> Iterator[str]:
 
 
 def _wait_healthy(container: str) -> None:
-    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
-    while True:
-        state = json.loads(docker("inspect", "--format", "{{json .State}}", container).stdout)
+    def state() -> dict:
+        return json.loads(docker("inspect", "--format", "{{json .State}}", container).stdout)
+
+    def described(state: dict) -> str:
+        logs = docker("logs", "--tail", "30", container, check=False)
         status = state.get("Health", {}).get("Status")
-        if status == "healthy":
-            return
-        if not state["Running"] or time.monotonic() > deadline:
-            logs = docker("logs", "--tail", "30", container, check=False)
-            raise AssertionError(f"container is {status} (running: {state['Running']}):\n{logs.stdout}{logs.stderr}")
-        time.sleep(1)
+        return f"container is {status} (running: {state['Running']}):\n{logs.stdout}{logs.stderr}"
+
+    def healthy() -> bool:
+        now = state()
+        if not now["Running"]:
+            raise AssertionError(described(now))
+        return now.get("Health", {}).get("Status") == "healthy"
+
+    eventually_blocking(healthy, lambda: f"healthy: {described(state())}", timeout_s=HEALTHY_TIMEOUT_S, interval_s=1)
 
 
 # The job inside the container: a file of uneven lines, then the daemon runs

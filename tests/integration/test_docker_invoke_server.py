@@ -21,6 +21,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from polling import eventually_blocking
+
 SERVER = Path(__file__).resolve().parents[2] / "docker" / "invoke_server.py"
 
 HANDLER_MODULE = """
@@ -29,8 +31,10 @@ import json, os, time
 def handler(event, context):
     remaining = context.get_remaining_time_in_millis()
     time.sleep(event.get("sleep_s", 0))
-    with open(os.path.join(os.environ["INVOKE_TEST_DIR"], event["name"]), "w") as f:
+    path = os.path.join(os.environ["INVOKE_TEST_DIR"], event["name"])
+    with open(path + ".partial", "w") as f:
         json.dump({"event": event, "remaining_ms": remaining}, f)
+    os.replace(path + ".partial", path)  # the test sees the whole file or none
     return {"ok": True, "name": event["name"]}
 """
 
@@ -59,15 +63,16 @@ def invoke_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     }
     process = subprocess.Popen([sys.executable, str(SERVER)], env=env, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def listening() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
             except OSError:
                 assert process.poll() is None, "invoke_server.py exited"
-                assert time.monotonic() < deadline, "invoke_server.py did not start listening"
-                time.sleep(0.05)
+                return False
+            return True
+
+        eventually_blocking(listening, "invoke_server.py listens", timeout_s=20)
         yield f"http://127.0.0.1:{port}", results
     finally:
         process.terminate()
@@ -86,11 +91,7 @@ def _client(endpoint: str):
 
 
 def _wait_for(path: Path, timeout_s: float = 20) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.05)
-    time.sleep(0.05)  # written whole by then
+    eventually_blocking(path.exists, f"{path.name} appears", timeout_s=timeout_s)
     return json.loads(path.read_text())
 
 
@@ -122,15 +123,15 @@ def test_busy_slots_answer_too_many_requests(invoke_server: tuple[str, Path]) ->
     with pytest.raises(client.exceptions.TooManyRequestsException):
         client.invoke(FunctionName="f", InvocationType="Event", Payload=json.dumps({"name": "refused"}))
     _wait_for(results / "slow")
+
     # The slot is free again once the handler's process has exited.
-    deadline = time.monotonic() + 10
-    while True:
+    def invoked() -> dict | None:
         try:
-            response = client.invoke(FunctionName="f", InvocationType="Event", Payload=json.dumps({"name": "c"}))
-            break
+            return client.invoke(FunctionName="f", InvocationType="Event", Payload=json.dumps({"name": "c"}))
         except client.exceptions.TooManyRequestsException:
-            assert time.monotonic() < deadline, "the slot was never released"
-            time.sleep(0.1)
+            return None
+
+    response = eventually_blocking(invoked, "the slot is released", timeout_s=10, interval_s=0.1)
     assert response["StatusCode"] == 202
     _wait_for(results / "c")
     assert not (results / "refused").exists()

@@ -13,7 +13,8 @@ complete.  No assertion is on time, except lower bounds that a slow machine
 can only make larger.
 
 docs/faults.md maps every fault to the test that proves it, including the
-ones proved elsewhere (test_supervision.py, test_daemon.py, ...).
+ones proved elsewhere (tests/coordinator/test_supervision.py,
+tests/integration/test_daemon.py, ...).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from shardline.protocol import (
     ShardTimeouts,
     TailSource,
 )
-from shardline.protocol._frames import encode_payload
+from shardline.protocol._frames import encode_payload  # the payload codec alone, to forge a frame under any MAC
 from shardline.worker import WorkerSettings
 
 from faultproxy import (
@@ -81,6 +82,7 @@ from faultproxy import (
     s3_slow_down,
 )
 from jobs import PACED_READER, GatedBackend, OrderedBackend, only_in_attempt, sequential_reference
+from polling import eventually
 from reference import reference_split
 from servers import Endpoint
 
@@ -448,13 +450,6 @@ class Rerouted(Backend):
         await self.inner.aclose()
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(PATIENCE_S):
-        while not condition():
-            await asyncio.sleep(0.02)
-    assert condition(), what
-
-
 async def test_worker_frozen_after_sending_its_head_hits_the_heartbeat_deadline(tmp_path, aws_settings):
     data = text(seed=10, size=100_000)
     source = tmp_path / "input"
@@ -471,8 +466,12 @@ async def test_worker_frozen_after_sending_its_head_hits_the_heartbeat_deadline(
             def head_sent() -> bool:
                 return any(r.shard == 1 and r.attempt == 0 and "HEAD" in r.up for r in relay.records)
 
-            await eventually(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "shard 1 started")
-            await eventually(head_sent, "shard 1 sent its HEAD")
+            await eventually(
+                lambda: pid_file.exists() and pid_file.read_text().strip() != "",
+                "shard 1 started",
+                timeout_s=PATIENCE_S,
+            )
+            await eventually(head_sent, "shard 1 sent its HEAD", timeout_s=PATIENCE_S)
             os.kill(int(pid_file.read_text()), signal.SIGSTOP)  # the whole worker freezes
             output, error = await outcome(svc, view.id)
             view = svc.view(view.id)
@@ -583,7 +582,7 @@ async def test_malformed_tampered_and_replayed_frames_are_rejected_logged_and_ha
     caplog.set_level(logging.INFO, logger="shardline.coordinator.exchange")
     async with service(aws_settings, backend) as svc:
         view = await svc.submit(JobSpec(source=str(source), shards=3, command=SED))
-        await eventually(lambda: len(backend.tasks) == 3, "all attempts launched")
+        await eventually(lambda: len(backend.tasks) == 3, "all attempts launched", timeout_s=PATIENCE_S)
         address = svc.exchange.address
         task = backend.tasks[1]
         # What a genuine worker of shard 1 sends first, recorded off the wire.
@@ -667,7 +666,7 @@ async def test_object_overwritten_mid_job_fails_with_an_etag_error_and_no_comple
     backend = HoldShard(held=2)
     async with service(aws_settings, backend) as svc:
         view = await svc.submit(spec)  # the ETag is pinned here
-        await eventually(lambda: svc.view(view.id).shards_done == 2, "shards 0 and 1 committed")
+        await eventually(lambda: svc.view(view.id).shards_done == 2, "shards 0 and 1 committed", timeout_s=PATIENCE_S)
         s3.put_object(Bucket=bucket, Key="k", Body=data.replace(b"a", b"A"))
         backend.gate.set()
         output, error = await outcome(svc, view.id)
@@ -720,8 +719,8 @@ async def test_command_failing_on_one_shard_is_retried_up_to_the_limit(tmp_path,
 
 async def test_output_directory_with_a_line_longer_than_a_shard(tmp_path, aws_settings):
     """Shards holding no line start emit nothing, at the end of their range --
-    inside a predecessor's emitted range.  The manifest's tiling check used to
-    call that an overlap and fail every such job that had an output directory."""
+    inside a predecessor's emitted range: the manifest's tiling check must not
+    take that for an overlap."""
     data = b"short\n" + b"x" * 5000 + b"\nend\n"
     source = tmp_path / "input"
     source.write_bytes(data)

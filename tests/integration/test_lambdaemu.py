@@ -27,6 +27,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 
 from lambdaemu import LambdaEmulator, RieUnavailableError, find_or_fetch_rie, is_rie_line
+from polling import eventually
 
 PROBE = textwrap.dedent(
     """
@@ -230,11 +231,7 @@ async def test_throttling_answers_too_many_requests(emulator, tmp_path: Path) ->
                 function=emu.function_name,
             )
         )
-        for _ in range(1500):
-            if started.exists():
-                break
-            await asyncio.sleep(0.01)
-        assert started.exists()
+        await eventually(started.exists, "the blocking invoke started")
         with pytest.raises(ClientError) as busy:
             await invoke(client, {"op": "echo"}, function=emu.function_name, kind="Event")
         release.touch()

@@ -10,7 +10,7 @@ from shardline.coordinator import CoordinatorSettings, ExchangeServer, LocalProc
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError, JobFailedError, ShardlineError
 from shardline.protocol import JobSpec
-from shardline.worker._exchange import ExchangeClient, client_tls_context
+from shardline.worker import ExchangeClient, client_tls_context
 
 from corpus import random_mix
 from jobs import run_job_on_exchange, sequential_reference

@@ -24,6 +24,7 @@ from shardline.io.processes import COMMAND_ID_VARIABLE
 from shardline.io.shardoutput import PassthroughOutput, ShardOutput
 
 from leftovers import DAEMONISING, alive, kill_quietly, leave_behind, read_pids
+from polling import eventually
 
 MIB = 1024 * 1024
 
@@ -67,11 +68,10 @@ async def assert_group_gone(pgid: int) -> None:
     """The leader is reaped and, within a generous bound, every member is dead."""
     with pytest.raises(ChildProcessError):
         os.waitpid(pgid, os.WNOHANG)  # already reaped: no zombie of ours
-    for _ in range(100):
-        if not live_group_members(pgid):
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"process group {pgid} still has live members {live_group_members(pgid)}")
+    await eventually(
+        lambda: not live_group_members(pgid),
+        lambda: f"process group {pgid} has no live member (still: {live_group_members(pgid)})",
+    )
 
 
 # --- passthrough --------------------------------------------------------------
@@ -384,20 +384,20 @@ async def test_shardlines_own_variables_and_dropped_names_are_not_inherited(
 
 async def pids_written(directory: Path, count: int) -> list[int]:
     """The pids in the pid files of `directory`, once `count` are there."""
-    for _ in range(400):
+
+    def all_written() -> dict[str, int] | None:
         pids = read_pids(directory)
-        if len(pids) == count:
-            return list(pids.values())
-        await asyncio.sleep(0.05)
-    pytest.fail(f"only {sorted(read_pids(directory))} of {count} pid files written")
+        return pids if len(pids) == count else None
+
+    pids = await eventually(all_written, lambda: f"{count} pid files written (only: {sorted(read_pids(directory))})")
+    return list(pids.values())
 
 
 async def assert_all_gone(pids: list[int]) -> None:
-    for _ in range(200):
-        if not any(alive(pid) for pid in pids):
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"still running: {[pid for pid in pids if alive(pid)]}")
+    await eventually(
+        lambda: not any(alive(pid) for pid in pids),
+        lambda: f"every process is gone (still running: {[pid for pid in pids if alive(pid)]})",
+    )
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from shardline.worker import RangedReader, ReaderSettings, fetch_range
 from shardline.worker._reader import TASK_NAME_PREFIX  # how the reader names its part tasks: private, to spot leaks
 
 from faultproxy import CannedResponse, CutBody, FaultProxy, ProxyRecord, Rule, s3_error
+from polling import eventually
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.001, max_delay_s=0.01)
 
@@ -61,12 +62,6 @@ async def read_all(reader: RangedReader) -> bytes:
 
 def live_reader_tasks() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith(TASK_NAME_PREFIX) and not t.done()]
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(10):
-        while not condition():
-            await asyncio.sleep(0.001)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -276,7 +271,7 @@ async def test_cancelled_consumer_cancels_and_awaits_requests() -> None:
                 pass
 
     consumer = asyncio.create_task(consume())
-    await wait_until(lambda: source.started == 5)
+    await eventually(lambda: source.started == 5, "five reads started")
     consumer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await consumer
@@ -312,7 +307,7 @@ async def test_parts_completing_out_of_order_are_yielded_in_order() -> None:
     source = GatedSource(data)
     async with RangedReader(source, start=0, end=4000, etag="e", settings=settings_for(1000, 4)) as reader:
         first = asyncio.create_task(reader.__anext__())
-        await wait_until(lambda: len(source.gates) == 4)
+        await eventually(lambda: len(source.gates) == 4, "four reads started")
         for start in (3000, 2000, 1000):
             source.gates[start].set_result(None)
             await asyncio.sleep(0.001)
@@ -326,7 +321,7 @@ async def test_a_later_part_failing_fails_the_read_at_once() -> None:
     source = GatedSource(random_bytes(4000, seed=13))
     async with RangedReader(source, start=0, end=4000, etag="e", settings=settings_for(1000, 4)) as reader:
         first = asyncio.create_task(reader.__anext__())
-        await wait_until(lambda: len(source.gates) == 4)
+        await eventually(lambda: len(source.gates) == 4, "four reads started")
         source.gates[2000].set_exception(ObjectChangedError("changed under us"))
         with pytest.raises(ObjectChangedError, match="changed under us"):
             await first

@@ -11,7 +11,7 @@ from ._context import CoordinatorSettings
 from ._destination import Destination, OutputPolicy
 from ._exchange import ExchangeHooks, ExchangeServer
 from ._exchangeio import server_tls_context
-from ._http import HttpServer, make_app
+from ._http import HttpServer, make_app, openapi_document
 from ._httpguard import HttpAccess, HttpLimits, is_loopback_host
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._manifest import MANIFEST_VERSION, ManifestShard, build_manifest, file_checksum
@@ -70,6 +70,7 @@ __all__ = [
     "is_loopback_host",
     "make_app",
     "open_destination",
+    "openapi_document",
     "render_prometheus",
     "run_job",
     "server_tls_context",
