@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import re
@@ -54,6 +55,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from shardline.coordinator import (
     Backend,
@@ -656,6 +659,9 @@ async def run_plan(lane: Lane, plan: Plan, s3: Any, bucket: str) -> Result:
 # --- the run -----------------------------------------------------------------------------------
 
 
+# Each job has its own hang guard (JOB_PATIENCE_S): the test's own timeout
+# only catches what that guard cannot (a loop blocked for good).
+@pytest.mark.timeout(300 + JOB_PATIENCE_S * math.ceil((len(ONLY) or JOBS) / LANES))
 async def test_chaos(moto: Endpoint, s3, bucket, tmp_path, capsys):
     numbers = sorted(ONLY) if ONLY else list(range(JOBS))
     with capsys.disabled():  # the seed is shown even when the run passes

@@ -29,14 +29,14 @@ import pytest
 
 from polling import eventually_blocking
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("SHARDLINE_DOCKER_BASE_IMAGE", "python:3.11-slim")
 AWS_LAMBDA_BASE_IMAGE = "public.ecr.aws/lambda/python:3.11"
 
 BUILD_TIMEOUT_S = 900
 HEALTHY_TIMEOUT_S = 120
+# The first test to use an image builds it (its fixture's setup counts).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + HEALTHY_TIMEOUT_S + 300)]
 TAG = f"pytest-{os.getpid()}"
 
 
