@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A throwaway Docker engine plus a Python 3.11 base image made from Debian
 # packages, for machines that cannot pull from Docker Hub or ECR (CI here).
-# tests/test_docker_build.py uses whatever engine DOCKER_HOST names.
+# tests/integration/test_docker_build.py uses whatever engine DOCKER_HOST names.
 #
 #   eval "$(sudo docker/local-engine.sh start)"   # exports DOCKER_HOST and SHARDLINE_DOCKER_BASE_IMAGE
-#   .venv/bin/python -m pytest tests/test_docker_build.py
+#   .venv/bin/python -m pytest tests/integration/test_docker_build.py
 #   sudo docker/local-engine.sh stop              # add --purge to delete its images too
 #
 # Needs root and Debian's package registry: installs docker.io and
