@@ -38,12 +38,6 @@ SED = "sed 's/^/>/'"
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture
-async def coordinator(aws_settings, marker_table, tmp_path):
-    async with in_process_coordinator(aws_settings, tmp_path / "spool") as service:
-        yield service
-
-
 async def _serve(coordinator: Coordinator, token: str | None = None) -> TestClient:
     server = TestServer(make_app(coordinator, access=HttpAccess(token=token)), host="127.0.0.1", port=0)
     # A generous bound, so a hung job fails its test instead of the whole run.

@@ -25,7 +25,6 @@ from shardline.client import CoordinatorClient
 from shardline.coordinator import Coordinator, HttpAccess, HttpLimits, HttpServer, server_tls_context
 from shardline.errors import ConfigurationError, RetryableStorageError
 
-from apiservice import in_process_coordinator
 from polling import PATIENCE_S, eventually
 from tlsca import make_ca
 
@@ -33,12 +32,6 @@ TOKEN = "guard-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 #: The head of an authenticated POST /jobs, but for Host and Content-Length.
 POST_JOBS = ("POST /jobs HTTP/1.1", "Content-Type: application/json", f"Authorization: Bearer {TOKEN}")
-
-
-@pytest.fixture
-async def coordinator(aws_settings, tmp_path) -> AsyncIterator[Coordinator]:
-    async with in_process_coordinator(aws_settings, tmp_path / "spool") as service:
-        yield service
 
 
 @contextlib.asynccontextmanager
