@@ -830,8 +830,8 @@ def _serve_token(args: argparse.Namespace, state_dir: str) -> tuple[str | None, 
     in the state directory (generated on first use, reused after).  Anywhere
     else none, which ServeSettings refuses unless --insecure-no-auth.
     """
-    from .coordinator import is_loopback_host
     from .io.statedir import TOKEN_FILE, check_token, read_or_create_secret, read_token_file
+    from .io.urls import is_loopback_host
 
     if args.token_file:
         return read_token_file(args.token_file), args.token_file
@@ -857,8 +857,8 @@ def _client_token(args: argparse.Namespace) -> str | None:
     """--token-file, else $SHARDLINE_TOKEN, else a local daemon's generated token, else none."""
     from urllib.parse import urlsplit
 
-    from .coordinator import is_loopback_host
     from .io.statedir import TOKEN_FILE, check_token, default_state_dir, read_secret, read_token_file
+    from .io.urls import is_loopback_host
 
     if args.token_file:
         return read_token_file(args.token_file)
