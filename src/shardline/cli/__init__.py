@@ -18,7 +18,6 @@ its progress line in `_progress`), `_serve` (serve, token), `_remote`
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -35,17 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = logging.getLogger("shardline.cli")
-
-#: The function behind each subcommand but `run` (which also takes the
-#: command after ``--``), as (module, name): imported only when it runs.
-_COMMANDS = {
-    "serve": ("._serve", "serve_command"),
-    "status": ("._remote", "status_command"),
-    "cancel": ("._remote", "cancel_command"),
-    "token": ("._serve", "token_command"),
-    "worker": ("._worker", "worker_command"),
-    "package-worker": ("._worker", "package_worker_command"),
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,9 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args, command)
         if command is not None:
             parser.error(f"'{args.subcommand}' takes no command after --")
-        module, name = _COMMANDS[args.subcommand]
-        subcommand: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module, __name__), name)
-        return subcommand(args)
+        return _subcommand(args.subcommand)(args)
     except ConfigurationError as exc:
         print(f"shardline: {exc}", file=sys.stderr)
         return 2
@@ -86,3 +72,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     finally:
         log.debug("finished in %.2fs", time.monotonic() - started)
+
+
+def _subcommand(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function behind subcommand `name` (any but `run`), its module imported only now."""
+    if name == "serve":
+        from ._serve import serve_command
+
+        return serve_command
+    if name == "token":
+        from ._serve import token_command
+
+        return token_command
+    if name == "status":
+        from ._remote import status_command
+
+        return status_command
+    if name == "cancel":
+        from ._remote import cancel_command
+
+        return cancel_command
+    if name == "worker":
+        from ._worker import worker_command
+
+        return worker_command
+    assert name == "package-worker", name  # the parser knows no other
+    from ._worker import package_worker_command
+
+    return package_worker_command
