@@ -39,7 +39,6 @@ from .coordinator import (
     LambdaBackend,
     LocalProcessBackend,
     OutputPolicy,
-    is_loopback_host,
     server_tls_context,
 )
 from .embedded import EmbeddedDynamoDB
@@ -50,7 +49,7 @@ from .io.retry import RetryPolicy
 from .io.rlimits import raise_open_files_limit
 from .io.statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
 from .io.tables import ensure_jobs_table, ensure_marker_table
-from .io.urls import parse_s3_prefix
+from .io.urls import is_loopback_host, parse_s3_prefix
 from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE, JobLimits
 
 __all__ = ["ServeSettings", "serve"]

@@ -40,7 +40,7 @@ def test_zip_holds_the_worker_and_its_dependencies(worker_package):
     # Not the coordinator side, the embedded endpoint, or what Lambda provides.
     for excluded in ("moto", "uvloop", "awslambdaric", "flask", "werkzeug", "pytest"):
         assert excluded not in tops, excluded
-    for excluded in ("shardline/coordinator/", "shardline/cli.py", "shardline/daemon.py", "shardline/embedded.py"):
+    for excluded in ("shardline/coordinator/", "shardline/cli/", "shardline/daemon.py", "shardline/embedded.py"):
         assert not any(name.startswith(excluded) for name in names), excluded
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
 

@@ -12,7 +12,7 @@ from ._destination import Destination, OutputPolicy
 from ._exchange import ExchangeHooks, ExchangeServer
 from ._exchangeio import server_tls_context
 from ._http import HttpServer, make_app, openapi_document
-from ._httpguard import HttpAccess, HttpLimits, is_loopback_host
+from ._httpguard import HttpAccess, HttpLimits
 from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
 from ._manifest import MANIFEST_VERSION, ManifestShard, build_manifest, file_checksum
 from ._metrics import CoordinatorMetrics, render_prometheus
@@ -67,7 +67,6 @@ __all__ = [
     "choose_spool_dir",
     "copy_piece",
     "file_checksum",
-    "is_loopback_host",
     "make_app",
     "open_destination",
     "openapi_document",

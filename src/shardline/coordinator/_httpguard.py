@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import urllib.parse
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from ..errors import ConfigurationError
+from ..io.urls import ip_literal, is_loopback_host
 from ._metrics import HTTP_REFUSAL_CAUSES
 from ._refusals import REFUSAL_LOG_INTERVAL_S, Refusals
 
@@ -42,13 +42,11 @@ __all__ = [
     "HttpLimits",
     "guarded_protocol",
     "http_refusals",
-    "is_loopback_host",
     "is_own_origin",
 ]
 
 log = logging.getLogger("shardline.coordinator.http")
 
-_LOOPBACK_NAMES = frozenset({"localhost"})
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
@@ -102,25 +100,6 @@ class HttpAccess:
                 raise ConfigurationError(f"--allowed-host {entry!r}: not a host name, NAME or NAME:PORT")
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` (an address or name to bind or dial) stays on this machine."""
-    name = host.strip("[]").lower()
-    if name in _LOOPBACK_NAMES:  # not *.localhost: some resolvers ask DNS for those
-        return True
-    address = _ip(name)
-    return address is not None and address.is_loopback
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def _split_host(value: str) -> tuple[str, int | None] | None:
     """("name", port or None) of a Host header value, or None if it is not one."""
     try:
@@ -145,7 +124,7 @@ class HostNames:
 
     def __init__(self, access: HttpAccess) -> None:
         bind = access.bind_host.strip("[]").lower()
-        self._bound_name = bind if bind not in _WILDCARD_HOSTS and _ip(bind) is None else None
+        self._bound_name = bind if bind not in _WILDCARD_HOSTS and ip_literal(bind) is None else None
         self._any_port: set[str] = set()
         self._with_port: set[tuple[str, int]] = set()
         for entry in access.allowed_hosts:
@@ -166,10 +145,10 @@ class HostNames:
         port = default_port if given_port is None else given_port
         if name in self._any_port or (name, port) in self._with_port:
             return True
-        local_ip, local_port = _ip(local[0]), local[1]
+        local_ip, local_port = ip_literal(local[0]), local[1]
         if port != local_port or local_ip is None:
             return False
-        address = _ip(name)
+        address = ip_literal(name)
         if address is not None:
             return address == local_ip or (address.is_loopback and local_ip.is_loopback)
         return name == self._bound_name or (local_ip.is_loopback and is_loopback_host(name))

@@ -4,7 +4,7 @@ on behalf of both the worker and the coordinator.
 - `aws`: AWS client settings, one lazily made client per owner, and the one
   translation of botocore/aiohttp/OS errors into shardline's errors.
 - `retry`: the one retry loop.
-- `urls`: the one parser of ``s3://`` URLs.
+- `urls`: the one parser of ``s3://`` URLs, and which hosts are loopback.
 - `aio`: small asyncio helpers.
 - `sources`: the object a job reads (S3 or a local file), by byte ranges.
 - `s3bucket`: whole-object uploads, downloads, listings and deletes.

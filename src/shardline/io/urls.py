@@ -1,20 +1,26 @@
-"""The one parser of shardline's storage URLs: ``s3://bucket/key`` and ``s3://bucket/prefix/``.
+"""The one parser of shardline's storage URLs: ``s3://bucket/key`` and ``s3://bucket/prefix/``,
+and the one answer to "does this host stay on this machine?".
 
 Everything else is a local path.  Errors say what was expected; callers
-name the flag or field the URL came from.
+name the flag or field the URL came from.  The host checks serve both the
+daemon (which may serve loopback without `--token-file`) and its clients
+(which send a local daemon's token to loopback only), so they live here,
+where a client needs no coordinator module to reach them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from ..errors import ConfigurationError
 
-__all__ = ["S3_SCHEME", "is_s3_url", "parse_s3_prefix", "parse_s3_url", "s3_url"]
+__all__ = ["S3_SCHEME", "ip_literal", "is_loopback_host", "is_s3_url", "parse_s3_prefix", "parse_s3_url", "s3_url"]
 
 S3_SCHEME = "s3://"
 #: botocore's own bucket-name check (it accepts legacy names too).
 _S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+_LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 def s3_url(bucket: str, key: str) -> str:
@@ -48,3 +54,24 @@ def parse_s3_prefix(url: str, *, what: str) -> tuple[str, str]:
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     return bucket, prefix
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (an address or name to bind or dial) stays on this machine."""
+    name = host.strip("[]").lower()
+    if name in _LOOPBACK_NAMES:  # not *.localhost: some resolvers ask DNS for those
+        return True
+    address = ip_literal(name)
+    return address is not None and address.is_loopback
+
+
+def ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `text` spells (an IPv4-mapped IPv6 address as IPv4, a
+    zone index dropped), or None when `text` is a name."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -1,0 +1,102 @@
+"""The ``shardline`` command line: a thin layer that builds settings and calls in.
+
+Everything environment-dependent is decided here, once: whether to run with
+an embedded DynamoDB endpoint or against a coordinator daemon, the event
+loop, logging.  Exit status: 0 on success, 1 when the job or input fails, 2
+for usage and configuration errors, 130 on interrupt, 141 when stdout is
+closed early, 143 on SIGTERM (the job is cancelled and its workers stopped
+first, on the coordinator too).
+
+This module holds `main`: logging, dispatch and the exit-status policy.
+The parser is in `_parser` (`_options`, `_serveparser`); each subcommand's
+module is imported only when it runs, so that `--help` and the client
+commands load no more than they use: `_run` (run, embedded or on a daemon;
+its progress line in `_progress`), `_serve` (serve, token), `_remote`
+(the daemon's client; status, cancel), `_worker` (worker, package-worker),
+`_format` (status tables), `_loop` (the event loop; SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigurationError, ShardlineError
+from ._parser import build_parser, split_command
+
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["main"]
+
+log = logging.getLogger("shardline.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``shardline`` command line `argv` (default: ``sys.argv[1:]``); return its exit status."""
+    own_args, command = split_command(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(own_args)
+    # A daemon's operators want to see jobs come and go; a command's users only its errors.
+    base_level = logging.INFO if args.subcommand == "serve" else logging.WARNING
+    level = base_level - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    started = time.monotonic()
+    try:
+        if args.subcommand == "run":
+            from ._run import run_command
+
+            return run_command(args, command)
+        if command is not None:
+            parser.error(f"'{args.subcommand}' takes no command after --")
+        return _subcommand(args.subcommand)(args)
+    except ConfigurationError as exc:
+        print(f"shardline: {exc}", file=sys.stderr)
+        return 2
+    except ShardlineError as exc:
+        print(f"shardline: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("shardline: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`): stop quietly.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return 141
+    finally:
+        log.debug("finished in %.2fs", time.monotonic() - started)
+
+
+def _subcommand(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function behind subcommand `name` (any but `run`), its module imported only now."""
+    if name == "serve":
+        from ._serve import serve_command
+
+        return serve_command
+    if name == "token":
+        from ._serve import token_command
+
+        return token_command
+    if name == "status":
+        from ._remote import status_command
+
+        return status_command
+    if name == "cancel":
+        from ._remote import cancel_command
+
+        return cancel_command
+    if name == "worker":
+        from ._worker import worker_command
+
+        return worker_command
+    assert name == "package-worker", name  # the parser knows no other
+    from ._worker import package_worker_command
+
+    return package_worker_command

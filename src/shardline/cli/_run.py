@@ -1,0 +1,184 @@
+# `shardline run`: the job spec from the command line, then the job either
+# embedded (an in-process coordinator with local workers) or on a daemon
+# (`--coordinator`: submit, stream the output back, cancel it if we are
+# interrupted), with the progress line and the --stats summary.
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigurationError, ShardlineError
+from ..io.aws import AwsSettings, aws_configured
+from ..protocol import JobSpec, parse_delimiter
+from ._loop import cancel_on_sigterm, run_job_loop
+from ._progress import ProgressDisplay, RemoteProgress, poll_progress
+from ._remote import coordinator_client
+
+if TYPE_CHECKING:
+    from ..client import CoordinatorClient
+
+__all__ = ["run_command"]
+
+log = logging.getLogger("shardline.cli")
+
+
+def run_command(args: argparse.Namespace, command: str | None) -> int:
+    """`shardline run SOURCE ... [-- COMMAND]`: on --coordinator if given, else embedded."""
+    spec = _job_spec(args, command)
+    if args.coordinator:
+        return _run_remote(args, spec)
+    return _run_embedded(args, spec)
+
+
+def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
+    source, output = args.source, args.output
+    if args.coordinator:
+        # The daemon resolves paths against its own working directory.
+        source = source if source.startswith("s3://") else os.path.abspath(source)
+    # Absolute, so that messages and the manifest name the directory plainly (".." resolved).
+    output = output if output is None or output.startswith("s3://") else os.path.abspath(output)
+    if args.overwrite and output is None:
+        raise ConfigurationError("--overwrite needs --output DEST (output on stdout overwrites nothing)")
+    return JobSpec(
+        source=source,
+        shards=args.shards,
+        delimiter=parse_delimiter(args.delimiter, what="--delimiter"),
+        command=command,
+        output=output,
+        overwrite=args.overwrite,
+        reduce=args.reduce,
+        backend=args.backend,
+        max_line_bytes=args.max_line_bytes,
+        part_size_bytes=args.part_size,
+        max_in_flight_bytes=args.part_size * args.parts_in_flight,
+    )
+
+
+def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
+    """The job in this process: an in-process coordinator, local workers, markers in
+    the configured DynamoDB or an embedded endpoint."""
+    from ..coordinator import Backend, CoordinatorSettings, LocalProcessBackend, OutputPolicy
+    from ..embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
+
+    if spec.backend not in (None, "local"):
+        raise ConfigurationError(
+            f"--backend {spec.backend} runs on a coordinator: start 'shardline serve --function ...' and pass "
+            "--coordinator URL (an embedded run uses local workers)"
+        )
+
+    configured = aws_configured()
+    embedded = args.markers == "embedded" or (args.markers == "auto" and not configured)
+    if embedded and spec.source.startswith("s3://") and not configured:
+        raise ConfigurationError(
+            f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
+            "S3-compatible server); none was found in the environment"
+        )
+    from ..io.rlimits import raise_open_files_limit
+
+    raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
+    settings = CoordinatorSettings(
+        markers_table=args.markers_table,
+        spool_dir=args.spool_dir,
+        # The user's own process writes wherever its user may.
+        output_policy=OutputPolicy(anywhere=True),
+    )
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    out = sys.stdout.buffer
+
+    async def go() -> int:
+        cancel_on_sigterm()
+        display = ProgressDisplay(sys.stderr) if show_progress else None
+        if args.workers == "inprocess":
+            backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
+        else:
+            backend = LocalProcessBackend(max_processes=args.max_processes)
+            await backend.prestart(spec.shards)
+        try:
+            report = await run_embedded(
+                spec,
+                out=out,
+                aws=AwsSettings(),
+                embedded_dynamodb=embedded,
+                backend=backend,
+                settings=settings,
+                on_start=display.attach if display else None,
+            )
+        finally:
+            if display is not None:
+                await display.close()
+        out.flush()
+        if args.stats:
+            summary = {
+                "job_id": report.job_id,
+                "size": report.size,
+                "shards": len(report.shards),
+                "output_bytes": report.output_bytes,
+                "elapsed_s": round(report.elapsed_s, 3),
+                "tail_sources": report.tail_source_counts,
+                "emitted": [list(s.emitted) for s in report.shards],
+            }
+            print(json.dumps(summary), file=sys.stderr)
+        return 0
+
+    return run_job_loop(go, use_uvloop=not args.no_uvloop)
+
+
+def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
+    """The job on a daemon: submitted, its output streamed back, cancelled if we stop early."""
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    out = sys.stdout.buffer
+
+    async def go() -> int:
+        cancel_on_sigterm()
+        async with coordinator_client(args) as coordinator:
+            view = await coordinator.submit(spec)
+            job_id = view["id"]
+            log.info("job %s submitted to %s", job_id, coordinator.url)
+            display = ProgressDisplay(sys.stderr) if show_progress else None
+            poller = None
+            if display is not None:
+                progress = RemoteProgress(shards=spec.shards, started=time.monotonic())
+                poller = asyncio.create_task(poll_progress(coordinator, job_id, progress))
+                display.attach(lambda: progress)
+            try:
+                async for chunk in coordinator.output(job_id):
+                    out.write(chunk)
+                out.flush()
+            except (asyncio.CancelledError, BrokenPipeError):
+                # Interrupted, terminated or `| head`: the job is ours, stop it.
+                await asyncio.shield(_cancel_quietly(coordinator, job_id))
+                raise
+            finally:
+                if poller is not None:
+                    poller.cancel()
+                if display is not None:
+                    await display.close()
+            if args.stats:
+                view = await coordinator.job(job_id)
+                summary = {
+                    "job_id": job_id,
+                    "size": view["size"],
+                    "shards": len(view["shards"]),
+                    "output": view["output"],
+                    "retries": view["retries"],
+                    "elapsed_s": round((view["finished_at"] or time.time()) - view["created_at"], 3),
+                    "emitted": [shard["emitted"] for shard in view["shards"]],
+                }
+                print(json.dumps(summary), file=sys.stderr)
+        return 0
+
+    return run_job_loop(go, use_uvloop=not args.no_uvloop)
+
+
+async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
+    try:
+        await coordinator.cancel(job_id)
+    except ShardlineError as exc:
+        print(f"shardline: could not cancel job {job_id} on {coordinator.url}: {exc}", file=sys.stderr)

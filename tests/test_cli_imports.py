@@ -1,0 +1,90 @@
+"""What each kind of `shardline` command loads, in a fresh interpreter.
+
+`--help` must stay quick: no network library, no coordinator.  The client
+commands (`run --coordinator`, `status`, `cancel`) need nothing of the
+daemon, so they import no coordinator module; neither does
+`shardline.client`.  Each probe really runs the command, against a
+loopback port that refuses connections, so the client path is the one
+measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+#: Run `main(argv)` and report the modules loaded (stdout is the command's).
+_PROBE = """
+import json, sys
+from shardline.cli import main
+argv = json.loads(sys.argv[1])
+try:
+    status = main(argv)
+except SystemExit as exc:
+    status = exc.code
+print(json.dumps({"status": status, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+_DAEMON_MODULES = ("shardline.coordinator", "shardline.daemon", "shardline.embedded")
+_NETWORK_LIBRARIES = ("aiohttp", "aioboto3", "aiobotocore", "botocore")
+
+
+def _loaded(argv: list[str], env: dict[str, str]) -> tuple[int, list[str], str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argv)], env=env, capture_output=True, text=True, timeout=60
+    )
+    *messages, report = result.stderr.strip().splitlines()
+    found = json.loads(report)
+    return found["status"], found["modules"], "\n".join(messages)
+
+
+def _of(modules: list[str], packages: tuple[str, ...]) -> list[str]:
+    """The `modules` that are one of `packages` or inside one."""
+    return [name for name in modules if any(name == p or name.startswith(f"{p}.") for p in packages)]
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """This environment without shardline's variables; the state directory (a token) in `tmp_path`."""
+    state = tmp_path / "state"
+    state.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SHARDLINE_")}
+    return {**clean, "SHARDLINE_STATE_DIR": str(state)}
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """A loopback URL whose port is held by a socket that never listens: connecting is refused."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["serve", "--help"], ["status", "--help"]])
+def test_help_loads_no_network_library_and_no_coordinator(env, argv):
+    status, modules, _ = _loaded(argv, env)
+    assert status == 0
+    assert _of(modules, _NETWORK_LIBRARIES) == []
+    assert _of(modules, _DAEMON_MODULES) == []
+
+
+@pytest.mark.parametrize(
+    "argv", [["status"], ["status", "some-job"], ["cancel", "some-job"], ["run", "/dev/null", "--no-progress"]]
+)
+def test_client_commands_load_no_coordinator_module(env, refusing_url, argv):
+    status, modules, messages = _loaded([*argv, "--coordinator", refusing_url], env)
+    assert "cannot reach the coordinator" in messages, messages  # the client really ran
+    assert status == 2
+    assert _of(modules, _DAEMON_MODULES) == []
+
+
+def test_client_module_imports_no_coordinator_module(env):
+    probe = "import json, sys, shardline.client; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert _of(json.loads(result.stdout), _DAEMON_MODULES) == []
