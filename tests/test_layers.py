@@ -1,4 +1,4 @@
-"""Who may import whom (DESIGN §2, §7; the layout in README.md).
+"""Who may import whom (docs/architecture.md "The layers"; DESIGN §2, §7).
 
 Every module of src/shardline is parsed, and every import it makes, at
 module level or inside a function, is held to the layer rules:
@@ -7,7 +7,8 @@ module level or inside a function, is held to the layer rules:
   do I/O), `shardline.errors` and itself;
 - `worker` never imports `coordinator`, nor `coordinator` `worker`;
 - the shared I/O layer, `shardline.io`, imports neither of them;
-- `client` (the command line's HTTP client) imports no `coordinator` module;
+- `client` (the command line's HTTP client) imports no `coordinator` module,
+  nor anything of shardline but `protocol` and `errors`;
 - a worker deployment (`shardline.packaging`: `WORKER_PACKAGES` and
   `WORKER_MODULES`) holds every shardline module the worker imports,
   directly or through others, and the distributions pip installs for it
@@ -34,6 +35,8 @@ from packaging.requirements import Requirement
 from shardline.packaging import WORKER_MODULES, WORKER_PACKAGES, worker_requirements
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "shardline"
+#: The layers of shardline every other may import: the contracts and the errors.
+PROTOCOL = frozenset({"protocol", "errors"})
 #: Standard modules that touch a network, a file, a process or a clock the
 #: way I/O does: none of them belongs in the sans-I/O protocol.
 IO_MODULES = frozenset(
@@ -168,7 +171,7 @@ def test_every_module_is_parsed():
 def test_protocol_imports_only_the_standard_library_and_errors():
     def allowed(imp: Import) -> bool:
         if of_shardline(imp.target):
-            return imp.target == "shardline.errors" or layer(imp.target) == "protocol"
+            return layer(imp.target) in PROTOCOL
         top = imp.target.split(".")[0]
         return top in sys.stdlib_module_names and top not in IO_MODULES
 
@@ -194,6 +197,8 @@ def test_the_io_layer_imports_neither_worker_nor_coordinator():
 def test_the_client_imports_no_coordinator_module():
     bad = crossing("client", "coordinator")
     assert not bad, f"the command line's client talks to a coordinator over HTTP only:\n{refused(bad)}"
+    bad = [imp for imp in imports_in("client") if of_shardline(imp.target) and layer(imp.target) not in PROTOCOL]
+    assert not bad, f"the client needs nothing of shardline but protocol and errors:\n{refused(bad)}"
 
 
 def _with_parents(module: str) -> list[str]:
