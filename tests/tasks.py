@@ -46,7 +46,7 @@ async def task_maker(directory: Path, aws_settings: AwsSettings, marker_table: s
                 "etag": etag,
                 "command": command,
                 "output_path": str(directory / f"out-{next(names)}"),
-                "markers_table": marker_table,
+                "markers": f"dynamodb:{marker_table}",
                 "aws": aws_settings.to_dict(),
                 **fields,
             }

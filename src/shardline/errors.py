@@ -22,6 +22,7 @@ __all__ = [
     "JobCancelledError",
     "JobFailedError",
     "JobNotFoundError",
+    "LeaseLostError",
     "LineTooLongError",
     "LocalProtocolError",
     "MarkerConflictError",
@@ -188,6 +189,12 @@ class StaleAttemptError(ShardlineError):
 class TimeBudgetError(ShardlineError):
     """A worker stopped because its runtime's time limit (a Lambda's
     timeout) was about to end; another attempt may well finish."""
+
+
+class LeaseLostError(ShardlineError):
+    """This coordinator no longer owns the job: its lease expired and another
+    coordinator sharing the store took the job over (it may not commit,
+    launch or write for it any more)."""
 
 
 class CoverageError(ShardlineError):

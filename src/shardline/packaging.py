@@ -73,7 +73,7 @@ def _shardline_modules() -> list[Path]:
     package_root = Path(__file__).resolve().parent
     files = [package_root / name for name in WORKER_MODULES]
     for package in WORKER_PACKAGES:
-        files += (package_root / package).glob("*.py")
+        files += (package_root / package).rglob("*.py")  # with subpackages (io/store)
     return sorted(files)
 
 

@@ -13,8 +13,8 @@ from dataclasses import replace
 import pytest
 
 from shardline.errors import MarkerConflictError, StaleAttemptError
-from shardline.io.markers import MarkerStore
 from shardline.io.retry import RetryPolicy
+from shardline.io.store import DynamoMarkerStore
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     MARKER_FENCE_ATTRIBUTE,
@@ -48,7 +48,7 @@ async def stored_item(dynamodb, job_id: str, shard: int) -> dict | None:
 
 
 async def test_publish_then_lookup(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=1)
     assert await store.lookup(marker.job_id, marker.shard) is None
     await store.publish(marker)
@@ -59,7 +59,7 @@ async def test_publish_then_lookup(dynamodb) -> None:
 
 
 async def test_republish_is_idempotent_and_keeps_the_first_writer(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     first = fresh_marker(attempt=0)
     await store.publish(first)
     await store.publish(first)
@@ -76,7 +76,7 @@ async def test_republish_is_idempotent_and_keeps_the_first_writer(dynamodb) -> N
     ],
 )
 async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     first = fresh_marker(attempt=0)
     await store.publish(first)
     other = replace(first, attempt=1, **changes)
@@ -86,7 +86,7 @@ async def test_publish_detects_a_conflicting_marker(dynamodb, changes: dict) -> 
 
 
 async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=1)
     await store.raise_fence(marker.job_id, marker.shard, 2)
     with pytest.raises(StaleAttemptError, match=r"shard 4 attempt 1 .*fenced at attempt 2"):
@@ -98,7 +98,7 @@ async def test_fence_refuses_lower_attempts_only(dynamodb) -> None:
 
 
 async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=0)
     await store.publish(marker)
     await store.raise_fence(marker.job_id, marker.shard, 1)
@@ -109,7 +109,7 @@ async def test_fence_refuses_a_stale_republish_of_the_same_boundary(dynamodb) ->
 
 async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dynamodb) -> None:
     # Fenced first: a stale worker's view of the boundary is not evidence of corruption.
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=3)
     await store.publish(marker)
     await store.raise_fence(marker.job_id, marker.shard, 3)
@@ -118,7 +118,7 @@ async def test_a_stale_attempt_with_a_conflicting_boundary_is_reported_stale(dyn
 
 
 async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
-    store = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, ttl_s=1000, retry_policy=RetryPolicy())
+    store = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, ttl_s=1000, retry_policy=RetryPolicy())
     marker = fresh_marker(attempt=0)
     await store.publish(marker)
     expires_at = (await stored_item(dynamodb, marker.job_id, marker.shard))[MARKER_TTL_ATTRIBUTE]
@@ -134,8 +134,8 @@ async def test_fence_never_lowers_and_keeps_the_expiry(dynamodb) -> None:
 
 async def test_fence_creates_an_expiring_fence_only_item(dynamodb) -> None:
     job_id = uuid.uuid4().hex
-    await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).raise_fence(job_id, 7, 2)
+    await DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).raise_fence(job_id, 7, 2)
     item = await stored_item(dynamodb, job_id, 7)
     assert set(item) == {"job", "shard", MARKER_FENCE_ATTRIBUTE, MARKER_TTL_ATTRIBUTE}
     assert int(item[MARKER_TTL_ATTRIBUTE]["N"]) > time.time()
-    assert await MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).lookup(job_id, 7) is None
+    assert await DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy()).lookup(job_id, 7) is None

@@ -1,5 +1,5 @@
-"""The DynamoDB tables (`shardline.io.tables`): the jobs and marker tables
-share one schema, are created on demand with a TTL, and a missing table
+"""The DynamoDB tables (`shardline.io.store`): the jobs and marker tables
+share one key schema, are created on demand with a TTL, and a missing table
 that may not be created is an error naming the command that creates it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from shardline.errors import ConfigurationError
 from shardline.io.aws import client
-from shardline.io.tables import (
+from shardline.io.store import (
     ensure_jobs_table,
     ensure_marker_table,
     ensure_table,
@@ -29,7 +29,15 @@ async def test_jobs_and_marker_tables_share_one_schema(dynamodb) -> None:
     for table in described:
         assert table["TableStatus"] == "ACTIVE"
         assert table["KeySchema"] == described[0]["KeySchema"]
-        assert sorted(d["AttributeName"] for d in table["AttributeDefinitions"]) == ["job", "shard"]
+    assert sorted(d["AttributeName"] for d in described[1]["AttributeDefinitions"]) == ["job", "shard"]
+    # The jobs table adds the sparse index that lists job records by creation time.
+    assert sorted(d["AttributeName"] for d in described[0]["AttributeDefinitions"]) == [
+        "created_at",
+        "job",
+        "kind",
+        "shard",
+    ]
+    assert [index["IndexName"] for index in described[0]["GlobalSecondaryIndexes"]] == ["jobs-by-kind"]
     for name in (jobs, markers):
         ttl = (await dynamodb.describe_time_to_live(TableName=name))["TimeToLiveDescription"]
         assert ttl["TimeToLiveStatus"] == "ENABLED"
@@ -41,7 +49,7 @@ async def test_missing_table_without_create_names_the_command(dynamodb, ensure) 
     name = f"missing-{uuid.uuid4().hex[:12]}"
     with pytest.raises(ConfigurationError, match="does not exist") as info:
         await ensure(dynamodb, name, create=False)
-    assert table_create_command(name) in str(info.value)
+    assert table_create_command(name, jobs=ensure is ensure_jobs_table) in str(info.value)
     assert marker_table_create_command(name) == table_create_command(name)
     assert (await dynamodb.list_tables())["TableNames"].count(name) == 0
 

@@ -102,8 +102,8 @@ def _placeholders(request: dict, sigil: str) -> set[str]:
 @pytest.mark.parametrize(
     "request_",
     [
-        pytest.param(good_marker().put_request(expires_at=9), id="put"),
-        pytest.param(marker_fence_request("job-1", 4, 2, expires_at=9), id="fence"),
+        pytest.param(good_marker().put_request(expires_at=9, now=1), id="put"),
+        pytest.param(marker_fence_request("job-1", 4, 2, expires_at=9, now=1), id="fence"),
     ],
 )
 def test_marker_requests_name_exactly_what_their_expressions_use(request_: dict) -> None:
@@ -118,15 +118,19 @@ def test_marker_requests_name_exactly_what_their_expressions_use(request_: dict)
 
 def test_put_request_carries_the_marker() -> None:
     marker = good_marker(attempt=3)
-    request = marker.put_request(expires_at=77)
+    request = marker.put_request(expires_at=77, now=1)
     assert request["ConditionExpression"] == PUT_CONDITION
     body = {name: value for name, value in marker.to_item(expires_at=77).items() if name not in ("job", "shard")}
-    assert request["ExpressionAttributeValues"] == {f":{name}": value for name, value in body.items()}
+    # `:now` is the condition's clock: an expired marker may be replaced.
+    assert request["ExpressionAttributeValues"] == {
+        ":now": {"N": "1"},
+        **{f":{name}": value for name, value in body.items()},
+    }
 
 
 def test_marker_fence_request_rejects_negative_attempts() -> None:
     with pytest.raises(ConfigurationError, match="fence"):
-        marker_fence_request("job-1", 4, -1, expires_at=9)
+        marker_fence_request("job-1", 4, -1, expires_at=9, now=1)
 
 
 def _without(name: str) -> dict:

@@ -25,6 +25,7 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import MarkerConflictError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.sources import open_source
+from shardline.io.store import dynamodb_location
 from shardline.protocol import DEFAULT_MARKER_TABLE, Boundary, Marker, ShardTask, TailSource
 from shardline.worker import WorkerSettings, run_task
 
@@ -56,7 +57,7 @@ async def _standalone_task(
         size=info.size,
         etag=info.etag,
         output_path=str(out / f"shard-{index}.out"),
-        markers_table=DEFAULT_MARKER_TABLE,
+        markers=dynamodb_location(DEFAULT_MARKER_TABLE),
         aws=aws.to_dict(),
     )
 

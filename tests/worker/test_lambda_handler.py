@@ -55,7 +55,7 @@ def test_bad_reserve_setting_names_the_variable(monkeypatch, tmp_path):
         "delimiter": "0a",
         "output_path": str(tmp_path / "out"),
         "secret": "",
-        "markers_table": "shardline-markers",
+        "markers": "dynamodb:shardline-markers",
     }
     result = handler(event, Context())
     assert result["ok"] is False and result["retryable"] is False

@@ -36,6 +36,7 @@ __all__ = [
     "MARKER_TTL_S",
     "PUT_CONDITION",
     "Marker",
+    "marker_expired",
     "marker_fence",
     "marker_fence_request",
     "marker_key",
@@ -58,10 +59,12 @@ MARKER_ATTRIBUTE_DEFINITIONS = [
 #: The attributes a published marker stores besides its key and TTL.
 _BODY = ("attempt", "start", "head_end", "line_start", "etag")
 
+#: An item past its expiry fails every condition: the store deletes it (it reads as absent) and writes again.
+_NOT_EXPIRED = "(attribute_not_exists(#expires_at) OR #expires_at >= :now)"
 #: The marker write's condition: fence allows our attempt, and no boundary or the same one is stored.
 PUT_CONDITION = (
     "(attribute_not_exists(#fence) OR #fence <= :attempt) AND (attribute_not_exists(#head_end) OR "
-    "(#start = :start AND #head_end = :head_end AND #line_start = :line_start AND #etag = :etag))"
+    "(#start = :start AND #head_end = :head_end AND #line_start = :line_start AND #etag = :etag)) AND " + _NOT_EXPIRED
 )
 _PUT_UPDATE = (
     "SET #attempt = if_not_exists(#attempt, :attempt), #start = :start, #head_end = :head_end, "
@@ -71,7 +74,7 @@ _PUT_NAMES = {f"#{name}": name for name in (*_BODY, MARKER_FENCE_ATTRIBUTE, MARK
 
 # The fence never moves down: a lower or equal request fails its condition,
 # which the caller treats as success.  expires_at is kept when the item exists.
-_FENCE_CONDITION = "attribute_not_exists(#fence) OR #fence < :fence"
+_FENCE_CONDITION = "(attribute_not_exists(#fence) OR #fence < :fence) AND " + _NOT_EXPIRED
 _FENCE_UPDATE = "SET #fence = :fence, #expires_at = if_not_exists(#expires_at, :expires_at)"
 _FENCE_NAMES = {"#fence": MARKER_FENCE_ATTRIBUTE, "#expires_at": MARKER_TTL_ATTRIBUTE}
 
@@ -100,15 +103,16 @@ class Marker:
             MARKER_TTL_ATTRIBUTE: {"N": str(expires_at)},
         }
 
-    def put_request(self, *, expires_at: int) -> dict[str, Any]:
-        """UpdateItem arguments (all but TableName) that write this marker under PUT_CONDITION."""
+    def put_request(self, *, expires_at: int, now: int) -> dict[str, Any]:
+        """UpdateItem arguments (all but TableName) that write this marker under PUT_CONDITION at `now`."""
         item = self.to_item(expires_at=expires_at)
+        values = {f":{name}": item[name] for name in (*_BODY, MARKER_TTL_ATTRIBUTE)}
         return {
             "Key": self.key(),
             "UpdateExpression": _PUT_UPDATE,
             "ConditionExpression": PUT_CONDITION,
             "ExpressionAttributeNames": _PUT_NAMES,
-            "ExpressionAttributeValues": {f":{name}": item[name] for name in (*_BODY, MARKER_TTL_ATTRIBUTE)},
+            "ExpressionAttributeValues": {**values, ":now": {"N": str(now)}},
         }
 
     @classmethod
@@ -144,6 +148,24 @@ class Marker:
                 f"attempt {self.attempt} found {self.boundary} (etag {self.etag})"
             )
 
+    def must_write(self, *, stored: Marker | None, fence: int) -> bool:
+        """The put rule itself, for a store that evaluates it in a transaction
+        (SQLite) rather than as a condition (DynamoDB): True if this marker
+        must be written, False if an equal one is stored already.
+
+        Raises StaleAttemptError if `fence` is above our attempt, and
+        MarkerConflictError if `stored` records another boundary.
+        """
+        if fence > self.attempt:
+            raise StaleAttemptError(
+                f"marker write for job {self.job_id} shard {self.shard} attempt {self.attempt} refused: "
+                f"the shard is fenced at attempt {fence}"
+            )
+        if stored is None:
+            return True
+        self.check_agrees(stored)
+        return False
+
     def check_refused(self, item: Mapping[str, Any] | None) -> None:
         """Explain why this marker's conditional write was refused, from the item read back.
 
@@ -152,18 +174,21 @@ class Marker:
         only if the item now records our boundary under a fence that allows
         us: the write's effect is already there.
         """
-        fence = marker_fence(item)
-        if fence > self.attempt:
-            raise StaleAttemptError(
-                f"marker write for job {self.job_id} shard {self.shard} attempt {self.attempt} refused: "
-                f"the shard is fenced at attempt {fence}"
-            )
         stored = Marker.from_stored(item)
-        if stored is None:
+        if self.must_write(stored=stored, fence=marker_fence(item)):
             raise MarkerConflictError(
                 f"marker write for job {self.job_id} shard {self.shard} refused, but no marker is stored"
             )
-        self.check_agrees(stored)
+
+
+def marker_expired(item: Mapping[str, Any] | None, now: int) -> bool:
+    """Whether a stored item is past its expiry (it then reads as absent)."""
+    if not item or MARKER_TTL_ATTRIBUTE not in item:
+        return False
+    try:
+        return _count(item, MARKER_TTL_ATTRIBUTE) < now
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed marker expiry in {item!r}: {exc!r}") from None
 
 
 def marker_fence(item: Mapping[str, Any] | None) -> int:
@@ -176,7 +201,7 @@ def marker_fence(item: Mapping[str, Any] | None) -> int:
         raise RemoteProtocolError(f"malformed marker fence in {item!r}: {exc!r}") from None
 
 
-def marker_fence_request(job_id: str, shard: int, min_attempt: int, *, expires_at: int) -> dict[str, Any]:
+def marker_fence_request(job_id: str, shard: int, min_attempt: int, *, expires_at: int, now: int) -> dict[str, Any]:
     """UpdateItem arguments (all but TableName) that raise the fence to `min_attempt`.
 
     Creates a fence-only item when no marker exists.  The call fails with
@@ -190,7 +215,11 @@ def marker_fence_request(job_id: str, shard: int, min_attempt: int, *, expires_a
         "UpdateExpression": _FENCE_UPDATE,
         "ConditionExpression": _FENCE_CONDITION,
         "ExpressionAttributeNames": _FENCE_NAMES,
-        "ExpressionAttributeValues": {":fence": {"N": str(min_attempt)}, ":expires_at": {"N": str(expires_at)}},
+        "ExpressionAttributeValues": {
+            ":fence": {"N": str(min_attempt)},
+            ":expires_at": {"N": str(expires_at)},
+            ":now": {"N": str(now)},
+        },
     }
 
 

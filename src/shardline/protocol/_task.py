@@ -52,7 +52,8 @@ class ShardTask:
     exchange_tls: bool = False
     exchange_ca: str | None = None
     secret: bytes = field(default=b"", repr=False)
-    markers_table: str
+    #: Where boundary markers go: "sqlite:/path" (local workers) or "dynamodb:TABLE".
+    markers: str
     max_line_bytes: int | None = None
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
     max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES

@@ -39,13 +39,13 @@ from ..errors import (
     StaleAttemptError,
     TimeBudgetError,
 )
-from ..io.aws import AwsSettings, client
+from ..io.aws import AwsSettings
 from ..io.command import CommandOutput
-from ..io.markers import MarkerStore
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
 from ..io.shardoutput import PassthroughOutput, ShardOutput
 from ..io.sources import ObjectSource, open_source
+from ..io.store import MarkerStore, open_marker_store
 from ..io.urls import is_s3_url
 from ..protocol import (
     Boundary,
@@ -142,7 +142,9 @@ async def run_task(
                 log.warning("shard %d: %s; continuing without the exchange", task.shard, exc)
         try:
             source = await stack.enter_async_context(open_source(task.source, aws))
-            dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
+            markers = await stack.enter_async_context(
+                open_marker_store(task.markers, aws=aws, retry_policy=settings.retry)
+            )
             upload_to: tuple[S3Bucket, str] | None = None
             output_path = task.output_path
             if is_s3_url(task.output_path):
@@ -158,7 +160,7 @@ async def run_task(
                 task=task,
                 settings=settings,
                 source=source,
-                markers=MarkerStore(dynamodb, task.markers_table, retry_policy=settings.retry),
+                markers=markers,
                 exchange=exchange,
                 output=output,
             )

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import ConfigurationError, ShardlineError
 from ..io.processes import adopt_orphans, hide_environment
+from ..io.store import parse_location
 from ..protocol import ShardTask
 from ._shard import WorkerSettings, is_retryable, run_task
 
@@ -113,6 +114,11 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
     outcome: dict[str, Any] = {"job_id": task.job_id, "shard": task.shard, "attempt": task.attempt}
     try:
         reserve_s = _reserve_s()
+        if parse_location(task.markers)[0] != "dynamodb":
+            raise ConfigurationError(
+                f"this task keeps its markers in {task.markers}, which a Lambda function cannot reach: "
+                "run the coordinator with --store dynamodb"
+            )
     except ConfigurationError as exc:
         log.error("%s", exc)
         return {**outcome, "ok": False, "detail": str(exc), "retryable": False}

@@ -10,11 +10,14 @@ import asyncio
 import logging
 from typing import Any
 
-from ..errors import ConfigurationError
-from ..protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
-from .aws import error_code, translate_error
+from ...errors import ConfigurationError
+from ...protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
+from ..aws import error_code, translate_error
+from ._dynamojobs import JOBS_INDEX
 
 __all__ = [
+    "JOBS_INDEX_ATTRIBUTES",
+    "JOBS_INDEX_DEFINITION",
     "ensure_jobs_table",
     "ensure_marker_table",
     "ensure_table",
@@ -22,18 +25,37 @@ __all__ = [
     "table_create_command",
 ]
 
-log = logging.getLogger("shardline.coordinator.tables")
+log = logging.getLogger("shardline.io.store")
 
 _ACTIVE_WAIT_S = 120.0
 
 
-def table_create_command(table: str) -> str:
-    """The AWS CLI command that creates a shardline table (markers or jobs) by hand."""
+#: The jobs table's sparse index of job records (see `_dynamo`): listing jobs reads only them.
+JOBS_INDEX_ATTRIBUTES = [
+    {"AttributeName": "kind", "AttributeType": "S"},
+    {"AttributeName": "created_at", "AttributeType": "N"},
+]
+JOBS_INDEX_DEFINITION = {
+    "IndexName": JOBS_INDEX,
+    "KeySchema": [{"AttributeName": "kind", "KeyType": "HASH"}, {"AttributeName": "created_at", "KeyType": "RANGE"}],
+    "Projection": {"ProjectionType": "ALL"},
+}
+
+
+def table_create_command(table: str, *, jobs: bool = False) -> str:
+    """The AWS CLI command that creates a shardline table (the marker table, or with `jobs` the jobs table)."""
+    attributes = "AttributeName=job,AttributeType=S AttributeName=shard,AttributeType=N"
+    index = ""
+    if jobs:
+        attributes += " AttributeName=kind,AttributeType=S AttributeName=created_at,AttributeType=N"
+        index = (
+            f" --global-secondary-indexes 'IndexName={JOBS_INDEX},KeySchema=[{{AttributeName=kind,KeyType=HASH}},"
+            "{AttributeName=created_at,KeyType=RANGE}],Projection={ProjectionType=ALL}'"
+        )
     return (
-        f"aws dynamodb create-table --table-name {table} "
-        "--attribute-definitions AttributeName=job,AttributeType=S AttributeName=shard,AttributeType=N "
+        f"aws dynamodb create-table --table-name {table} --attribute-definitions {attributes} "
         "--key-schema AttributeName=job,KeyType=HASH AttributeName=shard,KeyType=RANGE "
-        "--billing-mode PAY_PER_REQUEST && "
+        f"--billing-mode PAY_PER_REQUEST{index} && "
         f"aws dynamodb update-time-to-live --table-name {table} "
         f"--time-to-live-specification Enabled=true,AttributeName={MARKER_TTL_ATTRIBUTE}"
     )
@@ -49,13 +71,13 @@ async def ensure_marker_table(dynamodb: Any, table: str, *, create: bool = True)
 
 
 async def ensure_jobs_table(dynamodb: Any, table: str, *, create: bool = True) -> None:
-    """Make sure the job-state table exists and is ACTIVE, creating it if allowed."""
-    await ensure_table(dynamodb, table, create=create)
+    """Make sure the job-state table (with its index of job records) exists and is ACTIVE, creating it if allowed."""
+    await ensure_table(dynamodb, table, create=create, jobs=True)
 
 
-async def ensure_table(dynamodb: Any, table: str, *, create: bool = True) -> None:
+async def ensure_table(dynamodb: Any, table: str, *, create: bool = True, jobs: bool = False) -> None:
     """Make sure `table` exists with the shared schema and is ACTIVE, creating it if allowed."""
-    how = f"create it with: {table_create_command(table)}"
+    how = f"create it with: {table_create_command(table, jobs=jobs)}"
     status = await _table_status(dynamodb, table)
     if status is None:
         if not create:
@@ -64,8 +86,9 @@ async def ensure_table(dynamodb: Any, table: str, *, create: bool = True) -> Non
             await dynamodb.create_table(
                 TableName=table,
                 KeySchema=MARKER_KEY_SCHEMA,
-                AttributeDefinitions=MARKER_ATTRIBUTE_DEFINITIONS,
+                AttributeDefinitions=MARKER_ATTRIBUTE_DEFINITIONS + (JOBS_INDEX_ATTRIBUTES if jobs else []),
                 BillingMode="PAY_PER_REQUEST",
+                **({"GlobalSecondaryIndexes": [JOBS_INDEX_DEFINITION]} if jobs else {}),
             )
             log.info("created DynamoDB table %s", table)
         except Exception as exc:
