@@ -15,14 +15,12 @@ from shardline.coordinator import (
     CoordinatorSettings,
     ExchangeServer,
     JobReport,
-    JobStore,
-    MemoryJobStore,
     WorkerExit,
     run_job,
 )
 from shardline.embedded import InProcessBackend, run_embedded
 from shardline.io.aws import AwsSettings, client
-from shardline.io.tables import ensure_marker_table
+from shardline.io.store import JobStore, MemoryJobStore, ensure_marker_table, parse_location
 from shardline.protocol import DEFAULT_MARKER_TABLE, JobSpec, ShardTask
 from shardline.worker import WorkerSettings
 
@@ -102,7 +100,6 @@ async def run_job_inprocess(
         spec,
         out=out,
         aws=aws,
-        embedded_dynamodb=False,
         backend=backend or InProcessBackend(),
         settings=CoordinatorSettings(),
     )
@@ -121,7 +118,7 @@ async def run_job_on_exchange(
     choosing (TLS or not); closes `backend`."""
     out = io.BytesIO()
     async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, settings.markers_table)
+        await ensure_marker_table(dynamodb, parse_location(settings.markers)[1])
     async with ExchangeServer(host="127.0.0.1", tls=tls) as exchange:
         try:
             report = await run_job(spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings)

@@ -20,16 +20,9 @@ import struct
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from shardline.coordinator import (
-    Coordinator,
-    CoordinatorMetrics,
-    ExchangeServer,
-    MemoryJobStore,
-    render_prometheus,
-    server_tls_context,
-)
+from shardline.coordinator import Coordinator, CoordinatorMetrics, ExchangeServer, render_prometheus, server_tls_context
 from shardline.io.aws import client
-from shardline.io.tables import ensure_marker_table
+from shardline.io.store import MemoryJobStore, ensure_marker_table
 from shardline.protocol import (
     CLOSED,
     DEFAULT_MARKER_TABLE,

@@ -20,21 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import (
-    Backend,
-    Coordinator,
-    CoordinatorSettings,
-    DynamoJobStore,
-    JobStore,
-    OutputPolicy,
-    WorkerExit,
-)
+from shardline.coordinator import Backend, Coordinator, CoordinatorSettings, OutputPolicy, WorkerExit
 from shardline.coordinator._release import written_by_earlier_runs  # a step of resuming a job, private to it
 from shardline.embedded import InProcessBackend
 from shardline.errors import ConfigurationError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.io.tables import ensure_jobs_table
+from shardline.io.store import DynamoJobStore, JobStore, ensure_jobs_table
 from shardline.protocol import CommittedAttempt, JobSpec, JobView, ShardRecord, ShardState, ShardTask
 
 from faultproxy import FaultProxy

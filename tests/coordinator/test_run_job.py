@@ -13,7 +13,7 @@ from shardline.coordinator import ExchangeServer, WorkerExit, run_job
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
 from shardline.io.aws import client
-from shardline.io.tables import ensure_marker_table
+from shardline.io.store import ensure_marker_table
 from shardline.protocol import ExchangeSession, JobSpec, ShardTask, Want
 
 from jobs import GatedBackend

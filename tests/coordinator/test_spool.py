@@ -16,20 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import (
-    Coordinator,
-    CoordinatorSettings,
-    DynamoJobStore,
-    ExchangeServer,
-    JobStore,
-    MemoryJobStore,
-    choose_spool_dir,
-    sweep_spools,
-)
+from shardline.coordinator import Coordinator, CoordinatorSettings, ExchangeServer, choose_spool_dir, sweep_spools
 from shardline.embedded import InProcessBackend
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.io.tables import ensure_jobs_table, ensure_marker_table
+from shardline.io.store import (
+    DynamoJobStore,
+    JobStore,
+    MemoryJobStore,
+    ensure_jobs_table,
+    ensure_marker_table,
+    parse_location,
+)
 from shardline.protocol import JobSpec
 
 from leftovers import spools_under
@@ -99,7 +97,7 @@ async def in_process_coordinator(
     aws: AwsSettings, settings: CoordinatorSettings, store: JobStore | None = None
 ) -> AsyncIterator[Coordinator]:
     async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, settings.markers_table)
+        await ensure_marker_table(dynamodb, parse_location(settings.markers)[1])
     backend = InProcessBackend()
     async with (
         ExchangeServer() as exchange,

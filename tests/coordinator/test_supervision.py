@@ -21,8 +21,6 @@ from shardline.coordinator import (
     Backend,
     Coordinator,
     CoordinatorSettings,
-    DynamoJobStore,
-    JobStore,
     LocalProcessBackend,
     OutputPolicy,
     WorkerExit,
@@ -30,9 +28,8 @@ from shardline.coordinator import (
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
 from shardline.io.aws import AwsSettings, client
-from shardline.io.markers import MarkerStore
 from shardline.io.retry import RetryPolicy
-from shardline.io.tables import ensure_jobs_table
+from shardline.io.store import DynamoJobStore, DynamoMarkerStore, JobStore, ensure_jobs_table
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     Boundary,
@@ -162,7 +159,7 @@ async def test_stale_attempt_writes_are_rejected(source, aws_settings):
 
         # Its marker write is fenced off once the coordinator raised the fence.
         async with client(aws_settings, "dynamodb") as dynamodb:
-            markers = MarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
+            markers = DynamoMarkerStore(dynamodb, DEFAULT_MARKER_TABLE, retry_policy=RetryPolicy())
             boundary = Boundary(start=stale.range.start, head_end=stale.range.start, line_start=True)
             marker = Marker(job_id=stale.job_id, shard=1, attempt=0, boundary=boundary, etag=stale.etag)
 

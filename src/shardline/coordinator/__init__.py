@@ -21,11 +21,9 @@ from ._release import OutputPiece, ReduceRunner
 from ._runjob import JobProgress, JobReport, ShardReport, copy_piece, run_job
 from ._service import Coordinator
 from ._spool import MEMORY_SPOOL_DIR, SpoolDir, choose_spool_dir, sweep_spools
-from ._store import DEFAULT_JOBS_TABLE, DynamoJobStore, JobStore, MemoryJobStore
 from ._supervisor import Supervisor
 
 __all__ = [
-    "DEFAULT_JOBS_TABLE",
     "DEFAULT_LAMBDA_CONCURRENCY",
     "MANIFEST_VERSION",
     "MEMORY_SPOOL_DIR",
@@ -35,7 +33,6 @@ __all__ = [
     "CoordinatorMetrics",
     "CoordinatorSettings",
     "Destination",
-    "DynamoJobStore",
     "ExchangeHooks",
     "ExchangeServer",
     "FailJob",
@@ -44,13 +41,11 @@ __all__ = [
     "HttpServer",
     "JobProgress",
     "JobReport",
-    "JobStore",
     "LambdaBackend",
     "Launch",
     "LocalDirectoryDestination",
     "LocalProcessBackend",
     "ManifestShard",
-    "MemoryJobStore",
     "OutputPiece",
     "OutputPolicy",
     "RaiseFence",

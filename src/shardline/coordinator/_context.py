@@ -7,22 +7,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..io.aws import AwsSettings
-from ..io.markers import MarkerStore
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Buckets
+from ..io.store import DEFAULT_JOBS_TABLE, DEFAULT_LEASE_S, JobStore, MarkerStore, dynamodb_location
 from ..protocol import DEFAULT_MARKER_TABLE, JobLimits
 from ._destination import OutputPolicy
 from ._metrics import CoordinatorMetrics
 from ._spool import MEMORY_SPOOL_DIR
-from ._store import DEFAULT_JOBS_TABLE, JobStore
 
 __all__ = ["CoordinatorSettings", "JobContext"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorSettings:
-    markers_table: str = DEFAULT_MARKER_TABLE
+    #: Where boundary markers go, as workers reach them ("sqlite:PATH" or "dynamodb:TABLE").
+    markers: str = dynamodb_location(DEFAULT_MARKER_TABLE)
     jobs_table: str = DEFAULT_JOBS_TABLE
+    #: A job's lease lasts this long unless renewed (every third of it); another
+    #: coordinator sharing the store may take the job over once it has run out.
+    lease_s: float = DEFAULT_LEASE_S
     #: Root for job spools (one directory per job); None picks one per job
     #: (`choose_spool_dir`).  A daemon that must resume after a restart needs
     #: a root that survives it.

@@ -21,7 +21,8 @@ from collections.abc import Callable, Collection, Coroutine, Iterable
 from dataclasses import replace
 from typing import Any
 
-from ..errors import JobCancelledError, ShardlineError
+from ..errors import JobCancelledError, LeaseLostError, ShardlineError
+from ..io.store import Lease
 from ..io.urls import is_s3_url
 from ..protocol import (
     CommittedAttempt,
@@ -59,6 +60,7 @@ from ._supervisor import (
     Supervisor,
     SupervisorSettings,
 )
+from ._writer import RecordWriter
 
 __all__ = ["Job", "job_view", "shard_task"]
 
@@ -79,12 +81,16 @@ class Job:
         backend: Backend,
         destination: Destination | None,
         context: JobContext,
+        lease: Lease | None,
         fresh: bool,
         written_earlier: Collection[str] = (),
+        on_lost: Callable[[Job, LeaseLostError], None] = lambda job, exc: None,
     ) -> None:
-        """`fresh`: the records were just created (else loaded after a restart).
+        """`lease`: this coordinator's on the job (None for a finished job, only shown).
+        `fresh`: the records were just created (else loaded after a restart).
         `written_earlier`: destination names that runs of this job before a
-        coordinator restart may have written (`written_by_earlier_runs`)."""
+        coordinator restart may have written (`written_by_earlier_runs`).
+        `on_lost` is told when another coordinator has taken the job over."""
         assert record.size is not None and record.etag is not None
         self.record = record
         self.id = record.job_id
@@ -118,10 +124,20 @@ class Job:
         if self.state.is_final:
             self.finished.set()
         self.release = Release(self, destination, written_earlier=written_earlier)
+        self.writer = RecordWriter(
+            context.store,
+            lease or Lease(job_id=self.id, owner="", epoch=0, expires_at=0),
+            shard_record=self.supervisor.record,
+            job_record=self._current_record,
+            on_saved=lambda record: self.supervisor.saved(record.index, record),
+            on_lost=self._lost,
+        )
+        self._on_lost = on_lost
+        self._lease_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._runners: dict[tuple[int, int], asyncio.Task[None]] = {}
-        #: Saves of commits still in flight: a shard is shown, and released, as DONE only after.
-        self._commits: dict[int, asyncio.Task[None]] = {}
+        #: The writer version of each shard's commit: shown, and released, as DONE only once durable.
+        self._commits: dict[int, int] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._main: asyncio.Task[None] | None = None
         self._suspending = False
@@ -139,7 +155,7 @@ class Job:
         loop = asyncio.get_running_loop()
         if self.state is JobState.PENDING:
             self._move(JobEvent.START)
-            await self._save_job()
+            await self.writer.wait_durable(self.writer.mark_job())
         self._perform(self.supervisor.start(loop.time()))
         ticker = asyncio.create_task(self._tick(), name=f"supervise-{self.id}")
         try:
@@ -148,6 +164,8 @@ class Job:
             if not self._suspending:
                 raise
             return
+        except LeaseLostError:
+            return  # another coordinator owns the job now: nothing more is ours to decide
         except ShardlineError as exc:
             self._perform(self.supervisor.fail(exc))
         except Exception as exc:  # a bug must fail the job, not leave it hanging
@@ -157,7 +175,9 @@ class Job:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
             await self._stop_attempts()
-            await self._discard_remote_outputs()
+            if not self._suspending and self.writer.lost is None:
+                # A job left to resume (here or by its new owner) keeps its committed outputs.
+                await self._discard_remote_outputs()
         failure = self.supervisor.failure
         if failure is None:
             self._move(JobEvent.SUCCEED)
@@ -171,8 +191,11 @@ class Job:
             await self.release.discard_outputs()
         self._perform(self.supervisor.finish(succeeded=failure is None))
         self.finished_at = time.time()
-        await self._save_job()
+        self.writer.mark_job()
         await self._drain_background()
+        with contextlib.suppress(ShardlineError):  # logged by the writer; the job's end stands
+            await self.writer.flush()
+        await self.writer.aclose()
         self.finished.set()
         self.notify()
 
@@ -247,9 +270,9 @@ class Job:
                 fence = self.context.markers.raise_fence(self.id, action.shard, action.min_attempt)
                 self._spawn(fence, f"marker fence of shard {action.shard}")
             elif isinstance(action, SaveShard):
-                self._spawn(self._save_shard(action.shard), f"saving shard {action.shard}")
+                self.writer.mark_shard(action.shard)
             elif isinstance(action, CommitShard):
-                self._commits[action.shard] = self._spawn(self._save_shard(action.shard), f"commit of {action.shard}")
+                self._commits[action.shard] = self.writer.mark_shard(action.shard)
                 if not self.backend.observes_exit:
                     self._stop_runner(action.shard, action.attempt)  # nothing else would end it (and free its slot)
         if changed:
@@ -285,13 +308,14 @@ class Job:
         shard, attempt = launch.shard, launch.attempt
         try:
             try:
-                if launch.reserve:
-                    await self._save_shard(shard)  # the number is durable before anyone can use it
+                # The number is durable before anyone can use it, and we still own the job.
+                await self.writer.wait_durable(self.writer.mark_shard(shard) if launch.reserve else 0)
+                await self._ensure_lease()
                 exit_ = await self.backend.run(
                     task, on_started=lambda: self.supervisor.backend_started(shard, attempt, loop.time())
                 )
                 cause = f"{exit_.detail} before its result was committed"
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LeaseLostError):
                 raise
             except Exception as exc:  # the backend (or the store) could not run the attempt at all
                 log.exception("job %s shard %d attempt %d could not run", self.id, shard, attempt)
@@ -348,8 +372,7 @@ class Job:
     # -- the store ---------------------------------------------------------------------
 
     def commit_durable(self, shard: int) -> bool:
-        save = self._commits.get(shard)
-        return save is None or save.done()
+        return self.writer.durable >= self._commits.get(shard, 0)
 
     async def committed_durably(self, shard: int) -> CommittedAttempt:
         """`shard`'s committed attempt once its commit is in the store; raises the job's failure instead."""
@@ -357,28 +380,48 @@ class Job:
         await self.until(lambda: supervisor.state(shard) is ShardState.DONE or supervisor.failure is not None)
         if supervisor.failure is not None:
             raise supervisor.failure
-        save = self._commits.get(shard)
-        if save is not None:
-            await save
+        await self.writer.wait_durable(self._commits.get(shard, 0))
         committed = supervisor.committed(shard)
         assert committed is not None
         return committed
 
     async def update_committed(self, shard: int, committed: CommittedAttempt) -> None:
         """Record where `shard`'s committed output is now (fetched, published), durably."""
+        await self._ensure_lease()  # before what it records is written anywhere
         self.supervisor.update_committed(shard, committed)
-        await self._save_shard(shard)
+        await self.writer.wait_durable(self.writer.mark_shard(shard))
 
-    async def _save_job(self) -> None:
+    def _current_record(self) -> JobRecord:
         self.record = replace(
             self.record, state=self.state, updated_at=time.time(), finished_at=self.finished_at, error=self.error
         )
-        await self.context.store.save_job(self.record)
+        return self.record
 
-    async def _save_shard(self, shard: int) -> None:
-        record = self.supervisor.record(shard)
-        await self.context.store.save_shard(record)
-        self.supervisor.saved(shard, record)
+    async def renew_lease(self) -> None:
+        """Extend our lease on the job (the coordinator does, every third of its length);
+        LeaseLostError once another coordinator has taken the job over."""
+        async with self._lease_lock:
+            if self.writer.lost is not None:
+                raise self.writer.lost
+            try:
+                self.writer.lease = await self.context.store.renew(
+                    self.writer.lease, lease_s=self.context.settings.lease_s
+                )
+            except LeaseLostError as exc:
+                self.writer.lost = exc
+                self._lost(exc)
+                raise
+
+    async def _ensure_lease(self) -> None:
+        """Renew first unless our lease holds, by our own clock, with a third of it to spare:
+        a stalled owner that wakes up launches and writes nothing before it has renewed."""
+        if not self.writer.lease.valid(time.time(), margin_s=self.context.settings.lease_s / 3):
+            await self.renew_lease()
+
+    def _lost(self, exc: LeaseLostError) -> None:
+        """Another coordinator took the job over: stop without deciding or writing anything more."""
+        log.warning("job %s: lost to another coordinator; stopping it here: %s", self.id, exc)
+        self._on_lost(self, exc)
 
 
 def job_view(job: Job) -> JobView:
@@ -436,7 +479,7 @@ def shard_task(job: Job, shard: int, attempt: int) -> ShardTask:
         exchange_tls=job.context.exchange_tls,
         exchange_ca=settings.exchange_ca if job.context.exchange_tls else None,
         secret=attempt_secret(job.exchange_secret, shard, attempt),
-        markers_table=settings.markers_table,
+        markers=settings.markers,
         max_line_bytes=job.spec.max_line_bytes,
         part_size_bytes=job.spec.part_size_bytes,
         max_in_flight_bytes=job.spec.max_in_flight_bytes,

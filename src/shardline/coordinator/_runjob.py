@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from ..io import COPY_CHUNK_BYTES
 from ..io.aws import AwsSettings
+from ..io.store import MemoryJobStore
 from ..protocol import (
     JobSpec,
 )
@@ -21,7 +22,6 @@ from ._context import CoordinatorSettings
 from ._exchange import ExchangeServer
 from ._release import OutputPiece
 from ._service import Coordinator
-from ._store import MemoryJobStore
 
 __all__ = ["JobProgress", "JobReport", "ShardReport", "copy_piece", "run_job"]
 

@@ -17,21 +17,22 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
 from ..errors import (
     ConfigurationError,
     JobNotFoundError,
+    LeaseLostError,
     NotAcceptingJobsError,
     ShardlineError,
 )
-from ..io.aws import AwsSettings, client
-from ..io.markers import MarkerStore
+from ..io.aws import AwsSettings
 from ..io.retry import retry
 from ..io.s3bucket import S3Buckets
 from ..io.sources import ObjectInfo, open_source
+from ..io.store import JobStore, Lease, open_marker_store
 from ..protocol import (
     COORDINATOR_KEY_BYTES,
     JobRecord,
@@ -52,7 +53,6 @@ from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import open_destination
 from ._release import OutputPiece, written_by_earlier_runs
 from ._spool import SpoolDir, choose_spool_dir, sweep_spools
-from ._store import JobStore
 
 __all__ = [
     "Coordinator",
@@ -69,6 +69,12 @@ class Coordinator:
     Every job's exchange secret is derived from `coordinator_key` (random
     when None): a daemon passes the one kept in its state directory, so that
     an orphaned worker from before a restart is still told it is stale.
+
+    Jobs are owned under leases in `store` by `owner` (random when None; a
+    daemon passes the id kept in its state directory, so that when it
+    restarts it takes its own jobs back at once).  Several coordinators may
+    share one store: each renews its leases while it lives, and takes over
+    unfinished jobs whose lease has run out.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class Coordinator:
         exchange: ExchangeServer,
         settings: CoordinatorSettings = CoordinatorSettings(),
         coordinator_key: bytes | None = None,
+        owner: str | None = None,
     ) -> None:
         if not backends:
             raise ConfigurationError("the coordinator needs at least one backend")
@@ -91,6 +98,7 @@ class Coordinator:
         self.exchange = exchange
         self.settings = settings
         self._coordinator_key = coordinator_key or new_coordinator_key()
+        self.owner = owner or f"coordinator-{uuid.uuid4().hex[:12]}"
         self.metrics = CoordinatorMetrics()
         self.accepting = True
         self._jobs: dict[str, Job] = {}
@@ -100,6 +108,8 @@ class Coordinator:
         self._s3_buckets = S3Buckets(aws, retry_policy=settings.retry)
         self._context: JobContext | None = None
         self._janitor: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # jobs lost to other coordinators, stopping
         #: Locked for as long as the job is known here (see _spool.py).
         self._spools: dict[str, SpoolDir] = {}
 
@@ -112,7 +122,9 @@ class Coordinator:
 
     async def start(self) -> None:
         self._stack.push_async_callback(self._s3_buckets.aclose)
-        dynamodb = await self._stack.enter_async_context(client(self.aws, "dynamodb"))
+        markers = await self._stack.enter_async_context(
+            open_marker_store(self.settings.markers, aws=self.aws, retry_policy=self.settings.retry)
+        )
         self._context = JobContext(
             aws=self.aws,
             store=self.store,
@@ -121,18 +133,25 @@ class Coordinator:
             exchange_address=self.exchange.address,
             exchange_tls=self.exchange.tls,
             coordinator_key=self._coordinator_key,
-            markers=MarkerStore(dynamodb, self.settings.markers_table, retry_policy=self.settings.retry),
+            markers=markers,
             s3_buckets=self._s3_buckets,
         )
         self._janitor = asyncio.create_task(self._expire_finished_jobs(), name="coordinator-janitor")
+        self._keeper = asyncio.create_task(self._keep_leases(), name="coordinator-leases")
 
     async def aclose(self) -> None:
-        """Stop every running job's workers, leaving the jobs resumable."""
+        """Stop every running job's workers, leaving the jobs resumable (their leases
+        are given up, so another coordinator sharing the store may take them at once)."""
         self.accepting = False
-        if self._janitor is not None:
-            self._janitor.cancel()
-            await asyncio.gather(self._janitor, return_exceptions=True)
+        for task in (self._janitor, self._keeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*(job.suspend() for job in self._jobs.values()))
+        for job in self._jobs.values():
+            if not job.finished.is_set() and job.writer.lost is None:
+                with contextlib.suppress(ShardlineError):
+                    await self.store.release(job.writer.lease)
         for job in self._jobs.values():
             self.exchange.unregister(job.id)
             if job.destination is not None:
@@ -208,59 +227,159 @@ class Coordinator:
             for index in range(spec.shards)
         ]
         try:
-            await self.store.create_job(record, shards)
+            lease = await self.store.create_job(record, shards, owner=self.owner, lease_s=self.settings.lease_s)
         except BaseException:
             spool.remove()
             raise
         self._spools[job_id] = spool
-        job = Job(
-            record=record, shards=shards, backend=backend, destination=destination, context=self.context, fresh=True
-        )
+        job = self._make_job(record, shards, backend, destination, lease, fresh=True)
         self._start(job)
         log.info("job %s: %s, %d bytes, etag %s, %d shards", job_id, spec.source, info.size, info.etag, spec.shards)
         return job_view(job)
 
     async def resume(self) -> list[str]:
-        """Load every job the store knows; resume the unfinished ones.  Returns their ids."""
+        """Load every job the store knows that is not here yet: finished ones to be
+        shown, unfinished ones whose lease is free, run out or ours, to be resumed
+        under a new lease.  Returns the resumed jobs' ids."""
         resumed = []
-        for summary in await self.store.list_jobs():
-            if summary.job_id in self._jobs:
+        now = time.time()
+        for stored in await self.store.list_jobs():
+            job_id = stored.record.job_id
+            if job_id in self._jobs:
                 continue
-            loaded = await self.store.load_job(summary.job_id)
-            if loaded is None:
-                continue
-            record, shards = loaded
-            # First: a job whose spool another live coordinator holds is that one's.  A job
-            # that cannot be resumed keeps its lock too, so that no sweep removes its outputs.
-            if not self._relock_spool(record):
-                continue
-            # From the records as stored: a shard whose output must be redone was still published.
-            written = written_by_earlier_runs(record.spec, shards)
-            shards = [await self._check_kept_output(record, shard) for shard in shards]
-            try:
-                backend = self._backend(record.spec.backend)
-                destination = (
-                    await self._destination(record.spec, submitting=False) if not record.state.is_final else None
-                )
-            except ConfigurationError as exc:
-                log.error("job %s cannot be resumed: %s", record.job_id, exc)
-                continue
-            job = Job(
-                record=record,
-                shards=shards,
-                backend=backend,
-                destination=destination,
-                context=self.context,
-                fresh=False,
-                written_earlier=written,
-            )
-            self._jobs[job.id] = job
-            if not record.state.is_final:
-                self._start(job)
-                resumed.append(job.id)
-                done = sum(shard.state is ShardState.DONE for shard in shards)
-                log.info("job %s resumed: %d of %d shards already committed", job.id, done, len(shards))
+            lease = None
+            if not stored.record.state.is_final:
+                held = stored.lease
+                if held is not None and held.owner != self.owner and held.valid(now):
+                    continue  # another coordinator's, for now
+                lease = await self.store.acquire(job_id, owner=self.owner, lease_s=self.settings.lease_s)
+                if lease is None:
+                    continue
+            if await self._load(job_id, lease):
+                resumed.append(job_id)
+        if resumed:
+            log.warning("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
         return resumed
+
+    async def _load(self, job_id: str, lease: Lease | None) -> bool:
+        """Load one job; run it again if `lease` (ours now) is given.  True if it runs."""
+        loaded = await self.store.load_job(job_id)
+        if loaded is None:
+            return False
+        record, shards = loaded
+        # A job whose spool another live coordinator holds (one that lost the
+        # job and has not noticed yet) gets a new spool: the old one's outputs
+        # are not ours to read, so its committed shards run again.
+        if not self._relock_spool(record):
+            if lease is None:
+                return False
+            record, shards = await self._new_spool(record, shards, lease)
+        # From the records as stored: a shard whose output must be redone was still published.
+        written = written_by_earlier_runs(record.spec, shards)
+        shards = [await self._check_kept_output(record, shard) for shard in shards]
+        try:
+            backend = self._backend(record.spec.backend)
+            destination = await self._destination(record.spec, submitting=False) if lease is not None else None
+        except ConfigurationError as exc:
+            log.error("job %s cannot be resumed: %s", record.job_id, exc)
+            return False
+        job = self._make_job(record, shards, backend, destination, lease, fresh=False, written_earlier=written)
+        self._jobs[job.id] = job
+        if lease is None:
+            return False
+        self._start(job)
+        done = sum(shard.state is ShardState.DONE for shard in shards)
+        log.info(
+            "job %s resumed (lease epoch %d): %d of %d shards already committed", job.id, lease.epoch, done, len(shards)
+        )
+        return True
+
+    async def _new_spool(
+        self, record: JobRecord, shards: list[ShardRecord], lease: Lease
+    ) -> tuple[JobRecord, list[ShardRecord]]:
+        old = record.spool_dir
+        root = self.settings.spool_dir or choose_spool_dir(
+            record.size or 0,
+            memory_dir=self.settings.memory_spool_dir,
+            memory_limit_bytes=self.settings.memory_spool_limit_bytes,
+        )
+        spool = SpoolDir.create(
+            root,
+            job_id=record.job_id,
+            reserved_bytes=2 * (record.size or 0),
+            resumable=self.store.durable,
+            store=self.store.identity,
+        )
+        self._spools[record.job_id] = spool
+        record = replace(record, spool_dir=spool.path)
+        kept = [
+            shard
+            if shard.committed is None or not shard.committed.output_path.startswith(old + os.sep)
+            else replace(shard, state=ShardState.PENDING, committed=None, error=None)
+            for shard in shards
+        ]
+        await self.store.save(lease, job=record)
+        log.warning("job %s: its spool %s is still held by another process; using %s", record.job_id, old, spool.path)
+        return record, kept
+
+    async def _keep_leases(self) -> None:
+        """Renew our jobs' leases every third of their length, and take over jobs whose lease ran out."""
+        interval_s = self.settings.lease_s / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            for job in list(self._jobs.values()):
+                if job.finished.is_set() or job.writer.lost is not None:
+                    continue
+                try:
+                    await job.renew_lease()
+                except LeaseLostError:
+                    pass  # the job stops itself (_lost)
+                except ShardlineError as exc:  # the store is unreachable for now: the lease may still hold
+                    log.warning("job %s: renewing its lease failed: %s", job.id, exc)
+            if self.accepting:
+                try:
+                    await self.resume()
+                except ShardlineError as exc:
+                    log.warning("looking for jobs to take over failed: %s", exc)
+
+    def _make_job(
+        self,
+        record: JobRecord,
+        shards: list[ShardRecord],
+        backend: Backend,
+        destination: Destination | None,
+        lease: Lease | None,
+        *,
+        fresh: bool,
+        written_earlier: Collection[str] = (),
+    ) -> Job:
+        return Job(
+            record=record,
+            shards=shards,
+            backend=backend,
+            destination=destination,
+            context=self.context,
+            lease=lease,
+            fresh=fresh,
+            written_earlier=written_earlier,
+            on_lost=self._lost,
+        )
+
+    def _lost(self, job: Job, exc: LeaseLostError) -> None:
+        """`job` is another coordinator's now: stop it here without deciding anything."""
+
+        async def stop() -> None:
+            await job.suspend()
+            if self._jobs.get(job.id) is job:
+                del self._jobs[job.id]
+                self.exchange.unregister(job.id)
+            spool = self._spools.pop(job.id, None)
+            if spool is not None:
+                spool.release()  # the files stay: the new owner may not read them, nor may we delete them
+
+        task = asyncio.create_task(stop(), name=f"lost-{job.id}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _relock_spool(self, record: JobRecord) -> bool:
         """Take the lock of a resumed job's spool (an unfinished job's is
@@ -434,6 +553,8 @@ class Coordinator:
         if job is not None:
             self.exchange.unregister(job_id)
             job.release.discard_spool()
+            forgetting = asyncio.ensure_future(self.context.markers.forget(job_id))
+            forgetting.add_done_callback(lambda task: task.cancelled() or task.exception())
         spool = self._spools.pop(job_id, None)
         if spool is not None:
             spool.release()
