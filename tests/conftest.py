@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from shardline.io.aws import AwsSettings, client
-from shardline.io.tables import ensure_marker_table
+from shardline.io.store import ensure_marker_table
 from shardline.protocol import DEFAULT_MARKER_TABLE, ShardTask
 
 from servers import Endpoint, MotoServer

@@ -41,13 +41,20 @@ class Daemon:
     says it is), or None if it serves without one.
     """
 
-    def __init__(self, workdir: Path, env: dict[str, str], *args: str) -> None:
-        self.log_path = workdir / f"serve-{uuid.uuid4().hex[:8]}.log"
+    def __init__(self, workdir: Path, env: dict[str, str], *args: str, state_dir: Path | None = None) -> None:
         suffix = uuid.uuid4().hex[:8]
+        self.log_path = workdir / f"serve-{suffix}.log"
+        # One daemon per state directory (it holds a lock there): each gets its
+        # own unless the test says which, e.g. to restart on the same one.
+        self.state_dir = state_dir or workdir / f"state-{suffix}"
         argv = [*SHARDLINE, "serve", "--port", "0", "--jobs-table", f"jobs-{suffix}"]
-        argv += ["--markers-table", f"markers-{suffix}", "--spool-dir", str(workdir / "spool"), *args]
+        argv += ["--markers-table", f"markers-{suffix}", "--spool-dir", str(workdir / "spool")]
+        argv += ["--state-dir", str(self.state_dir), *args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        #: `env` for a client that finds this daemon's generated token where
+        #: local clients look for it (its state directory).
+        self.client_env = {**env, "SHARDLINE_STATE_DIR": str(self.state_dir)}
         self.url, auth = self._wait_ready()
         self.token: str | None = None
         if auth == "token in $SHARDLINE_TOKEN":

@@ -1,9 +1,9 @@
 """`shardline serve`: the coordinator daemon's composition root.
 
-Wires DynamoDB (the configured one, or an embedded endpoint when there is no
-AWS configuration), the job store, the exchange listener (TLS when given a
-certificate), the backends (local worker processes, and AWS Lambda when
-given a function) and the `Coordinator`, then serves the HTTP API (behind
+Wires the store (SQLite in the state directory, or DynamoDB; see
+`resolve_store`), the exchange listener (TLS when given a certificate),
+the backends (local worker processes, and AWS Lambda when given a
+function) and the `Coordinator`, then serves the HTTP API (behind
 its guard: token, Host and Origin checks, connection and time limits; TLS
 when given a certificate) until SIGTERM or SIGINT.  Shutdown drains: new jobs are refused at once, running
 jobs get `drain_timeout_s` to finish, and whatever is still running then is
@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import secrets
 import signal
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .coordinator import (
-    DEFAULT_JOBS_TABLE,
     DEFAULT_LAMBDA_CONCURRENCY,
     Backend,
     Coordinator,
     CoordinatorSettings,
-    DynamoJobStore,
     ExchangeServer,
     HttpAccess,
     HttpLimits,
@@ -41,14 +42,31 @@ from .coordinator import (
     OutputPolicy,
     server_tls_context,
 )
-from .embedded import EmbeddedDynamoDB
 from .errors import ConfigurationError
 from .io.aws import AWS_CREDENTIAL_VARIABLES, AwsSettings, client
 from .io.processes import hide_environment
 from .io.retry import RetryPolicy
 from .io.rlimits import raise_open_files_limit
-from .io.statedir import COORDINATOR_KEY_FILE, default_state_dir, read_or_create_key
-from .io.tables import ensure_jobs_table, ensure_marker_table
+from .io.statedir import (
+    COORDINATOR_KEY_FILE,
+    default_state_dir,
+    ensure_private_dir,
+    read_or_create_key,
+    read_or_create_secret,
+)
+from .io.store import (
+    DEFAULT_JOBS_TABLE,
+    DEFAULT_LEASE_S,
+    STORE_FILE,
+    DynamoJobStore,
+    JobStore,
+    SqliteDatabase,
+    SqliteJobStore,
+    dynamodb_location,
+    ensure_jobs_table,
+    ensure_marker_table,
+    sqlite_location,
+)
 from .io.urls import is_loopback_host, parse_s3_prefix
 from .protocol import COORDINATOR_KEY_BYTES, DEFAULT_MARKER_TABLE, JobLimits
 
@@ -89,13 +107,17 @@ class ServeSettings:
     http_limits: HttpLimits = HttpLimits()
     #: Every storage call of the daemon (S3, its store, marker fences) retries by this.
     retry: RetryPolicy = RetryPolicy()
+    #: Where job state and markers live: "sqlite" (a file, `store_path`, default
+    #: shardline.db in the state directory) or "dynamodb" (the two tables).
+    store: str = "sqlite"
+    store_path: str | None = None
     markers_table: str = DEFAULT_MARKER_TABLE
     jobs_table: str = DEFAULT_JOBS_TABLE
+    #: A job's lease lasts this long unless renewed; then a coordinator sharing the store may take it over.
+    lease_s: float = DEFAULT_LEASE_S
     spool_dir: str | None = None
     max_processes: int | None = None
     drain_timeout_s: float = 30.0
-    #: Keep job state in an embedded DynamoDB-compatible endpoint (lost on exit).
-    embedded_dynamodb: bool = False
     #: Backend for jobs that name none: "local" or "lambda".
     default_backend: str = "local"
     #: The Lambda worker function (name or ARN); enables the "lambda" backend.
@@ -138,6 +160,14 @@ class ServeSettings:
             raise ConfigurationError(f"--backend must be local or lambda, got {self.default_backend!r}")
         if self.default_backend == "lambda" and self.lambda_function is None:
             raise ConfigurationError("--backend lambda needs --function NAME_OR_ARN (the worker function)")
+        if self.store not in ("sqlite", "dynamodb"):
+            raise ConfigurationError(f"--store must be sqlite or dynamodb, got {self.store!r}")
+        if self.lambda_function is not None and self.store != "dynamodb":
+            raise ConfigurationError(
+                "--function: Lambda workers cannot reach a SQLite store on this machine; use --store dynamodb"
+            )
+        if not self.lease_s > 0:
+            raise ConfigurationError(f"--lease-timeout must be > 0 seconds, got {self.lease_s!r}")
         if self.lambda_function is not None and self.staging is None:
             raise ConfigurationError(
                 "--function needs --staging s3://bucket/prefix/: Lambda workers upload their outputs there"
@@ -202,6 +232,63 @@ def _http_tls(settings: ServeSettings) -> ssl.SSLContext | None:
     return server_tls_context(settings.tls_cert, settings.tls_key, what="the HTTP API's")
 
 
+def resolve_store(requested: str, *, lambda_function: str | None, environ: Mapping[str, str]) -> str:
+    """`--store auto`: DynamoDB when Lambda workers need it (they cannot reach a
+    file on this machine) or the environment names a DynamoDB endpoint
+    (AWS_ENDPOINT_URL_DYNAMODB); SQLite otherwise, an S3-compatible server
+    without a DynamoDB API (SeaweedFS, MinIO) included."""
+    if requested != "auto":
+        return requested
+    if lambda_function is not None or environ.get("AWS_ENDPOINT_URL_DYNAMODB"):
+        return "dynamodb"
+    return "sqlite"
+
+
+async def _open_store(
+    settings: ServeSettings, aws: AwsSettings, stack: contextlib.AsyncExitStack
+) -> tuple[JobStore, str]:
+    """The job store and where markers go, opened on `stack`."""
+    store: JobStore
+    if settings.store == "sqlite":
+        path = settings.store_path or os.path.join(settings.state_dir, STORE_FILE)
+        store = SqliteJobStore(SqliteDatabase(path), retry_policy=settings.retry)
+        stack.push_async_callback(store.aclose)
+        log.info("job state and markers in %s", path)
+        return store, sqlite_location(path)
+    dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
+    await ensure_marker_table(dynamodb, settings.markers_table)
+    await ensure_jobs_table(dynamodb, settings.jobs_table)
+    store = DynamoJobStore(dynamodb, settings.jobs_table, retry_policy=settings.retry)
+    log.info("job state in DynamoDB table %s, markers in %s", settings.jobs_table, settings.markers_table)
+    return store, dynamodb_location(settings.markers_table)
+
+
+#: Held (flock) by the daemon that uses a state directory, so that two do not share one.
+_STATE_LOCK_FILE = "serve.lock"
+#: This daemon's name as a job owner: kept, so a restarted daemon takes its own jobs back at once.
+_OWNER_FILE = "coordinator.id"
+_state_locks: list[int] = []  # descriptors held for the life of the process
+
+
+def _claim_state_dir(state_dir: str) -> str:
+    """Lock the state directory for this daemon; returns its owner id."""
+    ensure_private_dir(state_dir)
+    fd = os.open(os.path.join(state_dir, _STATE_LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigurationError(
+            f"another 'shardline serve' uses the state directory {state_dir}; give this one its own --state-dir "
+            "(daemons may share a store: --store-path, or --store dynamodb)"
+        ) from None
+    _state_locks.append(fd)
+    identity = read_or_create_secret(
+        os.path.join(state_dir, _OWNER_FILE), generate=lambda: f"{socket.gethostname()}-{secrets.token_hex(6)}"
+    )
+    return identity
+
+
 async def serve(
     settings: ServeSettings, *, aws: AwsSettings, on_ready: Callable[[str, tuple[str, int]], None] | None = None
 ) -> None:
@@ -224,18 +311,8 @@ async def serve(
             os.path.join(settings.state_dir, COORDINATOR_KEY_FILE), size_bytes=COORDINATOR_KEY_BYTES
         )
         async with contextlib.AsyncExitStack() as stack:
-            if settings.embedded_dynamodb:
-                embedded = EmbeddedDynamoDB()
-                await asyncio.to_thread(embedded.start)
-                stack.callback(embedded.stop)
-                aws = embedded.settings(aws)
-                log.warning(
-                    "no AWS configuration: job state is kept in an embedded DynamoDB endpoint and does not "
-                    "survive a restart of this daemon"
-                )
-            dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
-            await ensure_marker_table(dynamodb, settings.markers_table)
-            await ensure_jobs_table(dynamodb, settings.jobs_table)
+            owner = await asyncio.to_thread(_claim_state_dir, settings.state_dir)
+            store, markers = await _open_store(settings, aws, stack)
 
             tls = None
             if settings.exchange_tls_cert is not None and settings.exchange_tls_key is not None:
@@ -249,13 +326,12 @@ async def serve(
             coordinator = Coordinator(
                 aws=aws,
                 backends=backends,
-                store=DynamoJobStore(
-                    dynamodb, settings.jobs_table, durable=not settings.embedded_dynamodb, retry_policy=settings.retry
-                ),
+                store=store,
                 exchange=exchange,
                 settings=CoordinatorSettings(
-                    markers_table=settings.markers_table,
+                    markers=markers,
                     jobs_table=settings.jobs_table,
+                    lease_s=settings.lease_s,
                     spool_dir=settings.spool_dir,
                     advertise_host=settings.advertise_host,
                     retry=settings.retry,
@@ -265,11 +341,10 @@ async def serve(
                     job_limits=settings.job_limits,
                 ),
                 coordinator_key=coordinator_key,
+                owner=owner,
             )
             await stack.enter_async_context(coordinator)
-            resumed = await coordinator.resume()
-            if resumed:
-                log.warning("resumed %d unfinished job(s): %s", len(resumed), ", ".join(resumed))
+            await coordinator.resume()
             await coordinator.sweep_spools()  # after resume(): what no coordinator will resume
 
             http = HttpServer(
@@ -295,7 +370,7 @@ async def serve(
             log.warning("stopping: draining running jobs (up to %.0fs)", settings.drain_timeout_s)
             await coordinator.drain(settings.drain_timeout_s)
             # Leaving the stack closes, in order: HTTP, coordinator, workers,
-            # exchange, DynamoDB client, embedded endpoint.
+            # exchange, the store.
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

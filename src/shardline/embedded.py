@@ -1,8 +1,8 @@
 """Running a whole job inside one process: the composition root of `shardline run`.
 
-This module wires the coordinator to workers and, with no AWS configuration,
-to an embedded DynamoDB-compatible endpoint (moto's server, in-process, on
-127.0.0.1).  It is the one place allowed to import both `coordinator` and
+This module wires an in-process coordinator to workers, with its boundary
+markers in the SQLite store unless told otherwise.  It is the one place
+allowed to import both `coordinator` and
 `worker`: `InProcessBackend` runs shards as asyncio tasks in this process
 (same worker code, no process start-up cost), which benchmarks and tests
 with many shards use; `shardline run` uses local worker processes.
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .coordinator import (
     Backend,
@@ -29,57 +27,18 @@ from .coordinator import (
 )
 from .errors import ShardlineError
 from .io.aws import AwsSettings, client
-from .io.tables import ensure_marker_table
+from .io.store import ensure_marker_table, parse_location
 from .protocol import JobSpec, ShardTask
 
 if TYPE_CHECKING:
     from .worker import WorkerSettings
 
-__all__ = ["EmbeddedDynamoDB", "InProcessBackend", "run_embedded"]
+__all__ = ["InProcessBackend", "run_embedded"]
 
 log = logging.getLogger("shardline.embedded")
 
-_EMBEDDED_KEY = "shardline-embedded"
 #: In-process shards share one event loop and CPU; more at once only queues.
 DEFAULT_INPROCESS_CONCURRENCY = 64
-
-
-class EmbeddedDynamoDB:
-    """moto's DynamoDB-compatible server on 127.0.0.1, in a thread of this process."""
-
-    def __init__(self) -> None:
-        self._server: Any = None  # moto.server.ThreadedMotoServer, imported lazily
-        self.url: str | None = None
-
-    def start(self) -> str:
-        from moto.server import ThreadedMotoServer
-
-        # moto logs every request through werkzeug at INFO; keep our stderr clean.
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
-        log.info("embedded DynamoDB endpoint on %s", self.url)
-        return self.url
-
-    def stop(self) -> None:
-        """Stop serving.  Returns at once: the server thread notices within
-        its poll interval (0.5 s) and nothing waits for it to do so."""
-        server, self._server = self._server, None
-        if server is not None:
-            threading.Thread(target=server.stop, name="embedded-dynamodb-stop", daemon=True).start()
-
-    def settings(self, base: AwsSettings) -> AwsSettings:
-        """`base` with DynamoDB pointed here (S3 keeps its own configuration)."""
-        assert self.url is not None, "start() first"
-        return replace(
-            base,
-            dynamodb_endpoint_url=self.url,
-            dynamodb_access_key_id=_EMBEDDED_KEY,
-            dynamodb_secret_access_key=_EMBEDDED_KEY,
-            region=base.region or "us-east-1",
-        )
 
 
 class InProcessBackend(Backend):
@@ -115,36 +74,27 @@ async def run_embedded(
     *,
     out: BinaryIO,
     aws: AwsSettings,
-    embedded_dynamodb: bool,
     backend: Backend | None = None,
     settings: CoordinatorSettings = CoordinatorSettings(),
     create_tables: bool = True,
     on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
 ) -> JobReport:
-    """Run one job with an in-process coordinator.
+    """Run one job with an in-process coordinator (its job records in memory).
 
-    With `embedded_dynamodb`, markers go to a moto server started for this
-    job; otherwise to the DynamoDB that `aws` (or the standard AWS
-    configuration) names.  The backend defaults to local worker processes;
-    either way this job owns it and closes it when it ends, so give each run
-    a new one.
+    Markers go where `settings.markers` says: a SQLite file (the embedded
+    default) or a DynamoDB table, created if missing and `create_tables`.
+    The backend defaults to local worker processes; either way this job owns
+    it and closes it when it ends, so give each run a new one.
     """
-    embedded: EmbeddedDynamoDB | None = None
-    try:
-        if embedded_dynamodb:
-            embedded = EmbeddedDynamoDB()
-            await asyncio.to_thread(embedded.start)
-            aws = embedded.settings(aws)
+    kind, table = parse_location(settings.markers)
+    if kind == "dynamodb":
         async with client(aws, "dynamodb") as dynamodb:
-            await ensure_marker_table(dynamodb, settings.markers_table, create=create_tables)
-        backend = backend or LocalProcessBackend()
-        async with ExchangeServer(host="127.0.0.1") as exchange:
-            try:
-                return await run_job(
-                    spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings, on_start=on_start
-                )
-            finally:
-                await backend.aclose()
-    finally:
-        if embedded is not None:
-            embedded.stop()
+            await ensure_marker_table(dynamodb, table, create=create_tables)
+    backend = backend or LocalProcessBackend()
+    async with ExchangeServer(host="127.0.0.1") as exchange:
+        try:
+            return await run_job(
+                spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings, on_start=on_start
+            )
+        finally:
+            await backend.aclose()

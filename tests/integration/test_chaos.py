@@ -62,11 +62,8 @@ from shardline.coordinator import (
     Backend,
     Coordinator,
     CoordinatorSettings,
-    DynamoJobStore,
     ExchangeServer,
-    JobStore,
     LocalProcessBackend,
-    MemoryJobStore,
     OutputPolicy,
     WorkerExit,
 )
@@ -74,7 +71,7 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.io.tables import ensure_jobs_table, ensure_marker_table
+from shardline.io.store import DynamoJobStore, JobStore, MemoryJobStore, ensure_jobs_table, ensure_marker_table
 from shardline.protocol import DEFAULT_MARKER_TABLE, ExchangeSession, JobSpec, ShardRange, ShardTask, ShardTimeouts
 from shardline.worker import WorkerSettings
 

@@ -20,7 +20,7 @@ import pytest
 
 from shardline.io.aws import client
 from shardline.io.sources import LocalFileSource
-from shardline.io.tables import ensure_marker_table
+from shardline.io.store import ensure_marker_table
 from shardline.protocol import ShardTask
 
 from corpus import CORPUS
@@ -121,11 +121,13 @@ def test_s3_source_on_seaweedfs(tmp_path, home):
             AWS_ACCESS_KEY_ID=endpoint.access_key_id,
             AWS_SECRET_ACCESS_KEY=endpoint.secret_access_key,
             AWS_DEFAULT_REGION=endpoint.region,
+            SHARDLINE_STATE_DIR=str(home / "state"),
         )
-        # SeaweedFS speaks no DynamoDB: markers go to the embedded endpoint.
-        result = shardline("run", "s3://shardline-test/object.txt", "-n", "6", "--markers", "embedded", env=env)
+        # SeaweedFS speaks no DynamoDB: with no flag, markers go to the SQLite store.
+        result = shardline("run", "s3://shardline-test/object.txt", "-n", "6", env=env)
         assert result.returncode == 0, result.stderr.decode()
         assert result.stdout == data
+        assert (home / "state" / "shardline.db").is_file()
     finally:
         server.stop()
 
@@ -282,7 +284,7 @@ def test_worker_command_runs_one_shard_by_hand(tmp_path, home, moto: Endpoint, a
         size=len(data),
         etag=asyncio.run(prepare()),
         output_path=str(tmp_path / "out"),
-        markers_table="shardline-markers",
+        markers="dynamodb:shardline-markers",
     )
     (tmp_path / "task.json").write_text(task.to_json())
     env = clean_env(home, **moto.env())

@@ -65,12 +65,14 @@ def test_daemon_sigkilled_mid_job_resumes_with_exact_output(tmp_path, serve_env)
     )
     suffix = uuid.uuid4().hex[:8]
     state = ["--jobs-table", f"jobs-{suffix}", "--markers-table", f"markers-{suffix}"]
-    first = Daemon(tmp_path, serve_env, *state)
+    # The same state directory: the restarted daemon is the same coordinator
+    # (its id), so it resumes at once instead of waiting out the dead one's lease.
+    first = Daemon(tmp_path, serve_env, *state, state_dir=tmp_path / "state")
     job_id = submit(first, source=str(source), shards=4, command=command)
     before = wait_for(first, job_id, lambda v: v["shards_done"] == 3)
     first.stop(signal.SIGKILL)
 
-    second = Daemon(tmp_path, serve_env, *state)
+    second = Daemon(tmp_path, serve_env, *state, state_dir=tmp_path / "state")
     try:
         assert f"resumed 1 unfinished job(s): {job_id}" in second.log()
         status, output = second.request(f"/jobs/{job_id}/output")

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shardline.io.store import JOBS_INDEX_ATTRIBUTES, JOBS_INDEX_DEFINITION
 from shardline.protocol import MARKER_ATTRIBUTE_DEFINITIONS, MARKER_KEY_SCHEMA, MARKER_TTL_ATTRIBUTE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,7 @@ WORKER_ACTIONS = {
     "s3:AbortMultipartUpload",
     "dynamodb:GetItem",
     "dynamodb:UpdateItem",
+    "dynamodb:DeleteItem",  # an expired marker, met while publishing
     "logs:CreateLogStream",
     "logs:PutLogEvents",
 }
@@ -120,6 +122,15 @@ def _source_calls(*paths: Path, client: str) -> set[str]:
 
 def _camel(call: str) -> str:
     return "".join(part.capitalize() for part in call.split("_"))
+
+
+#: API calls that IAM does not name as actions: what each needs granted instead.
+_IAM_ACTIONS_OF = {"transact_write_items": {"PutItem", "UpdateItem", "ConditionCheckItem"}}
+
+
+def _iam_actions(calls: set[str]) -> set[str]:
+    """The IAM actions (without the service prefix) that `calls` need."""
+    return {action for call in calls for action in _IAM_ACTIONS_OF.get(call, {_camel(call)})}
 
 
 # --- cfn-lint ----------------------------------------------------------------------------
@@ -210,7 +221,7 @@ def test_worker_role_has_exactly_the_worker_actions() -> None:
 
 
 def test_worker_dynamodb_actions_match_the_worker_code() -> None:
-    calls = _source_calls(SRC / "io" / "markers.py", client="dynamodb")
+    calls = _source_calls(SRC / "io" / "store" / "_dynamomarkers.py", client="dynamodb")
     assert calls, "no DynamoDB calls found in the marker store"
     role = load_template()["Resources"]["WorkerRole"]["Properties"]
     granted = {
@@ -235,15 +246,15 @@ def test_coordinator_policy_covers_the_coordinator_code() -> None:
             for a in _as_list(s["Action"])
         }
 
-    coordinator = (
-        _source_calls(SRC / "coordinator" / "_store.py", SRC / "io" / "tables.py", client="dynamodb")
+    coordinator = _iam_actions(
+        _source_calls(SRC / "io" / "store" / "_dynamojobs.py", SRC / "io" / "store" / "_tables.py", client="dynamodb")
         - TABLE_CREATION_CALLS
     )
-    worker = _source_calls(SRC / "io" / "markers.py", client="dynamodb")
+    worker = _source_calls(SRC / "io" / "store" / "_dynamomarkers.py", client="dynamodb")
     assert coordinator and worker
     # Both tables share the store's calls' superset; the markers table also
     # serves the workers the coordinator runs itself (local backend).
-    assert {_camel(c) for c in coordinator} <= granted("JobsTable") | granted("MarkersTable")
+    assert coordinator <= granted("JobsTable") | granted("MarkersTable")
     assert {_camel(c) for c in worker} | {"DescribeTable", "UpdateItem"} <= granted("MarkersTable")
     assert "DescribeTable" in granted("JobsTable")
 
@@ -266,7 +277,9 @@ def test_tables_match_the_protocol_schema() -> None:
     for name, table in tables.items():
         properties = table["Properties"]
         assert properties["KeySchema"] == MARKER_KEY_SCHEMA, name
-        assert properties["AttributeDefinitions"] == MARKER_ATTRIBUTE_DEFINITIONS, name
+        index = JOBS_INDEX_ATTRIBUTES if name == "JobsTable" else []
+        assert properties["AttributeDefinitions"] == MARKER_ATTRIBUTE_DEFINITIONS + index, name
+        assert properties.get("GlobalSecondaryIndexes", []) == ([JOBS_INDEX_DEFINITION] if index else []), name
         assert properties["BillingMode"] == "PAY_PER_REQUEST", name
         assert properties["TimeToLiveSpecification"] == {"AttributeName": MARKER_TTL_ATTRIBUTE, "Enabled": True}
 

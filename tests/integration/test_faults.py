@@ -44,7 +44,6 @@ from shardline.coordinator import (
     CoordinatorSettings,
     ExchangeServer,
     LocalProcessBackend,
-    MemoryJobStore,
     OutputPolicy,
     WorkerExit,
 )
@@ -52,7 +51,7 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.io.tables import ensure_marker_table
+from shardline.io.store import MemoryJobStore, ensure_marker_table
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     ExchangeSession,

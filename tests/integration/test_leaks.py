@@ -136,7 +136,7 @@ def test_daemon_passes_aws_credentials_to_commands_only_when_told(tmp_path, daem
 
 def test_run_passes_the_users_aws_credentials_but_no_shardline_variable(daemon_env, source):
     result = subprocess.run(
-        [*SHARDLINE, "run", source, "-n", "2", "--markers", "aws", "--", "env"],
+        [*SHARDLINE, "run", source, "-n", "2", "--store", "dynamodb", "--", "env"],
         env=daemon_env,
         capture_output=True,
         timeout=120,
@@ -153,7 +153,7 @@ def test_run_passes_the_users_aws_credentials_but_no_shardline_variable(daemon_e
 def test_processes_left_by_commands_end_with_a_successful_run(tmp_path, pid_dir, source, daemon_env):
     command = leaving_behind(pid_dir, "cat", anonymous=True)
     result = subprocess.run(
-        [*SHARDLINE, "run", source, "-n", "3", "--markers", "aws", "--", command],
+        [*SHARDLINE, "run", source, "-n", "3", "--store", "dynamodb", "--", command],
         env=daemon_env,
         capture_output=True,
         timeout=180,
@@ -209,19 +209,37 @@ def test_a_run_killed_with_sigkill_leaves_a_spool_the_next_run_sweeps(tmp_path, 
     assert spools_under(spool) == []
 
 
-def test_a_daemon_on_the_embedded_store_leaves_no_spool_after_sigterm(tmp_path, pid_dir, source):
+def test_a_stopped_daemon_keeps_a_running_jobs_spool_for_the_one_that_resumes_it(tmp_path, pid_dir, source):
+    """On the SQLite store a job outlives its daemon: SIGTERM stops its
+    commands but keeps its spool; the daemon restarted on the same state
+    directory resumes the job, and removes the spool once the job ends."""
     home = tmp_path / "home"
     home.mkdir()
-    daemon = Daemon(tmp_path, clean_env(home), "--drain-timeout", "1")
+    state_dir = tmp_path / "state"
+    daemon = Daemon(tmp_path, clean_env(home), "--drain-timeout", "1", state_dir=state_dir)
+    sleeper = f"sleep 300 & echo $! > {pid_dir}/$SHARDLINE_SHARD.pid; wait"
     try:
         finished = submit(daemon, source=source, shards=2, command="cat")
         status, output = daemon.request(f"/jobs/{finished}/output")
         assert (status, output) == (200, DATA)  # its output is kept for an hour
-        submit(daemon, source=source, shards=2, command=f"sleep 300 & echo $! > {pid_dir}/$SHARDLINE_SHARD.pid; wait")
+        running = submit(daemon, source=source, shards=2, command=sleeper)
         eventually_blocking(lambda: len(read_pids(pid_dir)) == 2, "the second job runs")
-        assert len(spools_under(tmp_path / "spool")) == 2
     finally:
         assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
-    # Nothing can ever resume that state: nothing of it is kept.
-    assert spools_under(tmp_path / "spool") == []
+    all_gone(read_pids(pid_dir))
+    kept = spools_under(tmp_path / "spool")
+    assert any(running in path.name for path in kept), kept
+
+    for pid_file in pid_dir.iterdir():
+        pid_file.unlink()
+    resumed = Daemon(tmp_path, clean_env(home), "--drain-timeout", "1", state_dir=state_dir)
+    try:
+        eventually_blocking(lambda: len(read_pids(pid_dir)) == 2, "the resumed job runs its commands again")
+        assert resumed.request(f"/jobs/{running}", "DELETE")[0] == 200
+        eventually_blocking(
+            lambda: not any(running in path.name for path in spools_under(tmp_path / "spool")),
+            "the cancelled job's spool is removed",
+        )
+    finally:
+        assert resumed.stop(signal.SIGTERM) == 0, resumed.log()
     all_gone(read_pids(pid_dir))

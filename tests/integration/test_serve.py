@@ -56,7 +56,8 @@ def env(workdir, moto: Endpoint) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def daemon(workdir, env):
-    server = Daemon(workdir, env, "--max-processes", "4")
+    # The clients find its generated token in the environment's state directory.
+    server = Daemon(workdir, env, "--max-processes", "4", state_dir=Path(env["SHARDLINE_STATE_DIR"]))
     yield server
     assert server.stop() == 0, server.log()
 
@@ -184,9 +185,9 @@ def test_outputs_go_only_below_the_output_root_and_to_listed_buckets(workdir, en
 
         # `shardline run --coordinator` sends --output and --overwrite along.
         run = ("run", local_source, "-n", "3", "--coordinator", server.url, "--output", str(root / "job"))
-        again = shardline(*run, env=env)
+        again = shardline(*run, env=server.client_env)
         assert again.returncode == 1 and "is not empty" in again.stderr.decode()  # a 400, as for any bad field
-        replaced = shardline(*run, "--overwrite", "--", SED, env=env)
+        replaced = shardline(*run, "--overwrite", "--", SED, env=server.client_env)
         assert replaced.returncode == 0, replaced.stderr.decode()
     finally:
         assert server.stop() == 0, server.log()
@@ -261,9 +262,9 @@ def test_the_generated_token_survives_a_restart(workdir, moto):
     home = workdir / "restart-home"
     home.mkdir()
     env = clean_env(home, **moto.env())
-    first = Daemon(workdir, env)
+    first = Daemon(workdir, env, state_dir=home / "state")
     assert first.stop() == 0, first.log()
-    second = Daemon(workdir, env)
+    second = Daemon(workdir, env, state_dir=home / "state")
     try:
         assert second.token == first.token and second.token
     finally:
@@ -306,7 +307,7 @@ def test_job_limits_are_serve_flags_and_run_has_the_same_defaults(workdir, env, 
         assert status == 400 and "limit of 3 " in json.loads(body)["error"]
         status, body = server.request("/jobs", "POST", {"source": local_source, "shards": 1, "max_attempts": 3})
         assert status == 400 and "'max_attempts'" in json.loads(body)["error"]
-        result = shardline("run", local_source, "-n", "4", "--coordinator", server.url, env=env)
+        result = shardline("run", local_source, "-n", "4", "--coordinator", server.url, env=server.client_env)
         assert result.returncode == 1 and "--max-shards" in result.stderr.decode()
     finally:
         assert server.stop() == 0, server.log()
@@ -320,10 +321,12 @@ def test_https_daemon_with_the_clients_ca(workdir, env):
     server = Daemon(workdir, env, "--tls-cert", str(ca.server_cert), "--tls-key", str(ca.server_key))
     try:
         assert server.url.startswith("https://127.0.0.1:")
-        listed = shardline("status", "--coordinator", server.url, "--coordinator-ca", str(ca.ca_cert), env=env)
+        listed = shardline(
+            "status", "--coordinator", server.url, "--coordinator-ca", str(ca.ca_cert), env=server.client_env
+        )
         assert listed.returncode == 0, listed.stderr.decode()
         assert listed.stdout.decode().strip() == "no jobs"
-        unverified = shardline("status", "--coordinator", server.url, env=env)
+        unverified = shardline("status", "--coordinator", server.url, env=server.client_env)
         assert unverified.returncode == 2 and "certificate" in unverified.stderr.decode()
     finally:
         assert server.stop() == 0, server.log()

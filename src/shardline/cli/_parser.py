@@ -65,10 +65,11 @@ def _add_run(sub: Subcommands) -> None:
         "  shardline run big.log -n 8 --reduce \"awk '{s+=$1} END {print s}'\" -- wc -l\n"
         "  shardline run big.log -n 8 --reduce 'sort -m \"$@\"' -- sort\n"
         "  shardline run s3://bucket/big.log --coordinator http://127.0.0.1:8080 -- sort\n\n"
-        "With no AWS configuration in the environment, boundary markers go to an embedded "
-        "DynamoDB-compatible endpoint started for the job; standard AWS configuration "
-        "(credentials, AWS_REGION, AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL_DYNAMODB) "
-        "is honoured otherwise. With --coordinator (or SHARDLINE_COORDINATOR) the job runs on a "
+        "Boundary markers go to the SQLite store in the state directory (--store; DynamoDB when "
+        "AWS_ENDPOINT_URL_DYNAMODB names one, or with --store dynamodb). Standard AWS configuration "
+        "(credentials, AWS_REGION, AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3) is honoured for s3:// sources, "
+        "S3-compatible servers without a DynamoDB API (SeaweedFS, MinIO) included. "
+        "With --coordinator (or SHARDLINE_COORDINATOR) the job runs on a "
         "'shardline serve' daemon instead and its output is streamed back; a local SOURCE is then read "
         "by the daemon, so it must be a path on the daemon's machine.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -127,14 +128,21 @@ def _add_run(sub: Subcommands) -> None:
     add_coordinator_options(run, required=False)
     local = run.add_argument_group("embedded runs (ignored with --coordinator)")
     local.add_argument(
-        "--markers",
-        choices=("auto", "embedded", "aws"),
+        "--store",
+        choices=("auto", "sqlite", "dynamodb"),
         default="auto",
-        help="where boundary markers go: 'embedded' starts a local DynamoDB-compatible endpoint, 'aws' uses "
-        "the configured DynamoDB, 'auto' (default) picks embedded when no AWS configuration is present",
+        help="where boundary markers go: 'sqlite' (shardline.db in the state directory), 'dynamodb' (the "
+        "configured DynamoDB, --markers-table), 'auto' (default): dynamodb when AWS_ENDPOINT_URL_DYNAMODB is "
+        "set, else sqlite",
     )
     local.add_argument(
         "--markers-table", default=DEFAULT_MARKER_TABLE, help="DynamoDB marker table (created if missing)"
+    )
+    local.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the SQLite store lives (default: $SHARDLINE_STATE_DIR, else $XDG_STATE_HOME/shardline, else "
+        "~/.local/state/shardline)",
     )
     local.add_argument(
         "--workers",

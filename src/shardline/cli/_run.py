@@ -63,7 +63,7 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
 
 def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
     """The job in this process: an in-process coordinator, local workers, markers in
-    the configured DynamoDB or an embedded endpoint."""
+    the SQLite store (or DynamoDB, by --store)."""
     from ..coordinator import Backend, CoordinatorSettings, LocalProcessBackend, OutputPolicy
     from ..embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
 
@@ -73,9 +73,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             "--coordinator URL (an embedded run uses local workers)"
         )
 
-    configured = aws_configured()
-    embedded = args.markers == "embedded" or (args.markers == "auto" and not configured)
-    if embedded and spec.source.startswith("s3://") and not configured:
+    if spec.source.startswith("s3://") and not aws_configured():
         raise ConfigurationError(
             f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
             "S3-compatible server); none was found in the environment"
@@ -84,7 +82,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
     settings = CoordinatorSettings(
-        markers_table=args.markers_table,
+        markers=_markers_location(args),
         spool_dir=args.spool_dir,
         # The user's own process writes wherever its user may.
         output_policy=OutputPolicy(anywhere=True),
@@ -105,7 +103,6 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
                 spec,
                 out=out,
                 aws=AwsSettings(),
-                embedded_dynamodb=embedded,
                 backend=backend,
                 settings=settings,
                 on_start=display.attach if display else None,
@@ -182,3 +179,17 @@ async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
         await coordinator.cancel(job_id)
     except ShardlineError as exc:
         print(f"shardline: could not cancel job {job_id} on {coordinator.url}: {exc}", file=sys.stderr)
+
+
+def _markers_location(args: argparse.Namespace) -> str:
+    """Where an embedded run's markers go (see `run --help`, --store)."""
+    from ..io.statedir import default_state_dir, ensure_private_dir
+    from ..io.store import STORE_FILE, dynamodb_location, sqlite_location
+
+    store = args.store
+    if store == "auto":
+        store = "dynamodb" if os.environ.get("AWS_ENDPOINT_URL_DYNAMODB") else "sqlite"
+    if store == "dynamodb":
+        return dynamodb_location(args.markers_table)
+    state_dir = ensure_private_dir(os.path.abspath(args.state_dir) if args.state_dir else default_state_dir())
+    return sqlite_location(os.path.join(state_dir, STORE_FILE))

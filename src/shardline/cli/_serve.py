@@ -17,13 +17,14 @@ __all__ = ["serve_command", "token_command"]
 def serve_command(args: argparse.Namespace) -> int:
     """`shardline serve`."""
     from ..coordinator import HttpLimits
-    from ..daemon import ServeSettings, serve
-    from ..io.aws import AwsSettings, aws_configured
+    from ..daemon import ServeSettings, resolve_store, serve
+    from ..io.aws import AwsSettings
     from ..io.statedir import default_state_dir
     from ..protocol import JobLimits
 
-    embedded = not aws_configured()
     fields: dict[str, Any] = {"jobs_table": args.jobs_table} if args.jobs_table else {}
+    if args.lease_timeout:
+        fields["lease_s"] = args.lease_timeout
     if args.lambda_concurrency:
         fields["lambda_concurrency"] = args.lambda_concurrency
     state_dir = os.path.abspath(args.state_dir) if args.state_dir else default_state_dir()
@@ -54,7 +55,8 @@ def serve_command(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir,
         max_processes=args.max_processes,
         drain_timeout_s=args.drain_timeout,
-        embedded_dynamodb=embedded,
+        store=resolve_store(args.store, lambda_function=args.function, environ=os.environ),
+        store_path=os.path.abspath(args.store_path) if args.store_path else None,
         default_backend=args.backend,
         lambda_function=args.function,
         lambda_region=args.lambda_region,

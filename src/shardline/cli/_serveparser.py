@@ -61,6 +61,28 @@ def add_serve_parser(sub: Subcommands) -> None:
         help="address workers use to reach the exchange, when it differs from --exchange-host (NAT, containers)",
     )
     serve.add_argument(
+        "--store",
+        choices=("auto", "sqlite", "dynamodb"),
+        default="auto",
+        help="where job state and boundary markers live: 'sqlite' (a file, --store-path; default "
+        "shardline.db in the state directory), 'dynamodb' (--jobs-table and --markers-table), 'auto' "
+        "(default): dynamodb when Lambda workers are enabled (--function: they cannot reach a file here) or "
+        "AWS_ENDPOINT_URL_DYNAMODB is set, else sqlite. Daemons sharing one store (the same --store-path, or "
+        "the same tables) share its jobs: each owns its jobs under a lease and takes over the jobs of one that "
+        "died once their lease has run out",
+    )
+    serve.add_argument(
+        "--store-path", default=None, metavar="FILE", help="the SQLite store's file (default: in the state directory)"
+    )
+    serve.add_argument(
+        "--lease-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="a job's lease lasts this long unless its daemon renews it (every third of it); another daemon "
+        "sharing the store takes over a job whose lease ran out (default: 30)",
+    )
+    serve.add_argument(
         "--markers-table", default=DEFAULT_MARKER_TABLE, help="DynamoDB marker table (created if missing)"
     )
     serve.add_argument(
