@@ -509,10 +509,8 @@ async def shardline_embedded(plan: Plan, sink: Sink, spool: str) -> RunResult:
         max_in_flight_bytes=plan.part_bytes * plan.inflight,
     )
     backend = _TimedBackend(max_concurrent=plan.shards)
-    settings = CoordinatorSettings(markers_table=plan.markers_table, spool_dir=spool)
-    report = await run_embedded(
-        spec, out=sink, aws=plan.aws, embedded_dynamodb=False, backend=backend, settings=settings
-    )
+    settings = CoordinatorSettings(markers=f"dynamodb:{plan.markers_table}", spool_dir=spool)
+    report = await run_embedded(spec, out=sink, aws=plan.aws, backend=backend, settings=settings)
     shards = [(s.emitted[0], s.emitted[1], int(s.checksum.split(":")[1], 16)) for s in report.shards]
     result = RunResult(
         "shardline",
@@ -544,7 +542,7 @@ async def shardline_cli(plan: Plan, sink: Sink, spool: str) -> RunResult:
         f"-n{plan.shards}",
         f"--part-size={plan.part_bytes}",
         f"--parts-in-flight={plan.inflight}",
-        "--markers=aws",
+        "--store=dynamodb",
         f"--markers-table={plan.markers_table}",
         "--workers=process",
         f"--max-processes={plan.shards}",

@@ -570,7 +570,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra argument for `shardline run` (repeatable), e.g. --cli-arg=--markers=embedded",
+        help="extra argument for `shardline run` (repeatable), e.g. --cli-arg=--store=sqlite",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per run")
     args = parser.parse_args(argv)
