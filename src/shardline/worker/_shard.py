@@ -39,7 +39,7 @@ from ..errors import (
     StaleAttemptError,
     TimeBudgetError,
 )
-from ..io.aws import AwsSettings
+from ..io.aws import AwsSettings, ClientPool
 from ..io.command import CommandOutput
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
@@ -111,7 +111,11 @@ class ShardResult:
 
 
 async def run_task(
-    task: ShardTask, *, settings: WorkerSettings | None = None, time_budget_s: float | None = None
+    task: ShardTask,
+    *,
+    settings: WorkerSettings | None = None,
+    time_budget_s: float | None = None,
+    clients: ClientPool | None = None,
 ) -> ShardResult:
     """Run one shard attempt described by `task`; raises ShardlineError on failure.
 
@@ -119,11 +123,15 @@ async def run_task(
     With `time_budget_s`, the shard's work (download, command, upload) stops
     after that many seconds with TimeBudgetError, reported like any failure,
     so a runtime with a hard limit (Lambda) says why before it is killed.
+    `clients` are the S3 and DynamoDB clients of the process, shared by
+    every shard it runs and left open; without it the attempt makes its own.
     """
     settings = settings or WorkerSettings()
     aws = AwsSettings.from_dict(task.aws)
     exchange: ExchangeClient | None = None
     async with AsyncExitStack() as stack:
+        if clients is None:
+            clients = await stack.enter_async_context(ClientPool())
         if task.exchange_host is not None and task.exchange_port is not None:
             exchange = ExchangeClient(
                 host=task.exchange_host,
@@ -141,15 +149,15 @@ async def run_task(
                 # The handshake only saves work; the shard can still finish.
                 log.warning("shard %d: %s; continuing without the exchange", task.shard, exc)
         try:
-            source = await stack.enter_async_context(open_source(task.source, aws))
+            source = await stack.enter_async_context(open_source(task.source, aws, clients=clients))
             markers = await stack.enter_async_context(
-                open_marker_store(task.markers, aws=aws, retry_policy=settings.retry)
+                open_marker_store(task.markers, aws=aws, retry_policy=settings.retry, clients=clients)
             )
             upload_to: tuple[S3Bucket, str] | None = None
             output_path = task.output_path
             if is_s3_url(task.output_path):
                 # A remote worker: write locally (Lambda's /tmp), upload before DONE.
-                bucket, key = S3Bucket.for_url(task.output_path, aws=aws, retry_policy=settings.retry)
+                bucket, key = S3Bucket.for_url(task.output_path, aws=aws, retry_policy=settings.retry, clients=clients)
                 stack.push_async_callback(bucket.aclose)
                 upload_to = bucket, key
                 output_path = _local_output_path(task)
