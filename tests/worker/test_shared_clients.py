@@ -14,7 +14,7 @@ from shardline.io.aws import ClientPool
 from shardline.protocol import ShardTask
 from shardline.worker import run_task
 
-from reference import reference_split
+from reference import reference_crc32c, reference_split
 from tasks import DATA
 
 
@@ -53,6 +53,7 @@ async def test_concurrent_shards_share_one_client_per_service(make_task, s3, buc
         with open(task.output_path, "rb") as output:
             assert output.read() == part
         assert result.bytes == len(part)
+        assert result.checksum == f"crc32c:{reference_crc32c(part):08x}"
 
 
 async def test_a_closed_pool_refuses_new_clients(aws_settings):

@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import zlib
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from ..errors import (
     TimeBudgetError,
 )
 from ..io.aws import AwsSettings, ClientPool
+from ..io.checksum import Crc32c
 from ..io.command import CommandOutput
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
@@ -268,7 +268,7 @@ class _ShardRun:
             part_size_bytes=task.part_size_bytes, max_in_flight_bytes=task.max_in_flight_bytes, retry=settings.retry
         )
         self.emitted = 0
-        self.crc = 0
+        self.crc = Crc32c()
         self.guard: LineLengthGuard | None = None
 
     async def execute(self) -> ShardResult:
@@ -302,7 +302,7 @@ class _ShardRun:
         result = ShardResult(
             boundary=boundary,
             emitted_end=boundary.head_end + self.emitted,
-            checksum=f"crc32:{self.crc:08x}",
+            checksum=self.crc.hexdigest(),
             output_bytes=output_bytes,
             tail_sources=tail_sources,
             committed=None,
@@ -357,7 +357,7 @@ class _ShardRun:
                             publish = asyncio.ensure_future(self._publish(boundary, bytes(head) if head_fits else None))
                             if boundary.line_start:
                                 self._start_emitting(boundary.head_end)
-                                await self._emit(chunk[boundary.head_end - chunk_start :])
+                                await self._emit(chunk, boundary.head_end - chunk_start)
                         continue
                     if boundary is not None and boundary.line_start:
                         await self._emit(chunk)
@@ -372,14 +372,17 @@ class _ShardRun:
         if self.task.max_line_bytes is not None:
             self.guard = LineLengthGuard(self.task.delimiter, self.task.max_line_bytes, start=start)
 
-    async def _emit(self, data: bytes | memoryview) -> None:
-        if not data:
+    async def _emit(self, data: bytes | memoryview, start: int = 0, end: int | None = None) -> None:
+        """Emit ``data[start:end]``; the bounds spare the line-length guard a copy of a slice."""
+        stop = len(data) if end is None else end
+        if stop <= start:
             return
         if self.guard is not None:
-            self.guard.feed(data)
-        self.crc = zlib.crc32(data, self.crc)
-        self.emitted += len(data)
-        await self.output.write(data)
+            self.guard.feed(data, start, stop)
+        view = memoryview(data)[start:stop] if (start, stop) != (0, len(data)) else data
+        self.crc.update(view)
+        self.emitted += stop - start
+        await self.output.write(view)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
         """Marker to DynamoDB and head fragment to the exchange, concurrently."""
@@ -478,7 +481,7 @@ class _ShardRun:
             stop = end if decided is None else min(end, decided.head_end)
             low = max(position, neighbour.start)
             if stop > low:
-                await self._emit(data[low - position : stop - position])
+                await self._emit(data, low - position, stop - position)
             if decided is not None:
                 # The scanner can decide "no line start" one byte before the
                 # range ends; the fragment still runs to the end.
