@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 
 from shardline.embedded import InProcessBackend
 from shardline.io.aws import ClientPool
+from shardline.io.store import sqlite_location
 from shardline.protocol import ShardTask
 from shardline.worker import run_task
 
+from polling import eventually
 from reference import reference_crc32c, reference_split
 from tasks import DATA
 
@@ -80,3 +83,23 @@ async def test_in_process_backend_runs_shards_on_shared_clients(make_task, s3, b
         with open(task.output_path, "rb") as output:
             outputs.append(output.read())
     assert b"".join(outputs) == DATA
+
+
+def sqlite_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith("shardline-sqlite")}
+
+
+async def test_shards_share_one_sqlite_connection_per_process(make_task, tmp_path):
+    markers = sqlite_location(str(tmp_path / "markers.db"))
+    first = make_task(shards=5, markers=markers)
+    tasks = [dataclasses.replace(first, shard=i, output_path=f"{first.output_path}-{i}") for i in range(5)]
+    before = sqlite_threads()
+    async with ClientPool(shards_at_once=len(tasks)) as clients:
+        results = await asyncio.gather(*(run_task(task, clients=clients) for task in tasks))
+        # One database thread (and connection) served every shard's markers, and outlives them.
+        ours = sqlite_threads() - before
+        assert len(ours) == 1
+        assert all(thread.is_alive() for thread in ours)
+    expected = reference_split(DATA, len(tasks), b"\n")
+    assert [result.bytes for result in results] == [len(part) for part in expected]
+    await eventually(lambda: not any(thread.is_alive() for thread in ours), "the database thread to end")

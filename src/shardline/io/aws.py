@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     ConfigurationError,
@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 DEFAULT_REGION = "us-east-1"
+
+_Resource = TypeVar("_Resource")
 
 #: Environment variables that hold AWS credentials, or say where to fetch
 #: them (a container credentials endpoint, a web identity token).  The daemon
@@ -292,6 +294,8 @@ class ClientPool:
 
     Each client may hold `aws.max_pool_connections` x `shards_at_once`
     connections, what that many shards with a client each could hold.
+    Other per-process resources (a SQLite store's connection and thread)
+    are kept the same way with `shared`.
     """
 
     def __init__(self, *, shards_at_once: int = 1) -> None:
@@ -299,6 +303,7 @@ class ClientPool:
             raise ValueError(f"shards_at_once must be >= 1, got {shards_at_once}")
         self._shards_at_once = shards_at_once
         self._clients: dict[tuple[AwsSettings, str], LazyClient] = {}
+        self._resources: dict[Hashable, tuple[Any, Callable[[Any], Awaitable[None]]]] = {}
         self._closed = False
 
     def lazy(self, aws: AwsSettings, service: str) -> LazyClient:
@@ -321,12 +326,27 @@ class ClientPool:
         """How many clients the pool has made and holds open."""
         return sum(shared.opened for shared in self._clients.values())
 
+    def shared(
+        self, key: Hashable, make: Callable[[], _Resource], close: Callable[[_Resource], Awaitable[None]]
+    ) -> _Resource:
+        """The resource kept under `key`, made by `make()` the first time;
+        `close(resource)` runs when the pool closes (its users must not close it)."""
+        if self._closed:
+            raise RuntimeError("the client pool is closed")
+        if key not in self._resources:
+            self._resources[key] = (make(), close)
+        resource: _Resource = self._resources[key][0]
+        return resource
+
     async def aclose(self) -> None:
-        """Close every client (idempotent); the pool refuses new ones after."""
+        """Close every client and resource (idempotent); the pool refuses new ones after."""
         self._closed = True
         clients, self._clients = list(self._clients.values()), {}
+        resources, self._resources = list(self._resources.values()), {}
         for shared in clients:
             await shared.aclose()
+        for resource, close in resources:
+            await wait_uncancellable(asyncio.ensure_future(close(resource)))
 
     async def __aenter__(self) -> ClientPool:
         return self

@@ -47,15 +47,21 @@ async def open_marker_store(
 ) -> AsyncIterator[MarkerStore]:
     """The marker store at `location`, open for the `async with` block.
 
-    With `clients`, a DynamoDB store uses the pool's shared client (left open).
+    With `clients`, the store uses the pool's shared DynamoDB client or
+    SQLite database (one connection and thread per process), left open.
     """
     kind, where = parse_location(location)
     async with AsyncExitStack() as stack:
+        if clients is not None:
+            if kind == "sqlite":
+                database = clients.shared(("sqlite", where), lambda: SqliteDatabase(where), SqliteDatabase.aclose)
+                yield SqliteMarkerStore(database, retry_policy=retry_policy)
+            else:
+                yield DynamoMarkerStore(await clients.get(aws, "dynamodb"), where, retry_policy=retry_policy)
+            return
         store: MarkerStore
         if kind == "sqlite":
             store = SqliteMarkerStore(SqliteDatabase(where), retry_policy=retry_policy)
-        elif clients is not None:
-            store = DynamoMarkerStore(await clients.get(aws, "dynamodb"), where, retry_policy=retry_policy)
         else:
             dynamodb = await stack.enter_async_context(client(aws, "dynamodb"))
             store = DynamoMarkerStore(dynamodb, where, retry_policy=retry_policy)
