@@ -3,10 +3,10 @@ CRC32C, the one S3 itself offers (``x-amz-checksum-crc32c``).
 
 `crc32c` (the package) computes it with the CPU's CRC32 instruction
 (SSE 4.2, ARMv8) straight from any buffer, a memoryview of a part buffer
-included, and releases the GIL on large ones.  Measured on one core here:
-~15 GiB/s on a memoryview, against ~5.8 GiB/s for google-crc32c on bytes
-(whose C extension takes only read-only bytes, so a memoryview would cost a
-copy first: ~3.3 GiB/s) and ~2.4 GiB/s for zlib's CRC32.
+included, and releases the GIL on large ones.  CPU time on one core here
+(8 MiB): ~30 GiB/s on a memoryview; google-crc32c is as fast on bytes but
+takes only read-only bytes, so a part buffer would cost a copy first
+(~19 GiB/s); zlib's CRC32 ~6.7 GiB/s.
 """
 
 from __future__ import annotations
