@@ -26,7 +26,7 @@ line boundaries and who waits for whom:
 
 Each run returns a `RunResult`: wall seconds (stat to the last byte in the
 sink), the time to the last resolved boundary, per-worker spans, and every
-shard's emitted range and CRC32 for the correctness check.
+shard's emitted range and CRC32C for the correctness check.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from crc32c import crc32c
 
 from shardline.coordinator import CoordinatorSettings, OutputPiece, choose_spool_dir, copy_piece
 from shardline.embedded import InProcessBackend, run_embedded
@@ -93,7 +94,7 @@ class RunResult:
     boundary_s: float | None = None
     #: Per worker: (start, end) in seconds from the run's start.
     spans: list[tuple[float, float]] = field(default_factory=list)
-    #: Per shard: (emitted_start, emitted_end, crc32).
+    #: Per shard: (emitted_start, emitted_end, crc32c), the checksum shardline reports.
     shards: list[tuple[int, int, int]] = field(default_factory=list)
     out_bytes: int = 0
     out_crc: int = 0
@@ -108,7 +109,7 @@ class Sink:
         self.crc = 0
 
     def write(self, data: bytes) -> int:
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = crc32c(data, self.crc)
         self.bytes += len(data)
         return len(data)
 
@@ -144,7 +145,7 @@ class _Shard:
             self.start = at
         elif at != self.start + self.length:
             raise AssertionError(f"shard {self.index}: emitting at {at}, expected {self.start + self.length}")
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = crc32c(data, self.crc)
         self.length += len(data)
         await self.output.write(data)
 

@@ -19,8 +19,8 @@ them, and runs the six strategies of `_strategies.py` in rotating order,
                 part size and GETs in flight), interleaved.
 
 Every run of a correct strategy is checked against a reference computed from
-the object's bytes (each shard's emitted range and CRC32, and the whole
-output's size and CRC32); all correct strategies must agree.  Results: JSON,
+the object's bytes (each shard's emitted range and CRC32C, and the whole
+output's size and CRC32C); all correct strategies must agree.  Results: JSON,
 a Markdown table (for the README) and PNG plots.  Everything it starts is
 stopped by PID on exit, Ctrl-C included.
 """
@@ -52,6 +52,7 @@ sys.path.insert(0, str(BENCH))
 import throughput  # noqa: E402  (data generator, bucket + table helpers)
 from _rawget import download_range  # noqa: E402
 from _strategies import CORRECT, STRATEGIES, Plan, RunResult, nominal, run_strategy  # noqa: E402
+from crc32c import crc32c  # noqa: E402
 
 from shardline.io.aws import AwsSettings, client  # noqa: E402
 
@@ -89,11 +90,11 @@ def make_dataset(kind: str, size: int, seed: int, shards: int) -> bytes:
 def describe(data: bytes) -> dict:
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     longest = max(map(len, data.split(b"\n"))) + 1  # incl. the delimiter (one too many if last and unended)
-    return {"size": len(data), "crc32": zlib.crc32(data), "lines": lines, "longest_line": longest}
+    return {"size": len(data), "crc32c": crc32c(data), "lines": lines, "longest_line": longest}
 
 
 def reference(data: bytes, n: int) -> list[tuple]:
-    """Each shard's expected (start, end, crc32), or ("empty",): the ownership rule from the bytes."""
+    """Each shard's expected (start, end, crc32c), or ("empty",): the ownership rule from the bytes."""
     size = len(data)
     starts = nominal(size, n)
     heads = [0]
@@ -103,7 +104,7 @@ def reference(data: bytes, n: int) -> list[tuple]:
     heads.append(size)
     view = memoryview(data)
     return [
-        (heads[i], heads[i + 1], zlib.crc32(view[heads[i] : heads[i + 1]])) if heads[i + 1] > heads[i] else ("empty",)
+        (heads[i], heads[i + 1], crc32c(view[heads[i] : heads[i + 1]])) if heads[i + 1] > heads[i] else ("empty",)
         for i in range(n)
     ]
 
@@ -163,7 +164,7 @@ def aws_settings(s3_url: str, dynamodb_url: str) -> AwsSettings:
 
 def check(result: RunResult, expected: list[tuple], obj: dict) -> tuple[bool, str]:
     if result.strategy == "shardline-cli":  # no per-shard records from a subprocess: the whole output only
-        ok = result.out_bytes == obj["size"] and result.out_crc == obj["crc32"]
+        ok = result.out_bytes == obj["size"] and result.out_crc == obj["crc32c"]
         return ok, "ok (whole output)" if ok else f"output {result.out_bytes} bytes crc {result.out_crc:08x}"
     got = normalize(result.shards)
     bad = [i for i, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e]
@@ -171,8 +172,8 @@ def check(result: RunResult, expected: list[tuple], obj: dict) -> tuple[bool, st
         return False, f"{len(got)} shard results for {len(expected)} shards"
     if bad:
         return False, f"{len(bad)} of {len(expected)} shards differ from the ownership rule (first: {bad[0]})"
-    if result.out_bytes != obj["size"] or result.out_crc != obj["crc32"]:
-        return False, f"output {result.out_bytes} bytes crc {result.out_crc:08x}, object crc {obj['crc32']:08x}"
+    if result.out_bytes != obj["size"] or result.out_crc != obj["crc32c"]:
+        return False, f"output {result.out_bytes} bytes crc {result.out_crc:08x}, object crc {obj['crc32c']:08x}"
     return True, "ok"
 
 
@@ -194,7 +195,7 @@ async def trial(name: str, plan: Plan, expected: list[tuple], obj: dict, phase: 
         # spawn -> the last worker started (backend start-up, coordinator planning)
         worker_start_max_s=round(max(a for a, _ in result.spans), 4) if result.spans else None,
         output_bytes=result.out_bytes,
-        output_crc32=f"{result.out_crc:08x}",
+        output_crc32c=f"{result.out_crc:08x}",
         shards_digest=f"{zlib.crc32(repr(normalize(result.shards)).encode()):08x}",
         matches_reference=ok,
         ok=ok or name == "naive",
@@ -756,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     c = result["correctness"]
     c["summary"] = (
         f"{'PASSED' if c['passed'] else 'FAILED'}: {c['correct_runs_checked']} runs of the correct strategies, every "
-        f"shard's range and CRC32 equal to the ownership rule's and to each other's; naive matched in "
+        f"shard's range and CRC32C equal to the ownership rule's and to each other's; naive matched in "
         f"{c['naive_runs_matching_reference']} of {c['naive_runs']} runs (it cuts lines)."
     )
     result["targets"] = targets(result)

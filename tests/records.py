@@ -32,7 +32,7 @@ def committed(attempt: int = 1, **changes: Any) -> CommittedAttempt:
         "emitted_end": 20,
         "line_start": True,
         "bytes": 10,
-        "checksum": "crc32:0000abcd",
+        "checksum": "crc32c:0000abcd",
         "output_bytes": 4,
         "output_path": "/tmp/spool/job/shard-1.1",
         "tail_sources": ("pushed", "marker"),

@@ -75,3 +75,13 @@ def reference_head_ends(data: bytes, shards: int, delimiter: bytes) -> list[int]
         later = [p for p in line_starts if p >= s]
         head_ends.append(later[0] if later else size)
     return head_ends
+
+
+def reference_crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: slow, obviously right."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF

@@ -26,7 +26,7 @@ from .coordinator import (
     run_job,
 )
 from .errors import ShardlineError
-from .io.aws import AwsSettings, client
+from .io.aws import AwsSettings, ClientPool, client
 from .io.store import ensure_marker_table, parse_location
 from .protocol import JobSpec, ShardTask
 
@@ -42,7 +42,8 @@ DEFAULT_INPROCESS_CONCURRENCY = 64
 
 
 class InProcessBackend(Backend):
-    """Runs each shard attempt as an asyncio task in this process."""
+    """Runs each shard attempt as an asyncio task in this process, all of
+    them sharing one set of S3 and DynamoDB clients (closed by `aclose`)."""
 
     name = "inprocess"
 
@@ -51,6 +52,7 @@ class InProcessBackend(Backend):
     ) -> None:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._worker_settings = worker_settings
+        self._clients = ClientPool(shards_at_once=max_concurrent)
 
     async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
         from .worker import run_task
@@ -58,7 +60,7 @@ class InProcessBackend(Backend):
         async with self._slots:
             on_started()
             try:
-                await run_task(task, settings=self._worker_settings)
+                await run_task(task, settings=self._worker_settings, clients=self._clients)
             except ShardlineError as exc:
                 return WorkerExit(ok=False, detail=f"worker failed: {exc}")
             # In this process a worker's unexpected exception must not take the
@@ -67,6 +69,9 @@ class InProcessBackend(Backend):
                 log.exception("in-process worker for shard %d crashed", task.shard)
                 return WorkerExit(ok=False, detail=f"worker crashed: {type(exc).__name__}: {exc}")
         return WorkerExit(ok=True, detail="finished")
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
 
 
 async def run_embedded(

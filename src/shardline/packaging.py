@@ -31,7 +31,7 @@ __all__ = ["HANDLER", "WorkerPackage", "build_worker_zip", "worker_requirements"
 HANDLER = "shardline.worker.lambda_handler.handler"
 #: Third-party distributions the worker imports (the rest of the project's
 #: dependencies serve the coordinator and the embedded mode).
-_WORKER_DISTRIBUTIONS = ("aioboto3",)
+_WORKER_DISTRIBUTIONS = ("aioboto3", "crc32c")
 #: Lambda's limit on a function's unzipped code.
 LAMBDA_UNZIPPED_LIMIT_BYTES = 250 * 1024 * 1024
 _PLATFORMS = {"x86_64": "manylinux2014_x86_64", "arm64": "manylinux2014_aarch64"}

@@ -316,7 +316,7 @@ def shard_record(index: int, *, published: bool) -> ShardRecord:
         emitted_end=index + 1,
         line_start=True,
         bytes=1,
-        checksum="crc32:00000000",
+        checksum="crc32c:00000000",
         output_bytes=1,
         output_path=f"/spool/{index}",
         tail_sources=(),

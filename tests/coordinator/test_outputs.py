@@ -16,11 +16,11 @@ import os
 import random
 import re
 import subprocess
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
 
 from shardline.coordinator import (
     MANIFEST_VERSION,
@@ -35,10 +35,12 @@ from shardline.coordinator import (
 )
 from shardline.errors import CommandFailedError, ConfigurationError, CoverageError, StorageError
 from shardline.io.aws import AwsSettings
+from shardline.io.checksum import Crc32c, format_checksum
 from shardline.io.retry import RetryPolicy
 
 from faultproxy import FaultProxy, Rule, s3_error
 from polling import eventually
+from reference import reference_crc32c
 
 MIB = 1024 * 1024
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.001, max_delay_s=0.01)
@@ -69,11 +71,11 @@ def shard(index: int, start: int, end: int, part: str = "", *, output: bytes = b
         range=(start, end),
         emitted=(start, end),
         bytes=end - start,
-        checksum="crc32:00000000",
+        checksum="crc32c:00000000",
         attempt=1,
         part=part or f"part-{index:05d}",
         output_bytes=len(output),
-        output_checksum=f"crc32:{zlib.crc32(output):08x}",
+        output_checksum=format_checksum(crc32c(output)),
     )
 
 
@@ -528,9 +530,22 @@ async def test_local_cancelled_put_leaves_no_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", [0, 1, MIB - 1, MIB, 3 * MIB + 17])
-async def test_file_checksum_is_crc32_of_the_bytes(tmp_path: Path, size: int) -> None:
+async def test_file_checksum_is_crc32c_of_the_bytes(tmp_path: Path, size: int) -> None:
     data = random.Random(size).randbytes(size)
-    assert await file_checksum(write_file(tmp_path / "f", data)) == f"crc32:{zlib.crc32(data):08x}"
+    assert await file_checksum(write_file(tmp_path / "f", data)) == format_checksum(crc32c(data))
+
+
+def test_crc32c_matches_the_reference_algorithm() -> None:
+    # The standard check value of CRC-32C (Castagnoli), then random inputs
+    # fed whole and in pieces, against a bitwise implementation.
+    assert crc32c(b"123456789") == reference_crc32c(b"123456789") == 0xE3069283
+    for size in (0, 1, 7, 64, 1000):
+        data = random.Random(size).randbytes(size)
+        running = Crc32c()
+        for piece in (data[: size // 3], memoryview(bytearray(data))[size // 3 :]):
+            running.update(piece)
+        assert running.value == crc32c(data) == reference_crc32c(data)
+        assert running.hexdigest() == f"crc32c:{reference_crc32c(data):08x}"
 
 
 async def test_file_checksum_of_a_missing_file_is_a_storage_error(tmp_path: Path) -> None:
@@ -569,22 +584,22 @@ def test_manifest_document() -> None:
                 "range": [0, 5],
                 "emitted": [0, 5],
                 "bytes": 5,
-                "checksum": "crc32:00000000",
+                "checksum": "crc32c:00000000",
                 "attempt": 1,
                 "part": "s3://b/p/part-00000",
                 "output_bytes": 1,
-                "output_checksum": f"crc32:{zlib.crc32(b'x'):08x}",
+                "output_checksum": format_checksum(crc32c(b"x")),
             },
             {
                 "index": 1,
                 "range": [5, 9],
                 "emitted": [5, 9],
                 "bytes": 4,
-                "checksum": "crc32:00000000",
+                "checksum": "crc32c:00000000",
                 "attempt": 1,
                 "part": "s3://b/p/part-00001",
                 "output_bytes": 1,
-                "output_checksum": f"crc32:{zlib.crc32(b'x'):08x}",
+                "output_checksum": format_checksum(crc32c(b"x")),
             },
         ],
         "result": None,

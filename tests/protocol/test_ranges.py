@@ -149,6 +149,10 @@ def feedings(data: bytes, shard: ShardRange, pattern: list[int]) -> dict[str, li
         "chunks": chunked(own, pattern),
         "chunks+trailing": trailing,
         "memoryview": [memoryview(c) for c in chunked(own, pattern)],
+        # What the reader yields: views of whole part buffers (searched in place) ...
+        "bytearray views": [memoryview(bytearray(c)) for c in chunked(own, pattern)],
+        # ... and views of part of a buffer (copied, then searched).
+        "partial views": [memoryview(b"<" + c + b">")[1:-1] for c in chunked(own, pattern)],
     }
 
 
@@ -391,11 +395,19 @@ def first_too_long(data: bytes, delimiter: bytes, limit: int, base: int = 0) -> 
     return None
 
 
-def guard_run(data: bytes, delimiter: bytes, limit: int, chunks: list[bytes], start: int) -> int | None:
+def guard_run(
+    data: bytes, delimiter: bytes, limit: int, chunks: list[bytes], start: int, *, bounded: bool = False
+) -> int | None:
+    """Feed `chunks` whole, or (`bounded`) each inside a larger buffer with
+    the bounds saying which bytes to check, as a shard feeds a part buffer."""
     guard = LineLengthGuard(delimiter, limit, start=start)
     try:
         for chunk in chunks:
-            guard.feed(chunk)
+            if bounded:
+                padding = delimiter * 3 + b"x" * 3  # junk the bounds must keep out
+                guard.feed(memoryview(bytearray(padding + chunk + padding)), len(padding), len(padding) + len(chunk))
+            else:
+                guard.feed(chunk)
         guard.finish()
     except LineTooLongError as exc:
         assert exc.limit == limit
@@ -411,6 +423,7 @@ def test_line_length_guard_matches_reference(case: Case, limit: int, pattern: li
     expected = first_too_long(data, d, limit)
     for chunks in ([data], [data[k : k + 1] for k in range(len(data))], chunked(data, pattern)):
         assert guard_run(data, d, limit, chunks, start=0) == expected
+        assert guard_run(data, d, limit, chunks, start=0, bounded=True) == expected
     # per shard, on what the shard emits, with absolute offsets
     heads = reference_head_ends(data, case.shards, d)
     for i, emitted in enumerate(reference_split(data, case.shards, d)):
@@ -426,6 +439,9 @@ def test_line_length_guard_edges() -> None:
     assert guard_run(b"abcd", b"\n", 3, [b"ab", b"cd"], start=0) == 0
     assert guard_run(b"ab\nabcd\n", b"\n", 3, [b"ab\na", b"", b"bcd\n"], start=50) == 53
     assert guard_run(b"\n\n\n", b"\n", 1, [b"\n\n\n"], start=0) is None  # empty lines
+    guard = LineLengthGuard(b"\n", 3, start=0)
+    with pytest.raises(ValueError, match="outside"):
+        guard.feed(b"abc", 2, 4)
 
 
 def test_line_length_guard_finish_checks_last_line() -> None:

@@ -60,7 +60,7 @@ def test_job_record_keeps_no_secret() -> None:
                 index=5,
                 state=ShardState.DONE,
                 next_attempt=3,
-                committed=committed(published="s3://b/p/part-00005", output_checksum="crc32:00000001"),
+                committed=committed(published="s3://b/p/part-00005", output_checksum="crc32c:00000001"),
                 retries=2,
             ),
             id="committed",

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from ..errors import (
     StorageError,
 )
 from ..io import COPY_CHUNK_BYTES
+from ..io.checksum import Crc32c
 from ..io.s3bucket import S3Buckets
 from ..io.urls import is_s3_url
 from ..protocol import check_tiling
@@ -62,21 +62,21 @@ async def output_problem(location: str, output_bytes: int, buckets: S3Buckets) -
 
 
 async def file_checksum(path: str) -> str:
-    """The file's CRC32 as "crc32:%08x", the form workers report for the input they emit."""
-    return await asyncio.to_thread(_crc32_file, path)
+    """The file's CRC32C as "crc32c:%08x", the form workers report for the input they emit."""
+    return await asyncio.to_thread(_crc32c_file, path)
 
 
-def _crc32_file(path: str) -> str:
-    crc = 0
+def _crc32c_file(path: str) -> str:
+    crc = Crc32c()
     buffer = bytearray(COPY_CHUNK_BYTES)
     view = memoryview(buffer)
     try:
         with open(path, "rb", buffering=0) as file:
             while count := file.readinto(buffer):
-                crc = zlib.crc32(view[:count], crc)
+                crc.update(view[:count])
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return f"crc32:{crc:08x}"
+    return crc.hexdigest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

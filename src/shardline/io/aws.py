@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import (
     ConfigurationError,
@@ -35,12 +35,16 @@ from .aio import wait_uncancellable
 __all__ = [
     "AWS_CREDENTIAL_VARIABLES",
     "AwsSettings",
+    "ClientPool",
+    "LazyClient",
     "aws_configured",
     "client",
     "translate_error",
 ]
 
 DEFAULT_REGION = "us-east-1"
+
+_Resource = TypeVar("_Resource")
 
 #: Environment variables that hold AWS credentials, or say where to fetch
 #: them (a container credentials endpoint, a web identity token).  The daemon
@@ -157,8 +161,12 @@ def _session(settings: AwsSettings, service: str) -> Any:
 
 
 @asynccontextmanager
-async def client(settings: AwsSettings, service: str) -> AsyncIterator[Any]:
-    """An aiobotocore client for `service` ("s3", "dynamodb" or "lambda"), closed on exit."""
+async def client(settings: AwsSettings, service: str, *, max_pool_connections: int | None = None) -> AsyncIterator[Any]:
+    """An aiobotocore client for `service` ("s3", "dynamodb" or "lambda"), closed on exit.
+
+    `max_pool_connections` overrides the settings' limit of connections
+    the client keeps open at once (a client shared by many shards needs more).
+    """
     from aiobotocore.config import AioConfig
 
     session = _session(settings, service)
@@ -172,7 +180,7 @@ async def client(settings: AwsSettings, service: str) -> AsyncIterator[Any]:
         read_timeout=settings.read_timeout_s,
         # total_max_attempts counts the first request too: exactly one try.
         retries={"total_max_attempts": 1, "mode": "standard"},
-        max_pool_connections=settings.max_pool_connections,
+        max_pool_connections=max_pool_connections or settings.max_pool_connections,
         # S3-compatible servers (moto, SeaweedFS, MinIO) want path-style URLs.
         s3={"addressing_style": "path"} if endpoint else None,
     )
@@ -242,13 +250,19 @@ class LazyClient:
     owner that never calls costs nothing; concurrent first uses share one)
     and closed by `aclose()`, after which it refuses to make another."""
 
-    def __init__(self, aws: AwsSettings, service: str) -> None:
+    def __init__(self, aws: AwsSettings, service: str, *, max_pool_connections: int | None = None) -> None:
         self._aws = aws
         self._service = service
+        self._max_pool_connections = max_pool_connections
         self._exit_stack = AsyncExitStack()
         self._client: Any = None
         self._lock = asyncio.Lock()
         self._closed = False
+
+    @property
+    def opened(self) -> bool:
+        """Whether the client has been made (and not closed yet)."""
+        return self._client is not None
 
     async def get(self) -> Any:
         if self._closed:
@@ -256,10 +270,86 @@ class LazyClient:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
-                    self._client = await self._exit_stack.enter_async_context(client(self._aws, self._service))
+                    self._client = await self._exit_stack.enter_async_context(
+                        client(self._aws, self._service, max_pool_connections=self._max_pool_connections)
+                    )
         return self._client
 
     async def aclose(self) -> None:
         self._closed = True
         self._client = None
         await wait_uncancellable(asyncio.ensure_future(self._exit_stack.aclose()))
+
+
+class ClientPool:
+    """Clients shared by every shard a process runs: one per (settings, service).
+
+    Making a client costs milliseconds of CPU (its service model, an SSL
+    context with the system's trust store loaded, a connection pool); made
+    per shard, that was most of a small shard's cost.  Clients are created on
+    first use and kept, with their open connections, until `aclose()`.
+    aiobotocore clients take concurrent requests from any number of tasks on
+    the one event loop they were made on, so a pool belongs to one loop: make
+    it where the loop runs and close it before the loop ends.
+
+    Each client may hold `aws.max_pool_connections` x `shards_at_once`
+    connections, what that many shards with a client each could hold.
+    Other per-process resources (a SQLite store's connection and thread)
+    are kept the same way with `shared`.
+    """
+
+    def __init__(self, *, shards_at_once: int = 1) -> None:
+        if shards_at_once < 1:
+            raise ValueError(f"shards_at_once must be >= 1, got {shards_at_once}")
+        self._shards_at_once = shards_at_once
+        self._clients: dict[tuple[AwsSettings, str], LazyClient] = {}
+        self._resources: dict[Hashable, tuple[Any, Callable[[Any], Awaitable[None]]]] = {}
+        self._closed = False
+
+    def lazy(self, aws: AwsSettings, service: str) -> LazyClient:
+        """The shared client for `service` with `aws`; the pool closes it, its users must not."""
+        if self._closed:
+            raise RuntimeError("the client pool is closed")
+        key = (aws, service)
+        shared = self._clients.get(key)
+        if shared is None:
+            limit = aws.max_pool_connections * self._shards_at_once
+            shared = self._clients[key] = LazyClient(aws, service, max_pool_connections=limit)
+        return shared
+
+    async def get(self, aws: AwsSettings, service: str) -> Any:
+        """The shared aiobotocore client itself, created on first use."""
+        return await self.lazy(aws, service).get()
+
+    @property
+    def clients_open(self) -> int:
+        """How many clients the pool has made and holds open."""
+        return sum(shared.opened for shared in self._clients.values())
+
+    def shared(
+        self, key: Hashable, make: Callable[[], _Resource], close: Callable[[_Resource], Awaitable[None]]
+    ) -> _Resource:
+        """The resource kept under `key`, made by `make()` the first time;
+        `close(resource)` runs when the pool closes (its users must not close it)."""
+        if self._closed:
+            raise RuntimeError("the client pool is closed")
+        if key not in self._resources:
+            self._resources[key] = (make(), close)
+        resource: _Resource = self._resources[key][0]
+        return resource
+
+    async def aclose(self) -> None:
+        """Close every client and resource (idempotent); the pool refuses new ones after."""
+        self._closed = True
+        clients, self._clients = list(self._clients.values()), {}
+        resources, self._resources = list(self._resources.values()), {}
+        for shared in clients:
+            await shared.aclose()
+        for resource, close in resources:
+            await wait_uncancellable(asyncio.ensure_future(close(resource)))
+
+    async def __aenter__(self) -> ClientPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

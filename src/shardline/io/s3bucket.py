@@ -22,7 +22,7 @@ from typing import Any, Self
 from ..errors import InputError, ShardlineError, SourceNotFoundError, StorageError
 from . import COPY_CHUNK_BYTES
 from .aio import wait_uncancellable
-from .aws import AwsSettings, LazyClient, translate_error
+from .aws import AwsSettings, ClientPool, LazyClient, translate_error
 from .retry import RetryPolicy, retry
 from .urls import parse_s3_url
 
@@ -64,6 +64,7 @@ class S3Bucket:
         retry_policy: RetryPolicy,
         multipart_threshold_bytes: int = DEFAULT_MULTIPART_THRESHOLD_BYTES,
         multipart_part_bytes: int = DEFAULT_MULTIPART_PART_BYTES,
+        clients: ClientPool | None = None,
     ) -> None:
         if multipart_part_bytes < S3_MIN_PART_BYTES:
             raise ValueError(f"multipart_part_bytes must be >= {S3_MIN_PART_BYTES}, got {multipart_part_bytes}")
@@ -74,7 +75,9 @@ class S3Bucket:
         self._retry_policy = retry_policy
         self._multipart_threshold_bytes = multipart_threshold_bytes
         self._multipart_part_bytes = multipart_part_bytes
-        self._s3 = LazyClient(aws, "s3")
+        # The shared client of `clients` is its owner's to close, not ours.
+        self._owns_client = clients is None
+        self._s3 = LazyClient(aws, "s3") if clients is None else clients.lazy(aws, "s3")
 
     @classmethod
     def for_url(cls, url: str, *, aws: AwsSettings, **kwargs: Any) -> tuple[Self, str]:
@@ -86,7 +89,8 @@ class S3Bucket:
         return f"{_S3_SCHEME}{self.bucket}/{key}"
 
     async def aclose(self) -> None:
-        await self._s3.aclose()
+        if self._owns_client:
+            await self._s3.aclose()
 
     async def __aenter__(self) -> Self:
         return self

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from . import COPY_CHUNK_BYTES
 from .aio import wait_uncancellable
-from .aws import AwsSettings, LazyClient, translate_error
+from .aws import AwsSettings, ClientPool, LazyClient, translate_error
 from .urls import is_s3_url, parse_s3_url
 
 __all__ = [
@@ -111,11 +111,14 @@ class ObjectSource(abc.ABC):
         return f"{type(self).__name__}({self.description!r})"
 
 
-def open_source(location: str, aws: AwsSettings) -> ObjectSource:
-    """An S3Source for "s3://bucket/key", else a LocalFileSource for the path."""
+def open_source(location: str, aws: AwsSettings, *, clients: ClientPool | None = None) -> ObjectSource:
+    """An S3Source for "s3://bucket/key", else a LocalFileSource for the path.
+
+    With `clients`, an S3 source uses the pool's shared client.
+    """
     if is_s3_url(location):
         bucket, key = parse_s3_url(location)
-        return S3Source(bucket, key, aws=aws)
+        return S3Source(bucket, key, aws=aws, clients=clients)
     return LocalFileSource(location)
 
 
@@ -267,14 +270,16 @@ class S3Source(ObjectSource):
     """An S3 object, read with ranged GETs pinned by If-Match to one ETag.
 
     The aiobotocore client is created on first use (so constructing a source
-    costs nothing) and closed by `aclose`.
+    costs nothing) and closed by `aclose` -- unless it is the shared one of
+    `clients`, which the pool's owner closes.
     """
 
-    def __init__(self, bucket: str, key: str, *, aws: AwsSettings) -> None:
+    def __init__(self, bucket: str, key: str, *, aws: AwsSettings, clients: ClientPool | None = None) -> None:
         self.bucket = bucket
         self.key = key
         self.description = f"s3://{bucket}/{key}"
-        self._s3 = LazyClient(aws, "s3")
+        self._owns_client = clients is None
+        self._s3 = LazyClient(aws, "s3") if clients is None else clients.lazy(aws, "s3")
 
     async def stat(self) -> ObjectInfo:
         s3 = await self._s3.get()
@@ -349,7 +354,8 @@ class S3Source(ObjectSource):
             body.close()
 
     async def aclose(self) -> None:
-        await self._s3.aclose()
+        if self._owns_client:
+            await self._s3.aclose()
 
 
 def _chunk_reader(body: Any) -> Callable[[int], Any]:

@@ -162,6 +162,21 @@ class Boundary:
         return self.head_end - self.start
 
 
+def _searchable(chunk: bytes | bytearray | memoryview) -> bytes | bytearray:
+    """`chunk` as an object with `find`/`rfind`, without copying it if possible.
+
+    A memoryview of a whole bytes or bytearray (what the ranged reader
+    yields: one part buffer) is searched in that buffer itself; only a view
+    of part of one has to be copied, since Python cannot say where it starts.
+    """
+    if not isinstance(chunk, memoryview):
+        return chunk
+    base = chunk.obj
+    if isinstance(base, (bytes, bytearray)) and chunk.contiguous and chunk.nbytes == len(base):
+        return base
+    return chunk.tobytes()
+
+
 class HeadScanner:
     """Finds h_i for one shard from bytes that begin at ``shard.fetch_start``.
 
@@ -198,7 +213,7 @@ class HeadScanner:
         shard = self._shard
         scan_end = shard.end - 1  # exclusive end of the bytes that can matter
         usable = min(len(chunk), scan_end - self._position)
-        found = bytes(chunk[:usable]).find(self._delimiter) if usable > 0 else -1
+        found = _searchable(chunk).find(self._delimiter, 0, usable) if usable > 0 else -1
         if found >= 0:
             head_end = self._position + found + 1
             self._check_fragment(head_end - shard.start)
@@ -233,23 +248,28 @@ class LineLengthGuard:
         self._line_start = start  # absolute offset where the current line began
         self._offset = start  # absolute offset of the next byte fed
 
-    def feed(self, chunk: bytes | memoryview) -> None:
-        data = bytes(chunk)
-        base = self._offset
-        pos = 0  # scan position inside `data`
+    def feed(self, chunk: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> None:
+        """Feed ``chunk[start:end]`` (searched in place: pass the whole
+        buffer and the bounds rather than a slice, which costs a copy)."""
+        data = _searchable(chunk)
+        stop = len(data) if end is None else end
+        if not 0 <= start <= stop <= len(data):
+            raise ValueError(f"feed range [{start}, {stop}) outside a chunk of {len(data)} bytes")
+        base = self._offset - start  # absolute offset of data[0]
+        pos = start  # scan position inside `data`
         while True:
             # Bytes the current line may still use before it exceeds the limit,
             # plus one for its delimiter.
             allowed = self._line_start + self._limit + 1 - base
-            window_end = min(len(data), allowed)
+            window_end = min(stop, allowed)
             last = data.rfind(self._delimiter, pos, window_end)
             if last < 0:
-                if allowed <= len(data):
+                if allowed <= stop:
                     raise LineTooLongError(offset=self._line_start, limit=self._limit)
                 break
             self._line_start = base + last + 1
             pos = last + 1
-        self._offset = base + len(data)
+        self._offset = base + stop
 
     def finish(self) -> None:
         """The final line may lack a delimiter; it still must fit."""

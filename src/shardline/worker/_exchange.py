@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 
@@ -325,9 +326,14 @@ class ExchangeClient:
         await asyncio.shield(self._drop_connection())
 
 
+@functools.lru_cache(maxsize=8)
 def client_tls_context(ca_pem: str | None) -> ssl.SSLContext:
     """Verify the exchange's certificate against `ca_pem`, or the system's
-    trust store when None; host names are checked."""
+    trust store when None; host names are checked.
+
+    One context per CA for the whole process: loading a trust store costs
+    milliseconds, and every shard of a job names the same CA.
+    """
     try:
         return ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
     except (ValueError, ssl.SSLError) as exc:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
 from ..errors import ConfigurationError, ShardlineError
+from ..io.aws import ClientPool
 from ..io.processes import adopt_orphans, hide_environment
 from ..protocol import ShardTask
 from ._shard import WorkerSettings, run_task
@@ -91,7 +92,7 @@ def run_task_file(stream: BinaryIO, *, use_uvloop: bool = True) -> int:
     return _run_loop(go, use_uvloop=use_uvloop)
 
 
-async def _answer(line: bytes, settings: WorkerSettings) -> dict[str, object]:
+async def _answer(line: bytes, settings: WorkerSettings, clients: ClientPool) -> dict[str, object]:
     """Run the task on `line`.  Its failure is an answer; any other exception
     is a bug and ends the process with a traceback, which the parent reports."""
     try:
@@ -99,7 +100,7 @@ async def _answer(line: bytes, settings: WorkerSettings) -> dict[str, object]:
     except ConfigurationError as exc:
         return {"ok": False, "detail": f"worker got {exc}"}
     try:
-        result = await run_task(task, settings=settings)
+        result = await run_task(task, settings=settings, clients=clients)
     except ShardlineError as exc:
         return {"ok": False, "detail": f"worker failed: {exc}"}
     committed = "" if result.committed is None else (" (committed)" if result.committed else " (not committed)")
@@ -132,9 +133,11 @@ async def serve_pool() -> int:
     # stdin is read even while a task runs: that is how EOF is noticed.
     reader = asyncio.ensure_future(_read_task_lines(stdin, lines, stop))
     loop.add_signal_handler(signal.SIGTERM, stop)
+    # S3 and DynamoDB clients live as long as the process: every task reuses them.
+    clients = ClientPool()
     try:
         while True:
-            answer = await _answer(await lines.get(), settings)
+            answer = await _answer(await lines.get(), settings, clients)
             # A short line into a pipe the parent keeps reading: the write
             # cannot block for long, so it need not leave the event loop.
             answers.write(json.dumps(answer).encode() + b"\n")
@@ -144,6 +147,7 @@ async def serve_pool() -> int:
         return 0  # the parent is gone
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+        await clients.aclose()
         reader.cancel()
         transport.close()
         answers.close()

@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import os
 import tempfile
-import zlib
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from ..errors import (
     StaleAttemptError,
     TimeBudgetError,
 )
-from ..io.aws import AwsSettings
+from ..io.aws import AwsSettings, ClientPool
+from ..io.checksum import Crc32c
 from ..io.command import CommandOutput
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
@@ -111,7 +111,11 @@ class ShardResult:
 
 
 async def run_task(
-    task: ShardTask, *, settings: WorkerSettings | None = None, time_budget_s: float | None = None
+    task: ShardTask,
+    *,
+    settings: WorkerSettings | None = None,
+    time_budget_s: float | None = None,
+    clients: ClientPool | None = None,
 ) -> ShardResult:
     """Run one shard attempt described by `task`; raises ShardlineError on failure.
 
@@ -119,11 +123,15 @@ async def run_task(
     With `time_budget_s`, the shard's work (download, command, upload) stops
     after that many seconds with TimeBudgetError, reported like any failure,
     so a runtime with a hard limit (Lambda) says why before it is killed.
+    `clients` are the S3 and DynamoDB clients of the process, shared by
+    every shard it runs and left open; without it the attempt makes its own.
     """
     settings = settings or WorkerSettings()
     aws = AwsSettings.from_dict(task.aws)
     exchange: ExchangeClient | None = None
     async with AsyncExitStack() as stack:
+        if clients is None:
+            clients = await stack.enter_async_context(ClientPool())
         if task.exchange_host is not None and task.exchange_port is not None:
             exchange = ExchangeClient(
                 host=task.exchange_host,
@@ -141,15 +149,15 @@ async def run_task(
                 # The handshake only saves work; the shard can still finish.
                 log.warning("shard %d: %s; continuing without the exchange", task.shard, exc)
         try:
-            source = await stack.enter_async_context(open_source(task.source, aws))
+            source = await stack.enter_async_context(open_source(task.source, aws, clients=clients))
             markers = await stack.enter_async_context(
-                open_marker_store(task.markers, aws=aws, retry_policy=settings.retry)
+                open_marker_store(task.markers, aws=aws, retry_policy=settings.retry, clients=clients)
             )
             upload_to: tuple[S3Bucket, str] | None = None
             output_path = task.output_path
             if is_s3_url(task.output_path):
                 # A remote worker: write locally (Lambda's /tmp), upload before DONE.
-                bucket, key = S3Bucket.for_url(task.output_path, aws=aws, retry_policy=settings.retry)
+                bucket, key = S3Bucket.for_url(task.output_path, aws=aws, retry_policy=settings.retry, clients=clients)
                 stack.push_async_callback(bucket.aclose)
                 upload_to = bucket, key
                 output_path = _local_output_path(task)
@@ -260,7 +268,7 @@ class _ShardRun:
             part_size_bytes=task.part_size_bytes, max_in_flight_bytes=task.max_in_flight_bytes, retry=settings.retry
         )
         self.emitted = 0
-        self.crc = 0
+        self.crc = Crc32c()
         self.guard: LineLengthGuard | None = None
 
     async def execute(self) -> ShardResult:
@@ -294,7 +302,7 @@ class _ShardRun:
         result = ShardResult(
             boundary=boundary,
             emitted_end=boundary.head_end + self.emitted,
-            checksum=f"crc32:{self.crc:08x}",
+            checksum=self.crc.hexdigest(),
             output_bytes=output_bytes,
             tail_sources=tail_sources,
             committed=None,
@@ -349,7 +357,7 @@ class _ShardRun:
                             publish = asyncio.ensure_future(self._publish(boundary, bytes(head) if head_fits else None))
                             if boundary.line_start:
                                 self._start_emitting(boundary.head_end)
-                                await self._emit(chunk[boundary.head_end - chunk_start :])
+                                await self._emit(chunk, boundary.head_end - chunk_start)
                         continue
                     if boundary is not None and boundary.line_start:
                         await self._emit(chunk)
@@ -364,14 +372,17 @@ class _ShardRun:
         if self.task.max_line_bytes is not None:
             self.guard = LineLengthGuard(self.task.delimiter, self.task.max_line_bytes, start=start)
 
-    async def _emit(self, data: bytes | memoryview) -> None:
-        if not data:
+    async def _emit(self, data: bytes | memoryview, start: int = 0, end: int | None = None) -> None:
+        """Emit ``data[start:end]``; the bounds spare the line-length guard a copy of a slice."""
+        stop = len(data) if end is None else end
+        if stop <= start:
             return
         if self.guard is not None:
-            self.guard.feed(data)
-        self.crc = zlib.crc32(data, self.crc)
-        self.emitted += len(data)
-        await self.output.write(data)
+            self.guard.feed(data, start, stop)
+        view = memoryview(data)[start:stop] if (start, stop) != (0, len(data)) else data
+        self.crc.update(view)
+        self.emitted += stop - start
+        await self.output.write(view)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
         """Marker to DynamoDB and head fragment to the exchange, concurrently."""
@@ -470,7 +481,7 @@ class _ShardRun:
             stop = end if decided is None else min(end, decided.head_end)
             low = max(position, neighbour.start)
             if stop > low:
-                await self._emit(data[low - position : stop - position])
+                await self._emit(data, low - position, stop - position)
             if decided is not None:
                 # The scanner can decide "no line start" one byte before the
                 # range ends; the fragment still runs to the end.

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from ...errors import ConfigurationError
-from ..aws import AwsSettings, client
+from ..aws import AwsSettings, ClientPool, client
 from ..retry import RetryPolicy
 from ._contract import MarkerStore
 from ._dynamomarkers import DynamoMarkerStore
@@ -43,11 +43,22 @@ def parse_location(location: str) -> tuple[str, str]:
 
 @asynccontextmanager
 async def open_marker_store(
-    location: str, *, aws: AwsSettings, retry_policy: RetryPolicy
+    location: str, *, aws: AwsSettings, retry_policy: RetryPolicy, clients: ClientPool | None = None
 ) -> AsyncIterator[MarkerStore]:
-    """The marker store at `location`, open for the `async with` block."""
+    """The marker store at `location`, open for the `async with` block.
+
+    With `clients`, the store uses the pool's shared DynamoDB client or
+    SQLite database (one connection and thread per process), left open.
+    """
     kind, where = parse_location(location)
     async with AsyncExitStack() as stack:
+        if clients is not None:
+            if kind == "sqlite":
+                database = clients.shared(("sqlite", where), lambda: SqliteDatabase(where), SqliteDatabase.aclose)
+                yield SqliteMarkerStore(database, retry_policy=retry_policy)
+            else:
+                yield DynamoMarkerStore(await clients.get(aws, "dynamodb"), where, retry_policy=retry_policy)
+            return
         store: MarkerStore
         if kind == "sqlite":
             store = SqliteMarkerStore(SqliteDatabase(where), retry_policy=retry_policy)
