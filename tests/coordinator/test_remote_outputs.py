@@ -5,13 +5,25 @@ whose backend hands out S3 output locations, against moto."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import zlib
+from collections.abc import Callable
+
 import pytest
 
+from shardline.coordinator import Coordinator, CoordinatorSettings, OutputPolicy, WorkerExit
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
+from shardline.protocol import JobSpec, ShardTask
 
 from corpus import random_mix
-from jobs import run_job_inprocess, sequential_reference
+from jobs import run_job_inprocess, running_coordinator, sequential_reference
+from polling import eventually
+from reference import reference_split
+
+#: Bound on waiting for a job (a hang guard, not a timing check).
+PATIENCE_S = 120.0
 
 
 class StagedInProcessBackend(InProcessBackend):
@@ -52,3 +64,102 @@ async def test_an_output_missing_from_s3_is_not_committed(s3, bucket, aws_settin
     backend = StagedInProcessBackend("s3://no-such-staging-bucket/staging/")
     with pytest.raises(JobFailedError, match="no-such-staging-bucket"):
         await run_job_inprocess(f"s3://{bucket}/in.txt", 2, aws=aws_settings, backend=backend, max_attempts=2)
+
+
+# --- outputs that need not pass through the coordinator ----------------------------------
+
+
+class GatedStagedBackend(StagedInProcessBackend):
+    """Staged workers; shard `held` does not start until `gate` is set."""
+
+    def __init__(self, staging: str, *, held: int) -> None:
+        super().__init__(staging)
+        self.held = held
+        self.gate = asyncio.Event()
+
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
+        if task.shard == self.held:
+            await self.gate.wait()
+        return await super().run(task, on_started=on_started)
+
+
+def _coordinator(aws_settings, backend):
+    settings = CoordinatorSettings(output_policy=OutputPolicy(anywhere=True), supervise_interval_s=0.05)
+    return running_coordinator(aws_settings, backend, settings=settings)
+
+
+async def _succeeded(service: Coordinator, job_id: str) -> None:
+    async with asyncio.timeout(PATIENCE_S):
+        view = await service.wait(job_id)
+    assert view.state.value == "succeeded", view.error
+
+
+@pytest.mark.parametrize("command", [None, "sed 's/^/>/'"])
+async def test_an_s3_destination_copies_remote_outputs_server_side(s3, bucket, aws_settings, command):
+    """Each committed attempt's object is copied into the destination by S3:
+    no output byte is fetched or uploaded by the coordinator, and the
+    manifest's output checksums (the workers') are those of the parts."""
+    data = random_mix(22, 250_000)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    async with _coordinator(aws_settings, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
+        spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=5, command=command, output=f"s3://{bucket}/out/")
+        view = await service.submit(spec)
+        await _succeeded(service, view.id)
+        metrics = service.metrics
+    parts = [s3.get_object(Bucket=bucket, Key=f"out/part-{i:05d}")["Body"].read() for i in range(5)]
+    assert parts == [sequential_reference(piece, command) for piece in reference_split(data, 5, b"\n")]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/_manifest.json")["Body"].read())
+    assert [shard["output_checksum"] for shard in manifest["shards"]] == [
+        f"crc32:{zlib.crc32(part):08x}" for part in parts
+    ]
+    assert [shard["part"] for shard in manifest["shards"]] == [f"s3://{bucket}/out/part-{i:05d}" for i in range(5)]
+    assert metrics.output_bytes_relayed["fetched"] == metrics.output_bytes_relayed["uploaded"] == 0
+    assert metrics.output_bytes_copied == sum(map(len, parts)) > 0
+    assert _keys(s3, bucket, "staging/") == []  # every attempt's object is removed
+
+
+async def test_a_reduce_fetches_remote_outputs_it_must_read(s3, bucket, aws_settings):
+    """With a reduce the coordinator reads every shard's output: those bytes
+    are fetched (and counted), the parts still exact."""
+    data = random_mix(23, 120_000)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    async with _coordinator(aws_settings, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
+        spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=3, reduce="wc -l", output=f"s3://{bucket}/out/")
+        view = await service.submit(spec)
+        await _succeeded(service, view.id)
+        metrics = service.metrics
+    parts = [s3.get_object(Bucket=bucket, Key=f"out/part-{i:05d}")["Body"].read() for i in range(3)]
+    assert b"".join(parts) == data
+    result = s3.get_object(Bucket=bucket, Key="out/result")["Body"].read()
+    assert int(result) == data.count(b"\n")
+    assert metrics.output_bytes_relayed["fetched"] == len(data)
+    assert metrics.output_bytes_relayed["uploaded"] == len(data) + len(result)
+    assert _keys(s3, bucket, "staging/") == []
+
+
+async def test_remote_outputs_for_stdout_are_fetched_as_they_commit(s3, bucket, aws_settings):
+    """Shard 0 has not even started, so nothing can be released, yet every
+    other shard's output is already in the spool: fetched on commit, not at
+    its release turn."""
+    data = b"".join(b"row %05d\n" % i for i in range(6000))
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    pieces = reference_split(data, 4, b"\n")
+    backend = GatedStagedBackend(f"s3://{bucket}/staging/", held=0)
+    async with _coordinator(aws_settings, backend) as service:
+        view = await service.submit(JobSpec(source=f"s3://{bucket}/in.txt", shards=4))
+        fetched = service.metrics.output_bytes_relayed
+        await eventually(
+            lambda: fetched["fetched"] == sum(map(len, pieces[1:])),
+            lambda: f"shards 1-3 fetched while shard 0 waits ({fetched['fetched']} bytes so far)",
+        )
+        assert service.view(view.id).shards_done == 3 and _keys(s3, bucket, "staging/") == []
+        backend.gate.set()
+        out = bytearray()
+        async with asyncio.timeout(PATIENCE_S):
+            async for piece in service.output(view.id):
+                with open(piece.path, "rb") as file:
+                    file.seek(piece.start)
+                    out += file.read(piece.end - piece.start)
+        await _succeeded(service, view.id)
+    assert bytes(out) == data
+    assert fetched["fetched"] == len(data)

@@ -361,6 +361,8 @@ class Job:
             hello, done, output_path=path, output_problem=problem, now=asyncio.get_running_loop().time()
         )
         self._perform(actions)
+        if committed:
+            self.release.on_commit(hello.shard)
         return committed
 
     def on_failed(self, hello: Hello, failed: Failed) -> None:

@@ -5,20 +5,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
-    ShardlineError,
-    StorageError,
-)
-from ..io import COPY_CHUNK_BYTES
+from ..errors import ShardlineError
+from ..io.checksums import file_checksum
 from ..io.s3bucket import S3Buckets
 from ..io.urls import is_s3_url
 from ..protocol import check_tiling
@@ -59,24 +54,6 @@ async def output_problem(location: str, output_bytes: int, buckets: S3Buckets) -
     if size != output_bytes:
         return f"output {location} has {size} bytes, DONE says {output_bytes}"
     return None
-
-
-async def file_checksum(path: str) -> str:
-    """The file's CRC32 as "crc32:%08x", the form workers report for the input they emit."""
-    return await asyncio.to_thread(_crc32_file, path)
-
-
-def _crc32_file(path: str) -> str:
-    crc = 0
-    buffer = bytearray(COPY_CHUNK_BYTES)
-    view = memoryview(buffer)
-    try:
-        with open(path, "rb", buffering=0) as file:
-            while count := file.readinto(buffer):
-                crc = zlib.crc32(view[:count], crc)
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return f"crc32:{crc:08x}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
