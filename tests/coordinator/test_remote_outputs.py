@@ -149,10 +149,10 @@ async def test_remote_outputs_for_stdout_are_fetched_as_they_commit(s3, bucket, 
         view = await service.submit(JobSpec(source=f"s3://{bucket}/in.txt", shards=4))
         fetched = service.metrics.output_bytes_relayed
         await eventually(
-            lambda: fetched["fetched"] == sum(map(len, pieces[1:])),
+            lambda: fetched["fetched"] == sum(map(len, pieces[1:])) and _keys(s3, bucket, "staging/") == [],
             lambda: f"shards 1-3 fetched while shard 0 waits ({fetched['fetched']} bytes so far)",
         )
-        assert service.view(view.id).shards_done == 3 and _keys(s3, bucket, "staging/") == []
+        assert service.view(view.id).shards_done == 3
         backend.gate.set()
         out = bytearray()
         async with asyncio.timeout(PATIENCE_S):
