@@ -120,7 +120,7 @@ async def test_an_s3_destination_copies_remote_outputs_server_side(s3, bucket, a
 
 async def test_a_reduce_fetches_remote_outputs_it_must_read(s3, bucket, aws_settings):
     """With a reduce the coordinator reads every shard's output: those bytes
-    are fetched (and counted), the parts still exact."""
+    are fetched (and counted); the parts are still copied by S3, and exact."""
     data = random_mix(23, 120_000)
     s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
     async with _coordinator(aws_settings, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
@@ -133,7 +133,8 @@ async def test_a_reduce_fetches_remote_outputs_it_must_read(s3, bucket, aws_sett
     result = s3.get_object(Bucket=bucket, Key="out/result")["Body"].read()
     assert int(result) == data.count(b"\n")
     assert metrics.output_bytes_relayed["fetched"] == len(data)
-    assert metrics.output_bytes_relayed["uploaded"] == len(data) + len(result)
+    assert metrics.output_bytes_relayed["uploaded"] == len(result)  # made here: nowhere else to copy it from
+    assert metrics.output_bytes_copied == len(data)
     assert _keys(s3, bucket, "staging/") == []
 
 

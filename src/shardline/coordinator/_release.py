@@ -11,7 +11,8 @@
 # server-side (S3 CopyObject) and records the checksum the worker reported.
 # Only what the coordinator itself must read -- stdout, a reduce, a local
 # destination -- is fetched into the spool, and that as soon as the shard
-# commits, several at once, not at its release turn.  Every byte that does
+# commits, several at once, not at its release turn (with a reduce and an S3
+# destination the parts are still copied by S3).  Every byte that does
 # pass through is counted (`CoordinatorMetrics.output_bytes_relayed`).
 #
 # A destination is never mixed with an earlier job's files (DESIGN §9).  A
@@ -81,6 +82,8 @@ class Release:
         #: Remote outputs being brought into the spool, by shard, each started as it commits.
         self._fetches: dict[int, asyncio.Task[CommittedAttempt]] = {}
         self._fetching = True  # until run() ends: no fetch starts after it
+        #: Fetched outputs whose S3 object is kept for a server-side copy into the destination.
+        self._staged: dict[int, str] = {}
         self._fetch_slots = asyncio.Semaphore(_CONCURRENT_TRANSFERS)
         self._publish_slots = asyncio.Semaphore(_CONCURRENT_TRANSFERS)
 
@@ -162,33 +165,41 @@ class Release:
             bucket, key = self.job.context.s3_buckets.for_url(committed.output_path)
             await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
             self.job.context.metrics.output_bytes_relayed["fetched"] += committed.output_bytes
-            with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
-                await bucket.request("delete_object", Key=key)
+            if self.destination is not None and self.destination.copies_remote_parts:
+                self._staged[index] = committed.output_path  # its part is still copied by S3
+            else:
+                await self._delete_staged(committed.output_path)
             fetched = replace(committed, output_path=local)
             await self.job.update_committed(index, fetched)
         return fetched
 
     async def _publish_part(self, index: int, committed: CommittedAttempt) -> None:
-        """Write shard `index`'s verified output to the destination: a remote
-        one is copied by S3 (its checksum from the worker), a local file uploaded."""
+        """Write shard `index`'s verified output to the destination: one still
+        in S3 is copied by S3 (its checksum from the worker), a local file uploaded."""
         assert self.destination is not None
         metrics = self.job.context.metrics
         async with self._publish_slots:
-            if not is_s3_url(committed.output_path):
-                checksum = committed.output_checksum or await file_checksum(committed.output_path)
+            remote = committed.output_path if is_s3_url(committed.output_path) else self._staged.pop(index, None)
+            # A remote output is fetched when its worker reported no checksum, so this reads a local file.
+            checksum = committed.output_checksum or await file_checksum(committed.output_path)
+            if remote is None:
                 where = await self.destination.put_part(index, committed.output_path)
                 metrics.output_bytes_relayed["uploaded"] += committed.output_bytes
                 await self.job.update_committed(index, replace(committed, published=where, output_checksum=checksum))
                 return
-            staged = committed.output_path
-            where = await self.destination.copy_part(index, staged, size=committed.output_bytes)
+            where = await self.destination.copy_part(index, remote, size=committed.output_bytes)
             metrics.output_bytes_copied += committed.output_bytes
-            # The part is the committed output from now on (a resumed job finds it
-            # there), so the attempt's own object can go at once.
-            await self.job.update_committed(index, replace(committed, output_path=where, published=where))
-            bucket, key = self.job.context.s3_buckets.for_url(staged)
-            with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
-                await bucket.request("delete_object", Key=key)
+            # An output that was not fetched is the part from now on (a resumed job
+            # finds it there), so the attempt's own object can go at once.
+            output_path = where if committed.output_path == remote else committed.output_path
+            published = replace(committed, output_path=output_path, published=where, output_checksum=checksum)
+            await self.job.update_committed(index, published)
+            await self._delete_staged(remote)
+
+    async def _delete_staged(self, location: str) -> None:
+        bucket, key = self.job.context.s3_buckets.for_url(location)
+        with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
+            await bucket.request("delete_object", Key=key)
 
     def _outputs(self) -> list[CommittedAttempt]:
         supervisor = self.job.supervisor
