@@ -9,6 +9,7 @@ import asyncio
 import json
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,8 @@ from shardline.errors import JobFailedError
 from shardline.protocol import JobSpec, ShardTask
 
 from corpus import random_mix
-from jobs import run_job_inprocess, running_coordinator, sequential_reference
+from faultproxy import Fault, FaultProxy, Rule, s3_error
+from jobs import only_in_attempt, run_job_inprocess, running_coordinator, sequential_reference
 from polling import eventually
 from reference import reference_split
 
@@ -164,3 +166,60 @@ async def test_remote_outputs_for_stdout_are_fetched_as_they_commit(s3, bucket, 
         await _succeeded(service, view.id)
     assert bytes(out) == data
     assert fetched["fetched"] == len(data)
+
+
+def _copy_into(part: str, fault: Fault, **conditions: Any) -> Rule:
+    """`fault` for the server-side copy into `part` (a PUT with x-amz-copy-source)."""
+    return Rule(fault=fault, method="PUT", path_contains=f"/out/{part}", header="x-amz-copy-source", **conditions)
+
+
+async def test_a_retried_shard_commits_its_second_attempts_object(s3, bucket, aws_settings):
+    """Shard 1's first attempt fails; the part is the second attempt's
+    output, copied by S3, and the manifest names that attempt."""
+    data = random_mix(24, 150_000)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    command = only_in_attempt(1, 0, "exit 3") + "; tr a-f A-F"
+    async with _coordinator(aws_settings, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
+        spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=3, command=command, output=f"s3://{bucket}/out/")
+        view = await service.submit(spec)
+        await _succeeded(service, view.id)
+        relayed = service.metrics.output_bytes_relayed
+    parts = [s3.get_object(Bucket=bucket, Key=f"out/part-{i:05d}")["Body"].read() for i in range(3)]
+    assert b"".join(parts) == sequential_reference(data, "tr a-f A-F")
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/_manifest.json")["Body"].read())
+    assert [shard["attempt"] for shard in manifest["shards"]] == [0, 1, 0]
+    assert relayed["fetched"] == relayed["uploaded"] == 0
+    assert _keys(s3, bucket, "staging/") == []
+
+
+async def test_a_throttled_copy_is_retried(moto, s3, bucket):
+    data = random_mix(25, 80_000)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    throttled = _copy_into("part-00001", s3_error("SlowDown", "Reduce your request rate."), times=2)
+    async with FaultProxy(moto.url, [throttled]) as proxy:
+        via_proxy = moto.aws_settings(s3_endpoint_url=proxy.url, read_timeout_s=10.0)
+        async with _coordinator(via_proxy, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
+            spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=3, output=f"s3://{bucket}/out/")
+            view = await service.submit(spec)
+            await _succeeded(service, view.id)
+    assert proxy.applied == [2]
+    parts = [s3.get_object(Bucket=bucket, Key=f"out/part-{i:05d}")["Body"].read() for i in range(3)]
+    assert b"".join(parts) == data
+
+
+async def test_a_refused_copy_fails_the_job_and_leaves_no_output(moto, s3, bucket):
+    """S3 refuses the copy into one part for good: the job fails naming it,
+    and what it wrote is removed -- no manifest, no part."""
+    data = random_mix(26, 80_000)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    denied = _copy_into("part-00002", s3_error("AccessDenied", "Access Denied", status=403, reason="Forbidden"))
+    async with FaultProxy(moto.url, [denied]) as proxy:
+        via_proxy = moto.aws_settings(s3_endpoint_url=proxy.url, read_timeout_s=10.0)
+        async with _coordinator(via_proxy, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
+            spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=4, output=f"s3://{bucket}/out/")
+            view = await service.submit(spec)
+            async with asyncio.timeout(PATIENCE_S):
+                final = await service.wait(view.id)
+    assert proxy.applied[0] >= 1
+    assert final.state.value == "failed" and "part-00002" in (final.error or ""), final.error
+    assert _keys(s3, bucket, "out/") == []
