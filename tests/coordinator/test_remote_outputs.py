@@ -6,6 +6,7 @@ whose backend hands out S3 output locations, against moto."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import zlib
 from collections.abc import Callable
@@ -17,12 +18,14 @@ from shardline.coordinator import Coordinator, CoordinatorSettings, OutputPolicy
 from shardline.embedded import InProcessBackend
 from shardline.errors import JobFailedError
 from shardline.protocol import JobSpec, ShardTask
+from shardline.worker import WorkerSettings
 
 from corpus import random_mix
 from faultproxy import Fault, FaultProxy, Rule, s3_error
 from jobs import only_in_attempt, run_job_inprocess, running_coordinator, sequential_reference
 from polling import eventually
 from reference import reference_split
+from servers import free_ports
 
 #: Bound on waiting for a job (a hang guard, not a timing check).
 PATIENCE_S = 120.0
@@ -223,3 +226,34 @@ async def test_a_refused_copy_fails_the_job_and_leaves_no_output(moto, s3, bucke
     assert proxy.applied[0] >= 1
     assert final.state.value == "failed" and "part-00002" in (final.error or ""), final.error
     assert _keys(s3, bucket, "out/") == []
+
+
+class LostReportBackend(StagedInProcessBackend):
+    """Shard 1's first attempt cannot reach the exchange: it runs, uploads
+    its object, then fails to report DONE -- an uncommitted attempt whose
+    object exists."""
+
+    def __init__(self, staging: str) -> None:
+        super().__init__(staging)
+        self._worker_settings = WorkerSettings(report_timeout_s=0.5)
+
+    async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
+        if task.shard == 1 and task.attempt == 0:
+            (nobody_listens,) = free_ports(1)
+            task = dataclasses.replace(task, exchange_port=nobody_listens)
+        return await super().run(task, on_started=on_started)
+
+
+async def test_an_uncommitted_attempts_object_is_removed(s3, bucket, aws_settings):
+    """In-process backends sweep no staging prefix: only the removal at the
+    attempt's end takes the lost attempt's object away."""
+    data = random_mix(27, 60_000)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
+    async with _coordinator(aws_settings, LostReportBackend(f"s3://{bucket}/staging/")) as service:
+        spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=3, output=f"s3://{bucket}/out/")
+        view = await service.submit(spec)
+        await _succeeded(service, view.id)
+        assert service.view(view.id).shards[1].attempt == 1
+    parts = [s3.get_object(Bucket=bucket, Key=f"out/part-{i:05d}")["Body"].read() for i in range(3)]
+    assert b"".join(parts) == data
+    assert _keys(s3, bucket, "staging/") == []
