@@ -460,10 +460,9 @@ def _raise_first_failure(tasks: set[asyncio.Task[None]]) -> None:
     """Raise the error of the first finished task that failed; forget the finished ones."""
     finished = [task for task in tasks if task.done()]
     tasks.difference_update(finished)
-    for task in finished:
-        error = None if task.cancelled() else task.exception()
-        if error is not None:
-            raise error
+    errors = [error for task in finished if not task.cancelled() and (error := task.exception()) is not None]
+    if errors:
+        raise errors[0]
 
 
 async def _cancel_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
