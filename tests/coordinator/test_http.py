@@ -333,6 +333,13 @@ async def test_metrics_in_prometheus_text_format(http, source):
     ):
         assert f"# TYPE {family} " in text, family
     assert 'shardline_jobs{state="succeeded"} 1' in text
+    # Local workers' outputs are already on the coordinator's disk: nothing relayed, nothing copied.
+    for sample in (
+        'relayed_bytes_total{way="fetched"} 0',
+        'relayed_bytes_total{way="uploaded"} 0',
+        "copied_bytes_total 0",
+    ):
+        assert f"shardline_output_{sample}\n" in text, sample
 
 
 def _documented_routes(document: dict) -> set[tuple[str, str]]:

@@ -176,6 +176,40 @@ async def test_s3_large_part_goes_by_multipart_upload(
     assert open_uploads(s3, bucket) == []
 
 
+async def test_s3_copy_part_copies_an_object_server_side(s3, bucket: str, aws_settings: AwsSettings) -> None:
+    s3.put_object(Bucket=bucket, Key="staging/a.out", Body=b"attempt 1\n")
+    async with S3Destination(bucket, "p/", aws=aws_settings, retry_policy=RetryPolicy()) as destination:
+        where = await destination.copy_part(3, f"s3://{bucket}/staging/a.out", size=10)
+    assert where == f"s3://{bucket}/p/part-00003"
+    assert object_bytes(s3, bucket, "p/part-00003") == b"attempt 1\n"
+    assert object_bytes(s3, bucket, "staging/a.out") == b"attempt 1\n"  # its removal is the caller's
+
+
+async def test_s3_large_copy_goes_by_multipart_copy(s3, bucket: str, aws_settings: AwsSettings) -> None:
+    """Above CopyObject's limit (5 GiB; lowered here) a copy goes part by part, still inside S3."""
+    data = random.Random(4).randbytes(11 * MIB + 7)
+    s3.put_object(Bucket=bucket, Key="staging/big.out", Body=data)
+    small_copy = {"copy_threshold_bytes": 5 * MIB, "copy_part_bytes": 5 * MIB}
+    async with S3Destination(bucket, "p/", aws=aws_settings, retry_policy=RetryPolicy(), **small_copy) as destination:
+        await destination.copy_part(0, f"s3://{bucket}/staging/big.out", size=len(data))
+    assert object_bytes(s3, bucket, "p/part-00000") == data
+    assert s3.head_object(Bucket=bucket, Key="p/part-00000")["ETag"].endswith('-3"')
+    assert open_uploads(s3, bucket) == []
+
+
+async def test_s3_copy_of_a_missing_object_is_a_storage_error(bucket: str, aws_settings: AwsSettings) -> None:
+    async with S3Destination(bucket, "", aws=aws_settings, retry_policy=FAST_RETRY) as destination:
+        with pytest.raises(StorageError, match="part-00001"):
+            await destination.copy_part(1, f"s3://{bucket}/staging/gone.out", size=5)
+
+
+async def test_local_destinations_copy_nothing_server_side(tmp_path: Path) -> None:
+    destination = LocalDirectoryDestination(tmp_path / "out")
+    assert not destination.copies_remote_parts and S3Destination.copies_remote_parts
+    with pytest.raises(NotImplementedError):
+        await destination.copy_part(0, "s3://b/k", size=1)
+
+
 async def test_s3_throttled_upload_part_is_retried(s3, bucket: str, aws_settings: AwsSettings, tmp_path: Path) -> None:
     data = random.Random(2).randbytes(11 * MIB)
     throttled = Rule(fault=s3_error("SlowDown", "Reduce your request rate."), path_contains="partNumber=2", times=2)

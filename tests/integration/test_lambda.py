@@ -15,8 +15,9 @@ import json
 from dataclasses import replace
 
 import pytest
+from crc32c import crc32c
 
-from shardline.coordinator import CoordinatorSettings, LambdaBackend, server_tls_context
+from shardline.coordinator import CoordinatorSettings, LambdaBackend, OutputPolicy, server_tls_context
 from shardline.errors import ConfigurationError
 from shardline.io.retry import RetryPolicy
 from shardline.protocol import JobSpec, ShardTimeouts
@@ -25,6 +26,7 @@ from corpus import random_mix
 from daemons import Daemon, clean_env, submit
 from jobs import run_job_on_exchange, sequential_reference
 from lambdaemu import LambdaEmulator
+from reference import reference_split
 from tlsca import make_ca
 
 HANDLER = "shardline.worker.lambda_handler.handler"
@@ -45,7 +47,9 @@ def _emulator(moto, worker_package_dir, tmp_path, **kwargs) -> LambdaEmulator:
     )
 
 
-async def _run_on_lambda(emulator, *, aws_settings, ca, s3, bucket, data, command, shards=4, **spec_fields):
+async def _run_on_lambda(
+    emulator, *, aws_settings, ca, s3, bucket, data, command, shards=4, output_policy=OutputPolicy(), **spec_fields
+):
     s3.put_object(Bucket=bucket, Key="input.txt", Body=data)
     aws = replace(aws_settings, lambda_endpoint_url=emulator.url)
     backend = LambdaBackend(
@@ -59,7 +63,7 @@ async def _run_on_lambda(emulator, *, aws_settings, ca, s3, bucket, data, comman
         JobSpec(source=f"s3://{bucket}/input.txt", shards=shards, command=command, backend="lambda", **spec_fields),
         aws=aws,
         backend=backend,
-        settings=CoordinatorSettings(exchange_ca=ca.ca_pem, advertise_host="localhost"),
+        settings=CoordinatorSettings(exchange_ca=ca.ca_pem, advertise_host="localhost", output_policy=output_policy),
         tls=server_tls_context(str(ca.server_cert), str(ca.server_key)),
     )
     return output, report, backend
@@ -88,9 +92,43 @@ async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca
     assert [shard.attempt for shard in report.shards] == [0] * 5
     assert sum(r["ok"] for r in results) == 5 and {r["detail"] for r in results if r["ok"]} == {"committed"}
     assert _staging_keys(s3, bucket) == []
+    # For stdout every output byte must reach the coordinator, exactly once.
+    assert report.relayed_output_bytes == {"fetched": len(output)}
     # CloudWatch-friendly: one JSON object per line, naming the shard.
     parsed = [json.loads(line) for line in lines]
     assert parsed and all({"time", "level", "message", "job_id", "shard", "attempt"} <= p.keys() for p in parsed)
+
+
+async def test_an_s3_destination_moves_no_output_byte_through_the_coordinator(
+    moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path
+):
+    """Lambda workers upload their outputs; each committed one is copied into
+    the destination by S3 itself, with the checksum the worker reported: the
+    coordinator fetches and uploads nothing (counted), and the output is exact."""
+    data = random_mix(32, 300_000) + b"\nlast line without newline"
+    command = "tr a-j A-J"
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=3) as emulator:
+        output, report, _ = await _run_on_lambda(
+            emulator,
+            aws_settings=aws_settings,
+            ca=ca,
+            s3=s3,
+            bucket=bucket,
+            data=data,
+            command=command,
+            shards=4,
+            output=f"s3://{bucket}/out/",
+            output_policy=OutputPolicy(anywhere=True),
+        )
+    parts = [s3.get_object(Bucket=bucket, Key=f"out/part-{i:05d}")["Body"].read() for i in range(4)]
+    assert parts == [sequential_reference(piece, command) for piece in reference_split(data, 4, b"\n")]
+    assert output == b"" and sum(map(len, parts)) == sum(shard.output_bytes for shard in report.shards) > 0
+    assert sum(report.relayed_output_bytes.values()) == 0, report.relayed_output_bytes
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="out/_manifest.json")["Body"].read())
+    assert [shard["output_checksum"] for shard in manifest["shards"]] == [
+        f"crc32c:{crc32c(part):08x}" for part in parts
+    ]
+    assert _staging_keys(s3, bucket) == []  # the committed attempts' objects and any others
 
 
 async def test_handler_out_of_time_reports_and_is_retried(

@@ -154,6 +154,9 @@ class Destination(abc.ABC):
 
     #: "s3://bucket/prefix/" or the directory's absolute path.
     url: str
+    #: Whether `copy_part` can take a remote worker's output (an S3 object)
+    #: without its bytes passing through the coordinator.
+    copies_remote_parts: bool = False
 
     @abc.abstractmethod
     async def check(self, *, require_empty: bool) -> None:
@@ -165,6 +168,12 @@ class Destination(abc.ABC):
     @abc.abstractmethod
     async def put_part(self, index: int, path: str) -> str:
         """Copy the local file `path` to shard `index`'s part (overwriting); returns its location."""
+
+    async def copy_part(self, index: int, source: str, *, size: int) -> str:
+        """Make shard `index`'s part a server-side copy of the S3 object
+        `source` (`size` bytes; overwriting); returns its location.  Only
+        where `copies_remote_parts`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy {source} server-side")
 
     @abc.abstractmethod
     async def put_result(self, path: str) -> str:

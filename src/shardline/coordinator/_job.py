@@ -325,9 +325,20 @@ class Job:
             self._runners.pop((shard, attempt), None)
             committed = self.supervisor.committed(shard)
             uncommitted = committed is None or committed.attempt != attempt
-            if uncommitted and not is_s3_url(task.output_path):  # remote ones go with the job's staging
+            if uncommitted and is_s3_url(task.output_path):
+                # Now, not only with the job's staging (which still catches an
+                # attempt that cannot be stopped and uploads later: Lambda).
+                self._spawn(self._delete_remote_output(task.output_path), f"removing {task.output_path}")
+            elif uncommitted:
                 with contextlib.suppress(OSError):
                     os.unlink(task.output_path)
+
+    async def _delete_remote_output(self, location: str) -> None:
+        bucket, key = self.context.s3_buckets.for_url(location)
+        try:
+            await bucket.request("delete_object", Key=key)
+        except ShardlineError as exc:  # leftovers cost storage, not correctness
+            log.info("job %s: could not remove %s: %s", self.id, location, exc)
 
     async def _discard_remote_outputs(self) -> None:
         try:
@@ -361,6 +372,8 @@ class Job:
             hello, done, output_path=path, output_problem=problem, now=asyncio.get_running_loop().time()
         )
         self._perform(actions)
+        if committed:
+            self.release.on_commit(hello.shard)
         return committed
 
     def on_failed(self, hello: Hello, failed: Failed) -> None:

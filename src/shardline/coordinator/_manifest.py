@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -13,12 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
-    ShardlineError,
-    StorageError,
-)
-from ..io import COPY_CHUNK_BYTES
-from ..io.checksum import Crc32c
+from ..errors import ShardlineError
+from ..io.checksum import file_checksum
 from ..io.s3bucket import S3Buckets
 from ..io.urls import is_s3_url
 from ..protocol import check_tiling
@@ -59,24 +54,6 @@ async def output_problem(location: str, output_bytes: int, buckets: S3Buckets) -
     if size != output_bytes:
         return f"output {location} has {size} bytes, DONE says {output_bytes}"
     return None
-
-
-async def file_checksum(path: str) -> str:
-    """The file's CRC32C as "crc32c:%08x", the form workers report for the input they emit."""
-    return await asyncio.to_thread(_crc32c_file, path)
-
-
-def _crc32c_file(path: str) -> str:
-    crc = Crc32c()
-    buffer = bytearray(COPY_CHUNK_BYTES)
-    view = memoryview(buffer)
-    try:
-        with open(path, "rb", buffering=0) as file:
-            while count := file.readinto(buffer):
-                crc.update(view[:count])
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return crc.hexdigest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

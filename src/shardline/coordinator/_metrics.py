@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["HTTP_REFUSAL_CAUSES", "CoordinatorMetrics", "Histogram", "render_prometheus"]
+__all__ = ["HTTP_REFUSAL_CAUSES", "OUTPUT_RELAY_WAYS", "CoordinatorMetrics", "Histogram", "render_prometheus"]
 
 #: Upper bounds (seconds) for handshake waits: mostly sub-millisecond relays,
 #: up to a neighbour's cold start.
@@ -27,6 +27,9 @@ HTTP_REFUSAL_CAUSES = (
     "bad_token",  # missing or wrong bearer token
     "content_type",  # a body that is not application/json
 )
+
+#: How output bytes pass through the coordinator (`shardline_output_relayed_bytes_total{way}`).
+OUTPUT_RELAY_WAYS = ("fetched", "uploaded")
 
 
 @dataclass(eq=False)
@@ -96,6 +99,13 @@ class CoordinatorMetrics:
     fenced_writes: int = 0
     bytes_emitted: int = 0
     output_bytes: int = 0
+    #: Output bytes that passed through the coordinator, by way: "fetched"
+    #: (remote shard outputs downloaded), "uploaded" (parts and reduce
+    #: results it wrote to a destination).  Divided by output_bytes: the
+    #: detour outputs take through this one machine.
+    output_bytes_relayed: Counter[str] = field(default_factory=Counter)
+    #: Remote shard outputs copied into an S3 destination by S3 itself.
+    output_bytes_copied: int = 0
     #: HTTP connections and requests refused, by cause (HTTP_REFUSAL_CAUSES).
     http_refused: Counter[str] = field(default_factory=Counter)
 
@@ -149,6 +159,18 @@ def render_prometheus(
         [("", metrics.bytes_emitted)],
     )
     family("shardline_output_bytes_total", "counter", "Output bytes of committed shards.", [("", metrics.output_bytes)])
+    family(
+        "shardline_output_relayed_bytes_total",
+        "counter",
+        "Output bytes that passed through the coordinator: remote outputs fetched, files uploaded to destinations.",
+        _by("way", {way: metrics.output_bytes_relayed[way] for way in OUTPUT_RELAY_WAYS}),
+    )
+    family(
+        "shardline_output_copied_bytes_total",
+        "counter",
+        "Remote shard outputs copied into an S3 destination server-side (not through the coordinator).",
+        [("", metrics.output_bytes_copied)],
+    )
     family(
         "shardline_exchange_refused_total",
         "counter",

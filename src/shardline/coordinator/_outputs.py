@@ -51,7 +51,13 @@ from ..io import COPY_CHUNK_BYTES
 from ..io.aio import wait_uncancellable
 from ..io.aws import AwsSettings
 from ..io.retry import RetryPolicy
-from ..io.s3bucket import DEFAULT_MULTIPART_PART_BYTES, DEFAULT_MULTIPART_THRESHOLD_BYTES, S3Bucket
+from ..io.s3bucket import (
+    DEFAULT_COPY_PART_BYTES,
+    DEFAULT_MULTIPART_PART_BYTES,
+    DEFAULT_MULTIPART_THRESHOLD_BYTES,
+    S3_MAX_COPY_BYTES,
+    S3Bucket,
+)
 from ..io.urls import is_s3_url, parse_s3_prefix, s3_url
 from ._destination import (
     MANIFEST_NAME,
@@ -91,7 +97,10 @@ def open_destination(url: str, aws: AwsSettings, *, retry_policy: RetryPolicy) -
 
 class S3Destination(Destination):
     """Objects under one S3 prefix, written through `S3Bucket` (the shared
-    retry loop; multipart uploads above `multipart_threshold_bytes`)."""
+    retry loop; multipart uploads above `multipart_threshold_bytes`).  A part
+    already in S3 (a Lambda worker's output) is copied there by S3 itself."""
+
+    copies_remote_parts = True
 
     def __init__(
         self,
@@ -102,6 +111,8 @@ class S3Destination(Destination):
         retry_policy: RetryPolicy,
         multipart_threshold_bytes: int = DEFAULT_MULTIPART_THRESHOLD_BYTES,
         multipart_part_bytes: int = DEFAULT_MULTIPART_PART_BYTES,
+        copy_threshold_bytes: int = S3_MAX_COPY_BYTES,
+        copy_part_bytes: int = DEFAULT_COPY_PART_BYTES,
     ) -> None:
         if prefix and not prefix.endswith("/"):
             raise ValueError(f"S3 prefix must be empty or end with '/', got {prefix!r}")
@@ -111,6 +122,8 @@ class S3Destination(Destination):
             retry_policy=retry_policy,
             multipart_threshold_bytes=multipart_threshold_bytes,
             multipart_part_bytes=multipart_part_bytes,
+            copy_threshold_bytes=copy_threshold_bytes,
+            copy_part_bytes=copy_part_bytes,
         )
         self.bucket = bucket
         self.prefix = prefix
@@ -138,6 +151,11 @@ class S3Destination(Destination):
 
     async def put_part(self, index: int, path: str) -> str:
         return await self._upload_file(part_name(index), path)
+
+    async def copy_part(self, index: int, source: str, *, size: int) -> str:
+        key = self.prefix + part_name(index)
+        await self._bucket.copy_from(key, source, size=size)
+        return self._bucket.location(key)
 
     async def put_result(self, path: str) -> str:
         return await self._upload_file(RESULT_NAME, path)

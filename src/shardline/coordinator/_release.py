@@ -2,10 +2,18 @@
 #
 # Shards are *released* in index order, each only once its commit is durable
 # and its emitted range passed the tiling check, so nothing unverified is
-# ever shown.  A remote worker's committed output (Lambda: an S3 object) is
-# fetched into the spool first, so every reader of outputs reads local files.
-# Released shards are published to the destination (`spec.output`) and fed to
-# the reduce command in the same pass; the manifest is written last.
+# ever shown.  Released shards are published to the destination
+# (`spec.output`), several at a time, and fed to the reduce command; the
+# manifest is written last.
+#
+# A remote worker's committed output (Lambda: an S3 object) takes no detour
+# through the coordinator when it need not: an S3 destination copies it
+# server-side (S3 CopyObject) and records the checksum the worker reported.
+# Only what the coordinator itself must read -- stdout, a reduce, a local
+# destination -- is fetched into the spool, and that as soon as the shard
+# commits, several at once, not at its release turn (with a reduce and an S3
+# destination the parts are still copied by S3).  Every byte that does
+# pass through is counted (`CoordinatorMetrics.output_bytes_relayed`).
 #
 # A destination is never mixed with an earlier job's files (DESIGN §9).  A
 # job that may overwrite removes the earlier output's manifest before it
@@ -24,7 +32,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import CommandFailedError, JobCancelledError, JobFailedError, ShardlineError, StorageError
 from ..io import COPY_CHUNK_BYTES
@@ -45,6 +53,8 @@ log = logging.getLogger("shardline.coordinator.release")
 
 #: How often a reader following a growing reduce result looks for more.
 _FOLLOW_INTERVAL_S = 0.05
+#: Remote outputs fetched, and parts written to a destination, at once per job.
+_CONCURRENT_TRANSFERS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,13 @@ class Release:
         self.result_done = succeeded
         #: Destination names this job may have written: what its failure removes.
         self._written = set(written_earlier)
+        #: Remote outputs being brought into the spool, by shard, each started as it commits.
+        self._fetches: dict[int, asyncio.Task[CommittedAttempt]] = {}
+        self._fetching = True  # until run() ends: no fetch starts after it
+        #: Fetched outputs whose S3 object is kept for a server-side copy into the destination.
+        self._staged: dict[int, str] = {}
+        self._fetch_slots = asyncio.Semaphore(_CONCURRENT_TRANSFERS)
+        self._publish_slots = asyncio.Semaphore(_CONCURRENT_TRANSFERS)
 
     # -- releasing -------------------------------------------------------------------
 
@@ -79,25 +96,35 @@ class Release:
         if self.destination is not None and spec.overwrite:
             # Before any part is replaced: the earlier output stops claiming to be complete.
             await self.destination.remove_manifest()
+        for index in range(len(supervisor)):  # what a resumed job committed before
+            self.on_commit(index)
         coverage = Coverage(job.size)
-        for index in range(len(supervisor)):
-            committed = await job.committed_durably(index)
-            shard_range = supervisor.range(index)
-            coverage.admit(
-                index,
-                nominal=(shard_range.start, shard_range.end),
-                emitted=(committed.emitted_start, committed.emitted_end),
-            )
-            if is_s3_url(committed.output_path):
-                committed = await self._fetch(index, committed)
-            self.released = index + 1
-            job.notify()
-            if self.destination is not None and committed.published is None:
-                checksum = await file_checksum(committed.output_path)
-                self._written.add(part_name(index))  # before: a failed write may still have landed
-                where = await self.destination.put_part(index, committed.output_path)
-                await job.update_committed(index, replace(committed, published=where, output_checksum=checksum))
-        coverage.finish()
+        publishing: set[asyncio.Task[None]] = set()
+        try:
+            for index in range(len(supervisor)):
+                committed = await job.committed_durably(index)
+                shard_range = supervisor.range(index)
+                coverage.admit(
+                    index,
+                    nominal=(shard_range.start, shard_range.end),
+                    emitted=(committed.emitted_start, committed.emitted_end),
+                )
+                if index in self._fetches or self._needs_fetch(committed):
+                    committed = await self._fetched(index)
+                self.released = index + 1
+                job.notify()
+                if self.destination is not None and committed.published is None:
+                    self._written.add(part_name(index))  # before: a failed write may still have landed
+                    publishing.add(asyncio.create_task(self._publish_part(index, committed)))
+                _raise_first_failure(publishing)
+            coverage.finish()
+            if publishing:
+                await asyncio.wait(publishing)
+                _raise_first_failure(publishing)
+        finally:
+            # A part's write must end before anything can remove it (Destination).
+            await _cancel_all([*publishing, *self._fetches.values()])
+            self._fetching = False
         result_bytes = await self._reduce() if spec.reduce is not None else None
         if self.destination is not None:
             await self._publish_manifest(result_bytes)
@@ -106,16 +133,73 @@ class Release:
                 await self.destination.remove_others(self._output_names())
         self.result_done = True
 
-    async def _fetch(self, index: int, committed: CommittedAttempt) -> CommittedAttempt:
+    # -- remote outputs and parts -------------------------------------------------------
+
+    def on_commit(self, index: int) -> None:
+        """Shard `index` committed: fetch its output now if it is remote and
+        must come here (stdout, a reduce, a local destination), concurrently
+        with the others, rather than at its release turn."""
+        committed = self.job.supervisor.committed(index)
+        if self._fetching and committed is not None and index not in self._fetches and self._needs_fetch(committed):
+            self._fetches[index] = asyncio.create_task(self._fetch(index), name=f"fetch-{self.job.id}-{index}")
+
+    def _needs_fetch(self, committed: CommittedAttempt) -> bool:
+        """Whether a committed output must be brought into the spool.  Not when
+        S3 can copy it into an S3 destination and nothing else here reads it:
+        then no byte of it passes through the coordinator."""
+        if not is_s3_url(committed.output_path):
+            return False
+        copied = self.destination is not None and self.destination.copies_remote_parts
+        return not copied or self.job.spec.reduce is not None or committed.output_checksum is None
+
+    async def _fetched(self, index: int) -> CommittedAttempt:
+        if index not in self._fetches:
+            self._fetches[index] = asyncio.create_task(self._fetch(index), name=f"fetch-{self.job.id}-{index}")
+        return await self._fetches[index]
+
+    async def _fetch(self, index: int) -> CommittedAttempt:
         """Bring a remote worker's committed output into the spool."""
-        local = self.job.spool_path(index, committed.attempt)
-        bucket, key = self.job.context.s3_buckets.for_url(committed.output_path)
-        await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
+        committed = await self.job.committed_durably(index)
+        async with self._fetch_slots:
+            local = self.job.spool_path(index, committed.attempt)
+            bucket, key = self.job.context.s3_buckets.for_url(committed.output_path)
+            await bucket.download_file(key, local, expected_bytes=committed.output_bytes)
+            self.job.context.metrics.output_bytes_relayed["fetched"] += committed.output_bytes
+            if self.destination is not None and self.destination.copies_remote_parts:
+                self._staged[index] = committed.output_path  # its part is still copied by S3
+            else:
+                await self._delete_staged(committed.output_path)
+            fetched = replace(committed, output_path=local)
+            await self.job.update_committed(index, fetched)
+        return fetched
+
+    async def _publish_part(self, index: int, committed: CommittedAttempt) -> None:
+        """Write shard `index`'s verified output to the destination: one still
+        in S3 is copied by S3 (its checksum from the worker), a local file uploaded."""
+        assert self.destination is not None
+        metrics = self.job.context.metrics
+        async with self._publish_slots:
+            remote = committed.output_path if is_s3_url(committed.output_path) else self._staged.pop(index, None)
+            # A remote output is fetched when its worker reported no checksum, so this reads a local file.
+            checksum = committed.output_checksum or await file_checksum(committed.output_path)
+            if remote is None:
+                where = await self.destination.put_part(index, committed.output_path)
+                metrics.output_bytes_relayed["uploaded"] += committed.output_bytes
+                await self.job.update_committed(index, replace(committed, published=where, output_checksum=checksum))
+                return
+            where = await self.destination.copy_part(index, remote, size=committed.output_bytes)
+            metrics.output_bytes_copied += committed.output_bytes
+            # An output that was not fetched is the part from now on (a resumed job
+            # finds it there), so the attempt's own object can go at once.
+            output_path = where if committed.output_path == remote else committed.output_path
+            published = replace(committed, output_path=output_path, published=where, output_checksum=checksum)
+            await self.job.update_committed(index, published)
+            await self._delete_staged(remote)
+
+    async def _delete_staged(self, location: str) -> None:
+        bucket, key = self.job.context.s3_buckets.for_url(location)
         with contextlib.suppress(ShardlineError):  # the job's staging sweep gets it otherwise
             await bucket.request("delete_object", Key=key)
-        fetched = replace(committed, output_path=local)
-        await self.job.update_committed(index, fetched)
-        return fetched
 
     def _outputs(self) -> list[CommittedAttempt]:
         supervisor = self.job.supervisor
@@ -149,6 +233,7 @@ class Release:
         if self.result_path is not None:
             self._written.add(RESULT_NAME)
             result = await self.destination.put_result(self.result_path)
+            job.context.metrics.output_bytes_relayed["uploaded"] += result_bytes or 0
         shards = []
         for index in range(len(supervisor)):
             committed = supervisor.committed(index)
@@ -369,3 +454,24 @@ def written_by_earlier_runs(spec: JobSpec, shards: Sequence[ShardRecord]) -> set
         else:
             names |= {RESULT_NAME, MANIFEST_NAME} if spec.reduce is not None else {MANIFEST_NAME}
     return names
+
+
+def _raise_first_failure(tasks: set[asyncio.Task[None]]) -> None:
+    """Raise the error of the first finished task that failed; forget the finished ones."""
+    finished = [task for task in tasks if task.done()]
+    tasks.difference_update(finished)
+    errors = [error for task in finished if not task.cancelled() and (error := task.exception()) is not None]
+    if errors:
+        raise errors[0]
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel `tasks` and wait until every one has ended (its errors already seen, or moot)."""
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await wait_uncancellable(asyncio.gather(*pending, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the release has raised it already, or no longer needs it

@@ -7,8 +7,8 @@ import asyncio
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..io import COPY_CHUNK_BYTES
@@ -46,6 +46,10 @@ class JobReport:
     output_bytes: int
     elapsed_s: float
     retries: int
+    #: Output bytes that passed through the coordinator, by way (fetched from
+    #: remote workers, uploaded to the destination): zero for remote workers
+    #: writing to an S3 destination.
+    relayed_output_bytes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def tail_source_counts(self) -> dict[str, int]:
@@ -106,6 +110,7 @@ async def run_job(
             final = coordinator.view(job_id)
             supervisor = coordinator._job(job_id).supervisor
             committed = [supervisor.committed(index) for index in range(len(supervisor))]
+            relayed = dict(coordinator.metrics.output_bytes_relayed)  # this coordinator runs only this job
         finally:
             await coordinator.cancel(job_id)  # no-op once finished; stops workers on error
             coordinator.forget(job_id)
@@ -129,6 +134,7 @@ async def run_job(
         output_bytes=written,
         elapsed_s=time.monotonic() - started,
         retries=final.retries,
+        relayed_output_bytes=relayed,
     )
 
 

@@ -513,6 +513,7 @@ class Supervisor:
             output_bytes=done.output_bytes,
             output_path=output_path,
             tail_sources=tuple(done.tail_sources),
+            output_checksum=done.output_checksum,
         )
         shard.bytes_emitted = done.bytes
         shard.error = None

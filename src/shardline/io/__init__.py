@@ -7,7 +7,8 @@ on behalf of both the worker and the coordinator.
 - `urls`: the one parser of ``s3://`` URLs, and which hosts are loopback.
 - `aio`: small asyncio helpers.
 - `sources`: the object a job reads (S3 or a local file), by byte ranges.
-- `s3bucket`: whole-object uploads, downloads, listings and deletes.
+- `s3bucket`: whole-object uploads, downloads, server-side copies, listings
+  and deletes; `checksum`: CRC32C of buffers and of whole files.
 - `command`: a shard's output stage (a file, or a shell command's stdin) and
   `processes`: making sure every process a command starts ends with it.
 - `markers`: the boundary-marker store (the worker's conditional put and

@@ -11,9 +11,14 @@ takes only read-only bytes, so a part buffer would cost a copy first
 
 from __future__ import annotations
 
+import asyncio
+
 from crc32c import crc32c
 
-__all__ = ["CHECKSUM_ALGORITHM", "Crc32c", "format_checksum"]
+from ..errors import StorageError
+from . import COPY_CHUNK_BYTES
+
+__all__ = ["CHECKSUM_ALGORITHM", "Crc32c", "file_checksum", "format_checksum"]
 
 #: The algorithm's name in reports and manifests: "crc32c:%08x".
 CHECKSUM_ALGORITHM = "crc32c"
@@ -38,3 +43,25 @@ class Crc32c:
     def hexdigest(self) -> str:
         """The checksum as reports carry it ("crc32c:%08x")."""
         return format_checksum(self.value)
+
+
+async def file_checksum(path: str) -> str:
+    """The whole file's CRC32C as reports carry it ("crc32c:%08x").
+
+    One helper for both sides: a remote worker (Lambda) reports its output's
+    checksum in DONE, so the coordinator need not read the bytes to write the
+    manifest; for outputs on its own disk the coordinator computes it here."""
+    return await asyncio.to_thread(_file_checksum, path)
+
+
+def _file_checksum(path: str) -> str:
+    crc = Crc32c()
+    buffer = bytearray(COPY_CHUNK_BYTES)
+    view = memoryview(buffer)
+    try:
+        with open(path, "rb", buffering=0) as file:
+            while count := file.readinto(buffer):
+                crc.update(view[:count])
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return crc.hexdigest()

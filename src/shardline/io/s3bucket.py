@@ -8,7 +8,8 @@ retry loop, `shardline.io.retry`.
 Memory stays bounded whatever the file size: an upload holds one part (at
 most `multipart_part_bytes`, or the whole file up to
 `multipart_threshold_bytes`) per call, read afresh from disk for every try;
-a download streams to disk 1 MiB at a time.
+a download streams to disk 1 MiB at a time; a copy between objects
+(`copy_from`) is done by S3 itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 from ..errors import InputError, ShardlineError, SourceNotFoundError, StorageError
@@ -27,8 +29,10 @@ from .retry import RetryPolicy, retry
 from .urls import parse_s3_url
 
 __all__ = [
+    "DEFAULT_COPY_PART_BYTES",
     "DEFAULT_MULTIPART_PART_BYTES",
     "DEFAULT_MULTIPART_THRESHOLD_BYTES",
+    "S3_MAX_COPY_BYTES",
     "S3Bucket",
     "S3Buckets",
 ]
@@ -41,6 +45,10 @@ DEFAULT_MULTIPART_THRESHOLD_BYTES = 8 * 1024 * 1024
 DEFAULT_MULTIPART_PART_BYTES = 8 * 1024 * 1024
 #: S3 refuses smaller parts (except the last one of an upload).
 S3_MIN_PART_BYTES = 5 * 1024 * 1024
+#: The largest object one CopyObject call may copy; bigger ones go by UploadPartCopy.
+S3_MAX_COPY_BYTES = 5 * 1024**3
+#: Parts of a multipart copy: few requests, each well below S3's 5 GiB part limit.
+DEFAULT_COPY_PART_BYTES = 512 * 1024 * 1024
 #: S3 allows at most this many parts per upload; bigger files get bigger parts.
 _S3_MAX_PARTS = 10_000
 #: DeleteObjects takes at most this many keys per request.
@@ -65,9 +73,14 @@ class S3Bucket:
         multipart_threshold_bytes: int = DEFAULT_MULTIPART_THRESHOLD_BYTES,
         multipart_part_bytes: int = DEFAULT_MULTIPART_PART_BYTES,
         clients: ClientPool | None = None,
+        copy_threshold_bytes: int = S3_MAX_COPY_BYTES,
+        copy_part_bytes: int = DEFAULT_COPY_PART_BYTES,
     ) -> None:
-        if multipart_part_bytes < S3_MIN_PART_BYTES:
-            raise ValueError(f"multipart_part_bytes must be >= {S3_MIN_PART_BYTES}, got {multipart_part_bytes}")
+        for name, value in (("multipart_part_bytes", multipart_part_bytes), ("copy_part_bytes", copy_part_bytes)):
+            if value < S3_MIN_PART_BYTES:
+                raise ValueError(f"{name} must be >= {S3_MIN_PART_BYTES}, got {value}")
+        if not 0 <= copy_threshold_bytes <= S3_MAX_COPY_BYTES:
+            raise ValueError(f"copy_threshold_bytes must be in [0, {S3_MAX_COPY_BYTES}], got {copy_threshold_bytes}")
         if multipart_threshold_bytes < 0:
             raise ValueError(f"multipart_threshold_bytes must be >= 0, got {multipart_threshold_bytes}")
         self.bucket = bucket
@@ -75,6 +88,8 @@ class S3Bucket:
         self._retry_policy = retry_policy
         self._multipart_threshold_bytes = multipart_threshold_bytes
         self._multipart_part_bytes = multipart_part_bytes
+        self._copy_threshold_bytes = copy_threshold_bytes
+        self._copy_part_bytes = copy_part_bytes
         # The shared client of `clients` is its owner's to close, not ours.
         self._owns_client = clients is None
         self._s3 = LazyClient(aws, "s3") if clients is None else clients.lazy(aws, "s3")
@@ -112,6 +127,32 @@ class S3Bucket:
             await self._multipart_upload(key, path, size)
         log.debug("uploaded %s (%d bytes) to %s", path, size, self.location(key))
         return size
+
+    async def copy_from(self, key: str, source: str, *, size: int) -> None:
+        """Make `key` a copy of the object at "s3://bucket/key" `source` (`size`
+        bytes), replacing it whole.  S3 copies it server-side: no byte of it
+        passes through this process."""
+        source_bucket, source_key = parse_s3_url(source)
+        copy_source = {"Bucket": source_bucket, "Key": source_key}
+        if size <= self._copy_threshold_bytes:
+            await self.request("copy_object", Key=key, CopySource=copy_source)
+        else:
+            part_bytes = max(self._copy_part_bytes, -(-size // _S3_MAX_PARTS))
+
+            async def copy_part(upload_id: str, number: int, offset: int) -> dict[str, Any]:
+                last = min(offset + part_bytes, size) - 1
+                response = await self.request(
+                    "upload_part_copy",
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=copy_source,
+                    CopySourceRange=f"bytes={offset}-{last}",
+                )
+                return {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
+
+            await self._multipart(key, size, part_bytes, copy_part, create={})
+        log.debug("copied %s (%d bytes) to %s", source, size, self.location(key))
 
     async def download_file(self, key: str, path: str, *, expected_bytes: int) -> None:
         """Write object `key` to `path`; fails unless it has `expected_bytes`.
@@ -235,24 +276,41 @@ class S3Bucket:
 
     async def _multipart_upload(self, key: str, path: str, size: int) -> None:
         part_bytes = max(self._multipart_part_bytes, -(-size // _S3_MAX_PARTS))
+
+        async def upload_part(upload_id: str, number: int, offset: int) -> dict[str, Any]:
+            response = await self.request(
+                "upload_part",
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                ChecksumAlgorithm="CRC32",
+                body_from=(path, offset, min(part_bytes, size - offset)),
+            )
+            part = {"PartNumber": number, "ETag": response["ETag"]}
+            if "ChecksumCRC32" in response:
+                part["ChecksumCRC32"] = response["ChecksumCRC32"]
+            return part
+
         # CRC32 part checksums, as boto3's own transfer manager sends them.
-        response = await self.request("create_multipart_upload", Key=key, ChecksumAlgorithm="CRC32")
+        await self._multipart(key, size, part_bytes, upload_part, create={"ChecksumAlgorithm": "CRC32"})
+
+    async def _multipart(
+        self,
+        key: str,
+        size: int,
+        part_bytes: int,
+        send_part: Callable[[str, int, int], Awaitable[dict[str, Any]]],
+        *,
+        create: dict[str, Any],
+    ) -> None:
+        """One multipart upload of `key`: `send_part(upload_id, number, offset)`
+        per `part_bytes` of `size`, then complete; aborted on any failure."""
+        response = await self.request("create_multipart_upload", Key=key, **create)
         upload_id = response["UploadId"]
         try:
             parts = []
             for number, offset in enumerate(range(0, size, part_bytes), start=1):
-                response = await self.request(
-                    "upload_part",
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    ChecksumAlgorithm="CRC32",
-                    body_from=(path, offset, min(part_bytes, size - offset)),
-                )
-                part = {"PartNumber": number, "ETag": response["ETag"]}
-                if "ChecksumCRC32" in response:
-                    part["ChecksumCRC32"] = response["ChecksumCRC32"]
-                parts.append(part)
+                parts.append(await send_part(upload_id, number, offset))
             await self.request(
                 "complete_multipart_upload", Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )

@@ -262,6 +262,9 @@ class Done(Frame):
     checksum: str
     output_bytes: int
     tail_sources: list[str] = field(default_factory=list)
+    #: The output's checksum, from a worker whose output is remote (an S3
+    #: object the coordinator does not read); None when the coordinator has it on disk.
+    output_checksum: str | None = None
 
     def __post_init__(self) -> None:
         self._check_counts("emitted_start", "emitted_end", "bytes", "output_bytes")
@@ -270,6 +273,10 @@ class Done(Frame):
         _require(isinstance(self.line_start, bool), "DONE.line_start must be a bool")
         _require(self.line_start or self.bytes == 0, "DONE emits bytes although no line starts in its range")
         _require(isinstance(self.checksum, str) and len(self.checksum) <= 64, "DONE.checksum invalid")
+        _require(
+            self.output_checksum is None or (isinstance(self.output_checksum, str) and len(self.output_checksum) <= 64),
+            "DONE.output_checksum invalid",
+        )
         _require(
             isinstance(self.tail_sources, list)
             and all(isinstance(s, str) and s in _TAIL_SOURCES for s in self.tail_sources),

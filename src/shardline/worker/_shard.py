@@ -10,7 +10,8 @@
 #    exact ranged GET, then our own forward scan.  All three give the same
 #    bytes because every read is pinned to the object's ETag.  A neighbour
 #    with no line start extends the tail to the next neighbour.
-# 4. Report DONE {emitted range, bytes, checksum, which tail paths were used}.
+# 4. Report DONE {emitted range, bytes, checksum, which tail paths were used;
+#    for a remote output (Lambda), the uploaded object's checksum}.
 #
 # Alongside, a heartbeat sends PROGRESS every second, reconnects a lost
 # exchange session (rate-limited), and ends the attempt at once with
@@ -39,7 +40,7 @@ from ..errors import (
     TimeBudgetError,
 )
 from ..io.aws import AwsSettings, ClientPool
-from ..io.checksum import Crc32c
+from ..io.checksum import Crc32c, file_checksum
 from ..io.command import CommandOutput
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
@@ -173,10 +174,15 @@ async def run_task(
                 output=output,
             )
             budget = asyncio.timeout(time_budget_s)
+            output_checksum: str | None = None
             try:
                 async with budget:
                     result = await run.execute()
                     if upload_to is not None:
+                        # The coordinator never reads a remote output it need not
+                        # (an S3 destination copies it server-side): the manifest's
+                        # checksum comes from here.
+                        output_checksum = await file_checksum(output_path)
                         bucket, key = upload_to
                         await bucket.upload_file(key, output_path)
             except TimeoutError:
@@ -202,6 +208,7 @@ async def run_task(
                 checksum=result.checksum,
                 output_bytes=result.output_bytes,
                 tail_sources=list(result.tail_sources),
+                output_checksum=output_checksum,
             ),
             timeout_s=settings.report_timeout_s,
         )
