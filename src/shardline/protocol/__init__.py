@@ -56,7 +56,7 @@ from ._ranges import (
 from ._records import CommittedAttempt, JobRecord, ShardRecord
 from ._secrets import COORDINATOR_KEY_BYTES, attempt_secret, job_secret, new_coordinator_key
 from ._session import CLOSED, ExchangeSession, Role, SessionState
-from ._spec import JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
+from ._spec import SHARDS_PAGE_DEFAULT, SHARDS_PAGE_MAX, JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
 from ._states import (
     JobEvent,
     JobState,
@@ -83,6 +83,8 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "PUT_CONDITION",
+    "SHARDS_PAGE_DEFAULT",
+    "SHARDS_PAGE_MAX",
     "TASK_VERSION",
     "Ack",
     "Boundary",
