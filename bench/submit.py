@@ -13,6 +13,9 @@ the daemon) is
   GET /jobs/ID/shards page;
 * cancelled: DELETE /jobs/ID, wall clock of the request.
 
+With `--store dynamodb` and no AWS_ENDPOINT_URL_DYNAMODB, DynamoDB Local
+(the tests' `tests/dynamodblocal.py`, Java) is started for the run.
+
 Beside each wall clock, the daemon's CPU seconds (user + system, from
 /proc/PID/stat) over the same request: the coordinator's own cost.  The
 daemon starts local worker processes meanwhile (its default backend), so the
@@ -24,6 +27,7 @@ Run:  .venv/bin/python bench/submit.py --shards 20000 --trials 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -45,12 +49,13 @@ def _cpu_s(pid: int) -> float:
 
 
 class _Daemon:
-    def __init__(self, workdir: Path, store: str, max_shards: int) -> None:
+    def __init__(self, workdir: Path, store: str, max_shards: int, env: dict[str, str]) -> None:
         self.log_path = workdir / "serve.log"
-        argv = [sys.executable, "-m", "shardline", "serve", "--port", "0", "--store", store]
+        profile = os.environ.get("SUBMIT_PROFILE")  # a cProfile output file for the daemon
+        argv = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else []), "-m", "shardline"]
+        argv += ["serve", "--port", "0", "--store", store]
         argv += ["--state-dir", str(workdir / "state"), "--spool-dir", str(workdir / "spool")]
         argv += ["--max-shards", str(max_shards), "--max-processes", "2"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDLINE_")}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + 60
@@ -99,28 +104,56 @@ def main() -> None:
         source = workdir / "input.txt"
         line = b"x" * 99 + b"\n"
         source.write_bytes(line * (args.size_kib * 1024 // len(line)))
-        daemon = _Daemon(workdir, args.store, args.shards)
-        rows: dict[str, list[tuple[float, float]]] = {"submit": [], "view": [], "page": [], "cancel": []}
-        try:
-            for _ in range(args.trials):
-                spec = {"source": str(source), "shards": args.shards}
-                wall, cpu, view = daemon.request("POST", "/jobs", spec)
-                rows["submit"].append((wall, cpu))
-                job = view["id"]
-                wall, cpu, view = daemon.request("GET", f"/jobs/{job}")
-                rows["view"].append((wall, cpu))
-                assert view["shards_total"] == args.shards, view["shards_total"]
-                wall, cpu, _ = daemon.request("GET", f"/jobs/{job}/shards?offset={args.shards // 2}&limit=100")
-                rows["page"].append((wall, cpu))
-                wall, cpu, view = daemon.request("DELETE", f"/jobs/{job}")
-                rows["cancel"].append((wall, cpu))
-                assert view["state"] in ("cancelled", "succeeded"), view["state"]
-        finally:
-            daemon.stop()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDLINE_")}
+        with contextlib.ExitStack() as stack:
+            if args.store == "dynamodb" and "AWS_ENDPOINT_URL_DYNAMODB" not in env:
+                env.update(_dynamodb_local(stack))
+            daemon = _Daemon(workdir, args.store, args.shards, env)
+            rows = _trials(daemon, source, args)
     print(f"{args.shards} shards, store {args.store}, {args.trials} trials (median; wall s / daemon CPU s)")
     for what, samples in rows.items():
         walls, cpus = zip(*samples, strict=True)
         print(f"  {what:<7} {statistics.median(walls):7.3f} s wall  {statistics.median(cpus):7.3f} s CPU")
+
+
+def _dynamodb_local(stack: contextlib.ExitStack) -> dict[str, str]:
+    """Start DynamoDB Local (as the tests do); the environment that points a daemon at it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dynamodblocal import DynamoDBLocal, find_emulator
+
+    emulator = find_emulator()
+    if emulator is None:
+        raise SystemExit("--store dynamodb: set AWS_ENDPOINT_URL_DYNAMODB, or install DynamoDB Local (.ci/run)")
+    local = DynamoDBLocal(emulator)
+    endpoint = local.start()
+    stack.callback(local.stop)
+    return {
+        "AWS_ENDPOINT_URL_DYNAMODB": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def _trials(daemon: _Daemon, source: Path, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    rows: dict[str, list[tuple[float, float]]] = {"submit": [], "view": [], "page": [], "cancel": []}
+    try:
+        for _ in range(args.trials):
+            spec = {"source": str(source), "shards": args.shards}
+            wall, cpu, view = daemon.request("POST", "/jobs", spec)
+            rows["submit"].append((wall, cpu))
+            job = view["id"]
+            wall, cpu, view = daemon.request("GET", f"/jobs/{job}")
+            rows["view"].append((wall, cpu))
+            assert view["shards_total"] == args.shards, view["shards_total"]
+            wall, cpu, _ = daemon.request("GET", f"/jobs/{job}/shards?offset={args.shards // 2}&limit=100")
+            rows["page"].append((wall, cpu))
+            wall, cpu, view = daemon.request("DELETE", f"/jobs/{job}")
+            rows["cancel"].append((wall, cpu))
+            assert view["state"] in ("cancelled", "succeeded"), view["state"]
+    finally:
+        daemon.stop()
+    return rows
 
 
 if __name__ == "__main__":

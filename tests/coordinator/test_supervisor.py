@@ -250,12 +250,13 @@ def test_an_attempt_whose_backend_run_ends_without_a_result_is_retried():
     assert sup.attempt_exited(0, 0, "again", 1.0) == []  # already ended
 
 
-def test_finishing_a_failed_job_cancels_unfinished_shards_and_saves_every_record():
+def test_finishing_a_failed_job_cancels_unfinished_shards_without_saving_each_one():
+    """The job's final record implies the cancelled shards (shards_as_stored), so none is saved."""
     sup = make(3)
     connect_all(sup, sup.start(0.0), 0.0)
     commit(sup, 0, 0, 1.0)
     actions = sup.finish(succeeded=False)
-    assert actions == [SaveShard(0), SaveShard(1), SaveShard(2)]
+    assert actions == []
     assert [sup.state(i) for i in range(3)] == [ShardState.DONE, ShardState.CANCELLED, ShardState.CANCELLED]
 
 

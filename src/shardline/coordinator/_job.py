@@ -119,6 +119,7 @@ class Job:
                 speculate_after_fraction=settings.speculate_after_fraction,
                 speculate_slowdown=settings.speculate_slowdown,
                 speculate_min_s=settings.speculate_min_s,
+                max_live_attempts=settings.max_live_attempts,
             ),
             metrics=context.metrics,
         )

@@ -44,6 +44,7 @@ from ..protocol import (
     ShardState,
     ShardView,
     new_coordinator_key,
+    shards_as_stored,
 )
 from ._backends import Backend
 from ._context import CoordinatorSettings, JobContext
@@ -224,12 +225,10 @@ class Coordinator:
             etag=info.etag,
             spool_dir=spool.path,
         )
-        shards = [
-            ShardRecord(job_id=job_id, index=index, state=ShardState.PENDING, next_attempt=1)
-            for index in range(spec.shards)
-        ]
+        # No shard records: a shard without one is fresh (one write, whatever the number of shards).
+        shards = shards_as_stored(record, ())
         try:
-            lease = await self.store.create_job(record, shards, owner=self.owner, lease_s=self.settings.lease_s)
+            lease = await self.store.create_job(record, (), owner=self.owner, lease_s=self.settings.lease_s)
         except BaseException:
             spool.remove()
             raise
@@ -268,7 +267,8 @@ class Coordinator:
         loaded = await self.store.load_job(job_id)
         if loaded is None:
             return False
-        record, shards = loaded
+        record, stored = loaded
+        shards = shards_as_stored(record, stored)
         # A job whose spool another live coordinator holds (one that lost the
         # job and has not noticed yet) gets a new spool: the old one's outputs
         # are not ours to read, so its committed shards run again.

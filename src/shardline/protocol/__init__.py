@@ -53,7 +53,7 @@ from ._ranges import (
     parse_delimiter,
     plan_shards,
 )
-from ._records import CommittedAttempt, JobRecord, ShardRecord
+from ._records import CommittedAttempt, JobRecord, ShardRecord, fresh_shard, shards_as_stored
 from ._secrets import COORDINATOR_KEY_BYTES, attempt_secret, job_secret, new_coordinator_key
 from ._session import CLOSED, ExchangeSession, Role, SessionState
 from ._spec import SHARDS_PAGE_DEFAULT, SHARDS_PAGE_MAX, JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
@@ -127,6 +127,7 @@ __all__ = [
     "check_delimiter",
     "check_tiling",
     "format_delimiter",
+    "fresh_shard",
     "job_secret",
     "marker_expired",
     "marker_fence",
@@ -138,4 +139,5 @@ __all__ = [
     "nominal_starts",
     "parse_delimiter",
     "plan_shards",
+    "shards_as_stored",
 ]
