@@ -321,7 +321,17 @@ def _options(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     _raise_open_files()
     if len(sys.argv) > 1 and sys.argv[1] == "_coordinator":
-        asyncio.run(_coordinator(int(sys.argv[2]), Path(sys.argv[3])))
+        profile = os.environ.get("CAPACITY_PROFILE")  # a cProfile output file for the coordinator
+        with contextlib.suppress(ImportError):  # as `shardline serve` runs, unless --no-uvloop
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        if profile:
+            import cProfile
+
+            cProfile.runctx("asyncio.run(_coordinator(int(sys.argv[2]), Path(sys.argv[3])))", globals(), {}, profile)
+        else:
+            asyncio.run(_coordinator(int(sys.argv[2]), Path(sys.argv[3])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_generate":
         parser = argparse.ArgumentParser()

@@ -105,6 +105,8 @@ class Job:
         self.context = context
         #: Registered with the exchange; each task carries only its attempt's secret.
         self.exchange_secret = job_secret(context.coordinator_key, self.id)
+        #: What every ShardTask carries of the AWS settings, built once rather than per attempt.
+        self.aws_task_settings = context.aws.to_dict()
         settings = context.settings
         self.supervisor = Supervisor(
             job_id=self.id,
@@ -514,6 +516,6 @@ def shard_task(job: Job, shard: int, attempt: int) -> ShardTask:
         max_line_bytes=job.spec.max_line_bytes,
         part_size_bytes=job.spec.part_size_bytes,
         max_in_flight_bytes=job.spec.max_in_flight_bytes,
-        aws=job.context.aws.to_dict(),
+        aws=job.aws_task_settings,
         command_env_drop=settings.command_env_drop,
     )
