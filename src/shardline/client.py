@@ -105,7 +105,7 @@ class CoordinatorClient:
     async def job_with_shards(self, job_id: str) -> dict[str, Any]:
         """The job's view with every shard in ``shards`` (not just the first page)."""
         view = await self.job(job_id)
-        if view["shards_next"] is not None:
+        if view.get("shards_next") is not None:
             view["shards"] += [shard async for shard in self.shards(job_id, offset=view["shards_next"])]
             view["shards_next"] = None
         return view
