@@ -36,7 +36,7 @@ from .errors import (
     ShardlineError,
     StorageError,
 )
-from .protocol import JobSpec
+from .protocol import SHARDS_PAGE_MAX, JobSpec
 
 __all__ = ["CoordinatorClient"]
 
@@ -91,6 +91,24 @@ class CoordinatorClient:
 
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self._json("GET", _job_path(job_id))
+
+    async def shards(self, job_id: str, *, offset: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """The job's shards from index `offset` on, in order, fetched a page
+        (GET /jobs/{id}/shards) at a time."""
+        next_offset: int | None = offset
+        while next_offset is not None:
+            page = await self._json("GET", f"{_job_path(job_id)}/shards?offset={next_offset}&limit={SHARDS_PAGE_MAX}")
+            for shard in page["shards"]:
+                yield shard
+            next_offset = page["next_offset"]
+
+    async def job_with_shards(self, job_id: str) -> dict[str, Any]:
+        """The job's view with every shard in ``shards`` (not just the first page)."""
+        view = await self.job(job_id)
+        if view.get("shards_next") is not None:
+            view["shards"] += [shard async for shard in self.shards(job_id, offset=view["shards_next"])]
+            view["shards_next"] = None
+        return view
 
     async def jobs(self) -> list[dict[str, Any]]:
         """Known jobs, newest first, without per-shard detail."""

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 from shardline.coordinator import Coordinator, CoordinatorMetrics, ExchangeServer, render_prometheus, server_tls_context
+from shardline.coordinator import _exchange as exchange_module
 from shardline.io.aws import client
 from shardline.io.store import MemoryJobStore, ensure_marker_table
 from shardline.protocol import (
@@ -31,6 +32,7 @@ from shardline.protocol import (
     Done,
     Error,
     ExchangeSession,
+    Fragment,
     Frame,
     Head,
     Hello,
@@ -467,3 +469,43 @@ async def test_each_attempt_gets_its_own_secret_which_opens_no_other_session(tmp
                     file.seek(piece.start)
                     output.write(file.read(piece.end - piece.start))
     assert output.getvalue() == data
+
+
+# --- the relay ------------------------------------------------------------------------
+
+
+async def test_a_want_for_a_connected_neighbour_is_answered_by_its_fragment_not_pending(monkeypatch):
+    """While the neighbour has a session, PENDING is held back (PENDING_HOLD_S,
+    here longer than the test) and the FRAGMENT is the answer the moment the
+    HEAD arrives: the worker at its tail gets the push, not a fallback."""
+    monkeypatch.setattr(exchange_module, "PENDING_HOLD_S", 3600.0)
+    async with exchange() as (server, _):
+        wanting, neighbour = await Peer.connect(server.address), await Peer.connect(server.address)
+        wanting_session, neighbour_session = client_session(0), client_session(1)
+        assert isinstance(await authenticate(wanting, wanting_session), Welcome)
+        assert isinstance(await authenticate(neighbour, neighbour_session), Welcome)
+        wanting.send(wanting_session.send(Want(shard=1)))
+        await asyncio.sleep(exchange_module.PENDING_GRACE_S * 2)  # past the grace, well within the hold
+        head = Head(shard=1, start=100, head_end=107, line_start=True, has_data=True, data=b"ragment")
+        neighbour.send(neighbour_session.send(head))
+        answer = await wanting.next_frame(wanting_session)
+        assert isinstance(answer, Fragment) and answer.shard == 1 and answer.data == b"ragment"
+        wanting.close()
+        neighbour.close()
+
+
+async def test_pending_for_a_neighbour_without_a_session_and_the_fragment_still_follows(monkeypatch):
+    monkeypatch.setattr(exchange_module, "PENDING_GRACE_S", 0.0)
+    async with exchange() as (server, _):
+        wanting = await Peer.connect(server.address)
+        wanting_session = client_session(0)
+        assert isinstance(await authenticate(wanting, wanting_session), Welcome)
+        wanting.send(wanting_session.send(Want(shard=1)))
+        assert isinstance(await wanting.next_frame(wanting_session), Pending)
+        neighbour, neighbour_session = await Peer.connect(server.address), client_session(1)
+        assert isinstance(await authenticate(neighbour, neighbour_session), Welcome)
+        neighbour.send(neighbour_session.send(Head(shard=1, start=100, head_end=100, line_start=True, has_data=True)))
+        answer = await wanting.next_frame(wanting_session)
+        assert isinstance(answer, Fragment) and answer.shard == 1 and answer.head_end == 100
+        wanting.close()
+        neighbour.close()

@@ -27,7 +27,7 @@ from shardline.errors import (
     NotAcceptingJobsError,
     RetryableStorageError,
 )
-from shardline.protocol import JobLimits, JobSpec
+from shardline.protocol import SHARDS_PAGE_DEFAULT, JobLimits, JobSpec
 
 from apiservice import in_process_coordinator
 from faultproxy import Delay, FaultProxy, Rule, s3_internal_error, s3_slow_down
@@ -94,6 +94,54 @@ async def test_client_submits_streams_and_lists(http, source):
         assert [job["id"] for job in listed] == [view["id"]]
         assert "shards" not in listed[0]
         assert (await api.job(view["id"]))["state"] == "succeeded"
+
+
+async def test_a_job_view_lists_counts_and_one_page_of_shards(http, source):
+    """GET /jobs/{id} shows every shard's counts but only the first page of
+    shards; GET /jobs/{id}/shards pages through all of them, in order."""
+    shards = 250
+    view = await (await http.post("/jobs", json={"source": source, "shards": shards})).json()
+    assert len(view["shards"]) == SHARDS_PAGE_DEFAULT and view["shards_next"] == SHARDS_PAGE_DEFAULT
+    assert sum(view["shard_states"].values()) == shards
+    output = await http.get(f"/jobs/{view['id']}/output")
+    assert await output.read() == DATA
+
+    done = await (await http.get(f"/jobs/{view['id']}")).json()
+    assert done["state"] == "succeeded" and done["shards_done"] == shards
+    assert done["shard_states"]["done"] == shards and sum(done["shard_states"].values()) == shards
+    assert done["bytes_emitted"] == len(DATA)
+    assert [shard["index"] for shard in done["shards"]] == list(range(SHARDS_PAGE_DEFAULT))
+
+    page = await (await http.get(f"/jobs/{view['id']}/shards?offset=240&limit=7")).json()
+    assert [shard["index"] for shard in page["shards"]] == list(range(240, 247))
+    assert page["next_offset"] == 247 and page["shards_total"] == shards and page["offset"] == 240
+    last = await (await http.get(f"/jobs/{view['id']}/shards?offset=247&limit=7")).json()
+    assert [shard["index"] for shard in last["shards"]] == [247, 248, 249] and last["next_offset"] is None
+    beyond = await (await http.get(f"/jobs/{view['id']}/shards?offset=9999")).json()
+    assert beyond["shards"] == [] and beyond["next_offset"] is None
+
+    async with CoordinatorClient(_url(http)) as api:
+        every = await api.job_with_shards(view["id"])
+    assert [shard["index"] for shard in every["shards"]] == list(range(shards))
+    assert every["shards"][-1]["emitted"][1] == len(DATA)
+    assert sum(shard["bytes"] for shard in every["shards"]) == len(DATA)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("limit=1001", "'limit': at most 1000"),
+        ("limit=-1", "'limit': expected an integer >= 0"),
+        ("offset=x", "'offset': expected an integer >= 0"),
+    ],
+)
+async def test_a_bad_shard_page_is_refused_naming_the_parameter(http, source, query, message):
+    view = await (await http.post("/jobs", json={"source": source, "shards": 2})).json()
+    response = await http.get(f"/jobs/{view['id']}/shards?{query}")
+    assert response.status == 400
+    assert message in (await response.json())["error"]
+    missing = await http.get("/jobs/nosuchjob/shards")
+    assert missing.status == 404
 
 
 @pytest.mark.parametrize(
@@ -276,7 +324,7 @@ async def test_job_failing_mid_stream_aborts_the_response(http, source, tmp_path
 async def test_token_required_on_every_route_but_healthz(coordinator, source):
     http = await _serve(coordinator, token=TOKEN)
     try:
-        paths = ["/metrics", "/openapi.json", "/jobs", "/jobs/x", "/jobs/x/output"]
+        paths = ["/metrics", "/openapi.json", "/jobs", "/jobs/x", "/jobs/x/shards", "/jobs/x/output"]
         for path in paths:
             response = await http.get(path)
             assert response.status == 401, path

@@ -36,9 +36,12 @@ from shardline.protocol import (
     Error,
     ExchangeSession,
     JobSpec,
+    JobState,
     Marker,
+    ShardState,
     ShardTask,
     ShardTimeouts,
+    shards_as_stored,
 )
 from shardline.worker import run_task
 
@@ -281,3 +284,29 @@ async def test_reduce_and_output_directory(source, aws_settings, tmp_path):
     counts = [int(Path(shard["part"]).read_text()) for shard in manifest["shards"]]
     assert sum(counts) == DATA.count(b"\n")
     assert (destination / "result").read_bytes() == result
+
+
+async def test_submit_and_cancel_write_only_the_records_that_changed(source, aws_settings, tmp_path):
+    """Submitting stores the job's record and no shard records (a shard without
+    one is fresh); cancelling stores the job's final record, not one per
+    cancelled shard: read back, the unfinished shards are cancelled."""
+    shards = 6
+    backend = Scripted(InProcessBackend(), gated={(index, 0) for index in range(1, shards)})
+    settings = CoordinatorSettings(spool_dir=str(tmp_path / "spool"), supervise_interval_s=0.05)
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_jobs_table(dynamodb, "cancel-jobs")
+        store = DynamoJobStore(dynamodb, "cancel-jobs", retry_policy=RetryPolicy())
+        async with coordinator(aws_settings, backend, store=store, settings=settings) as service:
+            view = await service.submit(JobSpec(source=source, shards=shards))
+            loaded = await store.load_job(view.id)
+            assert loaded is not None and loaded[1] == []
+            await eventually(lambda: service.view(view.id).shards_done == 1, "shard 0 committed")
+            cancelled = await service.cancel(view.id)
+            assert cancelled.shard_states[ShardState.CANCELLED] == shards - 1
+        loaded = await store.load_job(view.id)
+    assert loaded is not None
+    record, stored = loaded
+    assert record.state is JobState.CANCELLED
+    assert [shard.index for shard in stored] == [0]  # the commit; nothing per cancelled shard
+    states = [shard.state for shard in shards_as_stored(record, stored)]
+    assert states == [ShardState.DONE] + [ShardState.CANCELLED] * (shards - 1)

@@ -250,12 +250,13 @@ def test_an_attempt_whose_backend_run_ends_without_a_result_is_retried():
     assert sup.attempt_exited(0, 0, "again", 1.0) == []  # already ended
 
 
-def test_finishing_a_failed_job_cancels_unfinished_shards_and_saves_every_record():
+def test_finishing_a_failed_job_cancels_unfinished_shards_without_saving_each_one():
+    """The job's final record implies the cancelled shards (shards_as_stored), so none is saved."""
     sup = make(3)
     connect_all(sup, sup.start(0.0), 0.0)
     commit(sup, 0, 0, 1.0)
     actions = sup.finish(succeeded=False)
-    assert actions == [SaveShard(0), SaveShard(1), SaveShard(2)]
+    assert actions == []
     assert [sup.state(i) for i in range(3)] == [ShardState.DONE, ShardState.CANCELLED, ShardState.CANCELLED]
 
 
@@ -268,3 +269,39 @@ def test_twenty_thousand_shards_start_and_tick_without_visiting_every_shard_per_
     # Nothing is due: a tick pops nothing and returns nothing.
     assert sup.tick(1.0) == []
     assert len(sup._deadlines) == 20_000  # one entry per attempt, not one per tick
+
+
+def test_counts_kept_as_shards_change_agree_with_counting_every_shard():
+    """state_counts, retries and bytes_emitted are kept incrementally (so a
+    view costs O(1)); through launches, progress, failures, retries, commits
+    and the end of the job they agree with a recount over every shard."""
+    sup = make(5, max_attempts=5)
+
+    def check() -> None:
+        recount = {state: 0 for state in ShardState}
+        for index in range(len(sup)):
+            recount[sup.state(index)] += 1
+        assert sup.state_counts() == recount
+        assert sup.retries == sum(sup.status(index).retries for index in range(len(sup)))
+        assert sup.bytes_emitted == sum(sup.status(index).bytes for index in range(len(sup)))
+
+    check()
+    actions = sup.start(0.0)
+    check()
+    connect_all(sup, actions, 0.5)
+    check()
+    sup.on_progress(hello(1, 0), Progress(bytes_emitted=30), 1.0)
+    check()
+    sup.on_failed(hello(2, 0), Failed(kind="CommandFailedError", message="boom", retryable=True), 1.0)
+    check()
+    assert sup.state_counts()[ShardState.PENDING] == 1 and sup.retries == 1
+    commit(sup, 0, 0, 2.0)
+    commit(sup, 1, 0, 2.0)
+    check()
+    assert sup.state_counts()[ShardState.DONE] == 2
+    relaunched = sup.tick(60.0)
+    connect_all(sup, relaunched, 60.0)
+    check()
+    sup.finish(succeeded=False)
+    check()
+    assert sup.state_counts()[ShardState.DONE] == 2 and sup.state_counts()[ShardState.CANCELLED] == 3

@@ -8,7 +8,16 @@ import dataclasses
 import pytest
 
 from shardline.errors import StorageError
-from shardline.protocol import JobRecord, JobSpec, JobState, ShardRecord, ShardState, ShardTimeouts
+from shardline.protocol import (
+    JobRecord,
+    JobSpec,
+    JobState,
+    ShardRecord,
+    ShardState,
+    ShardTimeouts,
+    fresh_shard,
+    shards_as_stored,
+)
 
 from records import committed, job_record
 
@@ -95,3 +104,34 @@ def test_malformed_shard_record() -> None:
     text = ShardRecord(job_id="j", index=1, state=ShardState.DONE, next_attempt=2, committed=committed()).to_json()
     with pytest.raises(StorageError, match="malformed shard record"):
         ShardRecord.from_json(text.replace('"tail_sources"', '"tails"'))
+
+
+def test_shards_as_stored_fills_fresh_shards_and_cancels_the_unfinished_ones_of_an_ended_job():
+    job = JobRecord(
+        job_id="j",
+        spec=JobSpec(source="/tmp/x", shards=4),
+        state=JobState.RUNNING,
+        created_at=1.0,
+        updated_at=1.0,
+        finished_at=None,
+        size=10,
+        etag="e",
+        spool_dir="/tmp/spool",
+    )
+    stored = [
+        ShardRecord(job_id="j", index=2, state=ShardState.PENDING, next_attempt=3, retries=2),
+        ShardRecord(job_id="j", index=0, state=ShardState.FAILED, next_attempt=2, error="boom"),
+    ]
+    running = shards_as_stored(job, stored)
+    assert [shard.index for shard in running] == [0, 1, 2, 3]
+    assert running[1] == fresh_shard("j", 1)
+    assert fresh_shard("j", 1) == ShardRecord(job_id="j", index=1, state=ShardState.PENDING, next_attempt=1)
+    assert running[0] == stored[1] and running[2] == stored[0]
+    ended = shards_as_stored(dataclasses.replace(job, state=JobState.CANCELLED), stored)
+    assert [shard.state for shard in ended] == [
+        ShardState.FAILED,
+        ShardState.CANCELLED,
+        ShardState.CANCELLED,
+        ShardState.CANCELLED,
+    ]
+    assert ended[2].next_attempt == 3 and ended[2].retries == 2  # only the state is implied

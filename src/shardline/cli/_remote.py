@@ -55,7 +55,7 @@ def status_command(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with coordinator_client(args) as coordinator:
             if args.id:
-                view = await coordinator.job(args.id)
+                view = await coordinator.job_with_shards(args.id)
                 print(json.dumps(view, indent=2) if args.json else format_job(view))
             else:
                 jobs = await coordinator.jobs()

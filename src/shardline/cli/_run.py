@@ -158,11 +158,11 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
                 if display is not None:
                     await display.close()
             if args.stats:
-                view = await coordinator.job(job_id)
+                view = await coordinator.job_with_shards(job_id)
                 summary = {
                     "job_id": job_id,
                     "size": view["size"],
-                    "shards": len(view["shards"]),
+                    "shards": view["shards_total"],
                     "output": view["output"],
                     "retries": view["retries"],
                     "elapsed_s": round((view["finished_at"] or time.time()) - view["created_at"], 3),

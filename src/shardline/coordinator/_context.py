@@ -18,6 +18,11 @@ from ._spool import MEMORY_SPOOL_DIR
 __all__ = ["CoordinatorSettings", "JobContext"]
 
 
+#: Far above any backend's concurrency (local processes, 64 in-process
+#: tasks, the Lambda concurrency), so it never holds a free slot back.
+DEFAULT_MAX_LIVE_ATTEMPTS = 2048
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorSettings:
     #: Where boundary markers go, as workers reach them ("sqlite:PATH" or "dynamodb:TABLE").
@@ -53,6 +58,11 @@ class CoordinatorSettings:
     speculate_min_s: float = 10.0
     #: How often deadlines are checked.
     supervise_interval_s: float = 0.25
+    #: Attempts of one job launched and not yet ended, at most.  Backends queue
+    #: attempts beyond their own capacity anyway; this bounds what a job holds
+    #: for them (a task and a ShardTask each), so that a job of 20,000 shards
+    #: launches this many at submit, and the next one as each ends.
+    max_live_attempts: int = DEFAULT_MAX_LIVE_ATTEMPTS
     #: Which destinations jobs may write (`JobSpec.output`); the default allows none.
     output_policy: OutputPolicy = OutputPolicy()
     #: Variables kept out of every command's environment (shards' and the

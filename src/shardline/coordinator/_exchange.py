@@ -5,7 +5,15 @@
 # never strands a slow one.
 #
 # The relay keeps one HEAD per (job, shard) and a set of sessions waiting for
-# it.  Everything a job needs to decide (accept a session, commit a result) is
+# it.  A WANT for a head that is not here yet is answered with the FRAGMENT
+# the moment the HEAD arrives; PENDING (fall back to the marker or a scan) is
+# held back for up to PENDING_HOLD_S while the neighbour is connected, since
+# its HEAD is then one read away, and for PENDING_GRACE_S while it is not
+# (it may be connecting right now): a worker that reaches its tail
+# waits for that answer, and a push costs it nothing while a fallback costs
+# S3 reads.  Every per-event cost here is O(1) in the number of shards.
+#
+# Everything a job needs to decide (accept a session, commit a result) is
 # asked of the job's `ExchangeHooks`; this module only moves frames.  A
 # misbehaving connection (garbage, wrong secret, replayed or oversized frames,
 # frames illegal in its state) is closed; it cannot touch any job's state.
@@ -88,6 +96,12 @@ HANDSHAKE_DEADLINE_S = 10.0
 MAX_UNAUTHENTICATED = 1024
 MAX_UNAUTHENTICATED_PER_PEER = 256
 
+#: How long PENDING waits for the HEAD of a connected neighbour (below the
+#: worker's 2 s wait for an answer, `ShardSettings.want_answer_timeout_s`).
+PENDING_HOLD_S = 1.0
+#: ... and for a neighbour with no session yet: barely longer than it takes to connect.
+PENDING_GRACE_S = 0.1
+
 #: Why the exchange closed a connection: the `cause` label of
 #: shardline_exchange_refused_total.
 REFUSAL_CAUSES = (
@@ -136,6 +150,8 @@ class _Connection:
     #: The cause it was refused for, once it has been (each connection counts once).
     refused: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Shards whose HEAD it waits for, each with the timer that will answer PENDING.
+    wants: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)
 
     async def send(self, frame: Frame) -> None:
         async with self.lock:
@@ -172,6 +188,8 @@ class _JobRelay:
     heads: dict[int, Head] = field(default_factory=dict)
     #: Sessions waiting for a shard's HEAD, with the time each WANT arrived.
     waiting: dict[int, dict[_Connection, float]] = field(default_factory=dict)
+    #: Authenticated sessions per shard (attempts of one shard may overlap).
+    sessions: Counter[int] = field(default_factory=Counter)
     #: Every HELLO nonce seen: a captured HELLO replayed verbatim authenticates,
     #: and would otherwise pass for the attempt's liveness.
     hello_nonces: set[str] = field(default_factory=set)
@@ -208,6 +226,7 @@ class ExchangeServer:
         self._jobs: dict[str, _JobRelay] = {}
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._sends: set[asyncio.Task[None]] = set()  # PENDING answers sent by timers
         #: Connections closed by the exchange, by cause (REFUSAL_CAUSES).
         self.refused: Counter[str] = Counter(dict.fromkeys(REFUSAL_CAUSES, 0))
         self._refusals = Refusals(
@@ -255,9 +274,9 @@ class ExchangeServer:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._handlers):
+            for task in [*self._handlers, *self._sends]:
                 task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await asyncio.gather(*self._handlers, *self._sends, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
@@ -313,8 +332,18 @@ class ExchangeServer:
             self._unauthenticated.remove(connection)
             relay, hello = connection.relay, connection.hello
             if relay is not None and hello is not None:
-                for waiters in relay.waiting.values():
-                    waiters.pop(connection, None)
+                relay.sessions[hello.shard] -= 1
+                if relay.sessions[hello.shard] <= 0:
+                    del relay.sessions[hello.shard]
+                for shard, timer in connection.wants.items():  # its own wants only: O(1), not O(shards)
+                    if timer is not None:
+                        timer.cancel()
+                    waiters = relay.waiting.get(shard)
+                    if waiters is not None:
+                        waiters.pop(connection, None)
+                        if not waiters:
+                            del relay.waiting[shard]
+                connection.wants.clear()
                 if self._jobs.get(hello.job_id) is relay:
                     relay.hooks.on_disconnect(hello)
             await connection.stream.aclose()
@@ -353,6 +382,7 @@ class ExchangeServer:
             raise _Refusal("replayed_hello", "replayed HELLO (its nonce was used before)")
         relay.hello_nonces.add(frame.nonce)
         connection.hello, connection.relay = frame, relay
+        relay.sessions[frame.shard] += 1
         self._unauthenticated.remove(connection)
         refusal = relay.hooks.on_connect(frame)
         await connection.send(session.welcome())
@@ -392,19 +422,25 @@ class ExchangeServer:
             refusal = relay.hooks.on_head(hello, frame)
             if refusal is not None:
                 return refusal
-            relay.heads.setdefault(frame.shard, frame)
+            head = relay.heads.setdefault(frame.shard, frame)
             now = time.monotonic()
-            for waiter, since in list(relay.waiting.pop(frame.shard, {}).items()):
+            waiters = relay.waiting.pop(frame.shard, {})
+            for waiter, since in waiters.items():
                 self.handshake_wait_s.observe(now - since)
-                await self._push(waiter, relay.heads[frame.shard])
+                timer = waiter.wants.pop(frame.shard, None)
+                if timer is not None:
+                    timer.cancel()
+            # Every waiter at once: one slow reader must not delay the others, nor this session.
+            await asyncio.gather(*(self._push(waiter, head) for waiter in waiters))
         elif isinstance(frame, Want):
-            head = relay.heads.get(frame.shard)
-            if head is not None:
+            known = relay.heads.get(frame.shard)
+            if known is not None:
                 self.handshake_wait_s.observe(0.0)
-                await self._push(connection, head)
-            else:
+                await self._push(connection, known)
+            elif frame.shard not in connection.wants:
                 relay.waiting.setdefault(frame.shard, {})[connection] = time.monotonic()
-                await connection.send(Pending(shard=frame.shard))
+                connection.wants[frame.shard] = None
+                self._hold_pending(connection, relay, frame.shard, asyncio.get_running_loop().time())
         elif isinstance(frame, Progress):
             relay.hooks.on_progress(hello, frame)
         elif isinstance(frame, Done):
@@ -416,6 +452,30 @@ class ExchangeServer:
         elif isinstance(frame, Error):
             log.warning("exchange: worker shard %d attempt %d reported: %s", hello.shard, hello.attempt, frame.message)
         return None
+
+    def _hold_pending(self, connection: _Connection, relay: _JobRelay, shard: int, since: float) -> None:
+        """Answer `connection`'s WANT for `shard` with PENDING unless the HEAD
+        arrives first: within PENDING_HOLD_S of the WANT while the shard has a
+        session, PENDING_GRACE_S while it has none.  The WANT still stands
+        after PENDING: the FRAGMENT follows whenever the HEAD arrives."""
+        if shard not in connection.wants:
+            return  # pushed meanwhile, or the connection is gone
+        loop = asyncio.get_running_loop()
+        hold_s = PENDING_HOLD_S if relay.sessions[shard] > 0 else PENDING_GRACE_S
+        if since + hold_s > loop.time():
+            due = since + hold_s
+            connection.wants[shard] = loop.call_at(due, self._hold_pending, connection, relay, shard, since)
+            return
+        connection.wants[shard] = None  # still waiting; PENDING sent
+        send = asyncio.ensure_future(self._send_pending(connection, shard))
+        self._sends.add(send)
+        send.add_done_callback(self._sends.discard)
+
+    async def _send_pending(self, connection: _Connection, shard: int) -> None:
+        try:
+            await connection.send(Pending(shard=shard))
+        except (OSError, ProtocolError) as exc:  # the waiter left; nothing to tell it
+            log.debug("exchange: could not answer PENDING for shard %d to %s: %s", shard, connection.peer, exc)
 
     async def _push(self, connection: _Connection, head: Head) -> None:
         try:

@@ -44,7 +44,7 @@ from ..errors import (
     StorageError,
 )
 from ..io import COPY_CHUNK_BYTES
-from ..protocol import JobSpec
+from ..protocol import SHARDS_PAGE_DEFAULT, SHARDS_PAGE_MAX, JobSpec
 from ._httpguard import (
     ConnectionGuard,
     HostNames,
@@ -127,6 +127,7 @@ def make_app(
             web.post("/jobs", _submit),
             web.get("/jobs", _list, allow_head=False),
             web.get("/jobs/{id}", _view, allow_head=False),
+            web.get("/jobs/{id}/shards", _shards, allow_head=False),
             web.delete("/jobs/{id}", _cancel),
             web.get("/jobs/{id}/output", _output, allow_head=False),
             web.get("/healthz", _healthz, allow_head=False),
@@ -288,6 +289,40 @@ async def _list(request: web.Request) -> web.Response:
 
 async def _view(request: web.Request) -> web.Response:
     return web.json_response(_coordinator(request).view(request.match_info["id"]).to_dict())
+
+
+async def _shards(request: web.Request) -> web.Response:
+    """One page of a job's shards: `offset` (default 0) and `limit` (default
+    SHARDS_PAGE_DEFAULT, at most SHARDS_PAGE_MAX) in the query."""
+    job_id = request.match_info["id"]
+    offset = _query_int(request, "offset", default=0, maximum=None)
+    limit = _query_int(request, "limit", default=SHARDS_PAGE_DEFAULT, maximum=SHARDS_PAGE_MAX)
+    coordinator = _coordinator(request)
+    shards = coordinator.shards(job_id, offset=offset, limit=limit)
+    total = coordinator.view(job_id, limit=0).spec.shards
+    end = offset + len(shards)
+    return web.json_response(
+        {
+            "id": job_id,
+            "shards_total": total,
+            "offset": offset,
+            "shards": [shard.to_dict() for shard in shards],
+            "next_offset": end if shards and end < total else None,
+        }
+    )
+
+
+def _query_int(request: web.Request, name: str, *, default: int, maximum: int | None) -> int:
+    """Query parameter `name` as an integer >= 0 (<= `maximum`); a ConfigurationError (400) says why not."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise ConfigurationError(f"query parameter {name!r}: expected an integer >= 0, got {raw[:40]!r}")
+    value = int(raw)
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"query parameter {name!r}: at most {maximum}, got {value}")
+    return value
 
 
 async def _cancel(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -25,6 +26,7 @@ from ..errors import JobCancelledError, LeaseLostError, ShardlineError
 from ..io.store import Lease
 from ..io.urls import is_s3_url
 from ..protocol import (
+    SHARDS_PAGE_DEFAULT,
     CommittedAttempt,
     Done,
     Error,
@@ -62,7 +64,7 @@ from ._supervisor import (
 )
 from ._writer import RecordWriter
 
-__all__ = ["Job", "job_view", "shard_task"]
+__all__ = ["Job", "job_view", "shard_task", "shard_views"]
 
 log = logging.getLogger("shardline.coordinator.job")
 
@@ -103,6 +105,8 @@ class Job:
         self.context = context
         #: Registered with the exchange; each task carries only its attempt's secret.
         self.exchange_secret = job_secret(context.coordinator_key, self.id)
+        #: What every ShardTask carries of the AWS settings, built once rather than per attempt.
+        self.aws_task_settings = context.aws.to_dict()
         settings = context.settings
         self.supervisor = Supervisor(
             job_id=self.id,
@@ -117,6 +121,7 @@ class Job:
                 speculate_after_fraction=settings.speculate_after_fraction,
                 speculate_slowdown=settings.speculate_slowdown,
                 speculate_min_s=settings.speculate_min_s,
+                max_live_attempts=settings.max_live_attempts,
             ),
             metrics=context.metrics,
         )
@@ -138,6 +143,9 @@ class Job:
         self._runners: dict[tuple[int, int], asyncio.Task[None]] = {}
         #: The writer version of each shard's commit: shown, and released, as DONE only once durable.
         self._commits: dict[int, int] = {}
+        #: Versions of commits not yet known durable, oldest first (versions only grow): what a
+        #: view counts as running rather than done, without looking at every shard.
+        self._undurable_commits: collections.deque[int] = collections.deque()
         self._background: set[asyncio.Task[Any]] = set()
         self._main: asyncio.Task[None] | None = None
         self._suspending = False
@@ -272,7 +280,8 @@ class Job:
             elif isinstance(action, SaveShard):
                 self.writer.mark_shard(action.shard)
             elif isinstance(action, CommitShard):
-                self._commits[action.shard] = self.writer.mark_shard(action.shard)
+                version = self._commits[action.shard] = self.writer.mark_shard(action.shard)
+                self._undurable_commits.append(version)
                 if not self.backend.observes_exit:
                     self._stop_runner(action.shard, action.attempt)  # nothing else would end it (and free its slot)
         if changed:
@@ -387,6 +396,13 @@ class Job:
     def commit_durable(self, shard: int) -> bool:
         return self.writer.durable >= self._commits.get(shard, 0)
 
+    def undurable_commits(self) -> int:
+        """How many committed shards' commits are not in the store yet (amortised O(1))."""
+        pending, durable = self._undurable_commits, self.writer.durable
+        while pending and pending[0] <= durable:
+            pending.popleft()
+        return len(pending)
+
     async def committed_durably(self, shard: int) -> CommittedAttempt:
         """`shard`'s committed attempt once its commit is in the store; raises the job's failure instead."""
         supervisor = self.supervisor
@@ -437,16 +453,45 @@ class Job:
         self._on_lost(self, exc)
 
 
-def job_view(job: Job) -> JobView:
-    """What `GET /jobs/{id}` shows of `job`."""
-    shards = []
-    for index in range(len(job.supervisor)):
+def job_view(job: Job, *, limit: int = SHARDS_PAGE_DEFAULT) -> JobView:
+    """What `GET /jobs/{id}` shows of `job`: counts over every shard, and its first `limit` shards.
+
+    Costs O(limit), never O(shards): the counts are kept as shards change.
+    """
+    supervisor = job.supervisor
+    states = supervisor.state_counts()
+    undurable = job.undurable_commits()  # DONE only once a restart would keep it
+    states[ShardState.DONE] -= undurable
+    states[ShardState.RUNNING] += undurable
+    return JobView(
+        id=job.id,
+        state=job.state,
+        spec=job.spec,
+        size=job.size,
+        etag=job.record.etag,
+        shards=shard_views(job, 0, limit),
+        created_at=job.record.created_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        output=job.spec.output,
+        retries=supervisor.retries,
+        shards_done=states[ShardState.DONE],
+        bytes_emitted=supervisor.bytes_emitted,
+        shard_states=states,
+        shards_offset=0,
+    )
+
+
+def shard_views(job: Job, offset: int, limit: int) -> tuple[ShardView, ...]:
+    """Shards [offset, offset + limit) of `job` (fewer at the end), as views show them."""
+    views = []
+    for index in range(max(offset, 0), min(offset + limit, len(job.supervisor))):
         status = job.supervisor.status(index)
         committed = status.committed
         state = status.state
         if state is ShardState.DONE and not job.commit_durable(index):
             state = ShardState.RUNNING  # DONE only once a restart would keep it
-        shards.append(
+        views.append(
             ShardView(
                 index=index,
                 state=state,
@@ -457,19 +502,7 @@ def job_view(job: Job) -> JobView:
                 error=status.error,
             )
         )
-    return JobView(
-        id=job.id,
-        state=job.state,
-        spec=job.spec,
-        size=job.size,
-        etag=job.record.etag,
-        shards=tuple(shards),
-        created_at=job.record.created_at,
-        finished_at=job.finished_at,
-        error=job.error,
-        output=job.spec.output,
-        retries=job.supervisor.retries,
-    )
+    return tuple(views)
 
 
 def shard_task(job: Job, shard: int, attempt: int) -> ShardTask:
@@ -496,6 +529,6 @@ def shard_task(job: Job, shard: int, attempt: int) -> ShardTask:
         max_line_bytes=job.spec.max_line_bytes,
         part_size_bytes=job.spec.part_size_bytes,
         max_in_flight_bytes=job.spec.max_in_flight_bytes,
-        aws=job.context.aws.to_dict(),
+        aws=job.aws_task_settings,
         command_env_drop=settings.command_env_drop,
     )

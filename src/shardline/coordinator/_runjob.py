@@ -93,9 +93,9 @@ async def run_job(
         if on_start is not None:
 
             def progress() -> JobProgress:
-                current = coordinator.view(job_id)
+                current = coordinator.view(job_id, limit=0)
                 return JobProgress(
-                    shards=len(current.shards),
+                    shards=current.spec.shards,
                     shards_done=current.shards_done,
                     bytes_emitted=current.bytes_emitted,
                     size=current.size or 0,

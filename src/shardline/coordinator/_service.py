@@ -35,19 +35,22 @@ from ..io.sources import ObjectInfo, open_source
 from ..io.store import JobStore, Lease, open_marker_store
 from ..protocol import (
     COORDINATOR_KEY_BYTES,
+    SHARDS_PAGE_DEFAULT,
     JobRecord,
     JobSpec,
     JobState,
     JobView,
     ShardRecord,
     ShardState,
+    ShardView,
     new_coordinator_key,
+    shards_as_stored,
 )
 from ._backends import Backend
 from ._context import CoordinatorSettings, JobContext
 from ._destination import Destination
 from ._exchange import ExchangeServer
-from ._job import Job, job_view
+from ._job import Job, job_view, shard_views
 from ._manifest import output_size
 from ._metrics import CoordinatorMetrics, render_prometheus
 from ._outputs import open_destination
@@ -222,12 +225,10 @@ class Coordinator:
             etag=info.etag,
             spool_dir=spool.path,
         )
-        shards = [
-            ShardRecord(job_id=job_id, index=index, state=ShardState.PENDING, next_attempt=1)
-            for index in range(spec.shards)
-        ]
+        # No shard records: a shard without one is fresh (one write, whatever the number of shards).
+        shards = shards_as_stored(record, ())
         try:
-            lease = await self.store.create_job(record, shards, owner=self.owner, lease_s=self.settings.lease_s)
+            lease = await self.store.create_job(record, (), owner=self.owner, lease_s=self.settings.lease_s)
         except BaseException:
             spool.remove()
             raise
@@ -266,7 +267,8 @@ class Coordinator:
         loaded = await self.store.load_job(job_id)
         if loaded is None:
             return False
-        record, shards = loaded
+        record, stored = loaded
+        shards = shards_as_stored(record, stored)
         # A job whose spool another live coordinator holds (one that lost the
         # job and has not noticed yet) gets a new spool: the old one's outputs
         # are not ours to read, so its committed shards run again.
@@ -483,12 +485,18 @@ class Coordinator:
         except KeyError:
             raise JobNotFoundError(f"no job {job_id!r}") from None
 
-    def view(self, job_id: str) -> JobView:
-        return job_view(self._job(job_id))
+    def view(self, job_id: str, *, limit: int = SHARDS_PAGE_DEFAULT) -> JobView:
+        """The job's counts and its first `limit` shards."""
+        return job_view(self._job(job_id), limit=limit)
 
     def views(self) -> list[JobView]:
+        """Every job known here, newest first, without shards (their counts only)."""
         jobs = sorted(self._jobs.values(), key=lambda job: job.record.created_at, reverse=True)
-        return [job_view(job) for job in jobs]
+        return [job_view(job, limit=0) for job in jobs]
+
+    def shards(self, job_id: str, *, offset: int, limit: int) -> tuple[ShardView, ...]:
+        """Shards [offset, offset + limit) of the job, as its view shows them (fewer at the end)."""
+        return shard_views(self._job(job_id), offset, limit)
 
     async def cancel(self, job_id: str) -> JobView:
         job = self._job(job_id)
@@ -514,13 +522,13 @@ class Coordinator:
 
     def metrics_text(self) -> str:
         jobs = Counter(job.state.value for job in self._jobs.values())
-        shards: Counter[str] = Counter()
-        for job in self._jobs.values():
+        shards: Counter[ShardState] = Counter()
+        for job in self._jobs.values():  # O(jobs x states): the counts are kept as shards change
             shards.update(job.supervisor.state_counts())
         return render_prometheus(
             self.metrics,
             jobs_by_state={state.value: jobs.get(state.value, 0) for state in JobState},
-            shards_by_state={state.value: shards.get(state.value, 0) for state in ShardState},
+            shards_by_state={state.value: shards[state] for state in ShardState},
             exchange_refused=self.exchange.refused,
             handshake_wait_s=self.exchange.handshake_wait_s,
         )

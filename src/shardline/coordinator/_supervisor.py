@@ -34,6 +34,7 @@ import heapq
 import itertools
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 from ..errors import ShardFailedError, ShardlineError
@@ -121,7 +122,11 @@ class Supervisor:
             for r in ordered
         ]
         self.failure: ShardlineError | None = None
-        self.done_count = sum(shard.state is ShardState.DONE for shard in self._shards)
+        # Kept as shards change, so that views and metrics never count every shard.
+        self._state_counts = Counter(shard.state for shard in self._shards)
+        self._retries_total = sum(shard.retries for shard in self._shards)
+        self._bytes_emitted = sum(shard.bytes_emitted for shard in self._shards)
+        self.done_count = self._state_counts[ShardState.DONE]
         self._live_count = 0
         self._seq = itertools.count()
         #: (when, seq, shard, attempt): the attempt's next deadline, checked when due.
@@ -164,16 +169,32 @@ class Supervisor:
             retries=s.retries,
         )
 
-    def state_counts(self) -> dict[str, int]:
-        """How many shards are in each state."""
-        counts: dict[str, int] = {}
-        for shard in self._shards:
-            counts[shard.state.value] = counts.get(shard.state.value, 0) + 1
-        return counts
+    def state_counts(self) -> dict[ShardState, int]:
+        """How many shards are in each state (every state named, zeros included); O(1)."""
+        return {state: self._state_counts[state] for state in ShardState}
 
     @property
     def retries(self) -> int:
-        return sum(shard.retries for shard in self._shards)
+        """Retries launched so far, over every shard (speculative attempts included)."""
+        return self._retries_total
+
+    @property
+    def bytes_emitted(self) -> int:
+        """Input bytes emitted so far, over every shard (exact for committed ones)."""
+        return self._bytes_emitted
+
+    def _move(self, shard: ShardProgress, event: ShardEvent) -> None:
+        before = shard.state
+        shard.move(event)
+        self._counted(before, shard.state)
+
+    def _counted(self, before: ShardState, after: ShardState) -> None:
+        self._state_counts[before] -= 1
+        self._state_counts[after] += 1
+
+    def _emitted(self, shard: ShardProgress, bytes_emitted: int) -> None:
+        self._bytes_emitted += bytes_emitted - shard.bytes_emitted
+        shard.bytes_emitted = bytes_emitted
 
     def record(self, shard: int) -> ShardRecord:
         s = self._shards[shard]
@@ -206,6 +227,7 @@ class Supervisor:
         for shard in self._shards:
             if shard.state is ShardState.DONE:
                 continue
+            self._counted(shard.state, ShardState.PENDING)
             shard.state = ShardState.PENDING
             shard.retry_at = None
             self._raise_fence(shard, actions)
@@ -226,13 +248,18 @@ class Supervisor:
         return actions
 
     def finish(self, *, succeeded: bool) -> list[Action]:
-        """The job ended: forget live attempts; unless it succeeded, unfinished shards are cancelled."""
+        """The job ended: forget live attempts; unless it succeeded, unfinished shards are cancelled.
+
+        Nothing to save: the job's final record says it (`protocol.shards_as_stored`
+        reads an unfinished shard of an ended job as cancelled), so cancelling
+        20,000 shards writes one record, not 20,000.
+        """
         for shard in self._shards:
             shard.live.clear()
             if not succeeded and not shard.state.is_final:
-                shard.move(ShardEvent.CANCEL)
+                self._move(shard, ShardEvent.CANCEL)
         self._live_count = 0
-        return [SaveShard(shard.index) for shard in self._shards]
+        return []
 
     # -- the clock -----------------------------------------------------------------
 
@@ -312,7 +339,7 @@ class Supervisor:
         self._live_count += 1
         shard.retry_at = None
         if shard.state is ShardState.PENDING:
-            shard.move(ShardEvent.LAUNCH)
+            self._move(shard, ShardEvent.LAUNCH)
         actions.append(
             Launch(shard.index, number, speculative=speculative, reserve=shard.saved_next_attempt < shard.next_attempt)
         )
@@ -370,18 +397,19 @@ class Supervisor:
         if shard.live:
             return  # a speculative twin is still running
         if not retryable or shard.failures >= self.settings.max_attempts:
-            shard.move(ShardEvent.FAIL)
+            self._move(shard, ShardEvent.FAIL)
             tries = f"{shard.failures} attempt{'s' if shard.failures > 1 else ''}"
             actions.append(SaveShard(shard.index))
             actions += self.fail(ShardFailedError(shard.index, f"{cause} ({tries})" if retryable else cause))
             return
-        shard.move(ShardEvent.RETRY)
+        self._move(shard, ShardEvent.RETRY)
         settings = self.settings
         # Half the base delay at least, plus the one retry helper's jittered backoff.
         backoff_s = settings.retry_backoff_s / 2 + self._retry_policy.delay_s(shard.failures, self._rng)
         shard.retry_at = now + backoff_s
         heapq.heappush(self._retries, (shard.retry_at, next(self._seq), shard.index))
         shard.retries += 1
+        self._retries_total += 1
         self.metrics.retries[reason] += 1
         actions.append(SaveShard(shard.index))
 
@@ -407,6 +435,7 @@ class Supervisor:
             self.metrics.retries["speculative"] += 1
             shard.speculated = True
             shard.retries += 1
+            self._retries_total += 1
             self._launch(shard, speculative=True, actions=actions)
 
     # -- the exchange's events -------------------------------------------------------
@@ -440,7 +469,7 @@ class Supervisor:
             due, _, _ = self._next_deadline(attempt)
             self._push_deadline(due, attempt, shard.index)
         if shard.state is ShardState.STARTING:
-            shard.move(ShardEvent.CONNECT)
+            self._move(shard, ShardEvent.CONNECT)
         return None
 
     def on_head(self, hello: Hello, head: Head, now: float) -> Error | None:
@@ -467,7 +496,7 @@ class Supervisor:
             shard, attempt = found
             attempt.last_heard = now
             if shard.committed is None:
-                shard.bytes_emitted = max(shard.bytes_emitted, progress.bytes_emitted)
+                self._emitted(shard, max(shard.bytes_emitted, progress.bytes_emitted))
 
     def may_commit(self, hello: Hello, done: Done) -> str | None:
         """Why `done` cannot be committed as it stands (None: it can, once its output is verified).
@@ -515,9 +544,9 @@ class Supervisor:
             tail_sources=tuple(done.tail_sources),
             output_checksum=done.output_checksum,
         )
-        shard.bytes_emitted = done.bytes
+        self._emitted(shard, done.bytes)
         shard.error = None
-        shard.move(ShardEvent.COMMIT)
+        self._move(shard, ShardEvent.COMMIT)
         self.done_count += 1
         for number in list(shard.live):  # the winner leaves live; a slower twin is stopped
             del shard.live[number]

@@ -53,10 +53,10 @@ from ._ranges import (
     parse_delimiter,
     plan_shards,
 )
-from ._records import CommittedAttempt, JobRecord, ShardRecord
+from ._records import CommittedAttempt, JobRecord, ShardRecord, fresh_shard, shards_as_stored
 from ._secrets import COORDINATOR_KEY_BYTES, attempt_secret, job_secret, new_coordinator_key
 from ._session import CLOSED, ExchangeSession, Role, SessionState
-from ._spec import JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
+from ._spec import SHARDS_PAGE_DEFAULT, SHARDS_PAGE_MAX, JobLimits, JobSpec, JobView, ShardTimeouts, ShardView
 from ._states import (
     JobEvent,
     JobState,
@@ -83,6 +83,8 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "PUT_CONDITION",
+    "SHARDS_PAGE_DEFAULT",
+    "SHARDS_PAGE_MAX",
     "TASK_VERSION",
     "Ack",
     "Boundary",
@@ -125,6 +127,7 @@ __all__ = [
     "check_delimiter",
     "check_tiling",
     "format_delimiter",
+    "fresh_shard",
     "job_secret",
     "marker_expired",
     "marker_fence",
@@ -136,4 +139,5 @@ __all__ = [
     "nominal_starts",
     "parse_delimiter",
     "plan_shards",
+    "shards_as_stored",
 ]

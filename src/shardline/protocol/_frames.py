@@ -224,10 +224,12 @@ class Want(Frame):
 class Pending(Frame):
     """Coordinator -> worker: answer to WANT when the head is not known yet.
 
-    Every WANT is answered at once with FRAGMENT or PENDING, so a worker that
-    reaches its tail knows whether a push is on its way or it should fall
-    back to the marker or its own scan.  After PENDING, the FRAGMENT follows
-    as soon as the neighbour publishes its head.
+    Every WANT is answered with FRAGMENT the moment the head is known, or
+    with PENDING once the exchange stops holding the answer back (about a
+    second while the neighbour is connected, less while it is not), so a
+    worker that reaches its tail knows whether a push is on its way or it
+    should fall back to the marker or its own scan.  After PENDING, the
+    FRAGMENT follows as soon as the neighbour publishes its head.
     """
 
     TYPE: ClassVar[FrameType] = FrameType.PENDING

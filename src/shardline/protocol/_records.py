@@ -1,21 +1,25 @@
 # What a coordinator keeps of a job so that it, or another coordinator
 # sharing its store, can resume the job: the job's record, one record per
-# shard, and the attempt a shard committed.  Every store (SQLite, DynamoDB,
+# shard that has changed since the job was submitted, and the attempt a shard
+# committed.  A shard with no record is as submitted (`fresh_shard`), and a
+# shard left unfinished by a job that ended is cancelled (`shards_as_stored`):
+# so submitting and cancelling a job of 20,000 shards writes one record, not
+# 20,000.  Every store (SQLite, DynamoDB,
 # memory) keeps them as the JSON these classes read and write, so a new field
 # needs no schema change.  No I/O here.
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import ConfigurationError, StorageError
 from ._spec import JobSpec
 from ._states import JobState, ShardState
 
-__all__ = ["CommittedAttempt", "JobRecord", "ShardRecord"]
+__all__ = ["CommittedAttempt", "JobRecord", "ShardRecord", "fresh_shard", "shards_as_stored"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,3 +162,20 @@ def _parse(what: str, text: str, parse: Callable[[], Any]) -> Any:
         return parse()
     except (KeyError, TypeError, ValueError, ConfigurationError) as exc:
         raise StorageError(f"malformed {what} in the job store ({exc!r}): {text[:200]!r}") from None
+
+
+def fresh_shard(job_id: str, index: int) -> ShardRecord:
+    """Shard `index` as submitted: pending, attempt 0 reserved by the job's creation."""
+    return ShardRecord(job_id=job_id, index=index, state=ShardState.PENDING, next_attempt=1)
+
+
+def shards_as_stored(job: JobRecord, stored: Sequence[ShardRecord]) -> list[ShardRecord]:
+    """Every shard of `job`, in index order, from the records a store holds
+    (`stored`, any order, only those that changed since submit): a shard
+    with no record is fresh, and one left unfinished by a job that ended is
+    cancelled."""
+    by_index = {record.index: record for record in stored}
+    shards = [by_index.get(index) or fresh_shard(job.job_id, index) for index in range(job.spec.shards)]
+    if job.state.is_final:
+        shards = [shard if shard.state.is_final else replace(shard, state=ShardState.CANCELLED) for shard in shards]
+    return shards

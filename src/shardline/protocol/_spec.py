@@ -17,7 +17,12 @@ from ._ranges import check_delimiter, format_delimiter, parse_delimiter
 from ._states import JobState, ShardState
 from ._task import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES
 
-__all__ = ["JobLimits", "JobSpec", "JobView", "ShardTimeouts", "ShardView"]
+__all__ = ["SHARDS_PAGE_DEFAULT", "SHARDS_PAGE_MAX", "JobLimits", "JobSpec", "JobView", "ShardTimeouts", "ShardView"]
+
+#: Shards a job view (and a page of `GET /jobs/{id}/shards` without `limit`) lists.
+SHARDS_PAGE_DEFAULT = 100
+#: The largest `limit` a shard page may ask for: a page costs the same whatever the job's size.
+SHARDS_PAGE_MAX = 1000
 
 
 def _is_int(value: Any) -> bool:
@@ -244,13 +249,16 @@ class ShardView:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobView:
-    """A snapshot of one job, as `GET /jobs/{id}` shows it."""
+    """A snapshot of one job, as `GET /jobs/{id}` shows it: counts over every
+    shard, and one page of the shards themselves (a view never lists them all,
+    so that it costs the same at 20,000 shards as at 4)."""
 
     id: str
     state: JobState
     spec: JobSpec
     size: int | None
     etag: str | None
+    #: Shards [shards_offset, shards_offset + len(shards)), in index order.
     shards: tuple[ShardView, ...]
     created_at: float  # unix time
     finished_at: float | None
@@ -259,14 +267,18 @@ class JobView:
     output: str | None = None
     #: Retries launched so far (speculative attempts included).
     retries: int = 0
+    #: Over every shard, not just the page.
+    shards_done: int = 0
+    bytes_emitted: int = 0
+    #: How many shards are in each state, every state named.
+    shard_states: Mapping[ShardState, int] = field(default_factory=dict)
+    shards_offset: int = 0
 
     @property
-    def shards_done(self) -> int:
-        return sum(shard.state is ShardState.DONE for shard in self.shards)
-
-    @property
-    def bytes_emitted(self) -> int:
-        return sum(shard.bytes for shard in self.shards)
+    def shards_next(self) -> int | None:
+        """The offset of the page after this one, or None if this page ends the shards."""
+        end = self.shards_offset + len(self.shards)
+        return end if end < self.spec.shards else None
 
     def to_dict(self, *, with_shards: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -279,6 +291,7 @@ class JobView:
             "reduce": self.spec.reduce,
             "shards_total": self.spec.shards,
             "shards_done": self.shards_done,
+            "shard_states": {state.value: self.shard_states.get(state, 0) for state in ShardState},
             "bytes_emitted": self.bytes_emitted,
             "retries": self.retries,
             "created_at": self.created_at,
@@ -288,4 +301,6 @@ class JobView:
         }
         if with_shards:
             data["shards"] = [shard.to_dict() for shard in self.shards]
+            data["shards_offset"] = self.shards_offset
+            data["shards_next"] = self.shards_next
         return data

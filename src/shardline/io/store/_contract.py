@@ -104,7 +104,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     async def create_job(self, job: JobRecord, shards: Sequence[ShardRecord], *, owner: str, lease_s: float) -> Lease:
-        """Store a new job with all its shards, owned by `owner` from now on."""
+        """Store a new job with `shards` (the coordinator gives none: a shard without
+        a record is fresh, `protocol.shards_as_stored`), owned by `owner` from now on."""
 
     @abc.abstractmethod
     async def save(self, lease: Lease, *, job: JobRecord | None = None, shards: Sequence[ShardRecord] = ()) -> None:
