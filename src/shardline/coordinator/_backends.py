@@ -240,8 +240,8 @@ class _WorkerProcess:
         self._protocol = protocol
         self._stopping: asyncio.Future[None] | None = None
         self._next_id = 0
-        #: False once the process must not be given tasks any more.
-        self._reusable = True
+        #: Why the process must not be given tasks any more, once it must not.
+        self._unusable_because: str | None = None
         self.pid = transport.get_pid()
 
     @classmethod
@@ -266,7 +266,12 @@ class _WorkerProcess:
 
     @property
     def usable(self) -> bool:
-        return self._reusable and self.alive and not self._protocol.garbled.done() and self._stopping is None
+        return (
+            self._unusable_because is None
+            and self.alive
+            and not self._protocol.garbled.done()
+            and self._stopping is None
+        )
 
     @property
     def load(self) -> int:
@@ -302,6 +307,8 @@ class _WorkerProcess:
         if self._protocol.garbled.done():
             garbled = self._protocol.garbled.result()[:200]
             return WorkerExit(ok=False, detail=f"worker process {self.pid} answered {garbled!r}")
+        if self._unusable_because is not None:
+            return WorkerExit(ok=False, detail=f"worker process {self.pid} was stopped: {self._unusable_because}")
         # Its last words (a traceback) may still be on the way.
         await completes_within(self._protocol.stderr_closed, _STDERR_WAIT_S)
         return WorkerExit(ok=False, detail=self._exit_detail())
@@ -312,8 +319,8 @@ class _WorkerProcess:
         with contextlib.suppress(OSError, RuntimeError):
             self._stdin().write(b"cancel " + key.encode() + b"\n")
         if not await completes_within(answer, grace_s):
-            log.info("worker process %d did not cancel a task within %.1fs; stopping it", self.pid, grace_s)
-            self._reusable = False
+            self._unusable_because = f"it did not cancel another attempt within {grace_s:.1f}s"
+            log.info("worker process %d %s; stopping it", self.pid, self._unusable_because)
 
     def _exit_detail(self) -> str:
         returncode = self._transport.get_returncode()
