@@ -429,7 +429,7 @@ class _ShardRun:
             count = min(len(buffer), end - position)
             chunk = buffer[:count]
             await self.source.read_into(position, chunk, etag=self.task.etag)
-            self.crc = zlib.crc32(chunk, self.crc)
+            self._checksum(chunk)
             await self.output.write_file_range(descriptor, position, count)
             # What went into the pipe is what was checksummed: the same version.
             self.source.check_version(self.task.etag)
@@ -445,9 +445,13 @@ class _ShardRun:
             return
         if self.guard is not None:
             self.guard.feed(data)
-        self.crc = zlib.crc32(data, self.crc)
+        self._checksum(data)
         self.emitted += len(data)
         await self.output.write(data)
+
+    def _checksum(self, data: bytes | memoryview) -> None:
+        """Add emitted bytes to the shard's checksum (the one place it is computed)."""
+        self.crc = zlib.crc32(data, self.crc)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
         """Marker to DynamoDB and head fragment to the exchange, concurrently."""
