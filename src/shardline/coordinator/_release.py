@@ -49,7 +49,11 @@ _FOLLOW_INTERVAL_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class OutputPiece:
-    """Bytes [start, end) of the file at `path`, the next part of a job's output."""
+    """Bytes [start, end) of the file at `path`, the next part of a job's output.
+
+    Read it before asking the iterator for the next piece: a piece of the
+    streaming head shard names a descriptor (``/dev/fd/N``) that the
+    iterator closes when it moves past that shard."""
 
     path: str
     start: int
