@@ -11,12 +11,13 @@
 #   each runs many tasks at once: ``run ID TASK_JSON`` on a stdin line starts
 #   one, ``cancel ID`` cancels it (its command and what that started end
 #   before the answer), and every task is answered by one stdout line
-#   ``{"id": ID, "ok": bool, "detail": str}`` when it ends.  Importing aioboto3
-#   costs about half a CPU-second (paid by the first task that needs AWS),
-#   so a process is reused rather than started per shard.  The parent's end of stdin is the lifeline: EOF (the
-#   coordinator exited, even by SIGKILL) cancels the running task and exits;
-#   SIGTERM does the same.  Cancelling a task aborts its command, which kills
-#   the command's whole process group, so nothing outlives the worker.
+#   ``{"id": ID, "ok": bool, "detail": str}`` when it ends.  Importing
+#   aioboto3 costs about half a CPU-second (paid by the first task that
+#   needs AWS), so a process is reused rather than started per shard.  The
+#   parent's end of stdin is the lifeline: EOF (the coordinator exited, even
+#   by SIGKILL) cancels every running task and exits; SIGTERM does the same.
+#   Cancelling a task aborts its command, which kills the command's whole
+#   process group, so nothing outlives the worker.
 
 from __future__ import annotations
 
