@@ -184,7 +184,7 @@ class ServeSettings:
 
 def _backends(settings: ServeSettings, aws: AwsSettings) -> dict[str, Backend]:
     """The daemon's backends, the default first."""
-    backends: dict[str, Backend] = {"local": LocalProcessBackend(max_processes=settings.max_processes)}
+    backends: dict[str, Backend] = {"local": LocalProcessBackend(max_concurrent=settings.max_processes)}
     if settings.lambda_function is not None:
         assert settings.staging is not None
         backends["lambda"] = LambdaBackend(

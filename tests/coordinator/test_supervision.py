@@ -114,8 +114,11 @@ async def test_worker_process_killed_mid_stream_is_retried(source, aws_settings)
         assert await collect(service, view.id) == DATA
         view = service.view(view.id)
     assert view.state.value == "succeeded"
-    assert [shard.attempt for shard in view.shards] == [0, 1, 0, 0]
-    assert view.retries == 1
+    attempts = [shard.attempt for shard in view.shards]
+    # A pool process runs several shards: any other shard it was running when
+    # it died is retried as well, and only those.
+    assert attempts[1] == 1 and set(attempts) <= {0, 1}
+    assert view.retries == attempts.count(1)
 
 
 async def test_worker_that_never_connects_hits_the_start_deadline(source, aws_settings):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import os
 import random
 import subprocess
@@ -167,6 +168,39 @@ async def test_head_stops_reading_without_error(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == b"0 the quick Brown fox\tjumps over\n"
     assert output.bytes_in == len(data)
     assert output.bytes_dropped > 0
+
+
+@pytest.mark.parametrize("command", ["cat", "wc -l", "head -c 100000"])
+async def test_file_ranges_reach_the_command_as_the_files_bytes(tmp_path: Path, command: str) -> None:
+    # Ranges of a file fed by descriptor (spliced on Linux), mixed with plain writes.
+    source = tmp_path / "source"
+    source.write_bytes(LINES * 3)  # ~10 MiB: many pipefuls
+    size = source.stat().st_size
+    cuts = [0, 1, 5 * MIB + 3, size - 7, size]
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        async with CommandOutput(command, tmp_path / "out") as output:
+            await output.write(b"first\n")
+            for start, end in itertools.pairwise(cuts):
+                await output.write_file_range(fd, start, end - start)
+            await output.finish()
+    finally:
+        os.close(fd)
+    expected = subprocess.run(["sh", "-c", command], input=b"first\n" + source.read_bytes(), capture_output=True)
+    assert (tmp_path / "out").read_bytes() == expected.stdout
+    assert output.bytes_in == len(b"first\n") + size
+
+
+async def test_a_file_range_past_the_files_end_is_a_storage_error(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.write_bytes(SMALL)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        async with CommandOutput("cat", tmp_path / "out") as output:
+            with pytest.raises(StorageError, match="file ended early"):
+                await output.write_file_range(fd, 0, len(SMALL) + 10)
+    finally:
+        os.close(fd)
 
 
 # --- failures -----------------------------------------------------------------

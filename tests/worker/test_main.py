@@ -1,6 +1,6 @@
-"""``python -m shardline.worker``: the pool a local backend keeps (one task
-JSON line in, one answer line out, until stdin closes) and a single task on
-stdin, as real processes."""
+"""``python -m shardline.worker``: the pool a local backend keeps (``run ID
+TASK`` and ``cancel ID`` lines in, one answer line per task out, many tasks
+at once, until stdin closes) and a single task on stdin, as real processes."""
 
 from __future__ import annotations
 
@@ -34,18 +34,46 @@ async def test_pool_worker_answers_each_task_line_and_exits_at_stdin_eof(tmp_pat
     try:
         good = make_task(command="cat")
         bad = make_task(command="echo oops >&2; exit 3")
-        process.stdin.write(f"\n{good.to_json()}\n{bad.to_json()}\nnot json\n".encode())
-        answers = [json.loads(await asyncio.wait_for(process.stdout.readline(), PATIENCE_S)) for _ in range(3)]
-        assert answers[0]["ok"] is True
-        assert answers[1] == {"ok": False, "detail": "worker failed: command exited with status 3: oops"}
-        assert answers[2]["ok"] is False and "invalid shard task" in answers[2]["detail"]
+        process.stdin.write(f"\nrun 1 {good.to_json()}\nrun 2 {bad.to_json()}\nrun 3 not json\nbogus\n".encode())
+        answers = [json.loads(await asyncio.wait_for(process.stdout.readline(), PATIENCE_S)) for _ in range(4)]
+        by_id = {answer["id"]: answer for answer in answers}
+        assert by_id["1"]["ok"] is True
+        assert by_id["2"] == {"id": "2", "ok": False, "detail": "worker failed: command exited with status 3: oops"}
+        assert by_id["3"]["ok"] is False and "invalid shard task" in by_id["3"]["detail"]
+        assert by_id[""]["ok"] is False and "invalid line" in by_id[""]["detail"]
         assert Path(good.output_path).read_bytes() == DATA
         # EOF while a task runs: the task is cancelled, its command killed.
-        process.stdin.write(make_task(command=SLEEPER.format(dir=tmp_path)).to_json().encode() + b"\n")
+        process.stdin.write(b"run 4 " + make_task(command=SLEEPER.format(dir=tmp_path)).to_json().encode() + b"\n")
         sleeper = await pid_from(tmp_path / "sleep.pid")
         process.stdin.close()
         assert await asyncio.wait_for(process.wait(), PATIENCE_S) == 0
         await eventually(lambda: not alive(sleeper), "the command of a worker whose stdin closed is killed")
+    finally:
+        kill_group_quietly(process.pid if process.returncode is None else None)
+        await process.wait()
+
+
+async def test_pool_worker_runs_tasks_at_once_and_cancels_one_by_its_id(tmp_path, make_task):
+    process = await spawn_pool_worker()
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        sleeping = make_task(command=SLEEPER.format(dir=tmp_path))
+        process.stdin.write(b"run 1 " + sleeping.to_json().encode() + b"\n")
+        sleeper = await pid_from(tmp_path / "sleep.pid")
+        # A second task runs to its end while the first one still sleeps.
+        quick = make_task(command="cat")
+        process.stdin.write(b"run 2 " + quick.to_json().encode() + b"\n")
+        answer = json.loads(await asyncio.wait_for(process.stdout.readline(), PATIENCE_S))
+        assert answer["id"] == "2" and answer["ok"] is True, answer
+        assert alive(sleeper)
+        process.stdin.write(b"cancel 1\n")
+        answer = json.loads(await asyncio.wait_for(process.stdout.readline(), PATIENCE_S))
+        assert answer == {"id": "1", "ok": False, "detail": "worker cancelled the task"}
+        # The answer comes only once the cancelled task's command is gone.
+        assert not alive(sleeper)
+        assert process.returncode is None  # and the process serves on
+        process.stdin.close()
+        assert await asyncio.wait_for(process.wait(), PATIENCE_S) == 0
     finally:
         kill_group_quietly(process.pid if process.returncode is None else None)
         await process.wait()

@@ -154,7 +154,7 @@ def _add_run(sub: Subcommands) -> None:
         "--max-processes",
         type=positive_int,
         default=None,
-        help="shards running at once (default: 2 x CPUs processes, or 64 in-process tasks)",
+        help="shards running at once (default: 4 x CPUs, in one worker process per CPU; or 64 in-process tasks)",
     )
     local.add_argument(
         "--spool-dir",

@@ -96,7 +96,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
         if args.workers == "inprocess":
             backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
         else:
-            backend = LocalProcessBackend(max_processes=args.max_processes)
+            backend = LocalProcessBackend(max_concurrent=args.max_processes)
             await backend.prestart(spec.shards)
         try:
             report = await run_embedded(

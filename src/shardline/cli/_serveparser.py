@@ -99,7 +99,7 @@ def add_serve_parser(sub: Subcommands) -> None:
         "--max-processes",
         type=positive_int,
         default=None,
-        help="worker processes running at once, over all jobs (default: 2 x CPUs)",
+        help="shard attempts running at once over all jobs, in one worker process per CPU (default: 4 x CPUs)",
     )
     _add_outputs(serve)
     _add_lambda(serve)

@@ -4,10 +4,14 @@
 # only needs to start, watch and stop.
 #
 # The local backend keeps a pool of long-lived ``python -m shardline.worker
-# --pool`` processes (see worker/_main.py for the other end of the pipes):
-# one task JSON line in on stdin, one answer line out on stdout, stderr kept
-# as a tail for error messages.  A process is reused only after it answered;
-# one whose attempt was cancelled, or that died, is stopped and forgotten.
+# --pool`` processes, about one per core, each running several tasks at once
+# (see worker/_main.py for the other end of the pipes): ``run ID TASK`` and
+# ``cancel ID`` lines in on stdin, one ``{"id", "ok", "detail"}`` answer line
+# per task out on stdout, stderr kept as a tail for error messages.  A
+# cancelled attempt is cancelled inside its process, which answers once the
+# attempt's command and everything it started have ended; a process that
+# does not answer in time, that died, or that garbled an answer is stopped
+# and forgotten (and its other tasks fail with it, to be retried).
 # Stopping is SIGTERM (the worker cancels its task, which ends its command and
 # every process the command started), a grace period, then SIGKILL for the
 # worker's process group and for its children and their process groups: its
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ..io.aio import completes_within
-from ..protocol import ShardTask
+from ..protocol import DEFAULT_TASKS_PER_PROCESS, ShardTask
 
 __all__ = ["Backend", "LocalProcessBackend", "WorkerExit"]
 
@@ -84,13 +88,16 @@ class Backend(abc.ABC):
 
 
 class LocalProcessBackend(Backend):
-    """A pool of up to `max_processes` local worker processes, each running tasks one after another.
+    """A pool of up to `max_processes` local worker processes (default: one per
+    core), together running up to `max_concurrent` tasks at once (default:
+    `DEFAULT_TASKS_PER_PROCESS` per process).
 
     No worker ever waits on another (a shard whose neighbour has not started
-    yet finds its tail by itself), so attempts beyond `max_processes` simply
-    wait for a process to be free.  `prestart()` starts processes ahead of
-    time: they import their libraries while the coordinator is still statting
-    the object and planning.
+    yet finds its tail by itself), so attempts beyond `max_concurrent` simply
+    wait for a slot.  `prestart()` starts processes ahead of time: they import
+    their libraries while the coordinator is still statting the object and
+    planning.  A task is given to the least busy process, and a new process
+    is started only while every existing one is busy.
     """
 
     name = "local"
@@ -99,17 +106,21 @@ class LocalProcessBackend(Backend):
         self,
         *,
         max_processes: int | None = None,
+        max_concurrent: int | None = None,
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
     ) -> None:
-        self.max_processes = max_processes or max(2, 2 * (os.cpu_count() or 1))
-        self._slots = asyncio.Semaphore(self.max_processes)
+        cores = os.cpu_count() or 1
+        self.max_processes = max_processes or (min(cores, max_concurrent) if max_concurrent else cores)
+        self.max_concurrent = max_concurrent or self.max_processes * DEFAULT_TASKS_PER_PROCESS
+        self._slots = asyncio.Semaphore(self.max_concurrent)
+        self._spawning = asyncio.Lock()
         self._python = python
         self._env = dict(os.environ if env is None else env)
         self._stop_grace_s = stop_grace_s
-        self._idle: list[_WorkerProcess] = []
-        self._processes: set[_WorkerProcess] = set()  # idle, busy and stopping
+        self._usable: list[_WorkerProcess] = []  # alive and not being stopped
+        self._processes: set[_WorkerProcess] = set()  # usable and stopping
         self._stopping: set[asyncio.Future[None]] = set()
         self._closed = False
 
@@ -118,41 +129,41 @@ class LocalProcessBackend(Backend):
             raise RuntimeError("LocalProcessBackend is closed")
         worker = await _WorkerProcess.spawn(self._python, self._env)
         self._processes.add(worker)
+        self._usable.append(worker)
         return worker
 
     async def prestart(self, count: int) -> None:
         """Start idle processes until the pool holds min(count, max_processes)."""
-        for _ in range(min(count, self.max_processes) - len(self._processes)):
-            self._idle.append(await self._spawn())
+        async with self._spawning:
+            for _ in range(min(count, self.max_processes) - len(self._processes)):
+                await self._spawn()
 
-    def _take_idle(self) -> _WorkerProcess | None:
-        while self._idle:
-            worker = self._idle.pop()  # the most recently used: the warmest
-            if worker.alive:
-                return worker
-            self._stop_soon(worker)  # died while idle
-        return None
+    async def _choose(self) -> _WorkerProcess:
+        """The least busy usable process, or a new one while every one is busy."""
+        for worker in [worker for worker in self._usable if not worker.alive]:
+            self._stop_soon(worker)  # died while idle or between tasks
+        async with self._spawning:
+            least = min(self._usable, key=lambda worker: worker.load, default=None)
+            if least is None or (least.load > 0 and len(self._usable) < self.max_processes):
+                return await self._spawn()
+            return least
 
     async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
         async with self._slots:
             on_started()
-            worker = self._take_idle() or await self._spawn()
+            worker = await self._choose()
             try:
-                exit_, reusable = await worker.run(task)
-            except BaseException:
-                # Cancelled (deadline, job cancelled, speculation lost): the
-                # process is in the middle of a task and is never reused.
-                await asyncio.shield(self._stop_soon(worker))
-                raise
-            if reusable and not self._closed:
-                self._idle.append(worker)
-            else:
-                await asyncio.shield(self._stop_soon(worker))
-            return exit_
+                return await worker.run(task, self._stop_grace_s)
+            finally:
+                if not worker.usable:
+                    # Died, garbled its answers, or ignored a cancel: never reused.
+                    await asyncio.shield(self._stop_soon(worker))
 
     def _stop_soon(self, worker: _WorkerProcess) -> asyncio.Future[None]:
         """Stop `worker` in a task of its own, which `aclose()` waits for."""
         self._processes.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._usable.remove(worker)
         stopping = worker.stop_soon(self._stop_grace_s)
         self._stopping.add(stopping)
         stopping.add_done_callback(self._stopping.discard)
@@ -161,7 +172,6 @@ class LocalProcessBackend(Backend):
     async def aclose(self) -> None:
         """Stop every process, busy ones included; `run()` cannot start new ones afterwards."""
         self._closed = True
-        self._idle.clear()
         for worker in list(self._processes):
             self._stop_soon(worker)
         await asyncio.shield(asyncio.gather(*self._stopping))
@@ -177,7 +187,10 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
-        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
+        #: Set to the offending line when an answer makes no sense: the
+        #: process is broken, and every task it runs fails with that.
+        self.garbled: asyncio.Future[bytes] = loop.create_future()
+        self.pending: dict[str, asyncio.Future[WorkerExit]] = {}
         self.stderr_closed: asyncio.Future[None] = loop.create_future()
         self.stderr_tail = bytearray()
         self._stdout = bytearray()
@@ -186,11 +199,25 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         if fd == 1:
             self._stdout += data
             while (end := self._stdout.find(b"\n")) >= 0:
-                self.answers.put_nowait(bytes(self._stdout[:end]))
+                self._answer(bytes(self._stdout[:end]))
                 del self._stdout[: end + 1]
         elif fd == 2:
             self.stderr_tail += data
             del self.stderr_tail[:-_STDERR_TAIL_BYTES]
+
+    def _answer(self, line: bytes) -> None:
+        try:
+            answer = json.loads(line)
+            key, ok, detail = answer["id"], answer["ok"], answer["detail"]
+        except (ValueError, TypeError, KeyError):
+            key = ok = detail = None
+        waiter = self.pending.pop(key, None) if isinstance(key, str) else None
+        if waiter is None or not isinstance(ok, bool) or not isinstance(detail, str):
+            if not self.garbled.done():
+                self.garbled.set_result(line)
+            return
+        if not waiter.done():
+            waiter.set_result(WorkerExit(ok=ok, detail=detail))
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 2 and not self.stderr_closed.done():
@@ -208,6 +235,9 @@ class _WorkerProcess:
         self._transport = transport
         self._protocol = protocol
         self._stopping: asyncio.Future[None] | None = None
+        self._next_id = 0
+        #: Why the process must not be given tasks any more, once it must not.
+        self._unusable_because: str | None = None
         self.pid = transport.get_pid()
 
     @classmethod
@@ -230,38 +260,63 @@ class _WorkerProcess:
     def alive(self) -> bool:
         return not self._protocol.exited.done()
 
+    @property
+    def usable(self) -> bool:
+        return (
+            self._unusable_because is None
+            and self.alive
+            and not self._protocol.garbled.done()
+            and self._stopping is None
+        )
+
+    @property
+    def load(self) -> int:
+        """Tasks running in the process now."""
+        return len(self._protocol.pending)
+
     def _stdin(self) -> asyncio.WriteTransport:
         # uvloop's pipe transports do not derive from asyncio.WriteTransport.
         return cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
 
-    async def run(self, task: ShardTask) -> tuple[WorkerExit, bool]:
-        """Hand over `task` and wait for the answer or the process's end; also says if reusable."""
-        self._stdin().write(task.to_json().encode() + b"\n")
-        answer = asyncio.ensure_future(self._protocol.answers.get())
-        either: set[asyncio.Future[Any]] = {answer, self._protocol.exited}
+    async def run(self, task: ShardTask, cancel_grace_s: float) -> WorkerExit:
+        """Hand over `task` and wait for its answer or the process's end.
+
+        Cancelled, it asks the process to cancel the task (which ends the
+        task's command and everything that started) and waits up to
+        `cancel_grace_s` for the answer; a process that does not answer in
+        time is marked unusable, and the backend stops it."""
+        self._next_id += 1
+        key = str(self._next_id)
+        answer: asyncio.Future[WorkerExit] = asyncio.get_running_loop().create_future()
+        self._protocol.pending[key] = answer
         try:
+            self._stdin().write(b"run " + key.encode() + b" " + task.to_json().encode() + b"\n")
+            either: set[asyncio.Future[Any]] = {answer, self._protocol.exited, self._protocol.garbled}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            answer.cancel()
+            await asyncio.shield(self._cancel(key, answer, cancel_grace_s))
             raise
+        finally:
+            self._protocol.pending.pop(key, None)
         if answer.done():
-            return self._parse_answer(answer.result())
-        answer.cancel()
+            return answer.result()
+        if self._protocol.garbled.done():
+            garbled = self._protocol.garbled.result()[:200]
+            return WorkerExit(ok=False, detail=f"worker process {self.pid} answered {garbled!r}")
+        if self._unusable_because is not None:
+            return WorkerExit(ok=False, detail=f"worker process {self.pid} was stopped: {self._unusable_because}")
         # Its last words (a traceback) may still be on the way.
         await completes_within(self._protocol.stderr_closed, _STDERR_WAIT_S)
-        return WorkerExit(ok=False, detail=self._exit_detail()), False
+        return WorkerExit(ok=False, detail=self._exit_detail())
 
-    def _parse_answer(self, line: bytes) -> tuple[WorkerExit, bool]:
-        # Messages already reported belong to this task; the next one starts afresh.
-        self._protocol.stderr_tail.clear()
-        try:
-            answer = json.loads(line)
-            ok, detail = answer["ok"], answer["detail"]
-        except (ValueError, TypeError, KeyError):
-            ok = detail = None
-        if not isinstance(ok, bool) or not isinstance(detail, str):
-            return WorkerExit(ok=False, detail=f"worker process {self.pid} answered {line[:200]!r}"), False
-        return WorkerExit(ok=ok, detail=detail), self.alive
+    async def _cancel(self, key: str, answer: asyncio.Future[WorkerExit], grace_s: float) -> None:
+        if not self.usable:
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            self._stdin().write(b"cancel " + key.encode() + b"\n")
+        if not await completes_within(answer, grace_s):
+            self._unusable_because = f"it did not cancel another attempt within {grace_s:.1f}s"
+            log.info("worker process %d %s; stopping it", self.pid, self._unusable_because)
 
     def _exit_detail(self) -> str:
         returncode = self._transport.get_returncode()

@@ -59,7 +59,11 @@ _CONCURRENT_TRANSFERS = 8
 
 @dataclass(frozen=True, slots=True)
 class OutputPiece:
-    """Bytes [start, end) of the file at `path`, the next part of a job's output."""
+    """Bytes [start, end) of the file at `path`, the next part of a job's output.
+
+    Read it before asking the iterator for the next piece: a piece of the
+    streaming head shard names a descriptor (``/dev/fd/N``) that the
+    iterator closes when it moves past that shard."""
 
     path: str
     start: int
@@ -314,13 +318,22 @@ class Release:
                 yield piece
         elif job.spec.output is None:
             for index in range(len(job.supervisor)):
-                await job.until(functools.partial(self._released_or_finished, index))
-                if self.released <= index:
-                    break
-                committed = job.supervisor.committed(index)
-                assert committed is not None
-                if committed.output_bytes:
-                    yield OutputPiece(committed.output_path, 0, committed.output_bytes)
+                with _HeadStream(job, index) as head:
+                    # The head of the order: its running attempt's output as it grows.
+                    while not self._released_or_finished(index):
+                        grown = head.more()
+                        if grown is not None:
+                            yield grown
+                        await job.until(
+                            functools.partial(self._released_or_finished, index), timeout_s=_FOLLOW_INTERVAL_S
+                        )
+                    if self.released <= index:
+                        break
+                    committed = job.supervisor.committed(index)
+                    assert committed is not None
+                    start = await head.resume_in(committed)
+                if committed.output_bytes > start:
+                    yield OutputPiece(committed.output_path, start, committed.output_bytes)
                 if consume:
                     with contextlib.suppress(OSError):
                         os.unlink(committed.output_path)
@@ -358,6 +371,105 @@ class Release:
         if job.state is JobState.CANCELLED:
             raise JobCancelledError(job.error or f"job {job.id} was cancelled")
         raise JobFailedError(job.error or f"job {job.id} failed")
+
+
+class _HeadStream:
+    """Follows the output file of one running attempt of the head shard (the
+    lowest shard not yet released), so a reader sees it as the command writes it.
+
+    Bytes shown this way come from an attempt that has not committed yet; what
+    makes that safe is `resume_in`: once the shard commits, the committed
+    output must begin with exactly the bytes already shown (the same attempt,
+    or another whose output has the same prefix, as a deterministic command's
+    retry has), and the reader continues after them.  Otherwise the reader
+    fails: what it wrote is incomplete, and says so by the error.  Until a
+    byte is shown, an attempt that fails is simply replaced by the next one
+    that runs.  The followed file is held open, so it stays readable (for the
+    comparison) after a failed attempt's file is deleted.
+    """
+
+    def __init__(self, job: Job, index: int) -> None:
+        self._job = job
+        self._index = index
+        self._attempt: int | None = None
+        self._fd: int | None = None
+        self.shown = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def more(self) -> OutputPiece | None:
+        """The followed attempt's output written since the last call, if any."""
+        if self._fd is None or (
+            self.shown == 0 and self._attempt not in self._job.supervisor.live_attempts(self._index)
+        ):
+            self._close()
+            if not self._follow():
+                return None
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        if size <= self.shown:
+            return None
+        # The descriptor's own name: readable even after the file is deleted.
+        piece = OutputPiece(f"/dev/fd/{self._fd}", self.shown, size)
+        self.shown = size
+        return piece
+
+    def _follow(self) -> bool:
+        """Start following the lowest running attempt whose output is a local file."""
+        for attempt in self._job.supervisor.live_attempts(self._index):
+            path = self._job.output_path(self._index, attempt)
+            if is_s3_url(path):
+                continue
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # not created yet, or already gone
+            self._attempt = attempt
+            return True
+        return False
+
+    async def resume_in(self, committed: CommittedAttempt) -> int:
+        """Where a reader continues in `committed`'s output: after the bytes
+        already shown, once they are proven to be its prefix."""
+        shown = self.shown
+        if shown == 0:
+            return 0
+        if shown > committed.output_bytes:
+            raise JobFailedError(
+                f"shard {self._index}: {shown} output bytes were shown from attempt {self._attempt}, but the "
+                f"committed attempt {committed.attempt} has only {committed.output_bytes}: the output is incomplete"
+            )
+        if committed.attempt != self._attempt:
+            assert self._fd is not None
+            same = await asyncio.to_thread(_same_prefix, self._fd, committed.output_path, shown)
+            if not same:
+                raise JobFailedError(
+                    f"shard {self._index}: the output shown so far came from attempt {self._attempt}, which did "
+                    f"not commit, and differs from committed attempt {committed.attempt}'s: the output is incomplete"
+                )
+        return shown
+
+
+def _same_prefix(fd: int, path: str, size: int) -> bool:
+    """Whether the first `size` bytes of open file `fd` and of `path` are equal."""
+    with open(path, "rb") as other:
+        position = 0
+        while position < size:
+            count = min(COPY_CHUNK_BYTES, size - position)
+            mine = os.pread(fd, count, position)
+            if not mine or mine != other.read(len(mine)):
+                return False
+            position += len(mine)
+    return True
 
 
 class ReduceRunner:

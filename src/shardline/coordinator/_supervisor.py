@@ -153,6 +153,10 @@ class Supervisor:
     def committed(self, shard: int) -> CommittedAttempt | None:
         return self._shards[shard].committed
 
+    def live_attempts(self, shard: int) -> list[int]:
+        """The numbers of `shard`'s attempts running now, lowest first."""
+        return sorted(self._shards[shard].live)
+
     def state(self, shard: int) -> ShardState:
         return self._shards[shard].state
 

@@ -6,11 +6,14 @@
 # file (the descriptor is handed to the child, so output never passes through
 # Python).  Strategy:
 #
-# - Backpressure is exact: the stdin pipe transport gets a high-water mark of
-#   zero, so `write()` returns only once the kernel pipe has taken every byte.
-#   Nothing piles up in user space, and the caller may reuse its buffer as
-#   soon as `write()` returns.  Input goes in bounded chunks so the transport
-#   never holds a copy of a whole 8 MiB part.
+# - Backpressure is exact: stdin is a pipe of our own whose write end is
+#   non-blocking, written with `os.write` as far as the pipe takes it and
+#   otherwise waited on for writability, so `write()` returns only once the
+#   kernel pipe has taken every byte.  Nothing is copied or piles up in user
+#   space, and the caller may reuse its buffer as soon as `write()` returns.
+# - A local file's bytes need not pass through Python at all:
+#   `write_file_range()` moves them from the file into the pipe with
+#   `os.splice` (Linux), falling back to `os.pread` + `os.write` elsewhere.
 # - A command that stops reading early (`head -1`) is not an error, exactly as
 #   in `cat file | head -1`: further input is dropped and the exit status
 #   alone decides.
@@ -44,8 +47,8 @@ import os
 import signal
 import stat
 import subprocess
-from collections.abc import Collection, Mapping, Sequence
-from typing import IO, cast
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import IO
 
 from ..errors import CommandFailedError
 from .aio import completes_within
@@ -56,9 +59,11 @@ __all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
 
 log = logging.getLogger("shardline.io.command")
 
-#: Largest slice handed to the stdin transport at once.  Bounds the copy the
-#: transport keeps of bytes the pipe has not taken yet.
-_STDIN_CHUNK_BYTES = 256 * 1024
+#: Largest single write or splice into the stdin pipe (its requested capacity).
+_STDIN_CHUNK_BYTES = 1024 * 1024
+
+#: Kernel-side copies from a file into the stdin pipe (Linux).
+_SPLICE = hasattr(os, "splice")
 
 #: Requested capacity of the stdin pipe (Linux only, best effort).  The 64 KiB
 #: default costs the command a wake-up per 64 KiB; 1 MiB is the default limit
@@ -85,48 +90,17 @@ _STATUS_NOT_EXECUTABLE = 126
 
 
 class _CommandProtocol(asyncio.SubprocessProtocol):
-    """Watches the command: its exit, its stderr, and flow control of its stdin."""
+    """Watches the command: its exit and its stderr."""
 
     def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | None) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.stderr_closed: asyncio.Future[None] = loop.create_future()
-        self.stdin_lost = False
         self.stderr_tail = bytearray()
         self._stderr_tail_bytes = stderr_tail_bytes
         self._forward_stderr = forward_stderr
-        self._stdin_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    @property
-    def input_refused(self) -> bool:
-        """True once nothing more can reach the command: it closed its stdin
-        or exited.  Exit counts because a background process it left behind
-        may still hold the pipe open (uvloop even leaks copies of it into
-        every child), and waiting on that would block for its lifetime."""
-        return self.stdin_lost or self.exited.done()
-
-    async def stdin_drained(self) -> None:
-        """Wait until the pipe has taken everything written, or input is refused."""
-        while self._stdin_paused and not self.input_refused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-
-    def _wake_writer(self) -> None:
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
 
     # -- protocol callbacks ----------------------------------------------------
-
-    def pause_writing(self) -> None:
-        self._stdin_paused = True
-
-    def resume_writing(self) -> None:
-        self._stdin_paused = False
-        self._wake_writer()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd != 2:
@@ -146,16 +120,12 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
             del self.stderr_tail[:excess]
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 0:
-            self.stdin_lost = True
-            self._wake_writer()
-        elif fd == 2 and not self.stderr_closed.done():
+        if fd == 2 and not self.stderr_closed.done():
             self.stderr_closed.set_result(None)
 
     def process_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
-        self._wake_writer()
 
 
 def command_environment(
@@ -219,7 +189,10 @@ class CommandOutput(ShardOutput):
         self._pid: int | None = None
         self._transport: asyncio.SubprocessTransport | None = None
         self._protocol: _CommandProtocol | None = None
-        self._stdin: asyncio.WriteTransport | None = None
+        #: The write end of the command's stdin pipe (non-blocking), until EOF.
+        self._stdin_fd: int | None = None
+        #: The command closed its stdin (a write met EPIPE).
+        self._stdin_closed = False
         self._processes: CommandProcesses | None = None
 
     @property
@@ -242,6 +215,11 @@ class CommandOutput(ShardOutput):
             self._state = State.CLOSED
             raise storage_error("open", self._path, exc) from exc
         adopt_orphans()
+        # Both ends close-on-exec: no other command this process runs holds
+        # this one's stdin open (which would keep it from ever seeing EOF).
+        stdin_read, self._stdin_fd = os.pipe()
+        os.set_blocking(self._stdin_fd, False)
+        _enlarge_pipe(self._stdin_fd)
         processes = self._processes = CommandProcesses()
         env = command_environment(
             os.environ, add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
@@ -257,7 +235,7 @@ class CommandOutput(ShardOutput):
                 self._command,
                 "sh",  # $0
                 *self._args,
-                stdin=subprocess.PIPE,
+                stdin=stdin_read,
                 stdout=self._output_fd,
                 stderr=subprocess.PIPE,
                 env=env,
@@ -266,6 +244,7 @@ class CommandOutput(ShardOutput):
         except OSError as exc:
             processes.spawned(None)
             self._close_output_fd()
+            self._close_stdin()
             self._state = State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
             raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
@@ -273,34 +252,91 @@ class CommandOutput(ShardOutput):
             # Cancelled while spawning: asyncio has already killed the child.
             processes.spawned(None)
             self._close_output_fd()
+            self._close_stdin()
             self._state = State.CLOSED
             raise
+        finally:
+            os.close(stdin_read)  # the child has its copy
         self._pid = self._transport.get_pid()
         processes.spawned(self._pid)
-        # uvloop's pipe transports do not derive from asyncio.WriteTransport.
-        self._stdin = cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
-        if not self._stdin.is_closing():  # it is if the command has exited already
-            try:
-                # Pause at the first byte left over, resume only when none is.
-                self._stdin.set_write_buffer_limits(high=0)
-                _enlarge_pipe(self._stdin)
-            except BaseException:
-                await self.aclose()
-                raise
         log.debug("started %r as pid %d, output %s", self._command, self._pid, self._path)
+
+    @property
+    def _input_refused(self) -> bool:
+        """True once nothing more can reach the command: it closed its stdin
+        or exited.  Exit counts because a background process it left behind
+        may still hold the pipe open, and waiting on that would block for its
+        lifetime."""
+        assert self._protocol is not None
+        return self._stdin_closed or self._protocol.exited.done()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self._require_running("write to")
-        assert self._stdin is not None and self._protocol is not None
+        assert self._stdin_fd is not None
         view = memoryview(data).cast("B")
-        for offset in range(0, len(view), _STDIN_CHUNK_BYTES):
-            if self._protocol.input_refused or self._stdin.is_closing():
-                self._drop(len(view) - offset, offered=self.bytes_in + offset)
+        await self._feed(len(view), lambda fd, offset, size: os.write(fd, view[offset : offset + size]))
+
+    async def write_file_range(self, source_fd: int, offset: int, size: int) -> None:
+        """Feed bytes [offset, offset + size) of the regular file `source_fd`:
+        moved by the kernel (`os.splice`) where the platform has it.  The
+        caller checks the file is still the version it means."""
+        self._require_running("write to")
+
+        def splice(fd: int, done: int, count: int) -> int:
+            moved = os.splice(source_fd, fd, count, offset_src=offset + done, flags=os.SPLICE_F_NONBLOCK)
+            if moved == 0:
+                raise storage_error("read", f"descriptor {source_fd}", OSError(errno.EIO, "file ended early"))
+            return moved
+
+        def copy(fd: int, done: int, count: int) -> int:
+            data = os.pread(source_fd, count, offset + done)
+            if not data:
+                raise storage_error("read", f"descriptor {source_fd}", OSError(errno.EIO, "file ended early"))
+            # A short write leaves the rest for the next call: re-read, not lost.
+            return os.write(fd, data)
+
+        await self._feed(size, splice if _SPLICE else copy)
+
+    async def _feed(self, size: int, move: Callable[[int, int, int], int]) -> None:
+        """Call ``move(stdin_fd, done, count)`` until `size` bytes went into the
+        pipe, waiting whenever it is full; drops the rest once input is refused."""
+        assert self._protocol is not None
+        done = 0
+        while done < size:
+            if self._input_refused or self._stdin_fd is None:
+                self._drop(size - done, offered=self.bytes_in + done)
                 break
-            self._stdin.write(view[offset : offset + _STDIN_CHUNK_BYTES])
-            await self._protocol.stdin_drained()
-            self._require_running("write to")  # not aborted by another task meanwhile
-        self.bytes_in += len(view)
+            try:
+                done += move(self._stdin_fd, done, min(_STDIN_CHUNK_BYTES, size - done))
+            except BlockingIOError:
+                await self._stdin_writable()
+                self._require_running("write to")  # not aborted by another task meanwhile
+            except BrokenPipeError:
+                self._stdin_closed = True
+        self.bytes_in += size
+
+    async def _stdin_writable(self) -> None:
+        """Until the pipe takes more, or the command exits."""
+        assert self._stdin_fd is not None and self._protocol is not None
+        loop = asyncio.get_running_loop()
+        writable = loop.create_future()
+        fd = self._stdin_fd
+
+        def wake() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        loop.add_writer(fd, wake)
+        try:
+            await asyncio.wait({writable, self._protocol.exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_writer(fd)
+            writable.cancel()
+
+    def _close_stdin(self) -> None:
+        if self._stdin_fd is not None:
+            fd, self._stdin_fd = self._stdin_fd, None
+            os.close(fd)
 
     def _drop(self, size: int, *, offered: int) -> None:
         if not self.bytes_dropped:
@@ -310,11 +346,9 @@ class CommandOutput(ShardOutput):
     async def finish(self) -> int:
         self._advance(State.RUNNING, State.FINISHING, "finish")
         assert self._transport is not None and self._protocol is not None
-        assert self._stdin is not None
         try:
-            if not self._stdin.is_closing():
-                # Nothing is buffered (write() waits for the pipe): EOF at once.
-                self._stdin.close()
+            # Nothing is buffered (write() waits for the pipe): EOF at once.
+            self._close_stdin()
             await self._protocol.exited
             await self._wait_for_background_processes()
             await self._end_processes()
@@ -379,23 +413,20 @@ class CommandOutput(ShardOutput):
             if transport.get_returncode() is None or not protocol.stderr_closed.done():
                 _kill_group(pid)
                 log.info("aborted command %r: killed process group %d", self._command, pid)
-            if self._stdin is not None and not self._stdin.is_closing():
-                self._stdin.abort()  # discard input the command will never read
             if not await completes_within(protocol.exited, _KILL_WAIT_S):
                 log.warning("process %d still not reaped %.0fs after SIGKILL", pid, _KILL_WAIT_S)
             transport.close()
+        self._close_stdin()  # discards input the command will never read
         await self._end_processes()
         self._close_output_fd()
 
 
-def _enlarge_pipe(stdin: asyncio.WriteTransport) -> None:
-    """Best effort: Linux only, and only where the transport exposes its pipe
-    (asyncio does, uvloop does not)."""
+def _enlarge_pipe(fd: int) -> None:
+    """Best effort, Linux only: a command woken per 1 MiB instead of per 64 KiB."""
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    pipe = stdin.get_extra_info("pipe")
-    if set_size is None or pipe is None:
+    if set_size is None:
         return
     try:
-        fcntl.fcntl(pipe.fileno(), set_size, _STDIN_PIPE_CAPACITY_BYTES)
-    except (OSError, ValueError) as exc:  # ValueError: the command already closed it
+        fcntl.fcntl(fd, set_size, _STDIN_PIPE_CAPACITY_BYTES)
+    except OSError as exc:
         log.debug("keeping the default stdin pipe size: %s", exc)

@@ -204,6 +204,22 @@ class LocalFileSource(ObjectSource):
             )
         return count
 
+    def descriptor(self) -> int:
+        """The open file's descriptor (opened on first use), for kernel-side
+        copies; it stays owned by the source, closed by `aclose`."""
+        return self._open()
+
+    def check_version(self, etag: str) -> None:
+        """Raise ObjectChangedError unless the file is still version `etag` (one fstat)."""
+        try:
+            st = os.fstat(self._open())
+        except OSError as exc:
+            raise translate_error(exc, what=f"reading {self.path}") from exc
+        if _local_etag(st) != etag:
+            raise ObjectChangedError(
+                f"{self.path}: the file changed during the job (expected version {etag}, found {_local_etag(st)})"
+            )
+
     def _open(self) -> int:
         """The file's descriptor, opened on first use.
 

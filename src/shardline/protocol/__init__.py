@@ -65,7 +65,14 @@ from ._states import (
     next_job_state,
     next_shard_state,
 )
-from ._task import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES, TASK_VERSION, ShardTask, attempt_output_name
+from ._task import (
+    DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_PART_SIZE_BYTES,
+    DEFAULT_TASKS_PER_PROCESS,
+    TASK_VERSION,
+    ShardTask,
+    attempt_output_name,
+)
 
 __all__ = [
     "CLOSED",
@@ -74,6 +81,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_IN_FLIGHT_BYTES",
     "DEFAULT_PART_SIZE_BYTES",
+    "DEFAULT_TASKS_PER_PROCESS",
     "MARKER_ATTRIBUTE_DEFINITIONS",
     "MARKER_FENCE_ATTRIBUTE",
     "MARKER_KEY_SCHEMA",

@@ -11,7 +11,20 @@ from typing import Any
 from ..errors import ConfigurationError
 from ._ranges import ShardRange, check_delimiter
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT_BYTES", "DEFAULT_PART_SIZE_BYTES", "TASK_VERSION", "ShardTask", "attempt_output_name"]
+__all__ = [
+    "DEFAULT_MAX_IN_FLIGHT_BYTES",
+    "DEFAULT_PART_SIZE_BYTES",
+    "DEFAULT_TASKS_PER_PROCESS",
+    "TASK_VERSION",
+    "ShardTask",
+    "attempt_output_name",
+]
+
+#: Tasks one local pool process runs at once, by default (the backend sends
+#: no more; the pool worker sizes its shared clients for them): a shard
+#: mostly waits on its command, its reads and the exchange, so one process
+#: per core keeps several busy.
+DEFAULT_TASKS_PER_PROCESS = 4
 
 TASK_VERSION = 1
 #: Bytes per ranged GET, and the memory a worker may reserve for GETs in flight (DESIGN §4).

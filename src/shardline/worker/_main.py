@@ -7,18 +7,22 @@
 #   exit 0 / 1 / 2.  What ``shardline worker --task FILE`` and a plain
 #   ``python -m shardline.worker < task.json`` do.
 # - Pool (`serve_pool`, ``python -m shardline.worker --pool``): the
-#   coordinator's local backend keeps such processes and hands each one task
-#   after another, one JSON line on stdin per task, one answer line
-#   ``{"ok": bool, "detail": str}`` on stdout per task.  Importing aioboto3
-#   costs about half a CPU-second, so a process is reused rather than started
-#   per shard.  The parent's end of stdin is the lifeline: EOF (the
-#   coordinator exited, even by SIGKILL) cancels the running task and exits;
-#   SIGTERM does the same.  Cancelling a task aborts its command, which kills
-#   the command's whole process group, so nothing outlives the worker.
+#   coordinator's local backend keeps about one such process per core, and
+#   each runs many tasks at once: ``run ID TASK_JSON`` on a stdin line starts
+#   one, ``cancel ID`` cancels it (its command and what that started end
+#   before the answer), and every task is answered by one stdout line
+#   ``{"id": ID, "ok": bool, "detail": str}`` when it ends.  Importing
+#   aioboto3 costs about half a CPU-second (paid by the first task that
+#   needs AWS), so a process is reused rather than started per shard.  The
+#   parent's end of stdin is the lifeline: EOF (the coordinator exited, even
+#   by SIGKILL) cancels every running task and exits; SIGTERM does the same.
+#   Cancelling a task aborts its command, which kills the command's whole
+#   process group, so nothing outlives the worker.
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +34,7 @@ from typing import Any, BinaryIO
 from ..errors import ConfigurationError, ShardlineError
 from ..io.aws import ClientPool
 from ..io.processes import adopt_orphans, hide_environment
-from ..protocol import ShardTask
+from ..protocol import DEFAULT_TASKS_PER_PROCESS, ShardTask
 from ._shard import WorkerSettings, run_task
 
 __all__ = ["main", "run_task_file", "serve_pool"]
@@ -92,11 +96,12 @@ def run_task_file(stream: BinaryIO, *, use_uvloop: bool = True) -> int:
     return _run_loop(go, use_uvloop=use_uvloop)
 
 
-async def _answer(line: bytes, settings: WorkerSettings, clients: ClientPool) -> dict[str, object]:
-    """Run the task on `line`.  Its failure is an answer; any other exception
-    is a bug and ends the process with a traceback, which the parent reports."""
+async def _answer(task_json: bytes, settings: WorkerSettings, clients: ClientPool) -> dict[str, object]:
+    """Run the task in `task_json`.  Its failure is an answer; any other
+    exception is a bug and ends the process with a traceback, which the
+    parent reports."""
     try:
-        task = ShardTask.from_json(line)
+        task = ShardTask.from_json(task_json)
     except ConfigurationError as exc:
         return {"ok": False, "detail": f"worker got {exc}"}
     try:
@@ -107,21 +112,68 @@ async def _answer(line: bytes, settings: WorkerSettings, clients: ClientPool) ->
     return {"ok": True, "detail": f"worker finished shard {task.shard} attempt {task.attempt}{committed}"}
 
 
+class _PoolTasks:
+    """The tasks one pool process runs at once, by the parent's task id."""
+
+    def __init__(self, answers: BinaryIO, settings: WorkerSettings, clients: ClientPool) -> None:
+        self._answers = answers
+        self._settings = settings
+        self._clients = clients
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self.crashed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    def handle(self, line: bytes) -> None:
+        """``run ID TASK_JSON`` or ``cancel ID``; anything else is answered as invalid."""
+        verb, _, rest = line.strip().partition(b" ")
+        task_id, _, task_json = rest.partition(b" ")
+        key = task_id.decode(errors="replace")
+        if verb == b"run" and key and key not in self._running:
+            self._running[key] = asyncio.ensure_future(self._run(key, task_json))
+        elif verb == b"cancel" and key:
+            running = self._running.get(key)
+            if running is not None:
+                running.cancel()
+        else:
+            self._write({"id": key, "ok": False, "detail": f"worker got an invalid line {line[:200]!r}"})
+
+    async def _run(self, key: str, task_json: bytes) -> None:
+        try:
+            answer = await _answer(task_json, self._settings, self._clients)
+        except asyncio.CancelledError:
+            # Its command and everything that command started have ended by
+            # now (the task's cleanup ran): the parent may reuse us.
+            answer = {"ok": False, "detail": "worker cancelled the task"}
+        except BaseException as exc:
+            if not self.crashed.done():
+                self.crashed.set_result(exc)
+            raise
+        finally:
+            del self._running[key]
+        self._write({"id": key, **answer})
+
+    def _write(self, answer: dict[str, object]) -> None:
+        # A short line into a pipe the parent keeps reading: the write cannot
+        # block for long, so it need not leave the event loop.
+        self._answers.write(json.dumps(answer).encode() + b"\n")
+
+    async def aclose(self) -> None:
+        """Cancel every running task and wait for their cleanup."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 async def serve_pool() -> int:
     """Serve tasks from stdin until EOF or SIGTERM (see the module comment); returns the exit status."""
     _become_command_runner()
     settings = WorkerSettings()
     loop = asyncio.get_running_loop()
-    serving = asyncio.current_task()
-    assert serving is not None
-    stopping = False
+    stopped = loop.create_future()
 
     def stop() -> None:
-        # Cancel once: a second cancel could cut the first one's cleanup short.
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            serving.cancel()
+        if not stopped.done():
+            stopped.set_result(None)
 
     # Answers get a descriptor of their own, and fd 1 becomes a copy of
     # stderr, so a stray print can never corrupt the answer stream.
@@ -129,36 +181,38 @@ async def serve_pool() -> int:
     os.dup2(2, 1)
     stdin = asyncio.StreamReader(limit=_MAX_TASK_LINE_BYTES)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    lines: asyncio.Queue[bytes] = asyncio.Queue()
-    # stdin is read even while a task runs: that is how EOF is noticed.
-    reader = asyncio.ensure_future(_read_task_lines(stdin, lines, stop))
-    loop.add_signal_handler(signal.SIGTERM, stop)
     # S3 and DynamoDB clients live as long as the process: every task reuses them.
-    clients = ClientPool()
+    clients = ClientPool(shards_at_once=DEFAULT_TASKS_PER_PROCESS)
+    tasks = _PoolTasks(answers, settings, clients)
+    # stdin is read even while tasks run: that is how EOF is noticed.
+    reader = asyncio.ensure_future(_read_task_lines(stdin, tasks.handle, stop))
+    loop.add_signal_handler(signal.SIGTERM, stop)
     try:
-        while True:
-            answer = await _answer(await lines.get(), settings, clients)
-            # A short line into a pipe the parent keeps reading: the write
-            # cannot block for long, so it need not leave the event loop.
-            answers.write(json.dumps(answer).encode() + b"\n")
-    except asyncio.CancelledError:
-        return 0  # stop(): the running task, if any, was cancelled and cleaned up
+        await asyncio.wait({stopped, tasks.crashed}, return_when=asyncio.FIRST_COMPLETED)
+        if tasks.crashed.done():
+            raise tasks.crashed.result()  # a bug: the traceback goes to the parent
+        return 0
     except BrokenPipeError:
         return 0  # the parent is gone
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
-        await clients.aclose()
         reader.cancel()
+        # Cancel once: a second cancel could cut the first one's cleanup short.
+        with contextlib.suppress(BrokenPipeError):
+            await tasks.aclose()
+        await clients.aclose()  # after the tasks that use them
         transport.close()
         answers.close()
 
 
-async def _read_task_lines(stdin: asyncio.StreamReader, lines: asyncio.Queue[bytes], stop: Callable[[], None]) -> None:
-    """Queue every non-blank line of stdin; at EOF call `stop`."""
+async def _read_task_lines(
+    stdin: asyncio.StreamReader, handle: Callable[[bytes], None], stop: Callable[[], None]
+) -> None:
+    """Hand every non-blank line of stdin to `handle`; at EOF call `stop`."""
     try:
         while line := await stdin.readline():
             if line.strip():
-                lines.put_nowait(line)
+                handle(line)
     except ValueError:
         log.error("task line longer than %d bytes; stopping", _MAX_TASK_LINE_BYTES)
     stop()
@@ -184,10 +238,9 @@ def _no_inherited_descriptors() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # Import the heavy libraries before blocking on stdin: a pre-started
-    # worker is then warm by the time the coordinator sends its task.
-    import aioboto3  # noqa: F401
-    import aiobotocore.session  # noqa: F401
+    # aioboto3 (about half a CPU-second of imports) is not imported here: a
+    # task that reads S3 or DynamoDB loads it on first use, once per process,
+    # and a local file's task (the first run a newcomer makes) never does.
 
     if args == ["--pool"]:
         _no_inherited_descriptors()

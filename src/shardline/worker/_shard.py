@@ -45,7 +45,7 @@ from ..io.command import CommandOutput
 from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
 from ..io.shardoutput import PassthroughOutput, ShardOutput
-from ..io.sources import ObjectSource, open_source
+from ..io.sources import LocalFileSource, ObjectSource, open_source
 from ..io.store import MarkerStore, open_marker_store
 from ..io.urls import is_s3_url
 from ..protocol import (
@@ -68,6 +68,10 @@ from ._reader import RangedReader, ReaderSettings, fetch_range
 __all__ = ["ShardResult", "WorkerSettings", "run_task"]
 
 log = logging.getLogger("shardline.worker.shard")
+
+#: A local file's range goes to the command in chunks of this size (each
+#: checksummed, then spliced into the pipe).
+_FILE_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -327,8 +331,19 @@ class _ShardRun:
 
     # -- step 1 and 2: our own range -------------------------------------------
 
+    def _by_file(self) -> bool:
+        """Whether our range goes from the file to the command without Python
+        buffers: a local file into a command's stdin, no line-length guard."""
+        return (
+            isinstance(self.source, LocalFileSource)
+            and isinstance(self.output, CommandOutput)
+            and self.task.max_line_bytes is None
+        )
+
     async def _stream_own_range(self) -> tuple[Boundary, asyncio.Future[None]]:
         """Download our range, settle h_i, publish it, and emit [h_i, s_{i+1})."""
+        if self._by_file():
+            return await self._stream_own_range_by_file()
         shard = self.shard
         scanner = HeadScanner(shard, self.task.delimiter, max_line_bytes=self.task.max_line_bytes)
         boundary = scanner.result
@@ -375,6 +390,67 @@ class _ShardRun:
         assert boundary is not None and publish is not None, "the scanner decides by the end of the range"
         return boundary, publish
 
+    async def _stream_own_range_by_file(self) -> tuple[Boundary, asyncio.Future[None]]:
+        """`_stream_own_range` for a local file into a command: h_i from
+        growing exact reads (the head is usually found in the first window),
+        then [h_i, s_{i+1}) by `_emit_file_range`."""
+        shard = self.shard
+        scanner = HeadScanner(shard, self.task.delimiter, max_line_bytes=self.task.max_line_bytes)
+        boundary = scanner.result
+        fragment: bytes | None = b""
+        if boundary is None:
+            head = bytearray()  # [s_i, ...) while it fits the push limit
+            position, window = shard.fetch_start, self.settings.scan_initial_bytes
+            while boundary is None or position < boundary.head_end:
+                end = min(shard.end, position + window)
+                if boundary is not None:  # decided one byte early: the fragment runs to its end
+                    end = boundary.head_end
+                data = await fetch_range(self.source, position, end, etag=self.task.etag, retry=self.settings.retry)
+                if boundary is None:
+                    decision = scanner.feed(data)
+                    if isinstance(decision, Boundary):
+                        boundary = decision
+                head_end = boundary.head_end if boundary is not None else end
+                low, high = max(position, shard.start), min(end, head_end)
+                if high > low and fragment is not None:
+                    if len(head) + (high - low) <= self.settings.fragment_push_limit_bytes:
+                        head += data[low - position : high - position]
+                    else:
+                        fragment, head = None, bytearray()
+                position = end
+                window = min(window * 2, self.task.part_size_bytes)
+            if fragment is not None:
+                fragment = bytes(head)
+        publish = asyncio.ensure_future(self._publish(boundary, fragment))
+        try:
+            if boundary.line_start:
+                self._start_emitting(boundary.head_end)
+                await self._emit_file_range(boundary.head_end, shard.end)
+        except BaseException:
+            publish.cancel()
+            raise
+        return boundary, publish
+
+    async def _emit_file_range(self, start: int, end: int) -> None:
+        """Emit bytes [start, end) of the local file: each chunk is read once
+        into one reused buffer for the checksum, and reaches the command's
+        stdin by a kernel-side copy (`CommandOutput.write_file_range`), not
+        through that buffer."""
+        assert isinstance(self.source, LocalFileSource) and isinstance(self.output, CommandOutput)
+        descriptor = self.source.descriptor()
+        buffer = memoryview(bytearray(min(_FILE_CHUNK_BYTES, max(end - start, 0))))
+        position = start
+        while position < end:
+            count = min(len(buffer), end - position)
+            chunk = buffer[:count]
+            await self.source.read_into(position, chunk, etag=self.task.etag)
+            self._checksum(chunk)
+            await self.output.write_file_range(descriptor, position, count)
+            # What went into the pipe is what was checksummed: the same version.
+            self.source.check_version(self.task.etag)
+            self.emitted += count
+            position += count
+
     def _start_emitting(self, start: int) -> None:
         if self.task.max_line_bytes is not None:
             self.guard = LineLengthGuard(self.task.delimiter, self.task.max_line_bytes, start=start)
@@ -387,9 +463,13 @@ class _ShardRun:
         if self.guard is not None:
             self.guard.feed(data, start, stop)
         view = memoryview(data)[start:stop] if (start, stop) != (0, len(data)) else data
-        self.crc.update(view)
+        self._checksum(view)
         self.emitted += stop - start
         await self.output.write(view)
+
+    def _checksum(self, data: bytes | memoryview) -> None:
+        """Add emitted bytes to the shard's checksum (the one place it is computed)."""
+        self.crc.update(data)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
         """Marker to DynamoDB and head fragment to the exchange, concurrently."""
