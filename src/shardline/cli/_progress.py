@@ -113,7 +113,13 @@ class ProgressDisplay:
 
     async def _loop(self, snapshot: Callable[[], Any]) -> None:
         while True:
-            p = snapshot()
+            try:
+                p = snapshot()
+            except ShardlineError as exc:
+                # The job is gone (an embedded job is forgotten once its output is
+                # out): the run's own outcome is what counts, not the display's.
+                log.debug("progress display stops: %s", exc)
+                return
             text = self.line(p.shards_done, p.shards, p.bytes_emitted, p.size, time.monotonic())
             with self._lock:
                 self._text = text
