@@ -22,7 +22,7 @@ import pytest
 
 from shardline.cli._progress import ProgressDisplay
 
-from daemons import SHARDLINE, clean_env
+from daemons import SHARDLINE, Daemon, clean_env, submit
 
 DATA = b"".join(b"%06d %s\n" % (i, b"q" * (i % 61)) for i in range(4000))
 PROGRESS = "[shardline] shards"
@@ -139,6 +139,22 @@ def test_a_half_written_output_row_keeps_the_line_away_until_it_ends(env, source
     command = STAGGERED + 'head -2; printf "partial-%s:" "$SHARDLINE_SHARD"'
     expected = plain_output(env, "run", source, "-n", "5", "--", command)
     status, written = in_pty([*SHARDLINE, "run", source, "-n", "5", "--", command], env)
+    assert status == 0, written
+    assert PROGRESS in written
+    rows, shared = play(written)
+    assert shared == []
+    assert rows == expected
+
+
+def test_the_daemons_client_keeps_the_line_off_the_output_too(env, source, tmp_path):
+    command = STAGGERED + "head -3"
+    expected = plain_output(env, "run", source, "-n", "6", "--", command)
+    daemon = Daemon(tmp_path, env, state_dir=Path(env["SHARDLINE_STATE_DIR"]))
+    try:
+        job_id = submit(daemon, source=source, shards=6, command=command)
+        status, written = in_pty([*SHARDLINE, "output", job_id[:8], "--coordinator", daemon.url], env)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
     assert status == 0, written
     assert PROGRESS in written
     rows, shared = play(written)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ConfigurationError, ShardlineError
 from ._format import format_job, format_jobs
-from ._loop import cancel_on_sigterm, run_job_loop, run_loop
+from ._loop import cancel_on_sigterm, run_loop
 from ._progress import ProgressDisplay, RemoteProgress, poll_progress, progress_wanted
 
 if TYPE_CHECKING:
@@ -108,7 +108,10 @@ def output_command(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return run_job_loop(go, use_uvloop=not args.no_uvloop)
+    try:
+        return run_loop(go, use_uvloop=not args.no_uvloop)
+    except asyncio.CancelledError:  # SIGTERM: stream_output said that the job goes on
+        return 143
 
 
 def reattach_command(coordinator: CoordinatorClient, job_id: str) -> str:
