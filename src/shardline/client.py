@@ -6,13 +6,15 @@ Every failure is a `ShardlineError` carrying the coordinator's own message:
 JobNotFoundError, 409 -> JobFailedError or JobCancelledError, 502 ->
 StorageError, 503 -> RetryableStorageError when it says when to retry
 (storage failing for now, too many connections), else NotAcceptingJobsError
-(draining); an unreachable coordinator is a ConfigurationError naming the URL.
+(draining); an unreachable coordinator is a `CoordinatorUnreachableError` (a
+ConfigurationError) naming the URL.
 An https:// URL is verified against the system's trust store, or against
 `ca_file` when given.
 
 `output()` yields bytes only from a response that ends properly: a stream
 the coordinator aborts (the job failed mid-way) or that breaks (the daemon
-died) raises, so partial output is never presented as complete.
+died) raises, so partial output is never presented as complete: the job's
+error if it failed or was cancelled, else `OutputStreamBrokenError`.
 """
 
 from __future__ import annotations
@@ -38,12 +40,21 @@ from .errors import (
 )
 from .protocol import SHARDS_PAGE_MAX, JobSpec
 
-__all__ = ["CoordinatorClient"]
+__all__ = ["CoordinatorClient", "CoordinatorUnreachableError", "OutputStreamBrokenError"]
 
 log = logging.getLogger("shardline.client")
 
 #: Longest error body quoted when the answer is not our JSON (a proxy's page).
 _MAX_QUOTED_BODY_CHARS = 200
+
+
+class CoordinatorUnreachableError(ConfigurationError):
+    """The coordinator did not answer at all (not running, wrong URL, gone)."""
+
+
+class OutputStreamBrokenError(ShardlineError):
+    """A job's output stream ended early while the job itself had not failed:
+    the coordinator went away or the connection broke."""
 
 
 class CoordinatorClient:
@@ -152,7 +163,7 @@ class CoordinatorClient:
             raise ShardlineError(f"the coordinator at {self.url} did not answer {method} {path} in time") from None
 
     def _unreachable(self, exc: BaseException) -> ShardlineError:
-        return ConfigurationError(f"cannot reach the coordinator at {self.url}: {exc}")
+        return CoordinatorUnreachableError(f"cannot reach the coordinator at {self.url}: {exc}")
 
     async def _error(self, response: aiohttp.ClientResponse, job_id: str | None) -> ShardlineError:
         """The error for a non-2xx answer, with the coordinator's message."""
@@ -198,12 +209,14 @@ class CoordinatorClient:
         try:
             view = await self.job(job_id)
         except ShardlineError as why:
-            return ShardlineError(f"the output stream of job {job_id} broke before its end ({why})")
+            return OutputStreamBrokenError(f"the output stream of job {job_id} broke before its end ({why})")
         if view["state"] == "failed":
             return JobFailedError(view.get("error") or f"job {job_id} failed")
         if view["state"] == "cancelled":
             return JobCancelledError(f"job {job_id} was cancelled")
-        return ShardlineError(f"the output stream of job {job_id} broke before its end; the job is {view['state']}")
+        return OutputStreamBrokenError(
+            f"the output stream of job {job_id} broke before its end; the job is {view['state']}"
+        )
 
 
 def _tls_context(ca_file: str) -> ssl.SSLContext:

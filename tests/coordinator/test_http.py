@@ -482,3 +482,28 @@ async def test_a_storage_failure_that_persists_is_503_with_retry_after(proxied_s
     proxy.set_rules([])
     response = await http.post("/jobs", json={**spec, "source": f"s3://{bucket}/missing.txt"})
     assert response.status == 400
+
+
+async def test_a_unique_prefix_names_a_job_and_an_ambiguous_one_lists_the_candidates(http, source):
+    # 17 ids of hex digits: two of them surely start with the same digit.
+    ids = []
+    for _ in range(17):
+        response = await http.post("/jobs", json={"source": source, "shards": 1})
+        assert response.status == 201
+        ids.append((await response.json())["id"])
+    shared = next(digit for digit in "0123456789abcdef" if sum(i.startswith(digit) for i in ids) >= 2)
+    ambiguous = await http.get(f"/jobs/{shared}")
+    assert ambiguous.status == 400
+    message = (await ambiguous.json())["error"]
+    assert f"job id prefix '{shared}' is ambiguous" in message
+    assert all(i in message for i in ids if i.startswith(shared))
+
+    job_id = ids[0]
+    prefix = next(job_id[:k] for k in range(1, 17) if sum(i.startswith(job_id[:k]) for i in ids) == 1)
+    assert len(prefix) < len(job_id)
+    async with CoordinatorClient(_url(http)) as api:
+        assert (await api.job(prefix))["id"] == job_id
+        assert b"".join([chunk async for chunk in api.output(prefix)]) == DATA
+        with pytest.raises(InputError, match="ambiguous"):
+            await api.cancel(shared)
+    assert (await http.delete(f"/jobs/{prefix}")).status == 200  # finished already: returned as it is

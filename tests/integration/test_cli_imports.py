@@ -75,7 +75,14 @@ def test_help_loads_no_network_library_and_no_coordinator(env, argv):
 
 
 @pytest.mark.parametrize(
-    "argv", [["status"], ["status", "some-job"], ["cancel", "some-job"], ["run", "/dev/null", "--no-progress"]]
+    "argv",
+    [
+        ["status"],
+        ["status", "some-job"],
+        ["cancel", "some-job"],
+        ["output", "some-job"],
+        ["run", "/dev/null", "--no-progress"],
+    ],
 )
 def test_client_commands_load_no_coordinator_module(env, refusing_url, argv):
     status, modules, messages = _loaded([*argv, "--coordinator", refusing_url], env)

@@ -12,7 +12,7 @@ The parser is in `_parser` (`_options`, `_serveparser`); each subcommand's
 module is imported only when it runs, so that `--help` and the client
 commands load no more than they use: `_run` (run, embedded or on a daemon;
 its progress line in `_progress`), `_serve` (serve, token), `_remote`
-(the daemon's client; status, cancel), `_worker` (worker, package-worker),
+(the daemon's client; status, cancel, output), `_worker` (worker, package-worker),
 `_format` (status tables), `_loop` (the event loop; SIGTERM).
 """
 
@@ -92,6 +92,10 @@ def _subcommand(name: str) -> Callable[[argparse.Namespace], int]:
         from ._remote import cancel_command
 
         return cancel_command
+    if name == "output":
+        from ._remote import output_command
+
+        return output_command
     if name == "worker":
         from ._worker import worker_command
 

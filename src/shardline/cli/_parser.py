@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["build_parser", "split_command"]
 
+_JOB_ID_HELP = "a job id, or any prefix of it no other job's id starts with"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the whole command line (what follows ``--`` excluded)."""
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     _add_status(sub)
     _add_cancel(sub)
+    _add_output(sub)
     _add_token(sub)
     _add_worker(sub)
     _add_package_worker(sub)
@@ -124,7 +127,20 @@ def _add_run(sub: Subcommands) -> None:
         help="ranged GETs in flight per worker (default: 4)",
     )
     run.add_argument("--stats", action="store_true", help="print a JSON summary of the job to stderr at the end")
-    run.add_argument("--no-progress", action="store_true", help="no progress display, even on a terminal")
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the progress line on stderr, kept off the rows output and messages are written to "
+        "(default: when stderr is a terminal)",
+    )
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --coordinator: print the job id and return at once; the job runs on, 'shardline output ID' "
+        "streams its output. Without it, the output is streamed back and stopping the client (Ctrl-C, SIGTERM, "
+        "a closed stdout) cancels the job",
+    )
     add_coordinator_options(run, required=False)
     local = run.add_argument_group("embedded runs (ignored with --coordinator)")
     local.add_argument(
@@ -172,7 +188,7 @@ def _add_status(sub: Subcommands) -> None:
         help="show the jobs on a coordinator, or one job in detail",
         description="Without ID, a table of the coordinator's jobs, newest first; with ID, that job and its shards.",
     )
-    status.add_argument("id", metavar="ID", nargs="?", help="a job id (default: list all jobs)")
+    status.add_argument("id", metavar="ID", nargs="?", help=f"{_JOB_ID_HELP} (default: list all jobs)")
     status.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     add_coordinator_options(status, required=True)
     add_common_options(status)
@@ -186,9 +202,29 @@ def _add_cancel(sub: Subcommands) -> None:
         description="Cancel job ID: its workers are stopped and its partial outputs removed. A job that "
         "already finished is left as it is.",
     )
-    cancel.add_argument("id", metavar="ID", help="the job id")
+    cancel.add_argument("id", metavar="ID", help=_JOB_ID_HELP)
     add_coordinator_options(cancel, required=True)
     add_common_options(cancel)
+
+
+def _add_output(sub: Subcommands) -> None:
+    """`shardline output ID`: re-attach to a job's output."""
+    output = sub.add_parser(
+        "output",
+        help="stream a job's output from a coordinator (re-attach)",
+        description="Write job ID's output to stdout from its start, as it is produced, and exit 0 once the job "
+        "succeeded (1 if it failed or was cancelled). Stopping this client (Ctrl-C) leaves the job running. "
+        "For jobs started with 'run --detach', or to re-attach after a client or the daemon went away.",
+    )
+    output.add_argument("id", metavar="ID", help=_JOB_ID_HELP)
+    output.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the progress line on stderr (default: when stderr is a terminal)",
+    )
+    add_coordinator_options(output, required=True)
+    add_common_options(output)
 
 
 def _add_token(sub: Subcommands) -> None:

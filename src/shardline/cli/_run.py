@@ -1,28 +1,24 @@
 # `shardline run`: the job spec from the command line, then the job either
 # embedded (an in-process coordinator with local workers) or on a daemon
-# (`--coordinator`: submit, stream the output back, cancel it if we are
-# interrupted), with the progress line and the --stats summary.
+# (`--coordinator`: submit, then stream the output back and cancel the job
+# if we are interrupted, or with --detach print its id and return), with the
+# progress line and the --stats summary.
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError, ShardlineError
+from ..errors import ConfigurationError
 from ..io.aws import AwsSettings, aws_configured
 from ..protocol import JobSpec, parse_delimiter
 from ._loop import cancel_on_sigterm, run_job_loop
-from ._progress import ProgressDisplay, RemoteProgress, poll_progress
-from ._remote import coordinator_client
-
-if TYPE_CHECKING:
-    from ..client import CoordinatorClient
+from ._progress import ProgressDisplay, progress_wanted
+from ._remote import coordinator_client, stream_output
 
 __all__ = ["run_command"]
 
@@ -87,12 +83,15 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
         # The user's own process writes wherever its user may.
         output_policy=OutputPolicy(anywhere=True),
     )
-    show_progress = not args.no_progress and sys.stderr.isatty()
-    out = sys.stdout.buffer
+    if args.detach:
+        raise ConfigurationError("--detach needs --coordinator URL: an embedded job lives and dies with this process")
+    show_progress = progress_wanted(args)
 
     async def go() -> int:
         cancel_on_sigterm()
         display = ProgressDisplay(sys.stderr) if show_progress else None
+        # On a terminal the output goes through the display, which keeps it off the progress line.
+        out = display.install(sys.stdout.buffer) if display is not None else sys.stdout.buffer
         if args.workers == "inprocess":
             backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
         else:
@@ -128,9 +127,9 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
 
 
 def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
-    """The job on a daemon: submitted, its output streamed back, cancelled if we stop early."""
-    show_progress = not args.no_progress and sys.stderr.isatty()
-    out = sys.stdout.buffer
+    """The job on a daemon: submitted, then (unless --detach) its output
+    streamed back, the job cancelled if we stop early (see `_remote`)."""
+    show_progress = progress_wanted(args)
 
     async def go() -> int:
         cancel_on_sigterm()
@@ -138,25 +137,12 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
             view = await coordinator.submit(spec)
             job_id = view["id"]
             log.info("job %s submitted to %s", job_id, coordinator.url)
-            display = ProgressDisplay(sys.stderr) if show_progress else None
-            poller = None
-            if display is not None:
-                progress = RemoteProgress(shards=spec.shards, started=time.monotonic())
-                poller = asyncio.create_task(poll_progress(coordinator, job_id, progress))
-                display.attach(lambda: progress)
-            try:
-                async for chunk in coordinator.output(job_id):
-                    out.write(chunk)
-                out.flush()
-            except (asyncio.CancelledError, BrokenPipeError):
-                # Interrupted, terminated or `| head`: the job is ours, stop it.
-                await asyncio.shield(_cancel_quietly(coordinator, job_id))
-                raise
-            finally:
-                if poller is not None:
-                    poller.cancel()
-                if display is not None:
-                    await display.close()
+            if args.detach:
+                print(job_id)
+                return 0
+            await stream_output(
+                coordinator, view, sys.stdout.buffer, show_progress=show_progress, cancel_on_interrupt=True
+            )
             if args.stats:
                 view = await coordinator.job_with_shards(job_id)
                 summary = {
@@ -172,13 +158,6 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
         return 0
 
     return run_job_loop(go, use_uvloop=not args.no_uvloop)
-
-
-async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
-    try:
-        await coordinator.cancel(job_id)
-    except ShardlineError as exc:
-        print(f"shardline: could not cancel job {job_id} on {coordinator.url}: {exc}", file=sys.stderr)
 
 
 def _markers_location(args: argparse.Namespace) -> str:

@@ -63,6 +63,9 @@ __all__ = [
 
 log = logging.getLogger("shardline.coordinator")
 
+#: Candidates an ambiguous job id prefix lists (the error must stay one line).
+_MAX_LISTED_CANDIDATES = 10
+
 
 class Coordinator:
     """Accepts jobs and runs them to verified output.  Use as an async context manager.
@@ -480,10 +483,20 @@ class Coordinator:
         self._claimed_destinations.add(url)
 
     def _job(self, job_id: str) -> Job:
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise JobNotFoundError(f"no job {job_id!r}") from None
+        """Job `job_id`, or the one job whose id starts with it (ids are long to type)."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job
+        candidates = sorted(known for known in self._jobs if job_id and known.startswith(job_id))
+        if len(candidates) == 1:
+            return self._jobs[candidates[0]]
+        if not candidates:
+            raise JobNotFoundError(f"no job {job_id!r}")
+        shown = ", ".join(candidates[:_MAX_LISTED_CANDIDATES])
+        more = (
+            f" and {len(candidates) - _MAX_LISTED_CANDIDATES} more" if len(candidates) > _MAX_LISTED_CANDIDATES else ""
+        )
+        raise ConfigurationError(f"job id prefix {job_id!r} is ambiguous: it starts {shown}{more}")
 
     def view(self, job_id: str, *, limit: int = SHARDS_PAGE_DEFAULT) -> JobView:
         """The job's counts and its first `limit` shards."""
