@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CommandExitError",
     "CommandFailedError",
     "ConfigurationError",
     "CoverageError",
@@ -170,6 +171,21 @@ class CommandFailedError(ShardlineError):
         super().__init__(f"{how}: {detail[0]}")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+class CommandExitError(CommandFailedError):
+    """The per-shard command exited with a status the job does not accept
+    (``ok_exit``): deterministic on the same bytes, so the coordinator does not
+    retry it unless the job asks for command retries (``--command-retries``)."""
+
+    def __init__(self, *, returncode: int, stderr_tail: str) -> None:
+        super().__init__(returncode=returncode, stderr_tail=stderr_tail)
+        if not stderr_tail.strip():
+            # grep, diff, cmp and test say "nothing matched" with status 1 and no stderr.
+            self.args = (
+                f"{self.args[0]}; if status {returncode} means success for this command (grep: no match), "
+                f"accept it with --ok-exit 0,{returncode}",
+            )
 
 
 def _signal_name(number: int) -> str:

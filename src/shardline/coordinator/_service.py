@@ -23,17 +23,19 @@ from dataclasses import replace
 
 from ..errors import (
     ConfigurationError,
+    InputError,
     JobNotFoundError,
     LeaseLostError,
     NotAcceptingJobsError,
     ShardlineError,
 )
 from ..io.aws import AwsSettings
-from ..io.retry import retry
+from ..io.retry import RetryPolicy, retry
 from ..io.s3bucket import S3Buckets
-from ..io.sources import ObjectInfo, open_source
+from ..io.sources import ObjectInfo, ObjectSource, open_source
 from ..io.store import JobStore, Lease, open_marker_store
 from ..protocol import (
+    COMPRESSION_MAGIC_BYTES,
     COORDINATOR_KEY_BYTES,
     JobRecord,
     JobSpec,
@@ -41,7 +43,10 @@ from ..protocol import (
     JobView,
     ShardRecord,
     ShardState,
+    compressed_input_message,
+    compression_format,
     new_coordinator_key,
+    usable_shards,
 )
 from ._backends import Backend
 from ._context import CoordinatorSettings, JobContext
@@ -174,12 +179,15 @@ class Coordinator:
         """Accept `spec` and start it; errors about the request name the field."""
         if not self.accepting:
             raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
-        self.settings.job_limits.check(spec)
         backend = self._backend(spec.backend)
         async with open_source(spec.source, self.aws) as source:
             # A throttled or briefly unreachable store is no reason to refuse
             # the job: the same retry loop as every other storage call.
             info = await retry(source.stat, policy=self.settings.retry, describe=f"stat {spec.source}")
+            spec = replace(spec, shards=usable_shards(info.size, spec.shards, spec.min_shard_bytes))
+            if spec.shards > 1:
+                await refuse_compressed(source, spec.source, info, self.settings.retry)
+        self.settings.job_limits.check(spec)
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)
@@ -558,3 +566,14 @@ class Coordinator:
         spool = self._spools.pop(job_id, None)
         if spool is not None:
             spool.release()
+
+
+async def refuse_compressed(source: ObjectSource, location: str, info: ObjectInfo, policy: RetryPolicy) -> None:
+    """Raise InputError if the object starts with a compression format's magic number."""
+    prefix = bytearray(min(info.size, COMPRESSION_MAGIC_BYTES))
+    await retry(
+        lambda: source.read_into(0, memoryview(prefix), etag=info.etag), policy=policy, describe=f"read {location}"
+    )
+    name = compression_format(bytes(prefix))
+    if name is not None:
+        raise InputError(compressed_input_message(location, name))

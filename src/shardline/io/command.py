@@ -47,7 +47,7 @@ import subprocess
 from collections.abc import Collection, Mapping, Sequence
 from typing import IO, cast
 
-from ..errors import CommandFailedError
+from ..errors import CommandExitError, CommandFailedError
 from .aio import completes_within
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
@@ -188,7 +188,8 @@ class CommandOutput(ShardOutput):
     `stderr_tail_bytes` of stderr are kept, for `CommandFailedError`; pass
     `forward_stderr` to also copy all of it there as it arrives (written from
     the event loop, so give it something that does not block for long, such
-    as ``sys.stderr.buffer``).
+    as ``sys.stderr.buffer``).  Exit statuses in `ok_exit` count as success;
+    any other raises `CommandExitError` (a signal, `CommandFailedError`).
     """
 
     def __init__(
@@ -201,8 +202,10 @@ class CommandOutput(ShardOutput):
         args: Sequence[str] = (),
         stderr_tail_bytes: int = 8192,
         forward_stderr: IO[bytes] | None = None,
+        ok_exit: Collection[int] = (0,),
     ) -> None:
         super().__init__()
+        self._ok_exit = frozenset(ok_exit)
         self._args = tuple(args)
         if stderr_tail_bytes < 0:
             raise ValueError(f"stderr_tail_bytes must be >= 0, not {stderr_tail_bytes}")
@@ -329,9 +332,11 @@ class CommandOutput(ShardOutput):
         self._transport = None
         self._close_output_fd()
         self._state = State.FINISHED
-        if returncode != 0:
+        if returncode not in self._ok_exit:
             log.debug("pid %d exited with status %d", self._pid, returncode)
-            raise CommandFailedError(returncode=returncode, stderr_tail=self.stderr_tail)
+            # A shell reports a child killed by signal N (an OOM kill) as 128 + N.
+            error = CommandExitError if 0 < returncode < 128 else CommandFailedError
+            raise error(returncode=returncode, stderr_tail=self.stderr_tail)
         return output_bytes
 
     async def _wait_for_background_processes(self) -> None:

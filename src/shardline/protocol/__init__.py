@@ -27,6 +27,14 @@ from ._frames import (
     Want,
     Welcome,
 )
+from ._input import (
+    COMPRESSION_MAGIC_BYTES,
+    DEFAULT_MIN_SHARD_BYTES,
+    check_location,
+    compressed_input_message,
+    compression_format,
+    usable_shards,
+)
 from ._markers import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,
@@ -69,10 +77,12 @@ from ._task import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES, TASK_VE
 
 __all__ = [
     "CLOSED",
+    "COMPRESSION_MAGIC_BYTES",
     "COORDINATOR_KEY_BYTES",
     "DEFAULT_MARKER_TABLE",
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_IN_FLIGHT_BYTES",
+    "DEFAULT_MIN_SHARD_BYTES",
     "DEFAULT_PART_SIZE_BYTES",
     "MARKER_ATTRIBUTE_DEFINITIONS",
     "MARKER_FENCE_ATTRIBUTE",
@@ -123,7 +133,10 @@ __all__ = [
     "attempt_output_name",
     "attempt_secret",
     "check_delimiter",
+    "check_location",
     "check_tiling",
+    "compressed_input_message",
+    "compression_format",
     "format_delimiter",
     "job_secret",
     "marker_expired",
@@ -136,4 +149,5 @@ __all__ = [
     "nominal_starts",
     "parse_delimiter",
     "plan_shards",
+    "usable_shards",
 ]

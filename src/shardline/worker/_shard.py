@@ -205,6 +205,10 @@ async def run_task(
 _FINAL_ERRORS = (InputError, ConfigurationError, MarkerConflictError, StaleAttemptError)
 
 
+#: The most a header (--header N) may hold: every shard keeps it in memory.
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
 def is_retryable(exc: ShardlineError) -> bool:
     """Whether the coordinator may retry the shard after `exc` (commands, storage: yes)."""
     return not isinstance(exc, _FINAL_ERRORS)
@@ -235,6 +239,7 @@ def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) ->
         env=env,
         drop_env=task.command_env_drop,
         stderr_tail_bytes=settings.stderr_tail_bytes,
+        ok_exit=task.ok_exit,
     )
 
 
@@ -262,8 +267,12 @@ class _ShardRun:
         self.emitted = 0
         self.crc = 0
         self.guard: LineLengthGuard | None = None
+        #: The object's first `task.header_lines` lines (--header); shard 0 reads them as its own.
+        self.header = b""
 
     async def execute(self) -> ShardResult:
+        if self.task.header_lines and self.shard.index > 0:
+            self.header = await self._read_header()
         await self.output.start()
         if self.exchange is None:
             return await self._work()
@@ -323,7 +332,7 @@ class _ShardRun:
         head_fits = True
         publish: asyncio.Future[None] | None = None
         if boundary is not None:  # shard 0: h_0 = 0, nothing to scan
-            self._start_emitting(boundary.head_end)
+            await self._start_emitting(boundary.head_end)
             publish = asyncio.ensure_future(self._publish(boundary, b""))
         position = shard.fetch_start
         try:
@@ -348,7 +357,7 @@ class _ShardRun:
                         if boundary is not None and position >= boundary.head_end:
                             publish = asyncio.ensure_future(self._publish(boundary, bytes(head) if head_fits else None))
                             if boundary.line_start:
-                                self._start_emitting(boundary.head_end)
+                                await self._start_emitting(boundary.head_end)
                                 await self._emit(chunk[boundary.head_end - chunk_start :])
                         continue
                     if boundary is not None and boundary.line_start:
@@ -360,9 +369,35 @@ class _ShardRun:
         assert boundary is not None and publish is not None, "the scanner decides by the end of the range"
         return boundary, publish
 
-    def _start_emitting(self, start: int) -> None:
+    async def _start_emitting(self, start: int) -> None:
         if self.task.max_line_bytes is not None:
             self.guard = LineLengthGuard(self.task.delimiter, self.task.max_line_bytes, start=start)
+        # The header goes to the command ahead of our lines, but it is not ours:
+        # neither counted as emitted nor checksummed (shard 0 emits it).  A shard
+        # starting inside the header gets the header lines before its start.
+        await self.output.write(self.header[:start])
+
+    async def _read_header(self) -> bytes:
+        """The object's first `header_lines` lines (fewer if it has fewer), read with doubling ranges."""
+        wanted, delimiter, size = self.task.header_lines, self.task.delimiter, self.task.size
+        length = self.settings.scan_initial_bytes
+        while True:
+            data = await fetch_range(self.source, 0, min(length, size), etag=self.task.etag, retry=self.settings.retry)
+            end = 0
+            for _ in range(wanted):
+                found = data.find(delimiter, end)
+                if found < 0:
+                    break
+                end = found + len(delimiter)
+            else:
+                return data[:end]
+            if len(data) == size:
+                return data  # fewer lines than asked for: all of it is header
+            if length >= _MAX_HEADER_BYTES:
+                raise InputError(
+                    f"--header {wanted}: the first {wanted} lines are longer than {_MAX_HEADER_BYTES} bytes"
+                )
+            length *= 2
 
     async def _emit(self, data: bytes | memoryview) -> None:
         if not data:
