@@ -159,16 +159,22 @@ class ShardFailedError(ShardlineError):
         self.cause = cause
 
 
+#: How many of a failed command's last stderr lines its error shows.
+_STDERR_LINES_SHOWN = 3
+
+
 class CommandFailedError(ShardlineError):
     """The per-shard command exited non-zero (or could not be started)."""
 
     def __init__(self, *, returncode: int, stderr_tail: str) -> None:
-        detail = stderr_tail.strip().splitlines()[-1:] or ["(no stderr)"]
+        # Its last few lines, on one line: the error is often not the very last.
+        lines = [line.strip() for line in stderr_tail.splitlines() if line.strip()]
+        detail = "; ".join(lines[-_STDERR_LINES_SHOWN:]) or "(no stderr)"
         if returncode < 0:
             how = f"command killed by signal {_signal_name(-returncode)}"
         else:
             how = f"command exited with status {returncode}"
-        super().__init__(f"{how}: {detail[0]}")
+        super().__init__(f"{how}: {detail}")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
 

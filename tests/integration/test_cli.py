@@ -58,10 +58,10 @@ def test_embedded_identity_and_sed(tmp_path, home, name):
     path = tmp_path / "input"
     path.write_bytes(data)
     env = clean_env(home)
-    identity = shardline("run", str(path), "-n", "4", env=env)
+    identity = shardline("run", str(path), "-n", "4", "--exact-shards", env=env)
     assert identity.returncode == 0, identity.stderr.decode()
     assert identity.stdout == data
-    sed = shardline("run", str(path), "-n", "4", "--", "sed", SED, env=env)
+    sed = shardline("run", str(path), "-n", "4", "--exact-shards", "--", "sed", SED, env=env)
     assert sed.returncode == 0, sed.stderr.decode()
     assert sed.stdout == sequential_reference(data, f"sed '{SED}'")
     assert sed.stderr == b""  # quiet when stderr is not a terminal
@@ -71,7 +71,9 @@ def test_n_far_above_size_and_nul_delimiter(tmp_path, home):
     data = b"a\0bb\0c"
     path = tmp_path / "input"
     path.write_bytes(data)
-    result = shardline("run", str(path), "-n", "16", "--delimiter", "\\0", "--stats", env=clean_env(home))
+    result = shardline(
+        "run", str(path), "-n", "16", "--exact-shards", "--delimiter", "\\0", "--stats", env=clean_env(home)
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == data
     stats = json.loads(result.stderr.decode().strip().splitlines()[-1])
@@ -82,7 +84,7 @@ def test_hundreds_of_in_process_shards(tmp_path, home):
     data, _ = CORPUS["nul-no-trailing"]
     path = tmp_path / "input"
     path.write_bytes(data)
-    args = ("run", str(path), "-n", "300", "--workers", "inprocess", "--delimiter", "\\0")
+    args = ("run", str(path), "-n", "300", "--exact-shards", "--workers", "inprocess", "--delimiter", "\\0")
     result = shardline(*args, env=clean_env(home))
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == data
@@ -91,7 +93,9 @@ def test_hundreds_of_in_process_shards(tmp_path, home):
 def test_single_command_argument_is_a_shell_line(tmp_path, home):
     path = tmp_path / "input"
     path.write_bytes(b"b\na\nc\na\n" * 50)
-    result = shardline("run", str(path), "-n", "3", "--", "sort | uniq -c | wc -l", env=clean_env(home))
+    result = shardline(
+        "run", str(path), "-n", "3", "--exact-shards", "--", "sort | uniq -c | wc -l", env=clean_env(home)
+    )
     assert result.returncode == 0, result.stderr.decode()
     # Each shard reports its own count of distinct lines.
     assert [int(x) for x in result.stdout.split()] == [3, 3, 3]
@@ -101,7 +105,7 @@ def test_s3_source_on_moto(tmp_path, home, moto: Endpoint, s3, bucket):
     data, _ = CORPUS["random-mix"]
     s3.put_object(Bucket=bucket, Key="dir/object.txt", Body=data)
     env = clean_env(home, **moto.env())
-    result = shardline("run", f"s3://{bucket}/dir/object.txt", "-n", "5", "--", "sed", SED, env=env)
+    result = shardline("run", f"s3://{bucket}/dir/object.txt", "-n", "5", "--exact-shards", "--", "sed", SED, env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == sequential_reference(data, f"sed '{SED}'")
 
@@ -124,7 +128,7 @@ def test_s3_source_on_seaweedfs(tmp_path, home):
             SHARDLINE_STATE_DIR=str(home / "state"),
         )
         # SeaweedFS speaks no DynamoDB: with no flag, markers go to the SQLite store.
-        result = shardline("run", "s3://shardline-test/object.txt", "-n", "6", env=env)
+        result = shardline("run", "s3://shardline-test/object.txt", "-n", "6", "--exact-shards", env=env)
         assert result.returncode == 0, result.stderr.decode()
         assert result.stdout == data
         assert (home / "state" / "shardline.db").is_file()
@@ -168,12 +172,14 @@ def test_output_directory_must_be_empty_unless_overwrite(tmp_path, home):
     path.write_bytes(data)
     out = tmp_path / "out"
     env = clean_env(home)
-    earlier = shardline("run", str(path), "-n", "8", "--output", str(out), "--reduce", "wc -l", env=env)
+    earlier = shardline(
+        "run", str(path), "-n", "8", "--exact-shards", "--output", str(out), "--reduce", "wc -l", env=env
+    )
     assert earlier.returncode == 0, earlier.stderr.decode()
     (out / "notes.txt").write_bytes(b"mine\n")
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
 
-    refused = shardline("run", str(path), "-n", "4", "--output", str(out), env=env)
+    refused = shardline("run", str(path), "-n", "4", "--exact-shards", "--output", str(out), env=env)
     assert refused.returncode == 2
     assert f"{out} is not empty" in _one_line_error(refused) and "--overwrite" in _one_line_error(refused)
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
@@ -181,7 +187,20 @@ def test_output_directory_must_be_empty_unless_overwrite(tmp_path, home):
     # A relative path with '..' is the user's to give: it is made absolute.
     relative = os.path.relpath(out, home)
     assert relative.startswith("..")
-    argv = [*SHARDLINE, "run", str(path), "-n", "4", "--output", relative, "--overwrite", "--", "sed", SED]
+    argv = [
+        *SHARDLINE,
+        "run",
+        str(path),
+        "-n",
+        "4",
+        "--exact-shards",
+        "--output",
+        relative,
+        "--overwrite",
+        "--",
+        "sed",
+        SED,
+    ]
     replaced = subprocess.run(argv, env=env, cwd=home, capture_output=True, timeout=120)
     assert replaced.returncode == 0, replaced.stderr.decode()
     assert sorted(p.name for p in out.iterdir()) == [
@@ -200,7 +219,7 @@ def test_unreadable_file(tmp_path, home):
     path = tmp_path / "secret.txt"
     path.write_bytes(b"hidden\n")
     path.chmod(0)
-    command = [*SHARDLINE, "run", str(path), "-n", "2"]
+    command = [*SHARDLINE, "run", str(path), "-n", "2", "--exact-shards"]
     if os.geteuid() == 0:
         # Root reads any file: drop the capabilities that let it.
         command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all", *command]
@@ -214,7 +233,7 @@ def test_failed_shard_is_named(tmp_path, home):
     file.write_bytes(b"".join(b"%d\n" % i for i in range(100)))
     # Only the shard that sees line 50 fails, with its stderr in the message.
     command = "grep -q '^50$' && { echo 'bad record 50' >&2; exit 4; } || cat"
-    result = shardline("run", str(file), "-n", "4", "--", command, env=clean_env(home))
+    result = shardline("run", str(file), "-n", "4", "--exact-shards", "--", command, env=clean_env(home))
     assert result.returncode == 1
     line = _one_line_error(result)
     assert "shard 1 failed" in line and "status 4" in line and "bad record 50" in line
@@ -239,7 +258,7 @@ def test_s3_without_any_configuration_says_so(home):
 # run only that far ahead, so with 3 MiB shards its next GETs certainly come
 # after the change and must see it.
 MID_JOB_DATA = b"".join(b"record %08d\n" % i for i in range(400_000))  # 6.4 MB
-MID_JOB_ARGS = ("-n", "2", "--part-size", "64K", "--parts-in-flight", "1")
+MID_JOB_ARGS = ("-n", "2", "--exact-shards", "--part-size", "64K", "--parts-in-flight", "1")
 
 
 def test_s3_object_overwritten_mid_job_fails_with_etag_error(tmp_path, home, moto: Endpoint, s3, bucket):

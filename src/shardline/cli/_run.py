@@ -147,7 +147,8 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
         if args.workers == "inprocess":
             backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
         else:
-            backend = LocalProcessBackend(max_processes=args.max_processes)
+            # The commands' stderr, tagged with their shards, reaches the user.
+            backend = LocalProcessBackend(max_processes=args.max_processes, forward_stderr=sys.stderr.buffer)
             await backend.prestart(spec.shards)
         try:
             report = await run_embedded(

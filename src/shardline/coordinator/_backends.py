@@ -26,7 +26,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import IO, Any, cast
 
 from ..io.aio import completes_within
 from ..protocol import ShardTask
@@ -102,7 +102,11 @@ class LocalProcessBackend(Backend):
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+        forward_stderr: IO[bytes] | None = None,
     ) -> None:
+        #: Where the processes' stderr lines (their commands', tagged by shard) are
+        #: passed on as well: the user's terminal in an embedded run.
+        self._forward_stderr = forward_stderr
         self.max_processes = max_processes or max(2, 2 * (os.cpu_count() or 1))
         self._slots = asyncio.Semaphore(self.max_processes)
         self._python = python
@@ -116,7 +120,7 @@ class LocalProcessBackend(Backend):
     async def _spawn(self) -> _WorkerProcess:
         if self._closed:
             raise RuntimeError("LocalProcessBackend is closed")
-        worker = await _WorkerProcess.spawn(self._python, self._env)
+        worker = await _WorkerProcess.spawn(self._python, self._env, self._forward_stderr)
         self._processes.add(worker)
         return worker
 
@@ -174,13 +178,15 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
     that dies is noticed even if something it started still holds a pipe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, forward_stderr: IO[bytes] | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.answers: asyncio.Queue[bytes] = asyncio.Queue()
         self.stderr_closed: asyncio.Future[None] = loop.create_future()
         self.stderr_tail = bytearray()
         self._stdout = bytearray()
+        self._forward_stderr = forward_stderr
+        self._stderr_partial = bytearray()  # passed on in whole lines: other processes share the sink
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
@@ -191,6 +197,22 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         elif fd == 2:
             self.stderr_tail += data
             del self.stderr_tail[:-_STDERR_TAIL_BYTES]
+            if self._forward_stderr is not None:
+                self._pass_on_stderr(data)
+
+    def _pass_on_stderr(self, data: bytes) -> None:
+        assert self._forward_stderr is not None
+        self._stderr_partial += data
+        end = self._stderr_partial.rfind(b"\n") + 1
+        try:
+            if end:
+                self._forward_stderr.write(bytes(self._stderr_partial[:end]))
+                self._forward_stderr.flush()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot pass on worker stderr any more: %s", exc)
+            self._forward_stderr = None
+        del self._stderr_partial[:end]
+        del self._stderr_partial[:-_STDERR_TAIL_BYTES]  # bounded, even without a newline
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 2 and not self.stderr_closed.done():
@@ -211,9 +233,9 @@ class _WorkerProcess:
         self.pid = transport.get_pid()
 
     @classmethod
-    async def spawn(cls, python: str, env: Mapping[str, str]) -> _WorkerProcess:
+    async def spawn(cls, python: str, env: Mapping[str, str], forward_stderr: IO[bytes] | None) -> _WorkerProcess:
         transport, protocol = await asyncio.get_running_loop().subprocess_exec(
-            _WorkerProtocol,
+            lambda: _WorkerProtocol(forward_stderr),
             python,
             "-m",
             "shardline.worker",

@@ -179,6 +179,7 @@ class Coordinator:
         """Accept `spec` and start it; errors about the request name the field."""
         if not self.accepting:
             raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
+        self.settings.job_limits.check(spec)  # what was asked for, before -n is lowered to fit
         backend = self._backend(spec.backend)
         async with open_source(spec.source, self.aws) as source:
             # A throttled or briefly unreachable store is no reason to refuse
@@ -187,7 +188,6 @@ class Coordinator:
             spec = replace(spec, shards=usable_shards(info.size, spec.shards, spec.min_shard_bytes))
             if spec.shards > 1:
                 await refuse_compressed(source, spec.source, info, self.settings.retry)
-        self.settings.job_limits.check(spec)
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)

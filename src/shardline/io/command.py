@@ -51,6 +51,7 @@ from ..errors import CommandExitError, CommandFailedError
 from .aio import completes_within
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
+from .stderrlines import TaggedLines
 
 __all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
 
@@ -87,7 +88,7 @@ _STATUS_NOT_EXECUTABLE = 126
 class _CommandProtocol(asyncio.SubprocessProtocol):
     """Watches the command: its exit, its stderr, and flow control of its stdin."""
 
-    def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | None) -> None:
+    def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | TaggedLines | None) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.stderr_closed: asyncio.Future[None] = loop.create_future()
@@ -150,6 +151,11 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
             self.stdin_lost = True
             self._wake_writer()
         elif fd == 2 and not self.stderr_closed.done():
+            if isinstance(self._forward_stderr, TaggedLines):
+                try:
+                    self._forward_stderr.end()  # its last line, even without a newline
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot forward command stderr any more: %s", exc)
             self.stderr_closed.set_result(None)
 
     def process_exited(self) -> None:
@@ -201,7 +207,7 @@ class CommandOutput(ShardOutput):
         drop_env: Collection[str] = (),
         args: Sequence[str] = (),
         stderr_tail_bytes: int = 8192,
-        forward_stderr: IO[bytes] | None = None,
+        forward_stderr: IO[bytes] | TaggedLines | None = None,
         ok_exit: Collection[int] = (0,),
     ) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 import zlib
 from collections.abc import Awaitable
@@ -45,6 +46,7 @@ from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
 from ..io.shardoutput import PassthroughOutput, ShardOutput
 from ..io.sources import ObjectSource, open_source
+from ..io.stderrlines import TaggedLines
 from ..io.store import MarkerStore, open_marker_store
 from ..io.urls import is_s3_url
 from ..protocol import (
@@ -233,12 +235,16 @@ def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) ->
         "SHARDLINE_SHARDS": str(task.shards),
         "SHARDLINE_ATTEMPT": str(task.attempt),
     }
+    stderr = getattr(sys.stderr, "buffer", None)
     return CommandOutput(
         task.command,
         output_path,
         env=env,
         drop_env=task.command_env_drop,
         stderr_tail_bytes=settings.stderr_tail_bytes,
+        # Our stderr: the user's terminal (in-process workers), or a pipe a
+        # local backend passes on (embedded runs) or keeps the tail of (a daemon).
+        forward_stderr=TaggedLines(stderr, f"shard {task.shard}: ") if stderr is not None else None,
         ok_exit=task.ok_exit,
     )
 
