@@ -75,10 +75,13 @@ class ObjectChangedError(InputError):
 class LineTooLongError(InputError):
     """A line exceeds the configured ``max_line_bytes``; names its offset."""
 
-    def __init__(self, *, offset: int, limit: int) -> None:
-        super().__init__(f"line starting before offset {offset} is longer than max_line_bytes={limit}")
+    def __init__(self, *, offset: int, limit: int, starts_earlier: bool = False) -> None:
+        where = f"line holding offset {offset} (it starts earlier)" if starts_earlier else f"line at offset {offset}"
+        super().__init__(f"{where} is longer than max_line_bytes={limit} (--max-line-bytes)")
         self.offset = offset
         self.limit = limit
+        #: `offset` is inside the line, not its start (a shard found it before finding where it starts).
+        self.starts_earlier = starts_earlier
 
 
 # --- storage (S3, DynamoDB, local disk) ---------------------------------------

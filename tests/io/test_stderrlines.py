@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from shardline.io.stderrlines import TaggedLines
+from shardline.io.stderrlines import TaggedLines, shard_tag, tagged_lines_only
 
 
 class Clock:
@@ -50,3 +50,9 @@ def test_lines_beyond_the_rate_are_dropped_and_counted():
     lines.write(b"".join(b"%d\n" % i for i in range(5)))
     lines.end()
     assert sink.getvalue().splitlines()[-1] == b"s: [3 lines of stderr not shown: too many per second]"
+
+
+def test_only_tagged_lines_are_picked_out_of_a_workers_stderr():
+    stderr = b"2026-01-01 shardline.worker WARNING lost\nshard 2: warn\nshard x: no\nshard 10: two\n"
+    assert tagged_lines_only(stderr) == b"shard 2: warn\nshard 10: two\n"
+    assert shard_tag(7) == "shard 7: "

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -89,9 +88,7 @@ def _add_run(sub: Subcommands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("source", metavar="SOURCE", help="s3://bucket/key or a local file path")
-    run.add_argument(
-        "-n", "--shards", type=positive_int, default=os.cpu_count() or 1, help="number of shards (default: CPUs)"
-    )
+    run.add_argument("-n", "--shards", type=positive_int, default=None, help="number of shards (default: CPUs)")
     run.add_argument(
         "--delimiter", default="\\n", help="record delimiter: \\n (default), \\0, \\t, \\r, \\xHH or one character"
     )

@@ -90,7 +90,7 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
         raise ConfigurationError("--overwrite needs --output DEST (output on stdout overwrites nothing)")
     return JobSpec(
         source=source,
-        shards=args.shards,
+        shards=args.shards or os.cpu_count() or 1,
         delimiter=parse_delimiter(args.delimiter, what="--delimiter"),
         command=command,
         output=output,
@@ -140,7 +140,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
 
         def on_start(snapshot: Callable[[], JobProgress]) -> None:
             first = snapshot()
-            _notice_fewer_shards(spec, first.shards, first.size)
+            _notice_fewer_shards(args, spec, first.shards, first.size)
             if display is not None:
                 display.attach(snapshot)
 
@@ -190,7 +190,7 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
             view = await coordinator.submit(spec)
             job_id = view["id"]
             log.info("job %s submitted to %s", job_id, coordinator.url)
-            _notice_fewer_shards(spec, view["shards_total"], view["size"])
+            _notice_fewer_shards(args, spec, view["shards_total"], view["size"])
             display = ProgressDisplay(sys.stderr) if show_progress else None
             poller = None
             if display is not None:
@@ -227,9 +227,9 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
     return run_job_loop(go, use_uvloop=not args.no_uvloop)
 
 
-def _notice_fewer_shards(spec: JobSpec, shards: int, size: int) -> None:
-    """One line on stderr when the coordinator lowered -n (--min-shard-bytes)."""
-    if shards < spec.shards:
+def _notice_fewer_shards(args: argparse.Namespace, spec: JobSpec, shards: int, size: int) -> None:
+    """One line on stderr when the coordinator lowered an -n the user gave (--min-shard-bytes)."""
+    if shards < spec.shards and args.shards is not None:
         print(
             f"shardline: using {shards} shard{'s' if shards > 1 else ''}, not {spec.shards}: the source's {size} "
             f"bytes give more shards less than --min-shard-bytes ({spec.min_shard_bytes}) each; --exact-shards "

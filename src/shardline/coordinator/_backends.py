@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import IO, Any, cast
 
 from ..io.aio import completes_within
+from ..io.stderrlines import tagged_lines_only
 from ..protocol import ShardTask
 
 __all__ = ["Backend", "LocalProcessBackend", "WorkerExit"]
@@ -104,8 +105,8 @@ class LocalProcessBackend(Backend):
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
         forward_stderr: IO[bytes] | None = None,
     ) -> None:
-        #: Where the processes' stderr lines (their commands', tagged by shard) are
-        #: passed on as well: the user's terminal in an embedded run.
+        #: Where the processes' commands' stderr lines (tagged by shard) are passed
+        #: on as well: the user's terminal in an embedded run.
         self._forward_stderr = forward_stderr
         self.max_processes = max_processes or max(2, 2 * (os.cpu_count() or 1))
         self._slots = asyncio.Semaphore(self.max_processes)
@@ -205,8 +206,10 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         self._stderr_partial += data
         end = self._stderr_partial.rfind(b"\n") + 1
         try:
-            if end:
-                self._forward_stderr.write(bytes(self._stderr_partial[:end]))
+            # The commands' lines only: the worker's own log lines stay in the tail.
+            lines = tagged_lines_only(bytes(self._stderr_partial[:end]))
+            if lines:
+                self._forward_stderr.write(lines)
                 self._forward_stderr.flush()
         except (OSError, ValueError) as exc:
             log.warning("cannot pass on worker stderr any more: %s", exc)

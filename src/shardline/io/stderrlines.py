@@ -5,11 +5,25 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import IO
 
-__all__ = ["TaggedLines"]
+__all__ = ["TaggedLines", "shard_tag", "tagged_lines_only"]
+
+_TAGGED_LINE = re.compile(rb"^shard \d+: .*\n", re.MULTILINE)
+
+
+def shard_tag(shard: int) -> str:
+    """The prefix of shard `shard`'s command stderr lines, `parallel --tag` style."""
+    return f"shard {shard}: "
+
+
+def tagged_lines_only(data: bytes) -> bytes:
+    """The whole lines of `data` that carry a `shard_tag` (a worker's own log lines dropped)."""
+    return b"".join(_TAGGED_LINE.findall(data))
+
 
 #: A line longer than this is cut (and marked) when passed on.
 DEFAULT_MAX_LINE_BYTES = 4096

@@ -35,6 +35,7 @@ from ..errors import (
     ConfigurationError,
     ExchangeUnavailable,
     InputError,
+    LineTooLongError,
     MarkerConflictError,
     ShardlineError,
     StaleAttemptError,
@@ -46,7 +47,7 @@ from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
 from ..io.shardoutput import PassthroughOutput, ShardOutput
 from ..io.sources import ObjectSource, open_source
-from ..io.stderrlines import TaggedLines
+from ..io.stderrlines import TaggedLines, shard_tag
 from ..io.store import MarkerStore, open_marker_store
 from ..io.urls import is_s3_url
 from ..protocol import (
@@ -244,7 +245,7 @@ def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) ->
         stderr_tail_bytes=settings.stderr_tail_bytes,
         # Our stderr: the user's terminal (in-process workers), or a pipe a
         # local backend passes on (embedded runs) or keeps the tail of (a daemon).
-        forward_stderr=TaggedLines(stderr, f"shard {task.shard}: ") if stderr is not None else None,
+        forward_stderr=TaggedLines(stderr, shard_tag(task.shard)) if stderr is not None else None,
         ok_exit=task.ok_exit,
     )
 
@@ -368,6 +369,13 @@ class _ShardRun:
                         continue
                     if boundary is not None and boundary.line_start:
                         await self._emit(chunk)
+        except LineTooLongError as exc:
+            if publish is not None:
+                publish.cancel()
+            if not exc.starts_earlier:
+                raise
+            # Name the line by its start, as the shard emitting it would have.
+            raise LineTooLongError(offset=await self._line_start_before(exc.offset), limit=exc.limit) from None
         except BaseException:
             if publish is not None:
                 publish.cancel()
@@ -382,6 +390,18 @@ class _ShardRun:
         # neither counted as emitted nor checksummed (shard 0 emits it).  A shard
         # starting inside the header gets the header lines before its start.
         await self.output.write(self.header[:start])
+
+    async def _line_start_before(self, offset: int) -> int:
+        """Where the line holding `offset` starts: after the last delimiter before it (or 0)."""
+        end = offset
+        while end > 0:
+            start = max(0, end - self.settings.scan_initial_bytes)
+            data = await fetch_range(self.source, start, end, etag=self.task.etag, retry=self.settings.retry)
+            found = data.rfind(self.task.delimiter)
+            if found >= 0:
+                return start + found + 1
+            end = start
+        return 0
 
     async def _read_header(self) -> bytes:
         """The object's first `header_lines` lines (fewer if it has fewer), read with doubling ranges."""
