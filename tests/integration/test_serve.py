@@ -126,6 +126,28 @@ def test_run_with_coordinator_fails_with_the_jobs_error(daemon, env, local_sourc
     assert result.stdout == b""
 
 
+def test_command_stderr_is_kept_per_attempt_and_shown_by_logs(daemon, env, local_source):
+    failing = 'if [ "$SHARDLINE_SHARD" = 1 ]; then echo "bad record" >&2; exit 4; fi'
+    command = f'echo "warn from $SHARDLINE_SHARD" >&2; {failing}; cat'
+    result = shardline(
+        "run", local_source, "-n", "3", "--exact-shards", "--coordinator", daemon.url, "--", command, env=env
+    )
+    assert result.returncode == 1
+    error = result.stderr.decode().strip().splitlines()[-1]
+    assert "status 4: warn from 1; bad record" in error  # the job's error has the last lines
+    job_id = error.split("job ")[1].split()[0]
+    one = shardline("logs", job_id, "--shard", "1", "--coordinator", daemon.url, env=env)
+    assert one.returncode == 0, one.stderr.decode()
+    assert one.stdout.decode() == "--- shard 1 attempt 0 ---\nshard 1: warn from 1\nshard 1: bad record\n"
+    every = shardline("logs", job_id, "--coordinator", daemon.url, env=env)
+    assert "shard 1: bad record" in every.stdout.decode()
+    assert {line for line in every.stdout.decode().splitlines() if line.startswith("--- ")} <= {
+        f"--- shard {i} attempt 0 ---" for i in range(3)
+    }
+    beyond = shardline("logs", job_id, "--shard", "9", "--coordinator", daemon.url, env=env)
+    assert beyond.returncode == 1 and "has shards 0 to 2" in beyond.stderr.decode()
+
+
 def test_status_and_cancel_commands(daemon, env, local_source):
     running = submit(daemon, source=local_source, shards=2, command="sleep 600")
     listed = shardline("status", "--coordinator", daemon.url, env=env)

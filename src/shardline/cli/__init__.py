@@ -12,7 +12,7 @@ The parser is in `_parser` (`_options`, `_serveparser`); each subcommand's
 module is imported only when it runs, so that `--help` and the client
 commands load no more than they use: `_run` (run, embedded or on a daemon;
 its progress line in `_progress`), `_serve` (serve, token), `_remote`
-(the daemon's client; status, cancel), `_worker` (worker, package-worker),
+(the daemon's client; status, cancel, logs), `_worker` (worker, package-worker),
 `_format` (status tables), `_loop` (the event loop; SIGTERM).
 """
 
@@ -99,6 +99,10 @@ def _subcommand(name: str) -> Callable[[argparse.Namespace], int]:
         from ._remote import cancel_command
 
         return cancel_command
+    if name == "logs":
+        from ._remote import logs_command
+
+        return logs_command
     if name == "worker":
         from ._worker import worker_command
 

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     _add_status(sub)
     _add_cancel(sub)
+    _add_logs(sub)
     _add_token(sub)
     _add_worker(sub)
     _add_package_worker(sub)
@@ -241,6 +242,21 @@ def _add_cancel(sub: Subcommands) -> None:
     cancel.add_argument("id", metavar="ID", help="the job id")
     add_coordinator_options(cancel, required=True)
     add_common_options(cancel)
+
+
+def _add_logs(sub: Subcommands) -> None:
+    """`shardline logs ID [--shard K]`."""
+    logs = sub.add_parser(
+        "logs",
+        help="print the stderr of a job's commands on a coordinator",
+        description="Print what job ID's commands wrote to stderr, per shard attempt, each line tagged with its "
+        "shard: the last 64 KiB of each attempt, kept by the daemon in memory while it runs, once the attempt "
+        "has ended (local workers only; Lambda's are in CloudWatch). A failed job's error holds the last lines too.",
+    )
+    logs.add_argument("id", metavar="ID", help="the job id")
+    logs.add_argument("--shard", metavar="K", type=non_negative_int, default=None, help="only shard K's attempts")
+    add_coordinator_options(logs, required=True)
+    add_common_options(logs)
 
 
 def _add_token(sub: Subcommands) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
@@ -75,6 +76,18 @@ def cancel_command(args: argparse.Namespace) -> int:
             print(f"job {view['id']} cancelled")
         else:
             print(f"job {view['id']} had already {view['state']}; nothing to cancel")
+        return 0
+
+    return run_loop(go, use_uvloop=not args.no_uvloop)
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    """`shardline logs ID [--shard K]`."""
+
+    async def go() -> int:
+        async with coordinator_client(args) as coordinator:
+            text = await coordinator.logs(args.id, args.shard)
+        sys.stdout.write(text)
         return 0
 
     return run_loop(go, use_uvloop=not args.no_uvloop)

@@ -15,9 +15,18 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError, ShardlineError
+from ..errors import ConfigurationError, InputError, ShardlineError
 from ..io.aws import AwsSettings, aws_configured
-from ..protocol import JobSpec, ShardRange, check_location, parse_delimiter, usable_shards
+from ..protocol import (
+    COMPRESSION_MAGIC_BYTES,
+    JobSpec,
+    ShardRange,
+    check_location,
+    compressed_input_message,
+    compression_format,
+    parse_delimiter,
+    usable_shards,
+)
 from ._loop import cancel_on_sigterm, run_job_loop
 from ._progress import ProgressDisplay, RemoteProgress, poll_progress
 from ._remote import coordinator_client
@@ -240,8 +249,6 @@ def _notice_fewer_shards(args: argparse.Namespace, spec: JobSpec, shards: int, s
 
 def _dry_run(args: argparse.Namespace, spec: JobSpec) -> int:
     """--dry-run: what an embedded run would do, from the source's size and ETag; nothing is started."""
-    from ..coordinator._service import refuse_compressed
-    from ..io.retry import RetryPolicy
     from ..io.sources import open_source
 
     _check_aws(spec)
@@ -250,8 +257,11 @@ def _dry_run(args: argparse.Namespace, spec: JobSpec) -> int:
         async with open_source(spec.source, AwsSettings()) as source:
             info = await source.stat()
             shards = usable_shards(info.size, spec.shards, spec.min_shard_bytes)
-            if shards > 1:
-                await refuse_compressed(source, spec.source, info, RetryPolicy())
+            if shards > 1:  # as shard 0's worker would
+                first = bytearray(min(info.size, COMPRESSION_MAGIC_BYTES))
+                await source.read_into(0, memoryview(first), etag=info.etag)
+                if (name := compression_format(bytes(first))) is not None:
+                    raise InputError(compressed_input_message(spec.source, name))
         lowered = f" (-n {spec.shards} lowered: --min-shard-bytes {spec.min_shard_bytes})"
         ranges = [ShardRange.of(info.size, shards, index) for index in range(shards)]
         workers = f"{args.workers} workers" + (f", at most {args.max_processes} at once" if args.max_processes else "")

@@ -44,6 +44,8 @@ _STDERR_WAIT_S = 1.0
 #: How long to wait for a SIGKILLed process to be reaped before giving up
 #: with a warning (a process in uninterruptible sleep cannot die at once).
 _KILL_WAIT_S = 10.0
+#: Command stderr kept per attempt for `GET /jobs/{id}/logs` (its last bytes).
+COMMAND_LOG_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +79,11 @@ class Backend(abc.ABC):
         the coordinator's spool (an ``s3://`` URL), or None: the spool."""
         return None
 
+    def command_stderr(self, job_id: str, shard: int | None = None) -> str:
+        """The stderr of `job_id`'s commands per attempt (`CommandLogs.text`), as far as
+        this backend sees and keeps it; "" where it sees none (Lambda: CloudWatch has it)."""
+        return ""
+
     async def discard_outputs(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """Delete whatever attempt outputs of `job_id` are left at `output_location`."""
 
@@ -108,6 +115,7 @@ class LocalProcessBackend(Backend):
         #: Where the processes' commands' stderr lines (tagged by shard) are passed
         #: on as well: the user's terminal in an embedded run.
         self._forward_stderr = forward_stderr
+        self._command_logs = CommandLogs()
         self.max_processes = max_processes or max(2, 2 * (os.cpu_count() or 1))
         self._slots = asyncio.Semaphore(self.max_processes)
         self._python = python
@@ -145,10 +153,13 @@ class LocalProcessBackend(Backend):
             try:
                 exit_, reusable = await worker.run(task)
             except BaseException:
+                # Ended early (a shard's failure fails the job): keep what it said so far.
+                self._command_logs.add(task.job_id, task.shard, task.attempt, worker.take_command_log())
                 # Cancelled (deadline, job cancelled, speculation lost): the
                 # process is in the middle of a task and is never reused.
                 await asyncio.shield(self._stop_soon(worker))
                 raise
+            self._command_logs.add(task.job_id, task.shard, task.attempt, worker.take_command_log())
             if reusable and not self._closed:
                 self._idle.append(worker)
             else:
@@ -162,6 +173,9 @@ class LocalProcessBackend(Backend):
         self._stopping.add(stopping)
         stopping.add_done_callback(self._stopping.discard)
         return stopping
+
+    def command_stderr(self, job_id: str, shard: int | None = None) -> str:
+        return self._command_logs.text(job_id, shard)
 
     async def aclose(self) -> None:
         """Stop every process, busy ones included; `run()` cannot start new ones afterwards."""
@@ -187,7 +201,9 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         self.stderr_tail = bytearray()
         self._stdout = bytearray()
         self._forward_stderr = forward_stderr
-        self._stderr_partial = bytearray()  # passed on in whole lines: other processes share the sink
+        self._stderr_partial = bytearray()  # taken in whole lines: other processes share the sink
+        #: The current task's command stderr lines, the last COMMAND_LOG_BYTES.
+        self.command_log = bytearray()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
@@ -198,24 +214,32 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         elif fd == 2:
             self.stderr_tail += data
             del self.stderr_tail[:-_STDERR_TAIL_BYTES]
-            if self._forward_stderr is not None:
-                self._pass_on_stderr(data)
+            self._take_command_lines(data)
 
-    def _pass_on_stderr(self, data: bytes) -> None:
-        assert self._forward_stderr is not None
+    def _take_command_lines(self, data: bytes) -> None:
+        """Keep (and pass on, if asked) the commands' lines; the worker's own log lines stay in the tail."""
         self._stderr_partial += data
         end = self._stderr_partial.rfind(b"\n") + 1
-        try:
-            # The commands' lines only: the worker's own log lines stay in the tail.
-            lines = tagged_lines_only(bytes(self._stderr_partial[:end]))
-            if lines:
-                self._forward_stderr.write(lines)
-                self._forward_stderr.flush()
-        except (OSError, ValueError) as exc:
-            log.warning("cannot pass on worker stderr any more: %s", exc)
-            self._forward_stderr = None
+        lines = tagged_lines_only(bytes(self._stderr_partial[:end])) if end else b""
         del self._stderr_partial[:end]
         del self._stderr_partial[:-_STDERR_TAIL_BYTES]  # bounded, even without a newline
+        if not lines:
+            return
+        self.command_log += lines
+        del self.command_log[:-COMMAND_LOG_BYTES]
+        if self._forward_stderr is not None:
+            try:
+                self._forward_stderr.write(lines)
+                self._forward_stderr.flush()
+            except (OSError, ValueError) as exc:
+                log.warning("cannot pass on worker stderr any more: %s", exc)
+                self._forward_stderr = None
+
+    def take_command_log(self) -> bytes:
+        """The command stderr lines kept since the last call (one task's)."""
+        lines = bytes(self.command_log)
+        self.command_log.clear()
+        return lines
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 2 and not self.stderr_closed.done():
@@ -224,6 +248,34 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
+
+
+class CommandLogs:
+    """Command stderr per job and shard attempt, in memory (gone with the
+    process): the last `COMMAND_LOG_BYTES` of each attempt, `max_bytes` in all
+    (the oldest attempts' go first)."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._logs: dict[tuple[str, int, int], bytes] = {}
+        self._bytes = 0
+        self._max_bytes = max_bytes
+
+    def add(self, job_id: str, shard: int, attempt: int, lines: bytes) -> None:
+        if not lines:
+            return
+        self._bytes += len(lines) - len(self._logs.pop((job_id, shard, attempt), b""))
+        self._logs[(job_id, shard, attempt)] = lines
+        while self._bytes > self._max_bytes:
+            self._bytes -= len(self._logs.pop(next(iter(self._logs))))
+
+    def text(self, job_id: str, shard: int | None = None) -> str:
+        """Each kept attempt's lines under a heading, in shard and attempt order."""
+        kept = sorted((s, a, lines) for (j, s, a), lines in self._logs.items() if j == job_id)
+        return "".join(
+            f"--- shard {s} attempt {a} ---\n" + lines.decode("utf-8", errors="replace")
+            for s, a, lines in kept
+            if shard is None or s == shard
+        )
 
 
 class _WorkerProcess:
@@ -255,12 +307,17 @@ class _WorkerProcess:
     def alive(self) -> bool:
         return not self._protocol.exited.done()
 
+    def take_command_log(self) -> bytes:
+        """Its current task's command stderr lines (tagged), the last COMMAND_LOG_BYTES."""
+        return self._protocol.take_command_log()
+
     def _stdin(self) -> asyncio.WriteTransport:
         # uvloop's pipe transports do not derive from asyncio.WriteTransport.
         return cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
 
     async def run(self, task: ShardTask) -> tuple[WorkerExit, bool]:
         """Hand over `task` and wait for the answer or the process's end; also says if reusable."""
+        self._protocol.take_command_log()  # a previous task's late lines are not this one's
         self._stdin().write(task.to_json().encode() + b"\n")
         answer = asyncio.ensure_future(self._protocol.answers.get())
         either: set[asyncio.Future[Any]] = {answer, self._protocol.exited}
@@ -270,6 +327,8 @@ class _WorkerProcess:
             answer.cancel()
             raise
         if answer.done():
+            # Its last stderr lines were flushed before the answer: let their read land first.
+            await asyncio.sleep(0)
             return self._parse_answer(answer.result())
         answer.cancel()
         # Its last words (a traceback) may still be on the way.

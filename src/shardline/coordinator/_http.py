@@ -129,6 +129,7 @@ def make_app(
             web.get("/jobs/{id}", _view, allow_head=False),
             web.delete("/jobs/{id}", _cancel),
             web.get("/jobs/{id}/output", _output, allow_head=False),
+            web.get("/jobs/{id}/logs", _logs, allow_head=False),
             web.get("/healthz", _healthz, allow_head=False),
             web.get("/metrics", _metrics, allow_head=False),
             web.get("/openapi.json", get_openapi, allow_head=False),
@@ -288,6 +289,14 @@ async def _list(request: web.Request) -> web.Response:
 
 async def _view(request: web.Request) -> web.Response:
     return web.json_response(_coordinator(request).view(request.match_info["id"]).to_dict())
+
+
+async def _logs(request: web.Request) -> web.Response:
+    shard_text = request.query.get("shard")
+    if shard_text is not None and not shard_text.isdigit():
+        raise ConfigurationError(f"query 'shard': must be a shard number, got {shard_text!r}")
+    shard = int(shard_text) if shard_text is not None else None
+    return web.Response(text=_coordinator(request).command_logs(request.match_info["id"], shard))
 
 
 async def _cancel(request: web.Request) -> web.Response:

@@ -23,19 +23,17 @@ from dataclasses import replace
 
 from ..errors import (
     ConfigurationError,
-    InputError,
     JobNotFoundError,
     LeaseLostError,
     NotAcceptingJobsError,
     ShardlineError,
 )
 from ..io.aws import AwsSettings
-from ..io.retry import RetryPolicy, retry
+from ..io.retry import retry
 from ..io.s3bucket import S3Buckets
-from ..io.sources import ObjectInfo, ObjectSource, open_source
+from ..io.sources import ObjectInfo, open_source
 from ..io.store import JobStore, Lease, open_marker_store
 from ..protocol import (
-    COMPRESSION_MAGIC_BYTES,
     COORDINATOR_KEY_BYTES,
     JobRecord,
     JobSpec,
@@ -43,8 +41,6 @@ from ..protocol import (
     JobView,
     ShardRecord,
     ShardState,
-    compressed_input_message,
-    compression_format,
     new_coordinator_key,
     usable_shards,
 )
@@ -186,8 +182,6 @@ class Coordinator:
             # the job: the same retry loop as every other storage call.
             info = await retry(source.stat, policy=self.settings.retry, describe=f"stat {spec.source}")
             spec = replace(spec, shards=usable_shards(info.size, spec.shards, spec.min_shard_bytes))
-            if spec.shards > 1:
-                await refuse_compressed(source, spec.source, info, self.settings.retry)
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)
@@ -494,6 +488,13 @@ class Coordinator:
     def view(self, job_id: str) -> JobView:
         return job_view(self._job(job_id))
 
+    def command_logs(self, job_id: str, shard: int | None = None) -> str:
+        """The stderr its commands printed, per shard attempt (as far as the backend saw it and it is kept)."""
+        job = self._job(job_id)
+        if shard is not None and not 0 <= shard < job.spec.shards:
+            raise ConfigurationError(f"shard {shard}: job {job_id} has shards 0 to {job.spec.shards - 1}")
+        return job.backend.command_stderr(job_id, shard)
+
     def views(self) -> list[JobView]:
         jobs = sorted(self._jobs.values(), key=lambda job: job.record.created_at, reverse=True)
         return [job_view(job) for job in jobs]
@@ -566,14 +567,3 @@ class Coordinator:
         spool = self._spools.pop(job_id, None)
         if spool is not None:
             spool.release()
-
-
-async def refuse_compressed(source: ObjectSource, location: str, info: ObjectInfo, policy: RetryPolicy) -> None:
-    """Raise InputError if the object starts with a compression format's magic number."""
-    prefix = bytearray(min(info.size, COMPRESSION_MAGIC_BYTES))
-    await retry(
-        lambda: source.read_into(0, memoryview(prefix), etag=info.etag), policy=policy, describe=f"read {location}"
-    )
-    name = compression_format(bytes(prefix))
-    if name is not None:
-        raise InputError(compressed_input_message(location, name))

@@ -375,7 +375,8 @@ class Supervisor:
             shard.move(ShardEvent.FAIL)
             tries = f"{shard.failures} attempt{'s' if shard.failures > 1 else ''}"
             actions.append(SaveShard(shard.index))
-            actions += self.fail(ShardFailedError(shard.index, f"{cause} ({tries})" if retryable else cause))
+            said = f"{cause} ({tries})" if retryable or shard.failures > 1 else cause
+            actions += self.fail(ShardFailedError(shard.index, said))
             return
         shard.move(ShardEvent.RETRY)
         settings = self.settings

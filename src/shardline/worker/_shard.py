@@ -51,6 +51,7 @@ from ..io.stderrlines import TaggedLines, shard_tag
 from ..io.store import MarkerStore, open_marker_store
 from ..io.urls import is_s3_url
 from ..protocol import (
+    COMPRESSION_MAGIC_BYTES,
     Boundary,
     Done,
     Failed,
@@ -63,6 +64,8 @@ from ..protocol import (
     ShardTask,
     TailSource,
     attempt_output_name,
+    compressed_input_message,
+    compression_format,
 )
 from ._exchange import ExchangeClient, client_tls_context
 from ._reader import RangedReader, ReaderSettings, fetch_range
@@ -348,6 +351,8 @@ class _ShardRun:
             ) as reader:
                 async for chunk in reader:
                     chunk_start, position = position, position + len(chunk)
+                    if chunk_start == 0 and self.task.shards > 1:
+                        self._refuse_compressed(chunk)
                     if boundary is None:
                         decision = scanner.feed(chunk)
                         if isinstance(decision, Boundary):
@@ -382,6 +387,12 @@ class _ShardRun:
             raise
         assert boundary is not None and publish is not None, "the scanner decides by the end of the range"
         return boundary, publish
+
+    def _refuse_compressed(self, first: bytes | memoryview) -> None:
+        """Shard 0 sees the object's first bytes: a compressed stream cannot be cut into byte ranges."""
+        name = compression_format(bytes(first[:COMPRESSION_MAGIC_BYTES]))
+        if name is not None:
+            raise InputError(compressed_input_message(self.task.source, name))
 
     async def _start_emitting(self, start: int) -> None:
         if self.task.max_line_bytes is not None:
