@@ -140,7 +140,8 @@ def _add_run(sub: Subcommands) -> None:
         const=1,
         default=0,
         help="give the first N lines of SOURCE (default 1: a CSV header) to every shard's COMMAND ahead of its "
-        "own lines; they are still part of shard 0's input only, so the output's check counts them once",
+        "own lines; they are still part of shard 0's input only, so the output's check counts them once (put "
+        "--header after SOURCE, or N is read from it)",
     )
     run.add_argument(
         "--min-shard-bytes",
