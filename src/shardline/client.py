@@ -150,6 +150,17 @@ class CoordinatorClient:
                 raise self._unreachable(exc) from None
             raise await self._broken_stream(job_id, exc) from None
 
+    async def logs(self, job_id: str, shard: int | None = None) -> str:
+        """The stderr of the job's commands, per shard attempt (all shards, or `shard`'s)."""
+        path = _job_path(job_id) + "/logs" + (f"?shard={shard}" if shard is not None else "")
+        try:
+            async with self._http().get(self.url + path) as response:
+                if response.status >= 300:
+                    raise await self._error(response, job_id)
+                return await response.text()
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from None
+
     async def _json(self, method: str, path: str, *, body: Any = None) -> dict[str, Any]:
         try:
             async with self._http().request(method, self.url + path, json=body) as response:

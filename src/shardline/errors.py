@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CommandExitError",
     "CommandFailedError",
     "ConfigurationError",
     "CoverageError",
@@ -74,10 +75,13 @@ class ObjectChangedError(InputError):
 class LineTooLongError(InputError):
     """A line exceeds the configured ``max_line_bytes``; names its offset."""
 
-    def __init__(self, *, offset: int, limit: int) -> None:
-        super().__init__(f"line starting before offset {offset} is longer than max_line_bytes={limit}")
+    def __init__(self, *, offset: int, limit: int, starts_earlier: bool = False) -> None:
+        where = f"line holding offset {offset} (it starts earlier)" if starts_earlier else f"line at offset {offset}"
+        super().__init__(f"{where} is longer than max_line_bytes={limit} (--max-line-bytes)")
         self.offset = offset
         self.limit = limit
+        #: `offset` is inside the line, not its start (a shard found it before finding where it starts).
+        self.starts_earlier = starts_earlier
 
 
 # --- storage (S3, DynamoDB, local disk) ---------------------------------------
@@ -158,18 +162,39 @@ class ShardFailedError(ShardlineError):
         self.cause = cause
 
 
+#: How many of a failed command's last stderr lines its error shows.
+_STDERR_LINES_SHOWN = 3
+
+
 class CommandFailedError(ShardlineError):
     """The per-shard command exited non-zero (or could not be started)."""
 
     def __init__(self, *, returncode: int, stderr_tail: str) -> None:
-        detail = stderr_tail.strip().splitlines()[-1:] or ["(no stderr)"]
+        # Its last few lines, on one line: the error is often not the very last.
+        lines = [line.strip() for line in stderr_tail.splitlines() if line.strip()]
+        detail = "; ".join(lines[-_STDERR_LINES_SHOWN:]) or "(no stderr)"
         if returncode < 0:
             how = f"command killed by signal {_signal_name(-returncode)}"
         else:
             how = f"command exited with status {returncode}"
-        super().__init__(f"{how}: {detail[0]}")
+        super().__init__(f"{how}: {detail}")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+class CommandExitError(CommandFailedError):
+    """The per-shard command exited with a status the job does not accept
+    (``ok_exit``): deterministic on the same bytes, so the coordinator does not
+    retry it unless the job asks for command retries (``--command-retries``)."""
+
+    def __init__(self, *, returncode: int, stderr_tail: str) -> None:
+        super().__init__(returncode=returncode, stderr_tail=stderr_tail)
+        if not stderr_tail.strip():
+            # grep, diff, cmp and test say "nothing matched" with status 1 and no stderr.
+            self.args = (
+                f"{self.args[0]}; if status {returncode} means success for this command (grep: no match), "
+                f"accept it with --ok-exit 0,{returncode}",
+            )
 
 
 def _signal_name(number: int) -> str:

@@ -212,7 +212,7 @@ async def test_straggler_gets_a_speculative_attempt_and_the_first_commit_wins(so
 
 async def test_command_failing_on_every_attempt_fails_the_job_naming_shard_and_stderr(source, aws_settings):
     command = 'if [ "$SHARDLINE_SHARD" = 1 ]; then echo "boom: disk on fire" >&2; exit 3; fi; cat'
-    spec = JobSpec(source=source, shards=3, command=command, max_attempts=2)
+    spec = JobSpec(source=source, shards=3, command=command, max_attempts=2, command_retries=5)
     async with coordinator(aws_settings, InProcessBackend()) as service:
         view = await service.submit(spec)
         with pytest.raises(JobFailedError) as info:

@@ -172,6 +172,32 @@ def test_a_shard_out_of_attempts_fails_the_job_naming_the_shard_and_stops_the_ot
     assert sup.on_connect(hello(0, 0), 102.0) is not None  # refused as stale from now on
 
 
+def test_a_commands_exit_status_is_not_retried_unless_the_job_allows_command_retries():
+    exited = Failed(kind="CommandExitError", message="command exited with status 1: (no stderr)", retryable=True)
+    sup = make(2, timeouts=ShardTimeouts(start_s=500, heartbeat_s=500, total_s=1000))
+    connect_all(sup, sup.start(0.0), 0.0)
+    (fail,) = of(FailJob, sup.on_failed(hello(1, 0), exited, 1.0))
+    assert "status 1" in str(fail.error) and "attempts" not in str(fail.error)
+    assert sup.state(1) is ShardState.FAILED and sup.retries == 0
+
+    sup = make(2, command_retries=1, timeouts=ShardTimeouts(start_s=500, heartbeat_s=500, total_s=1000))
+    connect_all(sup, sup.start(0.0), 0.0)
+    assert not of(FailJob, sup.on_failed(hello(1, 0), exited, 1.0))
+    launches = of(Launch, sup.tick(100.0))
+    assert launches == [Launch(1, 1, False, True)]
+    connect_all(sup, launches, 100.0)
+    (fail,) = of(FailJob, sup.on_failed(hello(1, 1), exited, 101.0))  # its one retry used
+    assert sup.retries == 1
+
+
+def test_a_command_killed_by_a_signal_is_retried_by_default():
+    killed = Failed(kind="CommandFailedError", message="command killed by signal SIGKILL", retryable=True)
+    sup = make(2, timeouts=ShardTimeouts(start_s=500, heartbeat_s=500, total_s=1000))
+    connect_all(sup, sup.start(0.0), 0.0)
+    assert not of(FailJob, sup.on_failed(hello(1, 0), killed, 1.0))
+    assert sup.state(1) is ShardState.PENDING
+
+
 def test_a_failure_no_retry_can_fix_fails_the_job_at_once():
     sup = make(1, max_attempts=5)
     connect_all(sup, sup.start(0.0), 0.0)

@@ -555,6 +555,7 @@ async def run_plan(lane: Lane, plan: Plan, s3: Any, bucket: str) -> Result:
         backend=plan.backend,
         timeouts=plan.timeouts,
         max_attempts=3,
+        command_retries=1,  # command_fail_once exits 7 in attempt 0 only
         part_size_bytes=plan.part_size,
         max_in_flight_bytes=plan.part_size * plan.in_flight,
     )

@@ -697,7 +697,8 @@ async def test_command_failing_on_one_shard_is_retried_up_to_the_limit(tmp_path,
     fail = "echo 'parse error near record 42' >&2; exit 5"
     failing = f'if [ "$SHARDLINE_SHARD" = 2 ]; then {fail}; fi' if always else only_in_attempt(2, 0, fail)
     command = f'echo "$SHARDLINE_SHARD $SHARDLINE_ATTEMPT" >> {runs}; {failing}; {SED}'
-    spec = JobSpec(source=str(source), shards=4, command=command, max_attempts=3)
+    # Opted in: by default a command's exit status is not retried (test_command_exit_status_is_not_retried).
+    spec = JobSpec(source=str(source), shards=4, command=command, max_attempts=3, command_retries=2)
     async with service(aws_settings, quick_backend()) as svc:
         view = await svc.submit(spec)
         output, error = await outcome(svc, view.id)

@@ -136,7 +136,7 @@ def test_daemon_passes_aws_credentials_to_commands_only_when_told(tmp_path, daem
 
 def test_run_passes_the_users_aws_credentials_but_no_shardline_variable(daemon_env, source):
     result = subprocess.run(
-        [*SHARDLINE, "run", source, "-n", "2", "--store", "dynamodb", "--", "env"],
+        [*SHARDLINE, "run", source, "-n", "2", "--exact-shards", "--store", "dynamodb", "--", "env"],
         env=daemon_env,
         capture_output=True,
         timeout=120,
@@ -153,7 +153,7 @@ def test_run_passes_the_users_aws_credentials_but_no_shardline_variable(daemon_e
 def test_processes_left_by_commands_end_with_a_successful_run(tmp_path, pid_dir, source, daemon_env):
     command = leaving_behind(pid_dir, "cat", anonymous=True)
     result = subprocess.run(
-        [*SHARDLINE, "run", source, "-n", "3", "--store", "dynamodb", "--", command],
+        [*SHARDLINE, "run", source, "-n", "3", "--exact-shards", "--store", "dynamodb", "--", command],
         env=daemon_env,
         capture_output=True,
         timeout=180,
@@ -167,7 +167,7 @@ def test_processes_left_by_commands_end_with_a_successful_run(tmp_path, pid_dir,
 
 def test_processes_left_by_a_failed_attempt_end_with_it(daemon, pid_dir, source):
     command = leaving_behind(pid_dir, only_in_attempt(1, 0, "exit 3") + "; cat")
-    assert job_output(daemon, source=source, shards=2, command=command) == DATA
+    assert job_output(daemon, source=source, shards=2, command=command, command_retries=1) == DATA
     pids = read_pids(pid_dir)
     assert {name.split(".")[0] for name in pids} == {"0-0", "1-0", "1-1"}  # shard 1 failed once
     all_gone(pids)
@@ -193,7 +193,7 @@ def test_a_run_killed_with_sigkill_leaves_a_spool_the_next_run_sweeps(tmp_path, 
     env = clean_env(home)  # the embedded default: no AWS at all
     spool = tmp_path / "spool"
     command = f"sleep 300 & echo $! > {pid_dir}/$SHARDLINE_SHARD.pid; wait"
-    argv = [*SHARDLINE, "run", source, "-n", "2", "--spool-dir", str(spool)]
+    argv = [*SHARDLINE, "run", source, "-n", "2", "--exact-shards", "--spool-dir", str(spool)]
     killed = subprocess.Popen([*argv, "--", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         eventually_blocking(lambda: len(read_pids(pid_dir)) == 2, "both shards running")

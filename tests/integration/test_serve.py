@@ -102,24 +102,50 @@ def test_reduce_equals_the_sequential_pipeline(daemon, local_source, command, re
 
 
 def test_run_with_coordinator_prints_the_same_bytes(daemon, env, s3_source, local_source):
-    result = shardline("run", s3_source, "-n", "4", "--coordinator", daemon.url, "--", SED, env=env)
+    result = shardline("run", s3_source, "-n", "4", "--exact-shards", "--coordinator", daemon.url, "--", SED, env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == sequential_reference(DATA, SED)
     assert result.stderr == b""  # no progress line when stderr is not a terminal
 
     with_env_url = {**env, "SHARDLINE_COORDINATOR": daemon.url}
-    reduce = shardline("run", local_source, "-n", "3", "--reduce", SUM, "--", "wc -l", env=with_env_url)
+    reduce = shardline(
+        "run", local_source, "-n", "3", "--exact-shards", "--reduce", SUM, "--", "wc -l", env=with_env_url
+    )
     assert reduce.returncode == 0, reduce.stderr.decode()
     assert reduce.stdout == sequential_reference(DATA, f"wc -l | {SUM}")
 
 
 def test_run_with_coordinator_fails_with_the_jobs_error(daemon, env, local_source):
-    result = shardline("run", local_source, "-n", "2", "--coordinator", daemon.url, "--", "exit 3", env=env)
+    result = shardline(
+        "run", local_source, "-n", "2", "--exact-shards", "--coordinator", daemon.url, "--", "exit 3", env=env
+    )
     assert result.returncode == 1
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shardline: "), result.stderr.decode()
     assert "status 3" in lines[0]
     assert result.stdout == b""
+
+
+def test_command_stderr_is_kept_per_attempt_and_shown_by_logs(daemon, env, local_source):
+    failing = 'if [ "$SHARDLINE_SHARD" = 1 ]; then echo "bad record" >&2; exit 4; fi'
+    command = f'echo "warn from $SHARDLINE_SHARD" >&2; {failing}; cat'
+    result = shardline(
+        "run", local_source, "-n", "3", "--exact-shards", "--coordinator", daemon.url, "--", command, env=env
+    )
+    assert result.returncode == 1
+    error = result.stderr.decode().strip().splitlines()[-1]
+    assert "status 4: warn from 1; bad record" in error  # the job's error has the last lines
+    job_id = error.split("job ")[1].split()[0]
+    one = shardline("logs", job_id, "--shard", "1", "--coordinator", daemon.url, env=env)
+    assert one.returncode == 0, one.stderr.decode()
+    assert one.stdout.decode() == "--- shard 1 attempt 0 ---\nshard 1: warn from 1\nshard 1: bad record\n"
+    every = shardline("logs", job_id, "--coordinator", daemon.url, env=env)
+    assert "shard 1: bad record" in every.stdout.decode()
+    assert {line for line in every.stdout.decode().splitlines() if line.startswith("--- ")} <= {
+        f"--- shard {i} attempt 0 ---" for i in range(3)
+    }
+    beyond = shardline("logs", job_id, "--shard", "9", "--coordinator", daemon.url, env=env)
+    assert beyond.returncode == 1 and "has shards 0 to 2" in beyond.stderr.decode()
 
 
 def test_status_and_cancel_commands(daemon, env, local_source):
@@ -184,7 +210,17 @@ def test_outputs_go_only_below_the_output_root_and_to_listed_buckets(workdir, en
             assert server.request(f"/jobs/{job_id}/output") == (200, b"")
 
         # `shardline run --coordinator` sends --output and --overwrite along.
-        run = ("run", local_source, "-n", "3", "--coordinator", server.url, "--output", str(root / "job"))
+        run = (
+            "run",
+            local_source,
+            "-n",
+            "3",
+            "--exact-shards",
+            "--coordinator",
+            server.url,
+            "--output",
+            str(root / "job"),
+        )
         again = shardline(*run, env=server.client_env)
         assert again.returncode == 1 and "is not empty" in again.stderr.decode()  # a 400, as for any bad field
         replaced = shardline(*run, "--overwrite", "--", SED, env=server.client_env)
@@ -211,11 +247,18 @@ def test_a_token_from_the_environment_and_graceful_shutdown(workdir, env, local_
 
         # Without the token, the client tries the local daemon's generated
         # one (the module's daemon shares the state directory): refused.
-        refused = shardline("run", local_source, "-n", "2", "--coordinator", server.url, env=env)
+        refused = shardline("run", local_source, "-n", "2", "--exact-shards", "--coordinator", server.url, env=env)
         assert refused.returncode == 2
         assert "--token-file FILE or set SHARDLINE_TOKEN" in refused.stderr.decode()
         accepted = shardline(
-            "run", local_source, "-n", "2", "--coordinator", server.url, env={**env, "SHARDLINE_TOKEN": token}
+            "run",
+            local_source,
+            "-n",
+            "2",
+            "--exact-shards",
+            "--coordinator",
+            server.url,
+            env={**env, "SHARDLINE_TOKEN": token},
         )
         assert accepted.returncode == 0, accepted.stderr.decode()
         assert accepted.stdout == DATA
@@ -251,7 +294,7 @@ def test_a_local_daemon_needs_no_token_flags(daemon, env, local_source):
     assert request(f"{daemon.url}/healthz") == (200, b'{"status": "ok"}')
     # No token flag, no variable; "localhost" names the daemon as well as 127.0.0.1.
     local_url = daemon.url.replace("127.0.0.1", "localhost")
-    result = shardline("run", local_source, "-n", "3", "--coordinator", local_url, "--", SED, env=env)
+    result = shardline("run", local_source, "-n", "3", "--exact-shards", "--coordinator", local_url, "--", SED, env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == sequential_reference(DATA, SED)
     printed = shardline("token", env=env)
@@ -307,13 +350,15 @@ def test_job_limits_are_serve_flags_and_run_has_the_same_defaults(workdir, env, 
         assert status == 400 and "limit of 3 " in json.loads(body)["error"]
         status, body = server.request("/jobs", "POST", {"source": local_source, "shards": 1, "max_attempts": 3})
         assert status == 400 and "'max_attempts'" in json.loads(body)["error"]
-        result = shardline("run", local_source, "-n", "4", "--coordinator", server.url, env=server.client_env)
+        result = shardline(
+            "run", local_source, "-n", "4", "--exact-shards", "--coordinator", server.url, env=server.client_env
+        )
         assert result.returncode == 1 and "--max-shards" in result.stderr.decode()
     finally:
         assert server.stop() == 0, server.log()
     embedded = shardline("run", local_source, "-n", "100001", env=env)
     assert embedded.returncode == 2
-    assert "field 'shards': 100001 is above this coordinator's limit of 100000" in embedded.stderr.decode()
+    assert "-n: 100001 is above this coordinator's limit of 100000" in embedded.stderr.decode()
 
 
 def test_https_daemon_with_the_clients_ca(workdir, env):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shardline.errors import CommandFailedError, StorageError
+from shardline.errors import CommandExitError, CommandFailedError, StorageError
 from shardline.io.command import CommandOutput
 from shardline.io.processes import COMMAND_ID_VARIABLE
 from shardline.io.shardoutput import PassthroughOutput, ShardOutput
@@ -225,7 +225,28 @@ async def test_nonzero_exit_raises_with_stderr_tail(tmp_path: Path, command: str
     assert failure.value.stderr_tail.strip().endswith(stderr)
     assert "\n" not in str(failure.value)
     if stderr:
-        assert str(failure.value).endswith(stderr)  # the last stderr line, not the first
+        assert str(failure.value).endswith(stderr)  # the last stderr lines, on one line, the last at the end
+
+
+async def test_exit_statuses_in_ok_exit_succeed_and_others_say_how_to_accept_them(tmp_path: Path) -> None:
+    async with CommandOutput("grep -c RARE", tmp_path / "out", ok_exit=(0, 1)) as output:
+        await output.write(b"common\n")
+        assert await output.finish() == 2
+    assert (tmp_path / "out").read_bytes() == b"0\n"
+    async with CommandOutput("grep RARE", tmp_path / "out2") as output:
+        await output.write(b"common\n")
+        with pytest.raises(CommandExitError, match=r"status 1: \(no stderr\); .* --ok-exit 0,1$"):
+            await output.finish()
+
+
+@pytest.mark.parametrize("command", ["kill -9 $$", "sh -c 'kill -9 $$'"], ids=["shell", "child"])
+async def test_a_signal_is_not_an_exit_status(tmp_path: Path, command: str) -> None:
+    # A child killed by a signal (an OOM kill) shows as 128 + N from the shell: retryable, not CommandExitError.
+    async with CommandOutput(command, tmp_path / "out") as output:
+        with pytest.raises(CommandFailedError) as failure:
+            await output.finish()
+    assert not isinstance(failure.value, CommandExitError)
+    assert failure.value.returncode in (-9, 137)
 
 
 async def test_missing_command_is_127_with_the_shells_message(tmp_path: Path) -> None:
@@ -263,7 +284,7 @@ async def test_stderr_is_drained_bounded_and_forwarded(tmp_path: Path) -> None:
     output = CommandOutput(command, tmp_path / "out", stderr_tail_bytes=100, forward_stderr=forwarded)
     async with output:
         await feed(output, LINES, MIB)
-        with pytest.raises(CommandFailedError, match=r"status 2: last words$") as failure:
+        with pytest.raises(CommandFailedError, match=r"status 2: e+; last words$") as failure:
             await output.finish()
     assert len(failure.value.stderr_tail.encode()) <= 100
     assert forwarded.getvalue() == b"e" * 300_000 + b"\nlast words\n"

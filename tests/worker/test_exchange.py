@@ -12,7 +12,7 @@ import os
 import pytest
 
 from shardline.coordinator import ExchangeServer
-from shardline.errors import CommandFailedError, LineTooLongError, StaleAttemptError
+from shardline.errors import CommandExitError, CommandFailedError, LineTooLongError, StaleAttemptError
 from shardline.protocol import Done, Error, Failed, Head, Hello, Progress, ShardTask, attempt_secret
 from shardline.worker import WorkerSettings, run_task
 
@@ -145,7 +145,9 @@ async def test_heartbeat_reconnects_a_lost_session(tmp_path, make_task, exchange
 @pytest.mark.parametrize(
     ("fields", "kind", "retryable"),
     [
-        ({"command": "exit 3"}, CommandFailedError, True),
+        # Retryable as far as the worker knows: the supervisor applies the job's command_retries.
+        ({"command": "exit 3"}, CommandExitError, True),
+        ({"command": "kill -9 $$"}, CommandFailedError, True),
         ({"max_line_bytes": 3}, LineTooLongError, False),
     ],
 )

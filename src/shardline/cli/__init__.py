@@ -12,7 +12,7 @@ The parser is in `_parser` (`_options`, `_serveparser`); each subcommand's
 module is imported only when it runs, so that `--help` and the client
 commands load no more than they use: `_run` (run, embedded or on a daemon;
 its progress line in `_progress`), `_serve` (serve, token), `_remote`
-(the daemon's client; status, cancel, output), `_worker` (worker, package-worker),
+(the daemon's client; status, cancel, output, logs), `_worker` (worker, package-worker),
 `_format` (status tables), `_loop` (the event loop; SIGTERM).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``shardline`` command line `argv` (default: ``sys.argv[1:]``); return its exit status."""
     own_args, command = split_command(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(own_args)
+    args, stray = parser.parse_known_args(own_args)
+    if stray:
+        hint = ""
+        if args.subcommand == "run" and command is None:
+            # `shardline run f -n 2 wc -l`: the command was meant to follow `--`.
+            hint = f"; a command goes after '--', e.g. shardline run {args.source} ... -- {shlex.join(stray)}"
+        parser.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
     # A daemon's operators want to see jobs come and go; a command's users only its errors.
     base_level = logging.INFO if args.subcommand == "serve" else logging.WARNING
     level = base_level - 10 * min(args.verbose, 2)
@@ -96,6 +103,10 @@ def _subcommand(name: str) -> Callable[[argparse.Namespace], int]:
         from ._remote import output_command
 
         return output_command
+    if name == "logs":
+        from ._remote import logs_command
+
+        return logs_command
     if name == "worker":
         from ._worker import worker_command
 

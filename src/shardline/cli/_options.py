@@ -46,6 +46,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """Parse a count of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def exit_codes(text: str) -> tuple[int, ...]:
+    """Parse comma-separated exit statuses, e.g. ``0,1``."""
+    try:
+        codes = tuple(sorted({int(code) for code in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of exit statuses like 0,1: {text!r}") from None
+    if not all(0 <= code <= 255 for code in codes):
+        raise argparse.ArgumentTypeError(f"exit statuses are 0..255, got {text!r}")
+    return codes
+
+
 def positive_float(text: str) -> float:
     """Parse a number above 0 (seconds, for example)."""
     try:

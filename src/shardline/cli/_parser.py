@@ -8,14 +8,26 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..protocol import DEFAULT_MARKER_TABLE, DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES
-from ._options import Parser, add_common_options, add_coordinator_options, positive_int, size
+from ..protocol import (
+    DEFAULT_MARKER_TABLE,
+    DEFAULT_MAX_IN_FLIGHT_BYTES,
+    DEFAULT_MIN_SHARD_BYTES,
+    DEFAULT_PART_SIZE_BYTES,
+)
+from ._options import (
+    Parser,
+    add_common_options,
+    add_coordinator_options,
+    exit_codes,
+    non_negative_int,
+    positive_int,
+    size,
+)
 from ._serveparser import add_serve_parser
 
 if TYPE_CHECKING:
@@ -41,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_cancel(sub)
     _add_output(sub)
+    _add_logs(sub)
     _add_token(sub)
     _add_worker(sub)
     _add_package_worker(sub)
@@ -51,6 +64,7 @@ def _add_run(sub: Subcommands) -> None:
     """`shardline run`: one job, embedded or on a coordinator."""
     run = sub.add_parser(
         "run",
+        usage="%(prog)s SOURCE [options] [-- COMMAND ...]",
         help="run a job and write its output to stdout",
         description="Run COMMAND on N shards of SOURCE in parallel and write the outputs to stdout in shard "
         "order. Without COMMAND the output equals the input byte for byte. COMMAND is everything after "
@@ -62,10 +76,10 @@ def _add_run(sub: Subcommands) -> None:
         "the daemon's AWS credentials (see 'shardline serve --help'). Every process a command starts, even "
         "one it daemonises, is killed when the command ends (Linux; elsewhere its process group only).",
         epilog="examples:\n"
-        "  shardline run access.log -n 8 -- grep -c ' 500 '\n"
+        "  shardline run access.log -n 8 --ok-exit 0,1 -- grep -c ' 500 '\n"
         "  shardline run s3://bucket/big.jsonl -n 16 -- 'jq -c .user | sort -u'\n"
         "  shardline run records.bin --delimiter '\\0' -n 4\n"
-        "  shardline run big.log -n 8 --reduce \"awk '{s+=$1} END {print s}'\" -- wc -l\n"
+        "  shardline run big.log -n 8 --reduce \"awk '{s+=\\$1} END {print s}'\" -- wc -l\n"
         "  shardline run big.log -n 8 --reduce 'sort -m \"$@\"' -- sort\n"
         "  shardline run s3://bucket/big.log --coordinator http://127.0.0.1:8080 -- sort\n\n"
         "Boundary markers go to the SQLite store in the state directory (--store; DynamoDB when "
@@ -78,9 +92,7 @@ def _add_run(sub: Subcommands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("source", metavar="SOURCE", help="s3://bucket/key or a local file path")
-    run.add_argument(
-        "-n", "--shards", type=positive_int, default=os.cpu_count() or 1, help="number of shards (default: CPUs)"
-    )
+    run.add_argument("-n", "--shards", type=positive_int, default=None, help="number of shards (default: CPUs)")
     run.add_argument(
         "--delimiter", default="\\n", help="record delimiter: \\n (default), \\0, \\t, \\r, \\xHH or one character"
     )
@@ -104,7 +116,49 @@ def _add_run(sub: Subcommands) -> None:
         default=None,
         help="shell command run once with the ordered shard outputs on its stdin (and their files as its "
         "arguments, \"$@\"); its stdout is the result. E.g. per-shard 'wc -l' with --reduce "
-        "\"awk '{s+=$1} END {print s}'\", or per-shard 'sort' with --reduce 'sort -m \"$@\"'",
+        "\"awk '{s+=\\$1} END {print s}'\", or per-shard 'sort' with --reduce 'sort -m \"$@\"'",
+    )
+    run.add_argument(
+        "--ok-exit",
+        metavar="CODES",
+        type=exit_codes,
+        default=(0,),
+        help="COMMAND's exit statuses that count as success, comma-separated (default: 0); e.g. 0,1 for grep, "
+        "whose 1 means no match",
+    )
+    run.add_argument(
+        "--command-retries",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="retry a shard whose COMMAND exited with another status up to N times (default: 0, since the same "
+        "bytes give the same status); a command killed by a signal, a crashed or lost worker and storage "
+        "errors are retried regardless",
+    )
+    run.add_argument(
+        "--header",
+        metavar="N",
+        nargs="?",
+        type=non_negative_int,
+        const=1,
+        default=0,
+        help="give the first N lines of SOURCE (default 1: a CSV header) to every shard's COMMAND ahead of its "
+        "own lines; they are still part of shard 0's input only, so the output's check counts them once (put "
+        "--header after SOURCE, or N is read from it)",
+    )
+    run.add_argument(
+        "--min-shard-bytes",
+        metavar="SIZE",
+        type=size,
+        default=DEFAULT_MIN_SHARD_BYTES,
+        help="use fewer shards than -n if each would get less than SIZE bytes, with a notice (default: 1M)",
+    )
+    run.add_argument("--exact-shards", action="store_true", help="use exactly -n shards, however small each would be")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (source, size, ETag, shards and their nominal ranges, backend, store) and exit; "
+        "embedded runs only",
     )
     run.add_argument(
         "--backend",
@@ -225,6 +279,21 @@ def _add_output(sub: Subcommands) -> None:
     )
     add_coordinator_options(output, required=True)
     add_common_options(output)
+
+
+def _add_logs(sub: Subcommands) -> None:
+    """`shardline logs ID [--shard K]`."""
+    logs = sub.add_parser(
+        "logs",
+        help="print the stderr of a job's commands on a coordinator",
+        description="Print what job ID's commands wrote to stderr, per shard attempt, each line tagged with its "
+        "shard: the last 64 KiB of each attempt, kept by the daemon in memory while it runs, once the attempt "
+        "has ended (local workers only; Lambda's are in CloudWatch). A failed job's error holds the last lines too.",
+    )
+    logs.add_argument("id", metavar="ID", help="the job id")
+    logs.add_argument("--shard", metavar="K", type=non_negative_int, default=None, help="only shard K's attempts")
+    add_coordinator_options(logs, required=True)
+    add_common_options(logs)
 
 
 def _add_token(sub: Subcommands) -> None:

@@ -178,3 +178,15 @@ async def _cancel_quietly(coordinator: CoordinatorClient, job_id: str) -> None:
         print(f"shardline: could not cancel job {job_id} on {coordinator.url}: {exc}", file=sys.stderr)
     else:
         print(f"shardline: job {job_id} cancelled", file=sys.stderr)
+
+
+def logs_command(args: argparse.Namespace) -> int:
+    """`shardline logs ID [--shard K]`."""
+
+    async def go() -> int:
+        async with coordinator_client(args) as coordinator:
+            text = await coordinator.logs(args.id, args.shard)
+        sys.stdout.write(text)
+        return 0
+
+    return run_loop(go, use_uvloop=not args.no_uvloop)

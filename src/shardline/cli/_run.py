@@ -10,31 +10,85 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InputError
 from ..io.aws import AwsSettings, aws_configured
-from ..protocol import JobSpec, parse_delimiter
+from ..protocol import (
+    COMPRESSION_MAGIC_BYTES,
+    JobSpec,
+    ShardRange,
+    check_location,
+    compressed_input_message,
+    compression_format,
+    parse_delimiter,
+    usable_shards,
+)
 from ._loop import cancel_on_sigterm, run_job_loop
 from ._progress import ProgressDisplay, progress_wanted
 from ._remote import coordinator_client, stream_output
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..coordinator import JobProgress
 
 __all__ = ["run_command"]
 
 log = logging.getLogger("shardline.cli")
 
+_DEFAULT_MAX_ATTEMPTS = JobSpec.__dataclass_fields__["max_attempts"].default
+
 
 def run_command(args: argparse.Namespace, command: str | None) -> int:
     """`shardline run SOURCE ... [-- COMMAND]`: on --coordinator if given, else embedded."""
-    spec = _job_spec(args, command)
-    if args.coordinator:
-        return _run_remote(args, spec)
-    return _run_embedded(args, spec)
+    try:
+        spec = _job_spec(args, command)
+        if args.dry_run:
+            if args.coordinator:
+                raise ConfigurationError("--dry-run plans embedded runs only (without --coordinator)")
+            return _dry_run(args, spec)
+        if args.coordinator:
+            return _run_remote(args, spec)
+        return _run_embedded(args, spec)
+    except ConfigurationError as exc:
+        raise ConfigurationError(in_cli_words(str(exc))) from None
+
+
+#: The API's field names in messages, and what `shardline run` calls them.
+_FLAGS = {
+    "source": "SOURCE",
+    "shards": "-n",
+    "delimiter": "--delimiter",
+    "command": "COMMAND",
+    "output": "--output",
+    "overwrite": "--overwrite",
+    "reduce": "--reduce",
+    "backend": "--backend",
+    "ok_exit": "--ok-exit",
+    "command_retries": "--command-retries",
+    "min_shard_bytes": "--min-shard-bytes",
+    "header_lines": "--header",
+    "max_line_bytes": "--max-line-bytes",
+    "part_size_bytes": "--part-size",
+    "max_in_flight_bytes": "--parts-in-flight",
+}
+
+
+def in_cli_words(message: str) -> str:
+    """`message` with the API's "field 'output'" said as the command line's "--output"."""
+    return re.sub(r"field '(\w+)'", lambda m: _FLAGS.get(m.group(1), m.group(0)), message)
 
 
 def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
     source, output = args.source, args.output
+    # Before paths are made absolute: "s3:/x" would become "/cwd/s3:/x".
+    check_location(source, what="SOURCE")
+    if output is not None:
+        check_location(output, what="--output")
     if args.coordinator:
         # The daemon resolves paths against its own working directory.
         source = source if source.startswith("s3://") else os.path.abspath(source)
@@ -44,13 +98,19 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
         raise ConfigurationError("--overwrite needs --output DEST (output on stdout overwrites nothing)")
     return JobSpec(
         source=source,
-        shards=args.shards,
+        shards=args.shards or os.cpu_count() or 1,
         delimiter=parse_delimiter(args.delimiter, what="--delimiter"),
         command=command,
         output=output,
         overwrite=args.overwrite,
         reduce=args.reduce,
         backend=args.backend,
+        ok_exit=args.ok_exit,
+        command_retries=args.command_retries,
+        # Room for the retries asked for, beside those of crashes and lost workers.
+        max_attempts=max(_DEFAULT_MAX_ATTEMPTS, args.command_retries + 1),
+        min_shard_bytes=None if args.exact_shards else args.min_shard_bytes,
+        header_lines=args.header,
         max_line_bytes=args.max_line_bytes,
         part_size_bytes=args.part_size,
         max_in_flight_bytes=args.part_size * args.parts_in_flight,
@@ -69,11 +129,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             "--coordinator URL (an embedded run uses local workers)"
         )
 
-    if spec.source.startswith("s3://") and not aws_configured():
-        raise ConfigurationError(
-            f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
-            "S3-compatible server); none was found in the environment"
-        )
+    _check_aws(spec)
     from ..io.rlimits import raise_open_files_limit
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
@@ -92,10 +148,19 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
         display = ProgressDisplay(sys.stderr) if show_progress else None
         # On a terminal the output goes through the display, which keeps it off the progress line.
         out = display.install(sys.stdout.buffer) if display is not None else sys.stdout.buffer
+
+        def on_start(snapshot: Callable[[], JobProgress]) -> None:
+            first = snapshot()
+            _notice_fewer_shards(args, spec, first.shards, first.size)
+            if display is not None:
+                display.attach(snapshot)
+
         if args.workers == "inprocess":
             backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
         else:
-            backend = LocalProcessBackend(max_concurrent=args.max_processes)
+            # The commands' stderr, tagged with their shards, reaches the user
+            # (through the progress display, when one is shown).
+            backend = LocalProcessBackend(max_concurrent=args.max_processes, forward_stderr=_CurrentStderr())
             await backend.prestart(spec.shards)
         try:
             report = await run_embedded(
@@ -104,7 +169,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
                 aws=AwsSettings(),
                 backend=backend,
                 settings=settings,
-                on_start=display.attach if display else None,
+                on_start=on_start,
             )
         finally:
             if display is not None:
@@ -137,6 +202,7 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
             view = await coordinator.submit(spec)
             job_id = view["id"]
             log.info("job %s submitted to %s", job_id, coordinator.url)
+            _notice_fewer_shards(args, spec, view["shards_total"], view["size"])
             if args.detach:
                 print(job_id)
                 return 0
@@ -160,7 +226,72 @@ def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
     return run_job_loop(go, use_uvloop=not args.no_uvloop)
 
 
-def _markers_location(args: argparse.Namespace) -> str:
+def _notice_fewer_shards(args: argparse.Namespace, spec: JobSpec, shards: int, size: int) -> None:
+    """One line on stderr when the coordinator lowered an -n the user gave (--min-shard-bytes)."""
+    if shards < spec.shards and args.shards is not None:
+        print(
+            f"shardline: using {shards} shard{'s' if shards > 1 else ''}, not {spec.shards}: the source's {size} "
+            f"bytes give more shards less than --min-shard-bytes ({spec.min_shard_bytes}) each; --exact-shards "
+            f"keeps -n {spec.shards}",
+            file=sys.stderr,
+        )
+
+
+def _dry_run(args: argparse.Namespace, spec: JobSpec) -> int:
+    """--dry-run: what an embedded run would do, from the source's size and ETag; nothing is started."""
+    from ..io.sources import open_source
+
+    _check_aws(spec)
+
+    async def plan() -> int:
+        async with open_source(spec.source, AwsSettings()) as source:
+            info = await source.stat()
+            shards = usable_shards(info.size, spec.shards, spec.min_shard_bytes)
+            if shards > 1:  # as shard 0's worker would
+                first = bytearray(min(info.size, COMPRESSION_MAGIC_BYTES))
+                await source.read_into(0, memoryview(first), etag=info.etag)
+                if (name := compression_format(bytes(first))) is not None:
+                    raise InputError(compressed_input_message(spec.source, name))
+        lowered = f" (-n {spec.shards} lowered: --min-shard-bytes {spec.min_shard_bytes})"
+        ranges = [ShardRange.of(info.size, shards, index) for index in range(shards)]
+        workers = f"{args.workers} workers" + (f", at most {args.max_processes} at once" if args.max_processes else "")
+        lines = [
+            f"source: {spec.source}",
+            f"size: {info.size} bytes",
+            f"etag: {info.etag}",
+            f"shards: {shards}{lowered if shards < spec.shards else ''}",
+            *(f"  shard {r.index}: [{r.start}, {r.end})" for r in ranges),
+            f"command: {spec.command or '(none: the output is the input)'}",
+            f"backend: local ({workers})",
+            f"store: {_markers_location(args, create=False)}",
+            f"output: {spec.output or 'stdout'}",
+        ]
+        print("\n".join(lines))
+        return 0
+
+    return run_job_loop(plan, use_uvloop=not args.no_uvloop)
+
+
+def _check_aws(spec: JobSpec) -> None:
+    if spec.source.startswith("s3://") and not aws_configured():
+        raise ConfigurationError(
+            f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
+            "S3-compatible server); none was found in the environment"
+        )
+
+
+class _CurrentStderr:
+    """Bytes to whatever `sys.stderr` is when they are written: the progress
+    display replaces it while it is shown, and keeps its line apart."""
+
+    def write(self, data: bytes) -> int:
+        return sys.stderr.buffer.write(data)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _markers_location(args: argparse.Namespace, *, create: bool = True) -> str:
     """Where an embedded run's markers go (see `run --help`, --store)."""
     from ..io.statedir import default_state_dir, ensure_private_dir
     from ..io.store import STORE_FILE, dynamodb_location, sqlite_location
@@ -170,5 +301,7 @@ def _markers_location(args: argparse.Namespace) -> str:
         store = "dynamodb" if os.environ.get("AWS_ENDPOINT_URL_DYNAMODB") else "sqlite"
     if store == "dynamodb":
         return dynamodb_location(args.markers_table)
-    state_dir = ensure_private_dir(os.path.abspath(args.state_dir) if args.state_dir else default_state_dir())
+    state_dir = os.path.abspath(args.state_dir) if args.state_dir else default_state_dir()
+    if create:
+        state_dir = ensure_private_dir(state_dir)
     return sqlite_location(os.path.join(state_dir, STORE_FILE))

@@ -44,7 +44,7 @@ def add_serve_parser(sub: Subcommands) -> None:
         "      --exchange-tls-cert cert.pem --exchange-tls-key key.pem --exchange-ca ca.pem\n"
         '  curl -s localhost:8080/jobs -H "Authorization: Bearer $(shardline token)" -H "Content-Type: '
         'application/json" \\\n'
-        '      -d \'{"source": "s3://bucket/big.log", "shards": 8, "command": "grep -c ERROR"}\'',
+        '      -d \'{"source": "s3://bucket/big.log", "shards": 8, "command": "grep -c ERROR", "ok_exit": [0, 1]}\'',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: 127.0.0.1)")

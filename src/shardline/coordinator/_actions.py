@@ -89,6 +89,9 @@ class SupervisorSettings:
 
     max_attempts: int
     timeouts: ShardTimeouts
+    #: Retries of a command that exited with a status not in ok_exit (it is
+    #: deterministic on the same bytes); crashes and signals are retried anyway.
+    command_retries: int = 0
     #: Backoff before retry n is base/2 + jitter(min(max, base * 2**(n-1))).
     retry_backoff_s: float = 0.5
     retry_backoff_max_s: float = 15.0
@@ -140,6 +143,7 @@ class ShardProgress:
     retries: int
     live: dict[int, AttemptState] = field(default_factory=dict)
     failures: int = 0
+    command_failures: int = 0  # failures by the command's own exit status
     bytes_emitted: int = 0
     boundary: tuple[int, bool] | None = None  # (h_i, line start) from the first HEAD
     retry_at: float | None = None

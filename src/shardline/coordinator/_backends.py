@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ..io.aio import completes_within
+from ..io.stderrlines import ByteSink, attempt_route, routed_lines
 from ..protocol import DEFAULT_TASKS_PER_PROCESS, ShardTask
 
 __all__ = ["Backend", "LocalProcessBackend", "WorkerExit"]
@@ -47,6 +48,8 @@ _STDERR_WAIT_S = 1.0
 #: How long to wait for a SIGKILLed process to be reaped before giving up
 #: with a warning (a process in uninterruptible sleep cannot die at once).
 _KILL_WAIT_S = 10.0
+#: Command stderr kept per attempt for `GET /jobs/{id}/logs` (its last bytes).
+COMMAND_LOG_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +83,11 @@ class Backend(abc.ABC):
         the coordinator's spool (an ``s3://`` URL), or None: the spool."""
         return None
 
+    def command_stderr(self, job_id: str, shard: int | None = None) -> str:
+        """The stderr of `job_id`'s commands per attempt (`CommandLogs.text`), as far as
+        this backend sees and keeps it; "" where it sees none (Lambda: CloudWatch has it)."""
+        return ""
+
     async def discard_outputs(self, job_id: str) -> None:  # noqa: B027 - optional hook
         """Delete whatever attempt outputs of `job_id` are left at `output_location`."""
 
@@ -110,7 +118,12 @@ class LocalProcessBackend(Backend):
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
         stop_grace_s: float = DEFAULT_STOP_GRACE_S,
+        forward_stderr: ByteSink | None = None,
     ) -> None:
+        #: Where the processes' commands' stderr lines (tagged by shard) are passed
+        #: on as well: the user's terminal in an embedded run.
+        self._forward_stderr = forward_stderr
+        self._command_logs = CommandLogs()
         cores = os.cpu_count() or 1
         self.max_processes = max_processes or (min(cores, max_concurrent) if max_concurrent else cores)
         self.max_concurrent = max_concurrent or self.max_processes * DEFAULT_TASKS_PER_PROCESS
@@ -127,7 +140,7 @@ class LocalProcessBackend(Backend):
     async def _spawn(self) -> _WorkerProcess:
         if self._closed:
             raise RuntimeError("LocalProcessBackend is closed")
-        worker = await _WorkerProcess.spawn(self._python, self._env)
+        worker = await _WorkerProcess.spawn(self._python, self._env, self._forward_stderr)
         self._processes.add(worker)
         self._usable.append(worker)
         return worker
@@ -155,6 +168,9 @@ class LocalProcessBackend(Backend):
             try:
                 return await worker.run(task, self._stop_grace_s)
             finally:
+                # Kept however the attempt ended: a failure's last lines matter most.
+                route = attempt_route(task.job_id, task.shard, task.attempt)
+                self._command_logs.add(task.job_id, task.shard, task.attempt, worker.take_command_log(route))
                 if not worker.usable:
                     # Died, garbled its answers, or ignored a cancel: never reused.
                     await asyncio.shield(self._stop_soon(worker))
@@ -168,6 +184,9 @@ class LocalProcessBackend(Backend):
         self._stopping.add(stopping)
         stopping.add_done_callback(self._stopping.discard)
         return stopping
+
+    def command_stderr(self, job_id: str, shard: int | None = None) -> str:
+        return self._command_logs.text(job_id, shard)
 
     async def aclose(self) -> None:
         """Stop every process, busy ones included; `run()` cannot start new ones afterwards."""
@@ -184,7 +203,7 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
     that dies is noticed even if something it started still holds a pipe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, forward_stderr: ByteSink | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         #: Set to the offending line when an answer makes no sense: the
@@ -194,6 +213,10 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         self.stderr_closed: asyncio.Future[None] = loop.create_future()
         self.stderr_tail = bytearray()
         self._stdout = bytearray()
+        self._forward_stderr = forward_stderr
+        self._stderr_partial = bytearray()  # taken in whole lines: other processes share the sink
+        #: Each running attempt's command stderr lines (by route), the last COMMAND_LOG_BYTES.
+        self.command_logs: dict[str, bytearray] = {}
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
@@ -204,6 +227,34 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         elif fd == 2:
             self.stderr_tail += data
             del self.stderr_tail[:-_STDERR_TAIL_BYTES]
+            self._take_command_lines(data)
+
+    def _take_command_lines(self, data: bytes) -> None:
+        """Keep each attempt's command lines (and pass them on, if asked); the
+        worker's own log lines stay in the tail."""
+        self._stderr_partial += data
+        end = self._stderr_partial.rfind(b"\n") + 1
+        lines = routed_lines(bytes(self._stderr_partial[:end])) if end else []
+        del self._stderr_partial[:end]
+        del self._stderr_partial[:-_STDERR_TAIL_BYTES]  # bounded, even without a newline
+        if not lines:
+            return
+        for route, line in lines:
+            if route is not None:
+                kept = self.command_logs.setdefault(route, bytearray())
+                kept += line
+                del kept[:-COMMAND_LOG_BYTES]
+        if self._forward_stderr is not None:
+            try:
+                self._forward_stderr.write(b"".join(line for _, line in lines))
+                self._forward_stderr.flush()
+            except (OSError, ValueError) as exc:
+                log.warning("cannot pass on worker stderr any more: %s", exc)
+                self._forward_stderr = None
+
+    def take_command_log(self, route: str) -> bytes:
+        """The command stderr lines kept for the attempt behind `route`, forgotten here."""
+        return bytes(self.command_logs.pop(route, b""))
 
     def _answer(self, line: bytes) -> None:
         try:
@@ -228,6 +279,34 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
             self.exited.set_result(None)
 
 
+class CommandLogs:
+    """Command stderr per job and shard attempt, in memory (gone with the
+    process): the last `COMMAND_LOG_BYTES` of each attempt, `max_bytes` in all
+    (the oldest attempts' go first)."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._logs: dict[tuple[str, int, int], bytes] = {}
+        self._bytes = 0
+        self._max_bytes = max_bytes
+
+    def add(self, job_id: str, shard: int, attempt: int, lines: bytes) -> None:
+        if not lines:
+            return
+        self._bytes += len(lines) - len(self._logs.pop((job_id, shard, attempt), b""))
+        self._logs[(job_id, shard, attempt)] = lines
+        while self._bytes > self._max_bytes:
+            self._bytes -= len(self._logs.pop(next(iter(self._logs))))
+
+    def text(self, job_id: str, shard: int | None = None) -> str:
+        """Each kept attempt's lines under a heading, in shard and attempt order."""
+        kept = sorted((s, a, lines) for (j, s, a), lines in self._logs.items() if j == job_id)
+        return "".join(
+            f"--- shard {s} attempt {a} ---\n" + lines.decode("utf-8", errors="replace")
+            for s, a, lines in kept
+            if shard is None or s == shard
+        )
+
+
 class _WorkerProcess:
     """One ``python -m shardline.worker --pool`` child, in a process group of its own."""
 
@@ -241,9 +320,9 @@ class _WorkerProcess:
         self.pid = transport.get_pid()
 
     @classmethod
-    async def spawn(cls, python: str, env: Mapping[str, str]) -> _WorkerProcess:
+    async def spawn(cls, python: str, env: Mapping[str, str], forward_stderr: ByteSink | None) -> _WorkerProcess:
         transport, protocol = await asyncio.get_running_loop().subprocess_exec(
-            _WorkerProtocol,
+            lambda: _WorkerProtocol(forward_stderr),
             python,
             "-m",
             "shardline.worker",
@@ -274,6 +353,10 @@ class _WorkerProcess:
         """Tasks running in the process now."""
         return len(self._protocol.pending)
 
+    def take_command_log(self, route: str) -> bytes:
+        """The command stderr lines (tagged) of the attempt behind `route`, the last COMMAND_LOG_BYTES."""
+        return self._protocol.take_command_log(route)
+
     def _stdin(self) -> asyncio.WriteTransport:
         # uvloop's pipe transports do not derive from asyncio.WriteTransport.
         return cast(asyncio.WriteTransport, self._transport.get_pipe_transport(0))
@@ -299,6 +382,8 @@ class _WorkerProcess:
         finally:
             self._protocol.pending.pop(key, None)
         if answer.done():
+            # Its last stderr lines were written before the answer: let a read of them land first.
+            await asyncio.sleep(0)
             return answer.result()
         if self._protocol.garbled.done():
             garbled = self._protocol.garbled.result()[:200]

@@ -130,6 +130,7 @@ def make_app(
             web.get("/jobs/{id}/shards", _shards, allow_head=False),
             web.delete("/jobs/{id}", _cancel),
             web.get("/jobs/{id}/output", _output, allow_head=False),
+            web.get("/jobs/{id}/logs", _logs, allow_head=False),
             web.get("/healthz", _healthz, allow_head=False),
             web.get("/metrics", _metrics, allow_head=False),
             web.get("/openapi.json", get_openapi, allow_head=False),
@@ -299,11 +300,12 @@ async def _shards(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", default=SHARDS_PAGE_DEFAULT, maximum=SHARDS_PAGE_MAX)
     coordinator = _coordinator(request)
     shards = coordinator.shards(job_id, offset=offset, limit=limit)
-    total = coordinator.view(job_id, limit=0).spec.shards
+    view = coordinator.view(job_id, limit=0)  # a prefix names the job: answer with its whole id
+    total = view.spec.shards
     end = offset + len(shards)
     return web.json_response(
         {
-            "id": job_id,
+            "id": view.id,
             "shards_total": total,
             "offset": offset,
             "shards": [shard.to_dict() for shard in shards],
@@ -323,6 +325,11 @@ def _query_int(request: web.Request, name: str, *, default: int, maximum: int | 
     if maximum is not None and value > maximum:
         raise ConfigurationError(f"query parameter {name!r}: at most {maximum}, got {value}")
     return value
+
+
+async def _logs(request: web.Request) -> web.Response:
+    shard = _query_int(request, "shard", default=-1, maximum=None) if "shard" in request.query else None
+    return web.Response(text=_coordinator(request).command_logs(request.match_info["id"], shard))
 
 
 async def _cancel(request: web.Request) -> web.Response:

@@ -115,6 +115,7 @@ class Job:
             fresh=fresh,
             settings=SupervisorSettings(
                 max_attempts=self.spec.max_attempts,
+                command_retries=self.spec.command_retries,
                 timeouts=self.spec.timeouts,
                 retry_backoff_s=settings.retry_backoff_s,
                 retry_backoff_max_s=settings.retry_backoff_max_s,
@@ -531,4 +532,6 @@ def shard_task(job: Job, shard: int, attempt: int) -> ShardTask:
         max_in_flight_bytes=job.spec.max_in_flight_bytes,
         aws=job.aws_task_settings,
         command_env_drop=settings.command_env_drop,
+        ok_exit=job.spec.ok_exit,
+        header_lines=job.spec.header_lines,
     )

@@ -345,6 +345,7 @@ class LocalDirectoryDestination(Destination):
         try:
             os.makedirs(self.url, exist_ok=True)  # a restarted coordinator may not have run check()
             fd, temp = tempfile.mkstemp(dir=self.url, prefix=f".{name}.", suffix=".tmp")
+            os.fchmod(fd, _NEW_FILE_MODE)  # mkstemp's 0600 is for the temp name; the file is the user's
             try:
                 with open(fd, "wb") as file:
                     fill(file, stop)
@@ -361,6 +362,17 @@ class LocalDirectoryDestination(Destination):
         except OSError as exc:
             raise StorageError(f"cannot write {final}: {exc}") from exc
         return final
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, at import, before any thread can create files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: What open(2) would give an output file: 0666 less the umask, as `cp` or a shell redirect does.
+_NEW_FILE_MODE = 0o666 & ~_umask()
 
 
 def _copy_file(source: str, target: BinaryIO, stop: threading.Event) -> None:

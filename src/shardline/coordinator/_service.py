@@ -45,6 +45,7 @@ from ..protocol import (
     ShardView,
     new_coordinator_key,
     shards_as_stored,
+    usable_shards,
 )
 from ._backends import Backend
 from ._context import CoordinatorSettings, JobContext
@@ -180,12 +181,13 @@ class Coordinator:
         """Accept `spec` and start it; errors about the request name the field."""
         if not self.accepting:
             raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
-        self.settings.job_limits.check(spec)
+        self.settings.job_limits.check(spec)  # what was asked for, before -n is lowered to fit
         backend = self._backend(spec.backend)
         async with open_source(spec.source, self.aws) as source:
             # A throttled or briefly unreachable store is no reason to refuse
             # the job: the same retry loop as every other storage call.
             info = await retry(source.stat, policy=self.settings.retry, describe=f"stat {spec.source}")
+            spec = replace(spec, shards=usable_shards(info.size, spec.shards, spec.min_shard_bytes))
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)
@@ -501,6 +503,13 @@ class Coordinator:
     def view(self, job_id: str, *, limit: int = SHARDS_PAGE_DEFAULT) -> JobView:
         """The job's counts and its first `limit` shards."""
         return job_view(self._job(job_id), limit=limit)
+
+    def command_logs(self, job_id: str, shard: int | None = None) -> str:
+        """The stderr its commands printed, per shard attempt (as far as the backend saw it and it is kept)."""
+        job = self._job(job_id)  # a unique prefix names it too
+        if shard is not None and not 0 <= shard < job.spec.shards:
+            raise ConfigurationError(f"shard {shard}: job {job.id} has shards 0 to {job.spec.shards - 1}")
+        return job.backend.command_stderr(job.id, shard)
 
     def views(self) -> list[JobView]:
         """Every job known here, newest first, without shards (their counts only)."""

@@ -16,7 +16,9 @@
 # - An attempt that fails, ends without a committed result or misses a
 #   deadline is stopped, the shard's marker fence is raised past it, and the
 #   shard is retried after a backoff with the next attempt number, up to
-#   `max_attempts` failures; a failure no retry can fix fails the job.
+#   `max_attempts` failures; a failure no retry can fix fails the job.  A
+#   command's own exit status is such a failure (the same bytes give the same
+#   status) unless the job allows `command_retries`; its signals are not.
 # - A straggler may get one speculative attempt beside it once most shards
 #   are done; the first to commit wins and the other is stopped.
 # - Attempt numbers are reserved in the store before they are used (a
@@ -37,7 +39,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 
-from ..errors import ShardFailedError, ShardlineError
+from ..errors import CommandExitError, ShardFailedError, ShardlineError
 from ..io.retry import RetryPolicy
 from ..protocol import (
     CommittedAttempt,
@@ -404,7 +406,8 @@ class Supervisor:
             self._move(shard, ShardEvent.FAIL)
             tries = f"{shard.failures} attempt{'s' if shard.failures > 1 else ''}"
             actions.append(SaveShard(shard.index))
-            actions += self.fail(ShardFailedError(shard.index, f"{cause} ({tries})" if retryable else cause))
+            said = f"{cause} ({tries})" if retryable or shard.failures > 1 else cause
+            actions += self.fail(ShardFailedError(shard.index, said))
             return
         self._move(shard, ShardEvent.RETRY)
         settings = self.settings
@@ -573,8 +576,12 @@ class Supervisor:
             self._refuse(hello, "FAILED ignored")
             return actions
         shard, attempt = found
+        retryable = failed.retryable
+        if failed.kind == CommandExitError.__name__:
+            shard.command_failures += 1
+            retryable = retryable and shard.command_failures <= self.settings.command_retries
         self._end_attempt(
-            shard, attempt, failed.message, retryable=failed.retryable, reason="failed", now=now, actions=actions
+            shard, attempt, failed.message, retryable=retryable, reason="failed", now=now, actions=actions
         )
         return actions
 

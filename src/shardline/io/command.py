@@ -50,10 +50,11 @@ import subprocess
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import IO
 
-from ..errors import CommandFailedError
+from ..errors import CommandExitError, CommandFailedError
 from .aio import completes_within
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
+from .stderrlines import TaggedLines
 
 __all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
 
@@ -92,7 +93,7 @@ _STATUS_NOT_EXECUTABLE = 126
 class _CommandProtocol(asyncio.SubprocessProtocol):
     """Watches the command: its exit and its stderr."""
 
-    def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | None) -> None:
+    def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | TaggedLines | None) -> None:
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.stderr_closed: asyncio.Future[None] = loop.create_future()
@@ -121,6 +122,11 @@ class _CommandProtocol(asyncio.SubprocessProtocol):
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 2 and not self.stderr_closed.done():
+            if isinstance(self._forward_stderr, TaggedLines):
+                try:
+                    self._forward_stderr.end()  # its last line, even without a newline
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot forward command stderr any more: %s", exc)
             self.stderr_closed.set_result(None)
 
     def process_exited(self) -> None:
@@ -158,7 +164,8 @@ class CommandOutput(ShardOutput):
     `stderr_tail_bytes` of stderr are kept, for `CommandFailedError`; pass
     `forward_stderr` to also copy all of it there as it arrives (written from
     the event loop, so give it something that does not block for long, such
-    as ``sys.stderr.buffer``).
+    as ``sys.stderr.buffer``).  Exit statuses in `ok_exit` count as success;
+    any other raises `CommandExitError` (a signal, `CommandFailedError`).
     """
 
     def __init__(
@@ -170,9 +177,11 @@ class CommandOutput(ShardOutput):
         drop_env: Collection[str] = (),
         args: Sequence[str] = (),
         stderr_tail_bytes: int = 8192,
-        forward_stderr: IO[bytes] | None = None,
+        forward_stderr: IO[bytes] | TaggedLines | None = None,
+        ok_exit: Collection[int] = (0,),
     ) -> None:
         super().__init__()
+        self._ok_exit = frozenset(ok_exit)
         self._args = tuple(args)
         if stderr_tail_bytes < 0:
             raise ValueError(f"stderr_tail_bytes must be >= 0, not {stderr_tail_bytes}")
@@ -363,9 +372,11 @@ class CommandOutput(ShardOutput):
         self._transport = None
         self._close_output_fd()
         self._state = State.FINISHED
-        if returncode != 0:
+        if returncode not in self._ok_exit:
             log.debug("pid %d exited with status %d", self._pid, returncode)
-            raise CommandFailedError(returncode=returncode, stderr_tail=self.stderr_tail)
+            # A shell reports a child killed by signal N (an OOM kill) as 128 + N.
+            error = CommandExitError if 0 < returncode < 128 else CommandFailedError
+            raise error(returncode=returncode, stderr_tail=self.stderr_tail)
         return output_bytes
 
     async def _wait_for_background_processes(self) -> None:

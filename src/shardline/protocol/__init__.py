@@ -27,6 +27,14 @@ from ._frames import (
     Want,
     Welcome,
 )
+from ._input import (
+    COMPRESSION_MAGIC_BYTES,
+    DEFAULT_MIN_SHARD_BYTES,
+    check_location,
+    compressed_input_message,
+    compression_format,
+    usable_shards,
+)
 from ._markers import (
     DEFAULT_MARKER_TABLE,
     MARKER_ATTRIBUTE_DEFINITIONS,
@@ -76,10 +84,12 @@ from ._task import (
 
 __all__ = [
     "CLOSED",
+    "COMPRESSION_MAGIC_BYTES",
     "COORDINATOR_KEY_BYTES",
     "DEFAULT_MARKER_TABLE",
     "DEFAULT_MAX_FRAME_BYTES",
     "DEFAULT_MAX_IN_FLIGHT_BYTES",
+    "DEFAULT_MIN_SHARD_BYTES",
     "DEFAULT_PART_SIZE_BYTES",
     "DEFAULT_TASKS_PER_PROCESS",
     "MARKER_ATTRIBUTE_DEFINITIONS",
@@ -133,7 +143,10 @@ __all__ = [
     "attempt_output_name",
     "attempt_secret",
     "check_delimiter",
+    "check_location",
     "check_tiling",
+    "compressed_input_message",
+    "compression_format",
     "format_delimiter",
     "fresh_shard",
     "job_secret",
@@ -148,4 +161,5 @@ __all__ = [
     "parse_delimiter",
     "plan_shards",
     "shards_as_stored",
+    "usable_shards",
 ]

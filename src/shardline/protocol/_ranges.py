@@ -229,7 +229,7 @@ class HeadScanner:
     def _check_fragment(self, length: int) -> None:
         limit = self._max_line_bytes
         if limit is not None and length > limit:
-            raise LineTooLongError(offset=self._shard.start, limit=limit)
+            raise LineTooLongError(offset=self._shard.start, limit=limit, starts_earlier=True)
 
 
 class LineLengthGuard:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigurationError
+from ._input import check_location
 from ._ranges import check_delimiter, format_delimiter, parse_delimiter
 from ._states import JobState, ShardState
 from ._task import DEFAULT_MAX_IN_FLIGHT_BYTES, DEFAULT_PART_SIZE_BYTES
@@ -79,6 +80,15 @@ class JobSpec:
     timeouts: ShardTimeouts = field(default_factory=ShardTimeouts)
     #: Attempts per shard, the first included.
     max_attempts: int = 3
+    #: The command's exit statuses that count as success (grep's 1: no match).
+    ok_exit: tuple[int, ...] = (0,)
+    #: Retries of a shard whose command exited with another status; 0: none,
+    #: since the same bytes give the same status (signals and crashes are retried).
+    command_retries: int = 0
+    #: Lower `shards` so that each gets at least this many bytes (None: keep it).
+    min_shard_bytes: int | None = None
+    #: Lines at the start of the object given to every shard's command ahead of its own lines.
+    header_lines: int = 0
     max_line_bytes: int | None = None
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
     max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
@@ -86,6 +96,7 @@ class JobSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigurationError("field 'source': must be an s3://bucket/key URL or a local path")
+        check_location(self.source, what="field 'source'")
         if not _is_int(self.shards) or self.shards < 1:
             raise ConfigurationError(f"field 'shards': number of shards must be an integer >= 1, got {self.shards!r}")
         try:
@@ -96,12 +107,30 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigurationError(f"field '{name}': must be a non-empty string when given")
+        if self.output is not None:
+            check_location(self.output, what="field 'output'")
         if not isinstance(self.overwrite, bool):
             raise ConfigurationError(f"field 'overwrite': must be true or false, got {self.overwrite!r}")
         if self.overwrite and self.output is None:
             raise ConfigurationError("field 'overwrite': needs 'output' (a streamed output has nothing to overwrite)")
         if not _is_int(self.max_attempts) or self.max_attempts < 1:
             raise ConfigurationError(f"field 'max_attempts': must be an integer >= 1, got {self.max_attempts!r}")
+        if not (
+            isinstance(self.ok_exit, tuple)
+            and self.ok_exit
+            and all(_is_int(code) and 0 <= code <= 255 for code in self.ok_exit)
+        ):
+            raise ConfigurationError(f"field 'ok_exit': must be a list of exit statuses 0..255, got {self.ok_exit!r}")
+        if not _is_int(self.command_retries) or self.command_retries < 0:
+            raise ConfigurationError(f"field 'command_retries': must be an integer >= 0, got {self.command_retries!r}")
+        if self.min_shard_bytes is not None and (not _is_int(self.min_shard_bytes) or self.min_shard_bytes < 1):
+            raise ConfigurationError(f"field 'min_shard_bytes': must be an integer >= 1, got {self.min_shard_bytes!r}")
+        if not _is_int(self.header_lines) or self.header_lines < 0:
+            raise ConfigurationError(f"field 'header_lines': must be an integer >= 0, got {self.header_lines!r}")
+        if self.header_lines and self.command is None:
+            raise ConfigurationError(
+                "field 'header_lines': needs a 'command' (without one the output is the input, header included)"
+            )
         if self.max_line_bytes is not None and (not _is_int(self.max_line_bytes) or self.max_line_bytes < 1):
             raise ConfigurationError(f"field 'max_line_bytes': must be an integer >= 1, got {self.max_line_bytes!r}")
         if not (
@@ -127,6 +156,10 @@ class JobSpec:
             "backend": self.backend,
             "timeouts": self.timeouts.to_dict(),
             "max_attempts": self.max_attempts,
+            "ok_exit": list(self.ok_exit),
+            "command_retries": self.command_retries,
+            "min_shard_bytes": self.min_shard_bytes,
+            "header_lines": self.header_lines,
             "max_line_bytes": self.max_line_bytes,
             "part_size_bytes": self.part_size_bytes,
             "max_in_flight_bytes": self.max_in_flight_bytes,
@@ -148,6 +181,8 @@ class JobSpec:
             values["delimiter"] = parse_delimiter(values["delimiter"], what="field 'delimiter'")
         if "timeouts" in values:
             values["timeouts"] = _timeouts(values["timeouts"])
+        if isinstance(values.get("ok_exit"), list):
+            values["ok_exit"] = tuple(values["ok_exit"])
         try:
             return cls(**values)
         except TypeError as exc:  # pragma: no cover - every field is checked above

@@ -76,6 +76,10 @@ class ShardTask:
     #: Variables of the worker's environment that the command must not see
     #: (the daemon's AWS credentials); ``SHARDLINE_*`` ones it never sees.
     command_env_drop: tuple[str, ...] = ()
+    #: The command's exit statuses that count as success (JobSpec.ok_exit).
+    ok_exit: tuple[int, ...] = (0,)
+    #: Lines at the start of the object written to the command ahead of this shard's own (JobSpec.header_lines).
+    header_lines: int = 0
 
     def __post_init__(self) -> None:
         check_delimiter(self.delimiter)
@@ -122,6 +126,7 @@ class ShardTask:
             data["delimiter"] = bytes.fromhex(data["delimiter"])
             data["secret"] = bytes.fromhex(data["secret"])
             data["command_env_drop"] = tuple(data.get("command_env_drop", ()))
+            data["ok_exit"] = tuple(data.get("ok_exit", (0,)))
             return cls(**data)
         except (ValueError, TypeError, KeyError) as exc:
             raise ConfigurationError(f"invalid shard task: {exc}") from None

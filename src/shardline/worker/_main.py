@@ -167,7 +167,7 @@ class _PoolTasks:
 async def serve_pool() -> int:
     """Serve tasks from stdin until EOF or SIGTERM (see the module comment); returns the exit status."""
     _become_command_runner()
-    settings = WorkerSettings()
+    settings = WorkerSettings(route_stderr=True)  # several attempts share our stderr
     loop = asyncio.get_running_loop()
     stopped = loop.create_future()
 

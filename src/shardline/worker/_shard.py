@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
@@ -34,6 +35,7 @@ from ..errors import (
     ConfigurationError,
     ExchangeUnavailable,
     InputError,
+    LineTooLongError,
     MarkerConflictError,
     ShardlineError,
     StaleAttemptError,
@@ -46,9 +48,11 @@ from ..io.retry import RetryPolicy
 from ..io.s3bucket import S3Bucket
 from ..io.shardoutput import PassthroughOutput, ShardOutput
 from ..io.sources import LocalFileSource, ObjectSource, open_source
+from ..io.stderrlines import TaggedLines, attempt_route, shard_tag
 from ..io.store import MarkerStore, open_marker_store
 from ..io.urls import is_s3_url
 from ..protocol import (
+    COMPRESSION_MAGIC_BYTES,
     Boundary,
     Done,
     Failed,
@@ -61,6 +65,8 @@ from ..protocol import (
     ShardTask,
     TailSource,
     attempt_output_name,
+    compressed_input_message,
+    compression_format,
 )
 from ._exchange import ExchangeClient, client_tls_context
 from ._reader import RangedReader, ReaderSettings, fetch_range
@@ -94,6 +100,9 @@ class WorkerSettings:
     scan_initial_bytes: int = 64 * 1024
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     stderr_tail_bytes: int = 8192
+    #: Put each attempt's route ahead of its tagged stderr lines: a pool
+    #: process's attempts share one stderr, which the backend splits by route.
+    route_stderr: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,6 +233,10 @@ async def run_task(
 _FINAL_ERRORS = (InputError, ConfigurationError, MarkerConflictError, StaleAttemptError)
 
 
+#: The most a header (--header N) may hold: every shard keeps it in memory.
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
 def is_retryable(exc: ShardlineError) -> bool:
     """Whether the coordinator may retry the shard after `exc` (commands, storage: yes)."""
     return not isinstance(exc, _FINAL_ERRORS)
@@ -248,12 +261,20 @@ def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) ->
         "SHARDLINE_SHARDS": str(task.shards),
         "SHARDLINE_ATTEMPT": str(task.attempt),
     }
+    stderr = getattr(sys.stderr, "buffer", None)
+    tag = shard_tag(task.shard)
+    if settings.route_stderr:
+        tag = attempt_route(task.job_id, task.shard, task.attempt) + tag
     return CommandOutput(
         task.command,
         output_path,
         env=env,
         drop_env=task.command_env_drop,
         stderr_tail_bytes=settings.stderr_tail_bytes,
+        # Our stderr: the user's terminal (in-process workers), or a pipe a
+        # local backend passes on (embedded runs) or keeps the tail of (a daemon).
+        forward_stderr=TaggedLines(stderr, tag) if stderr is not None else None,
+        ok_exit=task.ok_exit,
     )
 
 
@@ -281,8 +302,12 @@ class _ShardRun:
         self.emitted = 0
         self.crc = Crc32c()
         self.guard: LineLengthGuard | None = None
+        #: The object's first `task.header_lines` lines (--header); shard 0 reads them as its own.
+        self.header = b""
 
     async def execute(self) -> ShardResult:
+        if self.task.header_lines and self.shard.index > 0:
+            self.header = await self._read_header()
         await self.output.start()
         if self.exchange is None:
             return await self._work()
@@ -353,7 +378,7 @@ class _ShardRun:
         head_fits = True
         publish: asyncio.Future[None] | None = None
         if boundary is not None:  # shard 0: h_0 = 0, nothing to scan
-            self._start_emitting(boundary.head_end)
+            await self._start_emitting(boundary.head_end)
             publish = asyncio.ensure_future(self._publish(boundary, b""))
         position = shard.fetch_start
         try:
@@ -362,6 +387,8 @@ class _ShardRun:
             ) as reader:
                 async for chunk in reader:
                     chunk_start, position = position, position + len(chunk)
+                    if chunk_start == 0 and self.task.shards > 1:
+                        self._refuse_compressed(chunk)
                     if boundary is None:
                         decision = scanner.feed(chunk)
                         if isinstance(decision, Boundary):
@@ -378,11 +405,18 @@ class _ShardRun:
                         if boundary is not None and position >= boundary.head_end:
                             publish = asyncio.ensure_future(self._publish(boundary, bytes(head) if head_fits else None))
                             if boundary.line_start:
-                                self._start_emitting(boundary.head_end)
+                                await self._start_emitting(boundary.head_end)
                                 await self._emit(chunk, boundary.head_end - chunk_start)
                         continue
                     if boundary is not None and boundary.line_start:
                         await self._emit(chunk)
+        except LineTooLongError as exc:
+            if publish is not None:
+                publish.cancel()
+            if not exc.starts_earlier:
+                raise
+            # Name the line by its start, as the shard emitting it would have.
+            raise LineTooLongError(offset=await self._line_start_before(exc.offset), limit=exc.limit) from None
         except BaseException:
             if publish is not None:
                 publish.cancel()
@@ -395,6 +429,11 @@ class _ShardRun:
         growing exact reads (the head is usually found in the first window),
         then [h_i, s_{i+1}) by `_emit_file_range`."""
         shard = self.shard
+        if shard.fetch_start == 0 and self.task.shards > 1:
+            first_end = min(shard.end, COMPRESSION_MAGIC_BYTES)
+            self._refuse_compressed(
+                await fetch_range(self.source, 0, first_end, etag=self.task.etag, retry=self.settings.retry)
+            )
         scanner = HeadScanner(shard, self.task.delimiter, max_line_bytes=self.task.max_line_bytes)
         boundary = scanner.result
         fragment: bytes | None = b""
@@ -424,7 +463,7 @@ class _ShardRun:
         publish = asyncio.ensure_future(self._publish(boundary, fragment))
         try:
             if boundary.line_start:
-                self._start_emitting(boundary.head_end)
+                await self._start_emitting(boundary.head_end)
                 await self._emit_file_range(boundary.head_end, shard.end)
         except BaseException:
             publish.cancel()
@@ -451,9 +490,53 @@ class _ShardRun:
             self.emitted += count
             position += count
 
-    def _start_emitting(self, start: int) -> None:
+    def _refuse_compressed(self, first: bytes | memoryview) -> None:
+        """Shard 0 sees the object's first bytes: a compressed stream cannot be cut into byte ranges."""
+        name = compression_format(bytes(first[:COMPRESSION_MAGIC_BYTES]))
+        if name is not None:
+            raise InputError(compressed_input_message(self.task.source, name))
+
+    async def _start_emitting(self, start: int) -> None:
         if self.task.max_line_bytes is not None:
             self.guard = LineLengthGuard(self.task.delimiter, self.task.max_line_bytes, start=start)
+        # The header goes to the command ahead of our lines, but it is not ours:
+        # neither counted as emitted nor checksummed (shard 0 emits it).  A shard
+        # starting inside the header gets the header lines before its start.
+        await self.output.write(self.header[:start])
+
+    async def _line_start_before(self, offset: int) -> int:
+        """Where the line holding `offset` starts: after the last delimiter before it (or 0)."""
+        end = offset
+        while end > 0:
+            start = max(0, end - self.settings.scan_initial_bytes)
+            data = await fetch_range(self.source, start, end, etag=self.task.etag, retry=self.settings.retry)
+            found = data.rfind(self.task.delimiter)
+            if found >= 0:
+                return start + found + 1
+            end = start
+        return 0
+
+    async def _read_header(self) -> bytes:
+        """The object's first `header_lines` lines (fewer if it has fewer), read with doubling ranges."""
+        wanted, delimiter, size = self.task.header_lines, self.task.delimiter, self.task.size
+        length = self.settings.scan_initial_bytes
+        while True:
+            data = await fetch_range(self.source, 0, min(length, size), etag=self.task.etag, retry=self.settings.retry)
+            end = 0
+            for _ in range(wanted):
+                found = data.find(delimiter, end)
+                if found < 0:
+                    break
+                end = found + len(delimiter)
+            else:
+                return data[:end]
+            if len(data) == size:
+                return data  # fewer lines than asked for: all of it is header
+            if length >= _MAX_HEADER_BYTES:
+                raise InputError(
+                    f"--header {wanted}: the first {wanted} lines are longer than {_MAX_HEADER_BYTES} bytes"
+                )
+            length *= 2
 
     async def _emit(self, data: bytes | memoryview, start: int = 0, end: int | None = None) -> None:
         """Emit ``data[start:end]``; the bounds spare the line-length guard a copy of a slice."""
