@@ -183,7 +183,9 @@ async def test_a_retried_shard_commits_its_second_attempts_object(s3, bucket, aw
     s3.put_object(Bucket=bucket, Key="in.txt", Body=data)
     command = only_in_attempt(1, 0, "exit 3") + "; tr a-f A-F"
     async with _coordinator(aws_settings, StagedInProcessBackend(f"s3://{bucket}/staging/")) as service:
-        spec = JobSpec(source=f"s3://{bucket}/in.txt", shards=3, command=command, output=f"s3://{bucket}/out/")
+        spec = JobSpec(
+            source=f"s3://{bucket}/in.txt", shards=3, command=command, output=f"s3://{bucket}/out/", command_retries=1
+        )
         view = await service.submit(spec)
         await _succeeded(service, view.id)
         relayed = service.metrics.output_bytes_relayed

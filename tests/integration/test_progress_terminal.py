@@ -124,8 +124,8 @@ STAGGERED = 'sleep "$(( SHARDLINE_SHARD / 2 )).$(( SHARDLINE_SHARD % 2 * 5 ))"; 
 
 def test_progress_never_shares_a_row_with_output_or_messages(env, source):
     command = STAGGERED + "head -3"
-    expected = plain_output(env, "run", source, "-n", "6", "--", command)
-    status, written = in_pty([*SHARDLINE, "run", source, "-n", "6", "-v", "--", command], env)
+    expected = plain_output(env, "run", source, "-n", "6", "--exact-shards", "--", command)
+    status, written = in_pty([*SHARDLINE, "run", source, "-n", "6", "--exact-shards", "-v", "--", command], env)
     assert status == 0, written
     assert PROGRESS in written  # the line was shown ...
     rows, shared = play(written)
@@ -137,8 +137,8 @@ def test_progress_never_shares_a_row_with_output_or_messages(env, source):
 def test_a_half_written_output_row_keeps_the_line_away_until_it_ends(env, source):
     # Every shard's output ends in the middle of a row, which the next shard's output completes.
     command = STAGGERED + 'head -2; printf "partial-%s:" "$SHARDLINE_SHARD"'
-    expected = plain_output(env, "run", source, "-n", "5", "--", command)
-    status, written = in_pty([*SHARDLINE, "run", source, "-n", "5", "--", command], env)
+    expected = plain_output(env, "run", source, "-n", "5", "--exact-shards", "--", command)
+    status, written = in_pty([*SHARDLINE, "run", source, "-n", "5", "--exact-shards", "--", command], env)
     assert status == 0, written
     assert PROGRESS in written
     rows, shared = play(written)
@@ -148,7 +148,7 @@ def test_a_half_written_output_row_keeps_the_line_away_until_it_ends(env, source
 
 def test_the_daemons_client_keeps_the_line_off_the_output_too(env, source, tmp_path):
     command = STAGGERED + "head -3"
-    expected = plain_output(env, "run", source, "-n", "6", "--", command)
+    expected = plain_output(env, "run", source, "-n", "6", "--exact-shards", "--", command)
     daemon = Daemon(tmp_path, env, state_dir=Path(env["SHARDLINE_STATE_DIR"]))
     try:
         job_id = submit(daemon, source=source, shards=6, command=command)
@@ -163,10 +163,12 @@ def test_the_daemons_client_keeps_the_line_off_the_output_too(env, source, tmp_p
 
 
 def test_no_progress_on_a_terminal_shows_none(env, source):
-    status, written = in_pty([*SHARDLINE, "run", source, "-n", "3", "--no-progress", "--", "head -1"], env)
+    status, written = in_pty(
+        [*SHARDLINE, "run", source, "-n", "3", "--exact-shards", "--no-progress", "--", "head -1"], env
+    )
     assert status == 0, written
     assert PROGRESS not in written and _ERASE_LINE not in written
-    assert play(written)[0] == plain_output(env, "run", source, "-n", "3", "--", "head -1")
+    assert play(written)[0] == plain_output(env, "run", source, "-n", "3", "--exact-shards", "--", "head -1")
 
 
 def test_the_eta_follows_the_current_rate_not_the_average():

@@ -47,7 +47,7 @@ def test_detached_job_survives_a_sigkilled_daemon_and_output_prefix_gives_it_exa
     source = tmp_path / "input"
     source.write_bytes(DATA)
     expected = sequential_reference(DATA, SED)
-    run = ("run", str(source), "-n", "4")
+    run = ("run", str(source), "-n", "4", "--exact-shards")
 
     first = Daemon(tmp_path, env, state_dir=state_dir)
     try:
@@ -133,7 +133,9 @@ def test_ctrl_c_cancels_the_job_run_started_but_never_one_output_watches(tmp_pat
         watched = submit(daemon, source=str(source), shards=2, command="sleep 600")
         code, watcher = interrupted("output", watched[:6], "--coordinator", daemon.url)
         still = json.loads(daemon.request(f"/jobs/{watched}")[1])["state"]
-        code_run, runner = interrupted("run", str(source), "-n", "2", "--coordinator", daemon.url, "--", "sleep 600")
+        code_run, runner = interrupted(
+            "run", str(source), "-n", "2", "--exact-shards", "--coordinator", daemon.url, "--", "sleep 600"
+        )
         (started,) = job_ids(daemon) - {watched}
         cancelled = json.loads(daemon.request(f"/jobs/{started}")[1])["state"]
         daemon.request(f"/jobs/{watched}", "DELETE")

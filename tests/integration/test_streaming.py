@@ -26,7 +26,7 @@ def start(tmp_path: Path, command: str, *, shards: int = 2) -> subprocess.Popen[
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update({"HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true", "FLAG": str(tmp_path / "flag")})
     return subprocess.Popen(
-        [*SHARDLINE, "run", str(source), "-n", str(shards), "--", command],
+        [*SHARDLINE, "run", str(source), "-n", str(shards), "--exact-shards", "--command-retries", "2", "--", command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
