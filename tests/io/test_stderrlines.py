@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from shardline.io.stderrlines import TaggedLines, shard_tag, tagged_lines_only
+from shardline.io.stderrlines import TaggedLines, attempt_route, routed_lines, shard_tag, tagged_lines_only
 
 
 class Clock:
@@ -56,3 +56,21 @@ def test_only_tagged_lines_are_picked_out_of_a_workers_stderr():
     stderr = b"2026-01-01 shardline.worker WARNING lost\nshard 2: warn\nshard x: no\nshard 10: two\n"
     assert tagged_lines_only(stderr) == b"shard 2: warn\nshard 10: two\n"
     assert shard_tag(7) == "shard 7: "
+
+
+def test_a_pool_process_attempts_lines_are_told_apart_by_their_route():
+    """Several attempts share one pool process's stderr: each line comes behind
+    its attempt's route, which the backend strips before passing it on."""
+    sink = io.BytesIO()
+    first = TaggedLines(sink, attempt_route("job-a", 3, 0) + shard_tag(3))
+    other_job = TaggedLines(sink, attempt_route("job-b", 3, 1) + shard_tag(3))
+    first.write(b"one\n")
+    other_job.write(b"two\n")
+    sink.write(b"2026-01-01 shardline.worker INFO a log line\n")
+    first.write(b"\x1fjob-b/3/1\x1fforged\n")  # a command cannot move its line to another attempt
+    assert routed_lines(sink.getvalue()) == [
+        (attempt_route("job-a", 3, 0), b"shard 3: one\n"),
+        (attempt_route("job-b", 3, 1), b"shard 3: two\n"),
+        (attempt_route("job-a", 3, 0), b"shard 3: \x1fjob-b/3/1\x1fforged\n"),
+    ]
+    assert tagged_lines_only(sink.getvalue()).count(b"\x1fjob-a") == 0  # routes never reach the user
