@@ -190,11 +190,20 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
     my_session = os.getsid(0)
     found = False
     for pid in _children(me):
-        if pid in _killed or pid == ending.session:
-            continue  # reaped below; the command itself is the event loop's to reap
+        if pid in _killed:
+            continue  # reaped below
         stat = _stat(pid)
         if stat is None or stat.parent != me:
             continue  # gone meanwhile
+        if pid == ending.session:
+            # The command itself, the event loop's to reap.  While it lives,
+            # what it started is still its children, not ours: kill it (our
+            # unreaped child, so the pid is its) and look again once it died.
+            if not stat.zombie:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                found = True
+            continue
         if not _ends_with(ending, pid, stat, my_session):
             continue
         if stat.zombie:
