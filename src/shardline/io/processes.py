@@ -197,9 +197,10 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
             continue  # gone meanwhile
         if pid == ending.session:
             # The command itself, the event loop's to reap.  While it lives,
-            # what it started is still its children, not ours: kill it (our
-            # unreaped child, so the pid is its) and look again once it died.
-            if not stat.zombie:
+            # what it started is still its children, not ours: kill it and
+            # look again once it died.  Only if it is still that command (its
+            # marker): once reaped, its pid may be another command's.
+            if not stat.zombie and _marker(pid) == ending.marker:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 found = True
