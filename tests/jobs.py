@@ -21,7 +21,7 @@ from shardline.coordinator import (
 from shardline.embedded import InProcessBackend, run_embedded
 from shardline.io.aws import AwsSettings, client
 from shardline.io.store import JobStore, MemoryJobStore, ensure_marker_table, parse_location
-from shardline.protocol import DEFAULT_MARKER_TABLE, JobSpec, ShardTask
+from shardline.protocol import JobSpec, ShardTask
 from shardline.worker import WorkerSettings
 
 
@@ -117,14 +117,21 @@ async def run_job_on_exchange(
     """Run a job with an in-process coordinator on an exchange of the test's
     choosing (TLS or not); closes `backend`."""
     out = io.BytesIO()
-    async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, parse_location(settings.markers)[1])
+    await ensure_markers(aws, settings)
     async with ExchangeServer(host="127.0.0.1", tls=tls) as exchange:
         try:
             report = await run_job(spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings)
         finally:
             await backend.aclose()
     return out.getvalue(), report
+
+
+async def ensure_markers(aws: AwsSettings, settings: CoordinatorSettings) -> None:
+    """Create the DynamoDB marker table `settings.markers` names (nothing for SQLite)."""
+    kind, name = parse_location(settings.markers)
+    if kind == "dynamodb":
+        async with client(aws, "dynamodb") as dynamodb:
+            await ensure_marker_table(dynamodb, name)
 
 
 def sequential_reference(data: bytes, command: str | None) -> bytes:
@@ -140,8 +147,7 @@ async def running_coordinator(
 ) -> AsyncIterator[Coordinator]:
     """A started Coordinator with `backend` as its only backend, on its own
     exchange (the marker table created first); closes `backend` after it."""
-    async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, DEFAULT_MARKER_TABLE)
+    await ensure_markers(aws, settings)
     try:
         async with (
             ExchangeServer() as exchange,

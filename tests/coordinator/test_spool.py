@@ -6,30 +6,25 @@ processes holding spools are real processes; coordinators run in-process.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from shardline.coordinator import Coordinator, CoordinatorSettings, ExchangeServer, choose_spool_dir, sweep_spools
+from shardline.coordinator import CoordinatorSettings, choose_spool_dir, sweep_spools
 from shardline.embedded import InProcessBackend
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
 from shardline.io.store import (
     DynamoJobStore,
-    JobStore,
-    MemoryJobStore,
     ensure_jobs_table,
-    ensure_marker_table,
-    parse_location,
 )
 from shardline.protocol import JobSpec
 
+from jobs import running_coordinator
 from leftovers import spools_under
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux only (/proc)")
@@ -92,26 +87,6 @@ def test_spool_reservations_of_other_processes_count(tmp_path):
     assert choose_spool_dir(size, memory_dir=str(memory), memory_limit_bytes=3 * size) == str(memory)
 
 
-@contextlib.asynccontextmanager
-async def in_process_coordinator(
-    aws: AwsSettings, settings: CoordinatorSettings, store: JobStore | None = None
-) -> AsyncIterator[Coordinator]:
-    async with client(aws, "dynamodb") as dynamodb:
-        await ensure_marker_table(dynamodb, parse_location(settings.markers)[1])
-    backend = InProcessBackend()
-    async with (
-        ExchangeServer() as exchange,
-        Coordinator(
-            aws=aws,
-            backends={backend.name: backend},
-            store=store or MemoryJobStore(),
-            exchange=exchange,
-            settings=settings,
-        ) as service,
-    ):
-        yield service
-
-
 async def test_concurrent_jobs_reserve_memory_spool_space_together(tmp_path, aws_settings: AwsSettings):
     source = tmp_path / "input"
     source.write_bytes(DATA)
@@ -121,7 +96,7 @@ async def test_concurrent_jobs_reserve_memory_spool_space_together(tmp_path, aws
     # Room for one job's reservation (twice its input), not for two.
     settings = CoordinatorSettings(memory_spool_dir=str(memory), memory_spool_limit_bytes=3 * len(DATA))
     command = f"while [ ! -e {gate} ]; do sleep 0.05; done; cat"
-    async with in_process_coordinator(aws_settings, settings) as service:
+    async with running_coordinator(aws_settings, InProcessBackend(), settings=settings) as service:
         first = await service.submit(JobSpec(source=str(source), shards=2, command=command))
         second = await service.submit(JobSpec(source=str(source), shards=2, command=command))
         assert [path.name.split("-")[1] for path in spools_under(memory)] == [first.id]
@@ -148,9 +123,9 @@ async def test_only_the_coordinator_holding_a_jobs_spool_resumes_it(tmp_path, aw
     async with client(aws_settings, "dynamodb") as dynamodb:
         await ensure_jobs_table(dynamodb, table)
         store = DynamoJobStore(dynamodb, table, retry_policy=RetryPolicy())
-        async with in_process_coordinator(aws_settings, settings, store) as first:
+        async with running_coordinator(aws_settings, InProcessBackend(), settings=settings, store=store) as first:
             view = await first.submit(JobSpec(source=str(source), shards=2, command=command))
-            async with in_process_coordinator(aws_settings, settings, store) as second:
+            async with running_coordinator(aws_settings, InProcessBackend(), settings=settings, store=store) as second:
                 assert await second.resume() == []  # the first one holds it
                 assert second.views() == []
                 assert await second.sweep_spools() == []
@@ -158,7 +133,7 @@ async def test_only_the_coordinator_holding_a_jobs_spool_resumes_it(tmp_path, aw
         # The first coordinator is gone, its job unfinished: the spool is kept for the next one,
         # and a sweep by a coordinator of another store (shardline run) leaves it alone.
         assert sweep_spools([str(spool)]) == []
-        async with in_process_coordinator(aws_settings, settings, store) as third:
+        async with running_coordinator(aws_settings, InProcessBackend(), settings=settings, store=store) as third:
             assert await third.resume() == [view.id]
             assert await third.sweep_spools() == []
             gate.touch()
