@@ -139,8 +139,9 @@ async def stream_output(
     sink = out
     if display is not None:
         sink = display.install(out)
-        shards = view["shards"]
-        progress = RemoteProgress(shards=len(shards) if isinstance(shards, list) else 0, started=time.monotonic())
+        # The view lists one page of shards; the total is its own field.
+        total = view["shards_total"]
+        progress = RemoteProgress(shards=total if isinstance(total, int) else 0, started=time.monotonic())
         poller = asyncio.create_task(poll_progress(coordinator, job_id, progress))
         display.attach(lambda: progress)
     log.info("streaming the output of job %s from %s", job_id, coordinator.url)
