@@ -28,14 +28,13 @@
 #   the API token, settings) and minus `drop_env` (the daemon's AWS
 #   credentials), plus what the caller adds (`command_environment`).
 #
-# The low-level `loop.subprocess_exec` with our own protocol is used instead
-# of `asyncio.create_subprocess_exec`: on Python 3.11 `Process.wait()` only
-# returns once every pipe is closed, so a background process left holding
-# stderr would hang `finish()` although the shell has exited.  The protocol
-# sees the exit itself, and `finish()` gives such stragglers a short grace
-# before killing them, so nothing writes into the output after it is measured.
-# Background processes that let go of stderr get no grace: they are killed
-# as soon as the shell has exited.
+# The shell is started by `child.spawn` (posix_spawn: its cost does not grow
+# with our memory, as a fork's does), which watches its exit and its stderr
+# separately: a background process left holding stderr must not hang
+# `finish()` although the shell has exited.  `finish()` gives such
+# stragglers a short grace before killing them, so nothing writes into the
+# output after it is measured.  Background processes that let go of stderr
+# get no grace: they are killed as soon as the shell has exited.
 
 from __future__ import annotations
 
@@ -46,12 +45,12 @@ import logging
 import os
 import signal
 import stat
-import subprocess
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import IO
 
 from ..errors import CommandExitError, CommandFailedError
 from .aio import completes_within
+from .child import Child, spawn
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
 from .stderrlines import TaggedLines
@@ -88,50 +87,6 @@ _OWN_PREFIX = "SHARDLINE_"
 #: Shell conventions for a command that could not be executed.
 _STATUS_NOT_FOUND = 127
 _STATUS_NOT_EXECUTABLE = 126
-
-
-class _CommandProtocol(asyncio.SubprocessProtocol):
-    """Watches the command: its exit and its stderr."""
-
-    def __init__(self, *, stderr_tail_bytes: int, forward_stderr: IO[bytes] | TaggedLines | None) -> None:
-        loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.stderr_closed: asyncio.Future[None] = loop.create_future()
-        self.stderr_tail = bytearray()
-        self._stderr_tail_bytes = stderr_tail_bytes
-        self._forward_stderr = forward_stderr
-
-    # -- protocol callbacks ----------------------------------------------------
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd != 2:
-            return
-        if self._forward_stderr is not None:
-            try:
-                self._forward_stderr.write(data)
-                self._forward_stderr.flush()
-            except (OSError, ValueError) as exc:
-                # Keep draining regardless: a reader that stops makes the
-                # command block on a full stderr pipe.
-                log.warning("cannot forward command stderr any more: %s", exc)
-                self._forward_stderr = None
-        self.stderr_tail += data
-        excess = len(self.stderr_tail) - self._stderr_tail_bytes
-        if excess > 0:
-            del self.stderr_tail[:excess]
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 2 and not self.stderr_closed.done():
-            if isinstance(self._forward_stderr, TaggedLines):
-                try:
-                    self._forward_stderr.end()  # its last line, even without a newline
-                except (OSError, ValueError) as exc:
-                    log.warning("cannot forward command stderr any more: %s", exc)
-            self.stderr_closed.set_result(None)
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
 
 
 def command_environment(
@@ -196,8 +151,7 @@ class CommandOutput(ShardOutput):
         self.bytes_dropped = 0
         self._output_fd: int | None = None
         self._pid: int | None = None
-        self._transport: asyncio.SubprocessTransport | None = None
-        self._protocol: _CommandProtocol | None = None
+        self._child: Child | None = None
         #: The write end of the command's stdin pipe (non-blocking), until EOF.
         self._stdin_fd: int | None = None
         #: The command closed its stdin (a write met EPIPE).
@@ -212,9 +166,9 @@ class CommandOutput(ShardOutput):
     @property
     def stderr_tail(self) -> str:
         """The last `stderr_tail_bytes` of the command's stderr so far, decoded."""
-        if self._protocol is None:
+        if self._child is None:
             return ""
-        return self._protocol.stderr_tail.decode("utf-8", errors="replace")
+        return self._child.stderr_tail.decode("utf-8", errors="replace")
 
     async def start(self) -> None:
         self._advance(State.NEW, State.RUNNING, "start")
@@ -234,21 +188,13 @@ class CommandOutput(ShardOutput):
             os.environ, add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
         )
         try:
-            self._transport, self._protocol = await asyncio.get_running_loop().subprocess_exec(
-                lambda: _CommandProtocol(
-                    stderr_tail_bytes=self._stderr_tail_bytes,
-                    forward_stderr=self._forward_stderr,
-                ),
-                "sh",
-                "-c",
-                self._command,
-                "sh",  # $0
-                *self._args,
-                stdin=stdin_read,
-                stdout=self._output_fd,
-                stderr=subprocess.PIPE,
+            self._child = spawn(
+                ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
                 env=env,
-                start_new_session=True,
+                stdin_fd=stdin_read,
+                stdout_fd=self._output_fd,
+                stderr_tail_bytes=self._stderr_tail_bytes,
+                forward_stderr=self._forward_stderr,
             )
         except OSError as exc:
             processes.spawned(None)
@@ -257,16 +203,9 @@ class CommandOutput(ShardOutput):
             self._state = State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
             raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
-        except BaseException:
-            # Cancelled while spawning: asyncio has already killed the child.
-            processes.spawned(None)
-            self._close_output_fd()
-            self._close_stdin()
-            self._state = State.CLOSED
-            raise
         finally:
             os.close(stdin_read)  # the child has its copy
-        self._pid = self._transport.get_pid()
+        self._pid = self._child.pid
         processes.spawned(self._pid)
         log.debug("started %r as pid %d, output %s", self._command, self._pid, self._path)
 
@@ -276,8 +215,8 @@ class CommandOutput(ShardOutput):
         or exited.  Exit counts because a background process it left behind
         may still hold the pipe open, and waiting on that would block for its
         lifetime."""
-        assert self._protocol is not None
-        return self._stdin_closed or self._protocol.exited.done()
+        assert self._child is not None
+        return self._stdin_closed or self._child.exited.done()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self._require_running("write to")
@@ -309,7 +248,6 @@ class CommandOutput(ShardOutput):
     async def _feed(self, size: int, move: Callable[[int, int, int], int]) -> None:
         """Call ``move(stdin_fd, done, count)`` until `size` bytes went into the
         pipe, waiting whenever it is full; drops the rest once input is refused."""
-        assert self._protocol is not None
         done = 0
         while done < size:
             if self._input_refused or self._stdin_fd is None:
@@ -326,7 +264,7 @@ class CommandOutput(ShardOutput):
 
     async def _stdin_writable(self) -> None:
         """Until the pipe takes more, or the command exits."""
-        assert self._stdin_fd is not None and self._protocol is not None
+        assert self._stdin_fd is not None and self._child is not None
         loop = asyncio.get_running_loop()
         writable = loop.create_future()
         fd = self._stdin_fd
@@ -337,7 +275,7 @@ class CommandOutput(ShardOutput):
 
         loop.add_writer(fd, wake)
         try:
-            await asyncio.wait({writable, self._protocol.exited}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({writable, self._child.exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             loop.remove_writer(fd)
             writable.cancel()
@@ -354,22 +292,21 @@ class CommandOutput(ShardOutput):
 
     async def finish(self) -> int:
         self._advance(State.RUNNING, State.FINISHING, "finish")
-        assert self._transport is not None and self._protocol is not None
+        assert self._child is not None
         try:
             # Nothing is buffered (write() waits for the pipe): EOF at once.
             self._close_stdin()
-            await self._protocol.exited
+            await self._child.exited
             await self._wait_for_background_processes()
             await self._end_processes()
             self._advance(State.FINISHING, State.FINISHING, "finish")  # not aborted meanwhile
         except BaseException:
             await self.aclose()
             raise
-        returncode = self._transport.get_returncode()
+        returncode = self._child.returncode
         assert returncode is not None
         output_bytes = self._output_size()
-        self._transport.close()
-        self._transport = None
+        self._child.close()
         self._close_output_fd()
         self._state = State.FINISHED
         if returncode not in self._ok_exit:
@@ -381,8 +318,8 @@ class CommandOutput(ShardOutput):
 
     async def _wait_for_background_processes(self) -> None:
         """After the shell exited: wait for stderr EOF, killing stragglers if it is late."""
-        assert self._protocol is not None and self._pid is not None
-        if await completes_within(self._protocol.stderr_closed, _BACKGROUND_GRACE_S):
+        assert self._child is not None and self._pid is not None
+        if await completes_within(self._child.stderr_closed, _BACKGROUND_GRACE_S):
             return
         log.warning(
             "command %r exited but left a background process holding its stderr; killing process group %d",
@@ -393,7 +330,7 @@ class CommandOutput(ShardOutput):
             # No subreaper: something still holds stderr, so the group is
             # most likely not empty and its id not reused.  The best we can do.
             _kill_group(self._pid)
-        if not await completes_within(self._protocol.stderr_closed, _KILL_WAIT_S):
+        if not await completes_within(self._child.stderr_closed, _KILL_WAIT_S):
             log.warning("stderr of process group %d still open; closing it anyway", self._pid)
 
     async def _end_processes(self) -> bool:
@@ -415,18 +352,17 @@ class CommandOutput(ShardOutput):
             os.close(fd)
 
     async def _abort(self) -> None:
-        transport, protocol, self._transport = self._transport, self._protocol, None
-        if transport is not None and protocol is not None:
-            pid = transport.get_pid()
-            # Signal the group only while someone in it is known to live (the
-            # unreaped shell, or whoever still holds stderr), so that its id
-            # cannot have been reused by an unrelated group.
-            if transport.get_returncode() is None or not protocol.stderr_closed.done():
-                _kill_group(pid)
-                log.info("aborted command %r: killed process group %d", self._command, pid)
-            if not await completes_within(protocol.exited, _KILL_WAIT_S):
-                log.warning("process %d still not reaped %.0fs after SIGKILL", pid, _KILL_WAIT_S)
-            transport.close()
+        child = self._child
+        if child is not None:
+            if not (child.exited.done() and child.stderr_closed.done()):
+                # Signal the group only while someone in it is known to live
+                # (the unreaped shell, or whoever still holds stderr), so that
+                # its id cannot have been reused by an unrelated group.
+                _kill_group(child.pid)
+                log.info("aborted command %r: killed process group %d", self._command, child.pid)
+            if not await completes_within(child.exited, _KILL_WAIT_S):
+                log.warning("process %d still not reaped %.0fs after SIGKILL", child.pid, _KILL_WAIT_S)
+            child.close()
         self._close_stdin()  # discards input the command will never read
         await self._end_processes()
         self._close_output_fd()

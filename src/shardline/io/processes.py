@@ -20,7 +20,7 @@
 #
 # Only direct children are signalled and reaped: a child's pid cannot be
 # reused until we reap it, so no signal can reach an unrelated process.
-# Reaping is by pid, never ``waitpid(-1)``: the event loop's child watcher
+# Reaping is by pid, never ``waitpid(-1)``: a command's own watcher (child.py)
 # owns the children we spawned ourselves.
 #
 # Elsewhere (macOS: no subreaper, no /proc) nothing here is active, and a
@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import glob
 import logging
 import os
 import secrets
@@ -196,7 +195,7 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
         if stat is None or stat.parent != me:
             continue  # gone meanwhile
         if pid == ending.session:
-            # The command itself, the event loop's to reap.  While it lives,
+            # The command itself, reaped by its watcher (child.py).  While it lives,
             # what it started is still its children, not ours: kill it and
             # look again once it died.  Only if it is still that command (its
             # marker): once reaped, its pid may be another command's.
@@ -205,6 +204,8 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
                     os.kill(pid, signal.SIGKILL)
                 found = True
             continue
+        if pid in _live_sessions:
+            continue  # another running command's shell (its pid is its session id): not ours to reap
         if not _ends_with(ending, pid, stat, my_session):
             continue
         if stat.zombie:
@@ -274,8 +275,11 @@ def _marker(pid: int) -> str | None:
 
 def _children(pid: int) -> list[int]:
     """Direct children of `pid` (of every thread: an orphan goes to one of them)."""
-    paths = glob.glob(f"/proc/{pid}/task/*/children")
-    if not paths:  # a kernel without CONFIG_PROC_CHILDREN: scan every process
+    try:
+        paths = [f"/proc/{pid}/task/{task}/children" for task in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        paths = []
+    if not paths or not os.path.exists(paths[0]):  # a kernel without CONFIG_PROC_CHILDREN: scan every process
         return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent_is(int(entry), pid)]
     children: list[int] = []
     for path in paths:

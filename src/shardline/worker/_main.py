@@ -218,23 +218,6 @@ async def _read_task_lines(
     stop()
 
 
-def _no_inherited_descriptors() -> None:
-    """Keep descriptors we inherited by accident out of our commands.
-
-    A uvloop parent hands its child copies of the child's stdio sockets above
-    fd 2, without close-on-exec, and a uvloop worker would pass them on to its
-    commands: a command left running would then hold the parent's pipes open
-    after we are gone.
-    """
-    for name in os.listdir("/dev/fd"):
-        fd = int(name)
-        if fd > 2:
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                pass  # the listing's own descriptor, closed by now
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -243,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     # and a local file's task (the first run a newcomer makes) never does.
 
     if args == ["--pool"]:
-        _no_inherited_descriptors()
         status = _run_loop(serve_pool, use_uvloop=True)
         # Every task's resources are released by now.  Skipping the
         # interpreter's teardown (botocore's modules) makes the exit ~15x
