@@ -89,6 +89,8 @@ def make_source(request: pytest.FixtureRequest, tmp_path: Path, aws_settings: Aw
         ({"part_size_bytes": 0}, "part_size_bytes"),
         ({"part_size_bytes": 10, "max_in_flight_bytes": 9}, "max_in_flight_bytes"),
         ({"max_concurrent_requests": 0}, "max_concurrent_requests"),
+        ({"part_size_bytes": 10, "first_part_bytes": 11}, "first_part_bytes"),
+        ({"first_part_bytes": 0}, "first_part_bytes"),
     ],
 )
 def test_reader_settings_validate(kwargs: dict[str, int], field: str) -> None:
@@ -139,6 +141,18 @@ async def test_chunks_are_consecutive_parts(make_source: MakeSource) -> None:
         async with reader:
             sizes = [len(chunk) async for chunk in reader]
     assert sizes == [4096, 4096, 9_000 - 123 - 2 * 4096]
+
+
+async def test_a_smaller_first_part_comes_first_and_the_rest_follow_whole(make_source: MakeSource) -> None:
+    data = random_bytes(10_000, seed=4)
+    settings = dataclasses.replace(settings_for(4096), first_part_bytes=100)
+    async with make_source(data) as source:
+        info = await source.stat()
+        reader = RangedReader(source, start=123, end=9_000, etag=info.etag, settings=settings)
+        async with reader:
+            chunks = [bytes(chunk) async for chunk in reader]
+    assert [len(chunk) for chunk in chunks] == [100, 4096, 4096, 9_000 - 123 - 100 - 2 * 4096]
+    assert b"".join(chunks) == data[123:9_000]
 
 
 def test_invalid_range_is_rejected() -> None:

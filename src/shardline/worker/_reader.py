@@ -1,6 +1,8 @@
 # The bounded, concurrent, resuming ranged reader (DESIGN §4).
 #
-# [start, end) is cut into parts of `part_size_bytes`.  Each part's memory is
+# [start, end) is cut into parts of `part_size_bytes`, the first of them
+# optionally smaller (`first_part_bytes`: a worker looking for its first line
+# start wants a few KiB soon, not a whole part later).  Each part's memory is
 # reserved from a byte budget *before* its GET is issued, and the GET is read
 # completely into that memory, so a slow consumer stops new GETs instead of
 # leaving a connection idle until S3 drops it.  Parts may complete in any
@@ -47,6 +49,8 @@ TASK_NAME_PREFIX = "shardline-reader-part"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReaderSettings:
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+    #: Size of the range's first part, if smaller than the others.
+    first_part_bytes: int | None = None
     #: Memory reserved for parts issued but not yet released by the consumer.
     max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
     #: Caps concurrent GETs when parts are small relative to the budget.
@@ -56,6 +60,11 @@ class ReaderSettings:
     def __post_init__(self) -> None:
         if self.part_size_bytes < 1:
             raise ConfigurationError(f"part_size_bytes must be >= 1, got {self.part_size_bytes}")
+        if self.first_part_bytes is not None and not 1 <= self.first_part_bytes <= self.part_size_bytes:
+            raise ConfigurationError(
+                f"first_part_bytes must be between 1 and part_size_bytes ({self.part_size_bytes}),"
+                f" got {self.first_part_bytes}"
+            )
         if self.max_in_flight_bytes < self.part_size_bytes:
             raise ConfigurationError(
                 f"max_in_flight_bytes ({self.max_in_flight_bytes}) must be >= "
@@ -212,7 +221,10 @@ class RangedReader:
         """Reserve memory for, and start, every next part that fits the budget."""
         settings = self.settings
         while self._next_start < self.end and len(self._pending) < settings.max_concurrent_requests:
-            size = min(settings.part_size_bytes, self.end - self._next_start)
+            part_bytes = settings.part_size_bytes
+            if self._next_start == self.start and settings.first_part_bytes is not None:
+                part_bytes = settings.first_part_bytes
+            size = min(part_bytes, self.end - self._next_start)
             if self._reserved_bytes + size > settings.max_in_flight_bytes:
                 break
             self._reserved_bytes += size

@@ -381,9 +381,13 @@ class _ShardRun:
             await self._start_emitting(boundary.head_end)
             publish = asyncio.ensure_future(self._publish(boundary, b""))
         position = shard.fetch_start
+        reader_settings = self.reader_settings
+        if boundary is None:  # h_i is near s_i: a small first GET publishes it sooner
+            first_part_bytes = min(self.settings.scan_initial_bytes, reader_settings.part_size_bytes)
+            reader_settings = dataclasses.replace(reader_settings, first_part_bytes=first_part_bytes)
         try:
             async with RangedReader(
-                self.source, start=shard.fetch_start, end=shard.end, etag=self.task.etag, settings=self.reader_settings
+                self.source, start=shard.fetch_start, end=shard.end, etag=self.task.etag, settings=reader_settings
             ) as reader:
                 async for chunk in reader:
                     chunk_start, position = position, position + len(chunk)
