@@ -161,7 +161,8 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             # The commands' stderr, tagged with their shards, reaches the user
             # (through the progress display, when one is shown).
             backend = LocalProcessBackend(max_concurrent=args.max_processes, forward_stderr=_CurrentStderr())
-            await backend.prestart(spec.shards)
+            uses_aws = spec.source.startswith("s3://") or settings.markers.startswith("dynamodb:")
+            await backend.prestart(spec.shards, uses_aws=uses_aws)
         try:
             report = await run_embedded(
                 spec,

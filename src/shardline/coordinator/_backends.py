@@ -75,8 +75,9 @@ class Backend(abc.ABC):
         taken / an invoke accepted) -- the coordinator's start deadline counts from there.  Return
         when the attempt's runtime has ended.  Cancellation stops the attempt (and its command)."""
 
-    async def prestart(self, count: int) -> None:  # noqa: B027 - optional hook
-        """Warm up for about `count` attempts about to be run (optional)."""
+    async def prestart(self, count: int, *, uses_aws: bool = False) -> None:  # noqa: B027 - optional hook
+        """Warm up for about `count` attempts about to be run (optional);
+        `uses_aws`: they will read S3 or write DynamoDB."""
 
     def output_location(self, job_id: str, shard: int, attempt: int) -> str | None:
         """Where an attempt writes its output when its worker cannot write to
@@ -136,17 +137,22 @@ class LocalProcessBackend(Backend):
         self._processes: set[_WorkerProcess] = set()  # usable and stopping
         self._stopping: set[asyncio.Future[None]] = set()
         self._closed = False
+        #: New processes import the AWS client stack as they start (prestart's uses_aws).
+        self._preload_aws = False
 
     async def _spawn(self) -> _WorkerProcess:
         if self._closed:
             raise RuntimeError("LocalProcessBackend is closed")
-        worker = await _WorkerProcess.spawn(self._python, self._env, self._forward_stderr)
+        worker = await _WorkerProcess.spawn(self._python, self._env, self._forward_stderr, self._preload_aws)
         self._processes.add(worker)
         self._usable.append(worker)
         return worker
 
-    async def prestart(self, count: int) -> None:
-        """Start idle processes until the pool holds min(count, max_processes)."""
+    async def prestart(self, count: int, *, uses_aws: bool = False) -> None:
+        """Start idle processes until the pool holds min(count, max_processes);
+        with `uses_aws` they import the AWS client stack at once, in parallel
+        with the coordinator's own work, instead of at their first task."""
+        self._preload_aws = self._preload_aws or uses_aws
         async with self._spawning:
             for _ in range(min(count, self.max_processes) - len(self._processes)):
                 await self._spawn()
@@ -320,13 +326,16 @@ class _WorkerProcess:
         self.pid = transport.get_pid()
 
     @classmethod
-    async def spawn(cls, python: str, env: Mapping[str, str], forward_stderr: ByteSink | None) -> _WorkerProcess:
+    async def spawn(
+        cls, python: str, env: Mapping[str, str], forward_stderr: ByteSink | None, preload_aws: bool
+    ) -> _WorkerProcess:
         transport, protocol = await asyncio.get_running_loop().subprocess_exec(
             lambda: _WorkerProtocol(forward_stderr),
             python,
             "-m",
             "shardline.worker",
             "--pool",
+            *(["--preload-aws"] if preload_aws else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

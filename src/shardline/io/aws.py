@@ -149,6 +149,15 @@ def aws_configured(environ: dict[str, str] | None = None, home: Path | None = No
     return any(path.is_file() for path in candidates)
 
 
+def import_libraries() -> None:
+    """Import the AWS client stack now (about half a CPU-second), not at the
+    first request: a worker process started ahead of an S3 job does it while
+    the coordinator is still statting the object."""
+    import aioboto3  # noqa: F401
+    import aiobotocore.config  # noqa: F401
+    import botocore.exceptions  # noqa: F401
+
+
 @functools.lru_cache(maxsize=16)
 def _session(settings: AwsSettings, service: str) -> Any:
     """One session per configuration: clients made from it share loaded models."""

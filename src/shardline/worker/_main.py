@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, BinaryIO
 
 from ..errors import ConfigurationError, ShardlineError
-from ..io.aws import ClientPool
+from ..io.aws import ClientPool, import_libraries
 from ..io.processes import adopt_orphans, hide_environment
 from ..protocol import DEFAULT_TASKS_PER_PROCESS, ShardTask
 from ._shard import WorkerSettings, run_task
@@ -223,9 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # aioboto3 (about half a CPU-second of imports) is not imported here: a
     # task that reads S3 or DynamoDB loads it on first use, once per process,
-    # and a local file's task (the first run a newcomer makes) never does.
+    # and a local file's task (the first run a newcomer makes) never does --
+    # unless the coordinator, starting us ahead of an AWS job, says so.
 
-    if args == ["--pool"]:
+    if args in (["--pool"], ["--pool", "--preload-aws"]):
+        if "--preload-aws" in args:
+            import_libraries()
         status = _run_loop(serve_pool, use_uvloop=True)
         # Every task's resources are released by now.  Skipping the
         # interpreter's teardown (botocore's modules) makes the exit ~15x
@@ -234,6 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(status)
     if args:
-        print("usage: python -m shardline.worker [--pool] < TASK", file=sys.stderr)
+        print("usage: python -m shardline.worker [--pool [--preload-aws]] < TASK", file=sys.stderr)
         return 2
     return run_task_file(sys.stdin.buffer)
