@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -521,6 +522,18 @@ async def shardline_embedded(plan: Plan, sink: Sink, spool: str) -> RunResult:
     )
     result.notes["tail_sources"] = report.tail_source_counts
     result.notes["retries"] = report.retries
+    # Where the last boundary's time goes: workers starting late, or finding h_i late.
+    settle_after_start = sorted(_SETTLED[i] - backend.spans[i][0] for i in _SETTLED if i > 0 and i in backend.spans)
+    if settle_after_start:
+        first_start = min(start for start, _ in backend.spans.values())
+        result.notes["first_worker_start_abs"] = first_start
+        result.notes["last_worker_start_after_first_s"] = round(
+            max(start for start, _ in backend.spans.values()) - first_start, 3
+        )
+        result.notes["settle_after_start_s"] = {
+            "median": round(statistics.median(settle_after_start), 3),
+            "max": round(settle_after_start[-1], 3),
+        }
     return result
 
 
@@ -601,6 +614,8 @@ async def run_strategy(name: str, plan: Plan) -> RunResult:
     result.notes["harness_cpu_s"] = round(time.process_time() - cpu0, 3)
     if result.boundary_s is not None:
         result.boundary_s -= t0
+    if "first_worker_start_abs" in result.notes:
+        result.notes["first_worker_start_s"] = round(result.notes.pop("first_worker_start_abs") - t0, 3)
     result.spans = [(a - t0, b - t0) for a, b in result.spans]
     result.out_bytes, result.out_crc = sink.bytes, sink.crc
     return result

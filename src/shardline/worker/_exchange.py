@@ -88,6 +88,7 @@ class ExchangeClient:
         self._head: Head | None = None  # resent after a reconnect
         self._ack: asyncio.Future[Ack] | None = None
         self._fenced = asyncio.Event()
+        self._connecting: asyncio.Task[None] | None = None  # connect_soon()'s
         self.connected = False
         self.rejection: str | None = None  # set when the coordinator sent ERROR
 
@@ -152,6 +153,40 @@ class ExchangeClient:
             await self._send(self._head)
         for shard in sorted(self._wanted):
             await self._send(Want(shard=shard))
+
+    def connect_soon(self) -> None:
+        """Open the session in the background, so that the shard's first GET
+        does not wait for the handshake.  Until it is open, HEAD and WANT are
+        kept and sent as it opens; `fragment()` and `report()` wait for it.
+        A session that cannot be opened only costs the push path (the shard
+        can still finish); a certificate we cannot verify fails the shard at
+        its next `fragment()` or `report()`."""
+        assert self._connecting is None, "connect_soon() is called once, first"
+        self._connecting = asyncio.create_task(self._connect_or_warn(), name="exchange-connect")
+
+    @property
+    def connecting(self) -> bool:
+        """True while `connect_soon()`'s handshake is still in progress."""
+        return self._connecting is not None and not self._connecting.done()
+
+    async def _connect_or_warn(self) -> None:
+        try:
+            await self.connect()
+        except ExchangeUnavailable as exc:
+            log.warning("shard %d: %s; continuing without the exchange", self._identity["shard"], exc)
+
+    async def _connect_settled(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for `connect_soon()`'s handshake; raise what
+        it raised, other than the exchange being unavailable."""
+        connecting = self._connecting
+        if connecting is None:
+            return
+        if not connecting.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, timeout_s)):
+                    await asyncio.shield(connecting)
+        if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
+            raise connecting.exception()  # type: ignore[misc]
 
     async def _read_frame(self) -> Frame | None:
         assert self._session is not None and self._reader is not None
@@ -252,9 +287,10 @@ class ExchangeClient:
         up to `answer_timeout_s` for the answer: one round trip to the
         coordinator is far cheaper than the S3 reads a fallback costs.
         """
+        deadline = asyncio.get_running_loop().time() + answer_timeout_s
+        await self._connect_settled(answer_timeout_s)
         if shard not in self._wanted:
             await self.want(shard)  # a tail that runs past our next neighbour
-        deadline = asyncio.get_running_loop().time() + answer_timeout_s
         while shard not in self._answered and self.connected:  # a FRAGMENT is an answer too
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -275,6 +311,7 @@ class ExchangeClient:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        await self._connect_settled(timeout_s)  # not a second handshake beside the first
 
         async def attempt() -> Ack:
             self._raise_if_fenced()
@@ -323,6 +360,10 @@ class ExchangeClient:
                 await writer.wait_closed()
 
     async def aclose(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connecting
         await asyncio.shield(self._drop_connection())
 
 

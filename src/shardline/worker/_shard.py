@@ -157,11 +157,8 @@ async def run_task(
                 tls=client_tls_context(task.exchange_ca) if task.exchange_tls else None,
             )
             stack.push_async_callback(exchange.aclose)
-            try:
-                await exchange.connect()
-            except ExchangeUnavailable as exc:
-                # The handshake only saves work; the shard can still finish.
-                log.warning("shard %d: %s; continuing without the exchange", task.shard, exc)
+            # The handshake only saves work: the first GET does not wait for it.
+            exchange.connect_soon()
         try:
             source = await stack.enter_async_context(open_source(task.source, aws, clients=clients))
             markers = await stack.enter_async_context(
@@ -671,7 +668,7 @@ class _ShardRun:
         while not await exchange.wait_fenced(self.settings.heartbeat_interval_s):
             if exchange.rejection is not None:
                 continue  # refused for another reason: this attempt has nothing more to say
-            if not exchange.connected and loop.time() >= reconnect_at:
+            if not exchange.connected and not exchange.connecting and loop.time() >= reconnect_at:
                 # Without this, a transient drop would let the coordinator's
                 # heartbeat deadline kill a healthy worker.
                 reconnect_at = loop.time() + self.settings.reconnect_interval_s
