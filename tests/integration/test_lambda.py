@@ -12,6 +12,7 @@ deployment does.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -74,9 +75,10 @@ def _staging_keys(s3, bucket) -> list[str]:
     return [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="staging/").get("Contents", [])]
 
 
-async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path, caplog):
     data = random_mix(31, 400_000) + b"\n" + b"L" * 150_000 + b"\nlast line without newline"
     command = "tr a-j A-J"
+    caplog.set_level(logging.DEBUG, logger="shardline.io.aws")
     with _emulator(moto, worker_package_dir, tmp_path, concurrency=3) as emulator:
         output, report, _ = await _run_on_lambda(
             emulator, aws_settings=aws_settings, ca=ca, s3=s3, bucket=bucket, data=data, command=command, shards=5
@@ -93,6 +95,8 @@ async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca
     assert [shard.attempt for shard in report.shards] == [0] * 5
     assert sum(r["ok"] for r in results) == 5 and {r["detail"] for r in results if r["ok"]} == {"committed"}
     assert _staging_keys(s3, bucket) == []
+    # One Lambda client made for every invoke of the backend.
+    assert sum(r.getMessage().startswith("created a lambda client") for r in caplog.records) == 1
     # For stdout every output byte must reach the coordinator, exactly once.
     assert report.relayed_output_bytes == {"fetched": len(output)}
     # CloudWatch-friendly: one JSON object per line, naming the shard.
@@ -245,7 +249,8 @@ async def test_invocations_after_failed_ones_succeed(moto, s3, bucket, aws_setti
     assert output == data
     assert [shard.attempt for shard in report.shards] == [0, 1, 1, 0]
     failed = {(r["shard"], r["attempt"]): r["detail"] for r in results if not r["ok"]}
-    assert failed.keys() == {(1, 0), (2, 0)} and "TimeBudgetError" in failed[1, 0] and "CommandExitError" in failed[2, 0]
+    assert failed.keys() == {(1, 0), (2, 0)}, failed
+    assert "TimeBudgetError" in failed[1, 0] and "CommandExitError" in failed[2, 0]
     assert [r["invocation"] for r in results] == [2, 3, 4, 5, 6, 7]
     assert {r["clients_created"] for r in results} == {2}
 
