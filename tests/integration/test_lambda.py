@@ -12,6 +12,7 @@ deployment does.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -19,8 +20,9 @@ from crc32c import crc32c
 
 from shardline.coordinator import CoordinatorSettings, LambdaBackend, OutputPolicy, server_tls_context
 from shardline.errors import ConfigurationError
+from shardline.io.aws import client
 from shardline.io.retry import RetryPolicy
-from shardline.protocol import JobSpec, ShardTimeouts
+from shardline.protocol import JobSpec, ShardTask, ShardTimeouts
 
 from corpus import random_mix
 from daemons import Daemon, clean_env, submit
@@ -73,9 +75,10 @@ def _staging_keys(s3, bucket) -> list[str]:
     return [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix="staging/").get("Contents", [])]
 
 
-async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path, caplog):
     data = random_mix(31, 400_000) + b"\n" + b"L" * 150_000 + b"\nlast line without newline"
     command = "tr a-j A-J"
+    caplog.set_level(logging.DEBUG, logger="shardline.io.aws")
     with _emulator(moto, worker_package_dir, tmp_path, concurrency=3) as emulator:
         output, report, _ = await _run_on_lambda(
             emulator, aws_settings=aws_settings, ca=ca, s3=s3, bucket=bucket, data=data, command=command, shards=5
@@ -92,6 +95,8 @@ async def test_job_on_lambda_workers_is_exact(moto, s3, bucket, aws_settings, ca
     assert [shard.attempt for shard in report.shards] == [0] * 5
     assert sum(r["ok"] for r in results) == 5 and {r["detail"] for r in results if r["ok"]} == {"committed"}
     assert _staging_keys(s3, bucket) == []
+    # One Lambda client made for every invoke of the backend.
+    assert sum(r.getMessage().startswith("created a lambda client") for r in caplog.records) == 1
     # For stdout every output byte must reach the coordinator, exactly once.
     assert report.relayed_output_bytes == {"fetched": len(output)}
     # CloudWatch-friendly: one JSON object per line, naming the shard.
@@ -181,6 +186,73 @@ async def test_throttled_invokes_back_off_and_succeed(moto, s3, bucket, aws_sett
         throttled = [inv for inv in emulator.invocations if inv.throttled]
     assert output == data
     assert len(throttled) == 5 and backend.throttled == 5
+
+
+async def test_a_warm_function_reuses_its_clients(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+    """One function process serves every shard, one after another: its S3 and
+    DynamoDB clients are made by the first invocation and used by every later
+    one (counted in each result, and in the function's debug log)."""
+    data = random_mix(33, 200_000)
+    env = {"SHARDLINE_LOG_LEVEL": "DEBUG"}
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=1, env=env) as emulator:
+        output, _, _ = await _run_on_lambda(
+            emulator, aws_settings=aws_settings, ca=ca, s3=s3, bucket=bucket, data=data, command="rev", shards=4
+        )
+        await emulator.until_idle(60)
+        results = [inv.json() for inv in emulator.ran()]
+        messages = [json.loads(line)["message"] for line in emulator.handler_lines(0) if line.startswith("{")]
+    assert output == sequential_reference(data, "rev")
+    assert [r["invocation"] for r in results] == [1, 2, 3, 4], results
+    assert [r["clients_created"] for r in results] == [2, 2, 2, 2]
+    created = sorted(m.split(" (")[0] for m in messages if m.startswith("created a "))
+    assert created == ["created a dynamodb client", "created a s3 client"]
+
+
+async def test_invocations_after_failed_ones_succeed(moto, s3, bucket, aws_settings, ca, worker_package_dir, tmp_path):
+    """On one function process: an invoke the worker cannot run (an internal
+    error), then a job whose shard 1 runs out of its time budget and whose
+    shard 2's command fails at first.  The retries succeed on the same
+    process, the output is exact, and the job's invocations share the
+    clients the first of them made."""
+    data = b"".join(b"line %05d\n" % i for i in range(2000))
+    command = 'if [ "$SHARDLINE_ATTEMPT" = 0 ]; then case $SHARDLINE_SHARD in 1) sleep 60;; 2) exit 3;; esac; fi; cat'
+    env = {"SHARDLINE_LAMBDA_RESERVE_MS": "3000"}
+    with _emulator(moto, worker_package_dir, tmp_path, concurrency=1, timeout_s=8, env=env) as emulator:
+        unknown_setting = ShardTask(
+            job_id="broken",
+            shard=0,
+            shards=1,
+            attempt=0,
+            source=f"s3://{bucket}/input.txt",
+            size=len(data),
+            etag="unknown",
+            output_path=f"s3://{bucket}/staging/broken",
+            markers="dynamodb:shardline-markers",
+            aws={"no_such_setting": 1},
+        )
+        async with client(replace(aws_settings, lambda_endpoint_url=emulator.url), "lambda") as lambda_:
+            answer = await lambda_.invoke(FunctionName=emulator.arn, Payload=unknown_setting.to_json().encode())
+            broken = json.loads(await answer["Payload"].read())
+        output, report, _ = await _run_on_lambda(
+            emulator,
+            aws_settings=aws_settings,
+            ca=ca,
+            s3=s3,
+            bucket=bucket,
+            data=data,
+            command=command,
+            command_retries=1,
+        )
+        await emulator.until_idle(60)
+        results = [inv.json() for inv in emulator.ran()][1:]
+    assert broken["detail"].startswith("internal error: TypeError") and broken["invocation"] == 1
+    assert output == data
+    assert [shard.attempt for shard in report.shards] == [0, 1, 1, 0]
+    failed = {(r["shard"], r["attempt"]): r["detail"] for r in results if not r["ok"]}
+    assert failed.keys() == {(1, 0), (2, 0)}, failed
+    assert "TimeBudgetError" in failed[1, 0] and "CommandExitError" in failed[2, 0]
+    assert [r["invocation"] for r in results] == [2, 3, 4, 5, 6, 7]
+    assert {r["clients_created"] for r in results} == {2}
 
 
 def test_lambda_backend_configuration_errors(aws_settings):

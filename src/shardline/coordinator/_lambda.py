@@ -12,6 +12,10 @@
 # Lambda workers share no disk with the coordinator, so each attempt uploads
 # its output to `staging` (s3://bucket/prefix/<job>/...), and the coordinator
 # fetches the committed attempt's object.
+#
+# The backend's clients (the Lambda client of every invoke, the S3 client
+# that clears the staging prefix at each job's end) live as long as it does:
+# one backend serves every job of a daemon.
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import ConfigurationError, StorageNetworkError
-from ..io.aws import AwsSettings, LazyClient, error_code, translate_error
+from ..io.aws import AwsSettings, ClientPool, error_code, translate_error
 from ..io.retry import RetryPolicy, retry
 from ..io.s3bucket import S3Bucket
 from ..io.urls import parse_s3_prefix
@@ -75,7 +79,8 @@ class LambdaBackend(Backend):
         self._invoke_retry = invoke_retry
         self._storage_retry = storage_retry
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._lambda = LazyClient(replace(aws, region=region) if region else aws, "lambda")
+        self._clients = ClientPool()
+        self._lambda = self._clients.lazy(replace(aws, region=region) if region else aws, "lambda")
         self.throttled = 0  # invokes answered 429, for metrics and tests
 
     async def run(self, task: ShardTask, *, on_started: Callable[[], None]) -> WorkerExit:
@@ -115,10 +120,10 @@ class LambdaBackend(Backend):
         return f"{self.staging}{job_id}/{attempt_output_name(shard, attempt)}"
 
     async def discard_outputs(self, job_id: str) -> None:
-        async with S3Bucket(self._staging_bucket, aws=self._aws, retry_policy=self._storage_retry) as bucket:
-            removed = await bucket.delete_prefix(f"{self._staging_prefix}{job_id}/")
+        bucket = S3Bucket(self._staging_bucket, aws=self._aws, retry_policy=self._storage_retry, clients=self._clients)
+        removed = await bucket.delete_prefix(f"{self._staging_prefix}{job_id}/")
         if removed:
             log.info("job %s: removed %d attempt outputs from %s", job_id, removed, self.staging)
 
     async def aclose(self) -> None:
-        await self._lambda.aclose()
+        await self._clients.aclose()

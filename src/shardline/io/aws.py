@@ -4,7 +4,9 @@ Settings are built once at the edge (the CLI, a Lambda event) and passed
 down; nothing below reads the environment except botocore itself, which
 honours the standard chain (credentials, region, ``AWS_ENDPOINT_URL``,
 ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL_DYNAMODB``) for every field left
-as None here.  botocore's own retries are off: `shardline.io.retry` is the one
+as None here (`client_environment` only fingerprints what that chain reads,
+so no client is made from credentials that have since changed).  botocore's
+own retries are off: `shardline.io.retry` is the one
 retry loop, and it needs to see every failure to resume ranged GETs.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -39,8 +42,11 @@ __all__ = [
     "LazyClient",
     "aws_configured",
     "client",
+    "client_environment",
     "translate_error",
 ]
+
+log = logging.getLogger("shardline.io.aws")
 
 DEFAULT_REGION = "us-east-1"
 
@@ -77,6 +83,21 @@ _THROTTLE_CODES = frozenset(
         "TooManyRequestsException",
         "429",
     }
+)
+#: What else botocore's chain reads from the environment when it makes a
+#: client: where it talks to, in which region, from which profile.
+_CLIENT_VARIABLES = (
+    *AWS_CREDENTIAL_VARIABLES,
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_DYNAMODB",
+    "AWS_ENDPOINT_URL_LAMBDA",
 )
 _TIMEOUT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "504"})
 _TRANSIENT_CODES = frozenset(
@@ -158,9 +179,23 @@ def import_libraries() -> None:
     import botocore.exceptions  # noqa: F401
 
 
+def client_environment() -> tuple[str | None, ...]:
+    """The values, now, of the environment variables botocore's chain reads
+    to make a client (credentials, region, endpoints, profile).
+
+    A client keeps what it read when it was made: when this changes (AWS
+    Lambda rotates the role credentials it puts in the environment), clients
+    made before must give way to new ones.
+    """
+    return tuple(os.environ.get(name) for name in _CLIENT_VARIABLES)
+
+
 @functools.lru_cache(maxsize=16)
-def _session(settings: AwsSettings, service: str) -> Any:
-    """One session per configuration: clients made from it share loaded models."""
+def _session(settings: AwsSettings, service: str, environment: tuple[str | None, ...]) -> Any:
+    """One session per configuration: clients made from it share loaded models
+    (a new session costs ~100 ms of CPU to load them).  `environment` is
+    `client_environment()`, part of the key because a session keeps the
+    credentials it resolved first, and hands them to every later client."""
     import aioboto3
 
     key, secret = settings.access_key_id, settings.secret_access_key
@@ -178,7 +213,7 @@ async def client(settings: AwsSettings, service: str, *, max_pool_connections: i
     """
     from aiobotocore.config import AioConfig
 
-    session = _session(settings, service)
+    session = _session(settings, service, client_environment())
     endpoint = {
         "s3": settings.s3_endpoint_url,
         "dynamodb": settings.dynamodb_endpoint_url,
@@ -195,6 +230,7 @@ async def client(settings: AwsSettings, service: str, *, max_pool_connections: i
     )
     region = settings.region or session.region_name or DEFAULT_REGION
     async with session.client(service, endpoint_url=endpoint, region_name=region, config=config) as c:
+        log.debug("created a %s client (endpoint %s)", service, endpoint or "botocore's")
         yield c
 
 
