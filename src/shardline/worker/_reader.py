@@ -1,8 +1,9 @@
 # The bounded, concurrent, resuming ranged reader (DESIGN §4).
 #
 # [start, end) is cut into parts of `part_size_bytes`, the first of them
-# optionally smaller (`first_part_bytes`: a worker looking for its first line
-# start wants a few KiB soon, not a whole part later).  Each part's memory is
+# optionally smaller and alone in flight (`first_part_bytes`: a worker looking
+# for its first line start wants a few KiB soon, not a whole part later, and
+# the rest of its range not competing with them).  Each part's memory is
 # reserved from a byte budget *before* its GET is issued, and the GET is read
 # completely into that memory, so a slow consumer stops new GETs instead of
 # leaving a connection idle until S3 drops it.  Parts may complete in any
@@ -49,7 +50,8 @@ TASK_NAME_PREFIX = "shardline-reader-part"
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReaderSettings:
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
-    #: Size of the range's first part, if smaller than the others.
+    #: Size of the range's first part, if smaller than the others; it is then
+    #: issued alone, the others once the consumer asks for the next part.
     first_part_bytes: int | None = None
     #: Memory reserved for parts issued but not yet released by the consumer.
     max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES
@@ -221,9 +223,8 @@ class RangedReader:
         """Reserve memory for, and start, every next part that fits the budget."""
         settings = self.settings
         while self._next_start < self.end and len(self._pending) < settings.max_concurrent_requests:
-            part_bytes = settings.part_size_bytes
-            if self._next_start == self.start and settings.first_part_bytes is not None:
-                part_bytes = settings.first_part_bytes
+            first_alone = self._next_start == self.start and settings.first_part_bytes is not None
+            part_bytes = settings.first_part_bytes if first_alone else settings.part_size_bytes
             size = min(part_bytes, self.end - self._next_start)
             if self._reserved_bytes + size > settings.max_in_flight_bytes:
                 break
@@ -243,6 +244,8 @@ class RangedReader:
             )
             self._pending.append(_Part(start=start, buffer=buffer, task=task))
             self._next_start += size
+            if first_alone:
+                break  # the rest once it is in: nothing competes with it for the connection or the loop
             log.debug(
                 "%s: part [%d, %d) issued, %d bytes reserved",
                 self.source.description,
