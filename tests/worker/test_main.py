@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +17,48 @@ from reference import reference_split
 from tasks import DATA, SLEEPER, kill_group_quietly, pid_from
 
 
-async def spawn_pool_worker() -> asyncio.subprocess.Process:
+async def spawn_pool_worker(*options: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "shardline.worker",
         "--pool",
+        *options,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        env=env,
         start_new_session=True,
     )
+
+
+async def test_a_pool_told_to_warm_clients_it_cannot_make_still_serves_tasks(make_task, unused_tcp_port):
+    # Nothing listens there: making the clients ahead of the tasks fails, quietly.
+    nowhere = f"http://127.0.0.1:{unused_tcp_port}"
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": nowhere, "AWS_ENDPOINT_URL_DYNAMODB": nowhere}
+    process = await spawn_pool_worker("--warm-aws=s3,dynamodb", env=env)
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        task = make_task(command="cat")
+        process.stdin.write(b"run 1 " + task.to_json().encode() + b"\n")
+        answer = json.loads(await asyncio.wait_for(process.stdout.readline(), PATIENCE_S))
+        assert answer["id"] == "1" and answer["ok"] is True, answer
+        assert Path(task.output_path).read_bytes() == DATA
+        process.stdin.close()
+        assert await asyncio.wait_for(process.wait(), PATIENCE_S) == 0
+    finally:
+        kill_group_quietly(process.pid if process.returncode is None else None)
+        await process.wait()
+
+
+def test_an_unknown_pool_option_is_refused_by_name():
+    result = subprocess.run(
+        [sys.executable, "-m", "shardline.worker", "--pool", "--warm-aws=s3,sqs"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=PATIENCE_S,
+    )
+    assert result.returncode != 0
+    assert b"--warm-aws=s3,sqs" in result.stderr
 
 
 async def test_pool_worker_answers_each_task_line_and_exits_at_stdin_eof(tmp_path, make_task):

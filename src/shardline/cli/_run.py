@@ -161,8 +161,15 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             # The commands' stderr, tagged with their shards, reaches the user
             # (through the progress display, when one is shown).
             backend = LocalProcessBackend(max_concurrent=args.max_processes, forward_stderr=_CurrentStderr())
-            uses_aws = spec.source.startswith("s3://") or settings.markers.startswith("dynamodb:")
-            await backend.prestart(spec.shards, uses_aws=uses_aws)
+            aws_services = [
+                service
+                for service, used in (
+                    ("s3", spec.source.startswith("s3://")),
+                    ("dynamodb", settings.markers.startswith("dynamodb:")),
+                )
+                if used
+            ]
+            await backend.prestart(spec.shards, aws_services=aws_services)
         try:
             report = await run_embedded(
                 spec,

@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -75,9 +75,10 @@ class Backend(abc.ABC):
         taken / an invoke accepted) -- the coordinator's start deadline counts from there.  Return
         when the attempt's runtime has ended.  Cancellation stops the attempt (and its command)."""
 
-    async def prestart(self, count: int, *, uses_aws: bool = False) -> None:  # noqa: B027 - optional hook
-        """Warm up for about `count` attempts about to be run (optional);
-        `uses_aws`: they will read S3 or write DynamoDB."""
+    async def prestart(self, count: int, *, aws_services: Collection[str] = ()) -> None:  # noqa: B027
+        """Warm up for about `count` attempts about to be run (optional hook);
+        `aws_services`: they will use those ("s3", "dynamodb") with the
+        AWS settings of this process's environment."""
 
     def output_location(self, job_id: str, shard: int, attempt: int) -> str | None:
         """Where an attempt writes its output when its worker cannot write to
@@ -137,22 +138,23 @@ class LocalProcessBackend(Backend):
         self._processes: set[_WorkerProcess] = set()  # usable and stopping
         self._stopping: set[asyncio.Future[None]] = set()
         self._closed = False
-        #: New processes import the AWS client stack as they start (prestart's uses_aws).
-        self._preload_aws = False
+        #: Clients new processes make as they start (prestart's aws_services).
+        self._warm_services: tuple[str, ...] = ()
 
     async def _spawn(self) -> _WorkerProcess:
         if self._closed:
             raise RuntimeError("LocalProcessBackend is closed")
-        worker = await _WorkerProcess.spawn(self._python, self._env, self._forward_stderr, self._preload_aws)
+        worker = await _WorkerProcess.spawn(self._python, self._env, self._forward_stderr, self._warm_services)
         self._processes.add(worker)
         self._usable.append(worker)
         return worker
 
-    async def prestart(self, count: int, *, uses_aws: bool = False) -> None:
+    async def prestart(self, count: int, *, aws_services: Collection[str] = ()) -> None:
         """Start idle processes until the pool holds min(count, max_processes);
-        with `uses_aws` they import the AWS client stack at once, in parallel
-        with the coordinator's own work, instead of at their first task."""
-        self._preload_aws = self._preload_aws or uses_aws
+        with `aws_services` they import the AWS client stack and make those
+        clients at once, in parallel with the coordinator's own work (the
+        object's stat), instead of at their first task."""
+        self._warm_services = tuple(sorted({*self._warm_services, *aws_services}))
         async with self._spawning:
             for _ in range(min(count, self.max_processes) - len(self._processes)):
                 await self._spawn()
@@ -327,7 +329,7 @@ class _WorkerProcess:
 
     @classmethod
     async def spawn(
-        cls, python: str, env: Mapping[str, str], forward_stderr: ByteSink | None, preload_aws: bool
+        cls, python: str, env: Mapping[str, str], forward_stderr: ByteSink | None, warm_services: Sequence[str]
     ) -> _WorkerProcess:
         transport, protocol = await asyncio.get_running_loop().subprocess_exec(
             lambda: _WorkerProtocol(forward_stderr),
@@ -335,7 +337,7 @@ class _WorkerProcess:
             "-m",
             "shardline.worker",
             "--pool",
-            *(["--preload-aws"] if preload_aws else []),
+            *([f"--warm-aws={','.join(warm_services)}"] if warm_services else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, BinaryIO
 
 from ..errors import ConfigurationError, ShardlineError
-from ..io.aws import ClientPool, import_libraries
+from ..io.aws import AwsSettings, ClientPool, import_libraries
 from ..io.processes import adopt_orphans, hide_environment
 from ..protocol import DEFAULT_TASKS_PER_PROCESS, ShardTask
 from ._shard import WorkerSettings, run_task
@@ -164,8 +165,12 @@ class _PoolTasks:
         await asyncio.gather(*running, return_exceptions=True)
 
 
-async def serve_pool() -> int:
-    """Serve tasks from stdin until EOF or SIGTERM (see the module comment); returns the exit status."""
+async def serve_pool(*, warm_services: Collection[str] = ()) -> int:
+    """Serve tasks from stdin until EOF or SIGTERM (see the module comment); returns the exit status.
+
+    `warm_services` ("s3", "dynamodb"): make those clients, for the AWS
+    settings of our environment, while no task has arrived yet; a task with
+    the same settings (an embedded run's) then finds them made."""
     _become_command_runner()
     settings = WorkerSettings(route_stderr=True)  # several attempts share our stderr
     loop = asyncio.get_running_loop()
@@ -184,6 +189,7 @@ async def serve_pool() -> int:
     # S3 and DynamoDB clients live as long as the process: every task reuses them.
     clients = ClientPool(shards_at_once=DEFAULT_TASKS_PER_PROCESS)
     tasks = _PoolTasks(answers, settings, clients)
+    warming = [asyncio.ensure_future(_warm(clients, service)) for service in warm_services]
     # stdin is read even while tasks run: that is how EOF is noticed.
     reader = asyncio.ensure_future(_read_task_lines(stdin, tasks.handle, stop))
     loop.add_signal_handler(signal.SIGTERM, stop)
@@ -200,9 +206,19 @@ async def serve_pool() -> int:
         # Cancel once: a second cancel could cut the first one's cleanup short.
         with contextlib.suppress(BrokenPipeError):
             await tasks.aclose()
+        for warm in warming:
+            warm.cancel()
+        await asyncio.gather(*warming, return_exceptions=True)
         await clients.aclose()  # after the tasks that use them
         transport.close()
         answers.close()
+
+
+async def _warm(clients: ClientPool, service: str) -> None:
+    try:
+        await clients.get(AwsSettings(), service)
+    except Exception as exc:  # only a head start: a task makes its own and reports what fails
+        log.debug("could not make a %s client ahead of the tasks: %s", service, exc)
 
 
 async def _read_task_lines(
@@ -218,18 +234,31 @@ async def _read_task_lines(
     stop()
 
 
+def _warm_services(options: list[str]) -> tuple[str, ...]:
+    """The services of ``--warm-aws=s3,dynamodb`` (none without it)."""
+    if not options:
+        return ()
+    name, _, value = options[0].partition("=")
+    services = tuple(service for service in value.split(",") if service)
+    if name != "--warm-aws" or not set(services) <= {"s3", "dynamodb"}:
+        raise SystemExit(f"unknown pool option {options[0]!r} (--warm-aws=s3,dynamodb)")
+    return services
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # aioboto3 (about half a CPU-second of imports) is not imported here: a
     # task that reads S3 or DynamoDB loads it on first use, once per process,
     # and a local file's task (the first run a newcomer makes) never does --
-    # unless the coordinator, starting us ahead of an AWS job, says so.
+    # unless the coordinator, starting us ahead of an AWS job, asks us to make
+    # its clients now (--warm-aws), while it still stats the object.
 
-    if args in (["--pool"], ["--pool", "--preload-aws"]):
-        if "--preload-aws" in args:
+    if args[:1] == ["--pool"] and len(args) <= 2:
+        warm_services = _warm_services(args[1:])
+        if warm_services:
             import_libraries()
-        status = _run_loop(serve_pool, use_uvloop=True)
+        status = _run_loop(functools.partial(serve_pool, warm_services=warm_services), use_uvloop=True)
         # Every task's resources are released by now.  Skipping the
         # interpreter's teardown (botocore's modules) makes the exit ~15x
         # faster: the end of every job waits for its workers to exit.
@@ -237,6 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(status)
     if args:
-        print("usage: python -m shardline.worker [--pool [--preload-aws]] < TASK", file=sys.stderr)
+        print("usage: python -m shardline.worker [--pool [--warm-aws=s3,dynamodb]] < TASK", file=sys.stderr)
         return 2
     return run_task_file(sys.stdin.buffer)

@@ -223,9 +223,9 @@ class RangedReader:
         """Reserve memory for, and start, every next part that fits the budget."""
         settings = self.settings
         while self._next_start < self.end and len(self._pending) < settings.max_concurrent_requests:
-            first_alone = self._next_start == self.start and settings.first_part_bytes is not None
-            part_bytes = settings.first_part_bytes if first_alone else settings.part_size_bytes
-            size = min(part_bytes, self.end - self._next_start)
+            first_part_bytes = settings.first_part_bytes if self._next_start == self.start else None
+            first_alone = first_part_bytes is not None
+            size = min(first_part_bytes or settings.part_size_bytes, self.end - self._next_start)
             if self._reserved_bytes + size > settings.max_in_flight_bytes:
                 break
             self._reserved_bytes += size
