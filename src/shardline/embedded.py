@@ -26,7 +26,7 @@ from .coordinator import (
     run_job,
 )
 from .errors import ShardlineError
-from .io.aws import AwsSettings, ClientPool, client
+from .io.aws import AwsSettings, ClientPool
 from .io.store import ensure_marker_table, parse_location
 from .protocol import JobSpec, ShardTask
 
@@ -92,14 +92,21 @@ async def run_embedded(
     it and closes it when it ends, so give each run a new one.
     """
     kind, table = parse_location(settings.markers)
-    if kind == "dynamodb":
-        async with client(aws, "dynamodb") as dynamodb:
-            await ensure_marker_table(dynamodb, table, create=create_tables)
     backend = backend or LocalProcessBackend()
-    async with ExchangeServer(host="127.0.0.1") as exchange:
+    # One DynamoDB client checks the table and serves the markers' fences.
+    async with ClientPool() as clients, ExchangeServer(host="127.0.0.1") as exchange:
         try:
+            if kind == "dynamodb":
+                await ensure_marker_table(await clients.get(aws, "dynamodb"), table, create=create_tables)
             return await run_job(
-                spec, aws=aws, backend=backend, exchange=exchange, out=out, settings=settings, on_start=on_start
+                spec,
+                aws=aws,
+                backend=backend,
+                exchange=exchange,
+                out=out,
+                settings=settings,
+                on_start=on_start,
+                clients=clients,
             )
         finally:
             await backend.aclose()

@@ -124,6 +124,18 @@ async def test_stale_refusal_stops_the_attempt_without_done(tmp_path, make_task,
         await eventually(lambda: not alive(sleeper), "the fenced attempt's command is killed")
 
 
+async def test_an_attempt_connecting_after_its_job_ended_is_told_to_stop(tmp_path, make_task, exchange, caplog):
+    hooks = Hooks()
+    task = exchange_task(make_task, exchange, hooks, command=SLEEPER.format(dir=tmp_path))
+    exchange.unregister(task.job_id)  # the job ended before this attempt's HELLO
+    with pytest.raises(StaleAttemptError, match="has ended"):
+        await asyncio.wait_for(run_task(task), PATIENCE_S)
+    assert hooks.connects == 0 and hooks.done == [] and hooks.failed == []
+    # Ours, not a stranger: no refusal is counted or warned about.
+    assert sum(exchange.refused.values()) == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
 async def test_heartbeat_reconnects_a_lost_session(tmp_path, make_task, exchange):
     hooks = Hooks()
     relay = CuttableRelay(exchange.address)

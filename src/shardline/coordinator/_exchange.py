@@ -49,7 +49,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,6 +88,10 @@ __all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer"]
 log = logging.getLogger("shardline.coordinator.exchange")
 
 _READ_BYTES = 256 * 1024
+
+#: How many ended jobs an attempt may still connect for and be told to stop.
+_ENDED_JOBS_KEPT = 1024
+
 LISTEN_BACKLOG = 4096
 #: From accept to a verified HELLO, TLS handshake included: one deadline, not per read.
 HANDSHAKE_DEADLINE_S = 10.0
@@ -224,6 +228,8 @@ class ExchangeServer:
         per_peer = max_unauthenticated_per_peer or max(1, min(MAX_UNAUTHENTICATED_PER_PEER, total // 4))
         self._unauthenticated: Unauthenticated[_Connection] = Unauthenticated(max_total=total, max_per_peer=per_peer)
         self._jobs: dict[str, _JobRelay] = {}
+        #: Secrets of the last _ENDED_JOBS_KEPT jobs unregistered (see unregister).
+        self._ended: OrderedDict[str, bytes] = OrderedDict()
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._sends: set[asyncio.Task[None]] = set()  # PENDING answers sent by timers
@@ -287,11 +293,18 @@ class ExchangeServer:
         self._jobs[job_id] = _JobRelay(secret=secret, hooks=hooks)
 
     def unregister(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
+        relay = self._jobs.pop(job_id, None)
+        if relay is not None:
+            # An attempt still starting when its job ended is ours, not a
+            # stranger: it is told the job is over and stops.
+            self._ended[job_id] = relay.secret
+            while len(self._ended) > _ENDED_JOBS_KEPT:
+                self._ended.popitem(last=False)
 
     def _lookup_secret(self, hello: Hello) -> bytes | None:
         relay = self._jobs.get(hello.job_id)
-        return attempt_secret(relay.secret, hello.shard, hello.attempt) if relay else None
+        secret = relay.secret if relay is not None else self._ended.get(hello.job_id)
+        return attempt_secret(secret, hello.shard, hello.attempt) if secret is not None else None
 
     # -- one connection ------------------------------------------------------
 
@@ -377,7 +390,11 @@ class ExchangeServer:
             raise _Refusal(
                 "handshake_deadline", f"no verified HELLO within {self._handshake_deadline_s:g}s of connecting"
             ) from None
-        relay = self._jobs[frame.job_id]  # the secret lookup just proved it exists
+        relay = self._jobs.get(frame.job_id)  # the secret lookup just proved it exists, or existed
+        if relay is None:
+            log.debug("exchange: %s connected after its job ended; telling it to stop", connection.peer)
+            await connection.send(Error(message=f"job {frame.job_id} has ended", stale=True))
+            return False
         if frame.nonce in relay.hello_nonces:
             raise _Refusal("replayed_hello", "replayed HELLO (its nonce was used before)")
         relay.hello_nonces.add(frame.nonce)

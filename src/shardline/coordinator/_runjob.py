@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..io import COPY_CHUNK_BYTES
-from ..io.aws import AwsSettings
+from ..io.aws import AwsSettings, ClientPool
 from ..io.store import MemoryJobStore
 from ..protocol import (
     JobSpec,
@@ -76,8 +76,11 @@ async def run_job(
     out: BinaryIO,
     settings: CoordinatorSettings = CoordinatorSettings(),
     on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
+    clients: ClientPool | None = None,
 ) -> JobReport:
     """Run one job with an in-process coordinator, writing its ordered output to `out`.
+
+    `clients`: the caller's AWS clients to use (and leave open), if any.
 
     `on_start` receives a function returning a JobProgress snapshot.  Raises
     JobFailedError (naming the shard and cause) or a ShardlineError about the
@@ -85,7 +88,12 @@ async def run_job(
     """
     started = time.monotonic()
     async with Coordinator(
-        aws=aws, backends={backend.name: backend}, store=MemoryJobStore(), exchange=exchange, settings=settings
+        aws=aws,
+        backends={backend.name: backend},
+        store=MemoryJobStore(),
+        exchange=exchange,
+        settings=settings,
+        clients=clients,
     ) as coordinator:
         await coordinator.sweep_spools()  # what earlier runs, killed, left behind
         view = await coordinator.submit(spec)

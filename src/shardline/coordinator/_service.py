@@ -28,7 +28,7 @@ from ..errors import (
     NotAcceptingJobsError,
     ShardlineError,
 )
-from ..io.aws import AwsSettings
+from ..io.aws import AwsSettings, ClientPool
 from ..io.retry import retry
 from ..io.s3bucket import S3Buckets
 from ..io.sources import ObjectInfo, open_source
@@ -94,6 +94,7 @@ class Coordinator:
         settings: CoordinatorSettings = CoordinatorSettings(),
         coordinator_key: bytes | None = None,
         owner: str | None = None,
+        clients: ClientPool | None = None,
     ) -> None:
         if not backends:
             raise ConfigurationError("the coordinator needs at least one backend")
@@ -112,6 +113,9 @@ class Coordinator:
         #: Destinations of submissions in progress (not yet in `_jobs`).
         self._claimed_destinations: set[str] = set()
         self._stack = AsyncExitStack()
+        #: The S3 client that stats each submitted object and the marker
+        #: store's DynamoDB client, made once (the caller's pool, if given).
+        self._clients = clients
         self._s3_buckets = S3Buckets(aws, retry_policy=settings.retry)
         self._context: JobContext | None = None
         self._janitor: asyncio.Task[None] | None = None
@@ -129,8 +133,12 @@ class Coordinator:
 
     async def start(self) -> None:
         self._stack.push_async_callback(self._s3_buckets.aclose)
+        if self._clients is None:
+            self._clients = await self._stack.enter_async_context(ClientPool())
         markers = await self._stack.enter_async_context(
-            open_marker_store(self.settings.markers, aws=self.aws, retry_policy=self.settings.retry)
+            open_marker_store(
+                self.settings.markers, aws=self.aws, retry_policy=self.settings.retry, clients=self._clients
+            )
         )
         self._context = JobContext(
             aws=self.aws,
@@ -183,7 +191,7 @@ class Coordinator:
             raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
         self.settings.job_limits.check(spec)  # what was asked for, before -n is lowered to fit
         backend = self._backend(spec.backend)
-        async with open_source(spec.source, self.aws) as source:
+        async with open_source(spec.source, self.aws, clients=self._clients) as source:
             # A throttled or briefly unreachable store is no reason to refuse
             # the job: the same retry loop as every other storage call.
             info = await retry(source.stat, policy=self.settings.retry, describe=f"stat {spec.source}")

@@ -173,7 +173,10 @@ class ExchangeClient:
         try:
             await self.connect()
         except ExchangeUnavailable as exc:
-            log.warning("shard %d: %s; continuing without the exchange", self._identity["shard"], exc)
+            if self.fenced:  # the job ended or moved on: the heartbeat stops this attempt
+                log.info("shard %d: %s", self._identity["shard"], exc)
+            else:
+                log.warning("shard %d: %s; continuing without the exchange", self._identity["shard"], exc)
 
     async def _connect_settled(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for `connect_soon()`'s handshake; raise what

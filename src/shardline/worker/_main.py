@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, BinaryIO
 
@@ -45,6 +46,9 @@ log = logging.getLogger("shardline.worker")
 #: Longest task line accepted in pool mode (a task is a few KiB; the command
 #: string is the only part of unbounded length).
 _MAX_TASK_LINE_BYTES = 16 * 1024 * 1024
+
+#: Nice value of the thread that imports the AWS stack ahead of the tasks.
+_WARM_NICE = 10
 
 
 def _run_loop(go: Callable[[], Coroutine[Any, Any, int]], *, use_uvloop: bool) -> int:
@@ -189,7 +193,7 @@ async def serve_pool(*, warm_services: Collection[str] = ()) -> int:
     # S3 and DynamoDB clients live as long as the process: every task reuses them.
     clients = ClientPool(shards_at_once=DEFAULT_TASKS_PER_PROCESS)
     tasks = _PoolTasks(answers, settings, clients)
-    warming = [asyncio.ensure_future(_warm(clients, service)) for service in warm_services]
+    warming = [asyncio.ensure_future(_warm(clients, warm_services))] if warm_services else []
     # stdin is read even while tasks run: that is how EOF is noticed.
     reader = asyncio.ensure_future(_read_task_lines(stdin, tasks.handle, stop))
     loop.add_signal_handler(signal.SIGTERM, stop)
@@ -214,11 +218,35 @@ async def serve_pool(*, warm_services: Collection[str] = ()) -> int:
         answers.close()
 
 
-async def _warm(clients: ClientPool, service: str) -> None:
-    try:
-        await clients.get(AwsSettings(), service)
-    except Exception as exc:  # only a head start: a task makes its own and reports what fails
-        log.debug("could not make a %s client ahead of the tasks: %s", service, exc)
+async def _warm(clients: ClientPool, services: Collection[str]) -> None:
+    """Import the AWS stack in a thread the scheduler serves last, then make
+    the clients: we run beside the coordinator, which is importing the same
+    stack to stat the object, and it must not wait for our head start."""
+    loop = asyncio.get_running_loop()
+    imported: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not imported.done():  # not cancelled: we are not stopping
+            imported.set_result(None)
+
+    def import_at_low_priority() -> None:
+        # A thread of its own, never reused: its nice value stays with it.
+        if sys.platform == "linux":  # a thread's own nice value (elsewhere the call would name a process)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WARM_NICE)
+        try:
+            import_libraries()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we have stopped
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=import_at_low_priority, name="import-aws", daemon=True).start()
+    await imported
+    for service in services:
+        try:
+            await clients.get(AwsSettings(), service)
+        except Exception as exc:  # only a head start: a task makes its own and reports what fails
+            log.debug("could not make a %s client ahead of the tasks: %s", service, exc)
 
 
 async def _read_task_lines(
@@ -256,8 +284,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args[:1] == ["--pool"] and len(args) <= 2:
         warm_services = _warm_services(args[1:])
-        if warm_services:
-            import_libraries()
         status = _run_loop(functools.partial(serve_pool, warm_services=warm_services), use_uvloop=True)
         # Every task's resources are released by now.  Skipping the
         # interpreter's teardown (botocore's modules) makes the exit ~15x
