@@ -513,8 +513,8 @@ class WarmProcessPool(LocalProcessBackend):
     answer.  Run one untimed job first: the processes import their libraries
     and make their clients then.  `shutdown()` stops them."""
 
-    def __init__(self, processes: int) -> None:
-        super().__init__(max_processes=processes, max_concurrent=processes)
+    def __init__(self, processes: int, env: dict[str, str] | None = None) -> None:
+        super().__init__(max_processes=processes, max_concurrent=processes, env=env)
         self.spans: dict[int, tuple[float, float]] = {}
 
     async def run(self, task, *, on_started):  # type: ignore[no-untyped-def]

@@ -252,34 +252,54 @@ async def raw_workers(plan: Plan, size: int, etag: str) -> dict:
     return {"seconds": round(seconds, 4), "worker_mib_s": [round(r, 1) for r in rates]}
 
 
+#: The environment of the delivery phase's processes, raw and shardline alike.  glibc
+#: gives each 8 MiB buffer fresh pages by default (mmap, or a heap it trims) and
+#: a page fault costs ~2 ms per MiB on a loaded VM: more than the bytes' copy.
+#: These settings keep freed memory for the next buffer.
+WARM_MALLOC = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * MiB), "MALLOC_TRIM_THRESHOLD_": str(512 * MiB)}
+
+
 async def raw_processes(plan: Plan, size: int, etag: str) -> dict:
-    """N raw ranged downloaders, one `_rawget.py` process each: per-worker spans
-    from its first GET to its last byte (process start, imports and client
-    set-up excluded, as a warm pool's shardline worker has them behind it)."""
+    """N raw ranged downloaders, one `_rawget.py` process each, all started at
+    once when all are ready: per-worker spans from its first GET to its last
+    byte (process start, imports and client set-up excluded, as a warm pool's
+    shardline worker has them behind it)."""
     starts = nominal(size, plan.shards)
     env = {
-        **os.environ,
+        **WARM_MALLOC,
         "AWS_ENDPOINT_URL": plan.aws.s3_endpoint_url or "",
         "AWS_ACCESS_KEY_ID": plan.aws.access_key_id or "",
         "AWS_SECRET_ACCESS_KEY": plan.aws.secret_access_key or "",
         "AWS_DEFAULT_REGION": plan.aws.region or "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    argv = [sys.executable, str(BENCH / "_rawget.py"), plan.bucket, plan.key]
+    argv = [sys.executable, str(BENCH / "_rawget.py"), plan.bucket, plan.key, "--wait-go"]
     options = [f"--part-bytes={plan.part_bytes}", f"--inflight={plan.inflight}", f"--etag={etag}"]
-
-    async def one(i: int) -> dict:
-        process = await asyncio.create_subprocess_exec(
-            *argv, str(starts[i]), str(starts[i + 1]), *options, env=env, stdout=subprocess.PIPE
+    processes = [
+        await asyncio.create_subprocess_exec(
+            *argv, str(starts[i]), str(starts[i + 1]), *options, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
-        out, _ = await process.communicate()
-        if process.returncode != 0:
-            raise RuntimeError(f"_rawget.py exited with {process.returncode}")
-        return json.loads(out)
-
-    t0 = time.monotonic()
-    results = await asyncio.gather(*(one(i) for i in range(plan.shards)))
-    seconds = time.monotonic() - t0
+        for i in range(plan.shards)
+    ]
+    try:
+        for process in processes:  # every one imported, its client made
+            assert process.stdout is not None
+            if (await process.stdout.readline()).strip() != b"ready":
+                raise RuntimeError("_rawget.py did not get ready")
+        t0 = time.monotonic()
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write(b"go\n")
+        outputs = [await process.communicate() for process in processes]
+        seconds = time.monotonic() - t0
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()  # our child, by PID
+                await process.wait()
+    if any(process.returncode != 0 for process in processes):
+        raise RuntimeError(f"_rawget.py exited with {[process.returncode for process in processes]}")
+    results = [json.loads(out) for out, _ in outputs]
     if sum(r["bytes"] for r in results) != size:
         raise RuntimeError("raw downloaders did not receive the whole object")
     rates = [r["bytes"] / MiB / (r["t_end"] - r["t_start"]) for r in results]
@@ -650,7 +670,7 @@ async def _phases(
             expected = reference(objects["bulk"]["data"], n)
             if pool is None:
                 # The processes import and make their clients in this untimed job.
-                pool = WarmProcessPool(n)
+                pool = WarmProcessPool(n, env=WARM_MALLOC)
                 pools.append(pool)
                 await trial("shardline", p, expected, info, "warm-up", "bulk", 0, pool)
             if rep == 0 and args.warmup:  # the direct endpoint's first clients, untimed
