@@ -17,7 +17,12 @@
 # more than the copy into it; reused, a buffer's pages are already there.  The
 # memory bound is unchanged: a buffer moves from a released part to a new one.
 # Each buffer is made (or taken) by its part's own task, so the first GET
-# goes out before the memory of the later parts has been touched.
+# goes out before the memory of the later parts has been touched.  A reader
+# that ends leaves its spare buffers to the process (`_ProcessSpares`, at most
+# one default budget's worth), so the next shard this process runs starts
+# with warm buffers too.  Only buffers whose part was consumed and released
+# are ever reused: a cancelled part's buffer may still be written by a
+# thread (a local file's pread), a consumed part's may still be read.
 #
 # Each request goes through `shardline.io.retry.retry`; a request that failed
 # after k bytes is resumed at start + k (the source reports k through its
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -151,6 +157,36 @@ async def fetch_range(
     return bytes(buffer)
 
 
+class _ProcessSpares:
+    """Released part buffers that outlive their reader, for later readers of
+    this process; holds at most `max_bytes`.  Thread-safe (each event loop
+    of a process may run readers)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._buffers: list[bytearray] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray | None:
+        with self._lock:
+            for index, buffer in enumerate(self._buffers):
+                if len(buffer) == size:
+                    self._bytes -= size
+                    return self._buffers.pop(index)
+        return None
+
+    def give(self, buffers: list[bytearray]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                if self._bytes + len(buffer) <= self._max_bytes:
+                    self._buffers.append(buffer)
+                    self._bytes += len(buffer)
+
+
+_PROCESS_SPARES = _ProcessSpares(DEFAULT_MAX_IN_FLIGHT_BYTES)
+
+
 @dataclass(slots=True, kw_only=True)
 class _Part:
     start: int
@@ -234,7 +270,9 @@ class RangedReader:
             self._reserved_bytes += size
             self.stats.max_reserved_bytes = max(self.stats.max_reserved_bytes, self._reserved_bytes)
             part = _Part(start=self._next_start, size=size)
-            spare = self._spare.pop() if self._spare and size == settings.part_size_bytes else None
+            spare = None
+            if size == settings.part_size_bytes:
+                spare = self._spare.pop() if self._spare else _PROCESS_SPARES.take(size)
             part.task = asyncio.create_task(
                 self._fill(part, spare),
                 name=f"{TASK_NAME_PREFIX} {self.source.description} [{part.start}, {part.start + size})",
@@ -280,7 +318,8 @@ class RangedReader:
         """Cancel and await in-flight requests and release all part memory."""
         self._closed = True
         self._consumed = None
-        self._spare.clear()
+        _PROCESS_SPARES.give(self._spare)
+        self._spare = []
         tasks = [part.task for part in self._pending if part.task is not None]
         self._pending.clear()
         self._reserved_bytes = 0
