@@ -872,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = summarize(result["trials"])
     if result["status"] == "completed":
         result["delivery"] = delivery_summary(result, objects, args.delivery_shards, args)
-    checked = (*CORRECT, "shardline-cli")
+    checked = (*CORRECT, "shardline-cli", "shardline-processes")
     correct_rows = [r for r in result["trials"] if r.get("strategy") in checked and "matches_reference" in r]
     failed = [r for r in result["trials"] if r.get("ok") is False]
     naive_rows = [r for r in result["trials"] if r.get("strategy") == "naive" and "matches_reference" in r]
