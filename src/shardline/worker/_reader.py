@@ -13,8 +13,9 @@
 #
 # Part buffers are reused within a reader: a released full-size buffer goes
 # to the next part instead of a new one.  A new 8 MiB bytearray is zeroed
-# page by page, and on a loaded VM those page faults cost ~2 ms per MiB,
-# more than the copy into it; reused, a buffer's pages are already there.  The
+# page by page, and those page faults cost ~0.7 ms per 8 MiB on an idle core
+# and 8-25 ms on a loaded VM, more than the copy into it; reused, a buffer's
+# pages are already there.  The
 # memory bound is unchanged: a buffer moves from a released part to a new one.
 # Each buffer is made (or taken) by its part's own task, so the first GET
 # goes out before the memory of the later parts has been touched.  A reader
