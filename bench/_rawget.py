@@ -6,7 +6,8 @@ Downloads [START, END) as consecutive parts of `--part-bytes`, with `--inflight`
 ranged GETs outstanding at a time; each GET is read completely into memory
 (as a shardline worker does) and then dropped.  S3 is reached through the
 standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), the same
-way the shardline CLI is.  Prints one JSON line with the bytes received and
+way the shardline CLI is.  With `--wait-go` it prints "ready" once its client
+exists and starts when a line arrives on stdin.  Prints one JSON line with the bytes received and
 `time.monotonic()` stamps (system-wide on Linux, so the parent can compare
 them across processes).
 """
@@ -60,6 +61,11 @@ async def _main(args: argparse.Namespace) -> dict:
         read_timeout=60,
     )
     async with aioboto3.Session().client("s3", config=config) as client:
+        if args.wait_go:
+            # Ready: let the parent start every downloader at once, none of them
+            # downloading while another still imports.
+            print("ready", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         t_start = time.monotonic()
         received, gets = await download_range(
             client,
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight", type=int, default=4)
     parser.add_argument("--etag", default=None, help="send If-Match with this ETag on every GET")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--wait-go", action="store_true", help='print "ready", then wait for a line on stdin')
     args = parser.parse_args(argv)
     if args.end < args.start or args.part_bytes <= 0 or args.inflight <= 0:
         parser.error("need START <= END, --part-bytes > 0, --inflight > 0")

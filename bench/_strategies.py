@@ -44,7 +44,14 @@ from dataclasses import dataclass, field
 
 from crc32c import crc32c
 
-from shardline.coordinator import CoordinatorSettings, OutputPiece, choose_spool_dir, copy_piece
+from shardline.coordinator import (
+    Backend,
+    CoordinatorSettings,
+    LocalProcessBackend,
+    OutputPiece,
+    choose_spool_dir,
+    copy_piece,
+)
 from shardline.embedded import InProcessBackend, run_embedded
 from shardline.io.aws import AwsSettings, client
 from shardline.io.shardoutput import PassthroughOutput
@@ -53,7 +60,7 @@ from shardline.protocol import JobSpec
 from shardline.worker import _shard as shard_module
 from shardline.worker._reader import RangedReader, ReaderSettings, fetch_range
 
-__all__ = ["CORRECT", "STRATEGIES", "Plan", "RunResult", "Sink", "run_strategy"]
+__all__ = ["CORRECT", "STRATEGIES", "Plan", "RunResult", "Sink", "WarmProcessPool", "run_strategy"]
 
 STRATEGIES = ("naive", "download-split", "prescan", "chain", "overread", "shardline")
 CORRECT = tuple(s for s in STRATEGIES if s != "naive")
@@ -501,7 +508,32 @@ class _TimedBackend(InProcessBackend):
             self.spans[task.shard] = (t, time.monotonic())
 
 
-async def shardline_embedded(plan: Plan, sink: Sink, spool: str) -> RunResult:
+class WarmProcessPool(LocalProcessBackend):
+    """One local worker process per shard, kept across jobs as a daemon keeps
+    its pool, timing each attempt from the task handed to a process to its
+    answer.  Run one untimed job first: the processes import their libraries
+    and make their clients then.  `shutdown()` stops them."""
+
+    def __init__(self, processes: int, env: dict[str, str] | None = None) -> None:
+        super().__init__(max_processes=processes, max_concurrent=processes, env=env)
+        self.spans: dict[int, tuple[float, float]] = {}
+
+    async def run(self, task, *, on_started):  # type: ignore[no-untyped-def]
+        t = time.monotonic()
+        try:
+            return await super().run(task, on_started=on_started)
+        finally:
+            self.spans[task.shard] = (t, time.monotonic())
+
+    async def aclose(self) -> None:
+        """The job's end: the processes stay for the next job."""
+
+    async def shutdown(self) -> None:
+        await super().aclose()
+
+
+async def shardline_embedded(plan: Plan, sink: Sink, spool: str, backend: Backend | None = None) -> RunResult:
+    """`run_embedded` with in-process workers, or with `backend` (a `WarmProcessPool`)."""
     _SETTLED.clear()
     spec = JobSpec(
         source=plan.url,
@@ -510,7 +542,10 @@ async def shardline_embedded(plan: Plan, sink: Sink, spool: str) -> RunResult:
         part_size_bytes=plan.part_bytes,
         max_in_flight_bytes=plan.part_bytes * plan.inflight,
     )
-    backend = _TimedBackend(max_concurrent=plan.shards)
+    if backend is None:
+        backend = _TimedBackend(max_concurrent=plan.shards)
+    assert isinstance(backend, _TimedBackend | WarmProcessPool)
+    backend.spans.clear()
     settings = CoordinatorSettings(markers=f"dynamodb:{plan.markers_table}", spool_dir=spool)
     report = await run_embedded(spec, out=sink, aws=plan.aws, backend=backend, settings=settings)
     shards = [(s.emitted[0], s.emitted[1], int(s.checksum.split(":")[1], 16)) for s in report.shards]
@@ -601,13 +636,19 @@ RUNNERS = {
 }
 
 
-async def run_strategy(name: str, plan: Plan) -> RunResult:
-    """Run one strategy once; times are made relative to its start."""
+async def run_strategy(name: str, plan: Plan, *, pool: WarmProcessPool | None = None) -> RunResult:
+    """Run one strategy once; times are made relative to its start.  With
+    `pool`, "shardline" runs its workers in that pool's processes."""
     sink = Sink()
     spool = tempfile.mkdtemp(prefix="bench-spool-", dir=choose_spool_dir(0))
     t0, cpu0 = time.monotonic(), time.process_time()
     try:
-        result = await RUNNERS[name](plan, sink, spool)
+        if pool is not None:
+            if name != "shardline":
+                raise ValueError(f"only shardline runs in a process pool, not {name}")
+            result = await shardline_embedded(plan, sink, spool, pool)
+        else:
+            result = await RUNNERS[name](plan, sink, spool)
     finally:
         shutil.rmtree(spool, ignore_errors=True)
     result.seconds = time.monotonic() - t0

@@ -238,6 +238,67 @@ async def test_slow_consumer_bounds_memory_and_requests(make_source: MakeSource,
     assert (budget // part) * part <= reader.stats.max_reserved_bytes <= budget
 
 
+async def test_released_part_buffers_are_filled_again(make_source: MakeSource) -> None:
+    # A new buffer costs page faults; a released one is refilled instead.  The
+    # bytes are still right, and no more buffers exist than the budget holds.
+    part = 4096
+    data = random_bytes(20 * part + 321, seed=8)
+    async with make_source(data) as source:
+        info = await source.stat()
+        out = bytearray()
+        buffers: list[object] = []  # kept alive, so distinct buffers have distinct ids
+        async with RangedReader(
+            source, start=0, end=len(data), etag=info.etag, settings=settings_for(part, 3)
+        ) as reader:
+            async for chunk in reader:
+                if len(chunk) == part:
+                    buffers.append(chunk.obj)
+                out += chunk
+    assert bytes(out) == data
+    assert len(buffers) == 20
+    assert len({id(buffer) for buffer in buffers}) <= 3
+
+
+async def read_keeping_buffers(source: ObjectSource, etag: str, size: int, part: int) -> tuple[bytes, list[object]]:
+    """All bytes of [0, size), and every full part's buffer (kept alive, so ids differ)."""
+    out, buffers = bytearray(), []
+    async with RangedReader(source, start=0, end=size, etag=etag, settings=settings_for(part, 2)) as reader:
+        async for chunk in reader:
+            if len(chunk) == part:
+                buffers.append(chunk.obj)
+            out += chunk
+    return bytes(out), buffers
+
+
+async def test_the_next_reader_of_the_process_starts_with_the_buffers_one_left(make_source: MakeSource) -> None:
+    part = 4099  # a size no other test uses: the spares are the process's
+    data = random_bytes(6 * part, seed=9)
+    async with make_source(data) as source:
+        info = await source.stat()
+        first, first_buffers = await read_keeping_buffers(source, info.etag, len(data), part)
+        second, second_buffers = await read_keeping_buffers(source, info.etag, len(data), part)
+    assert first == second == data
+    assert {id(b) for b in second_buffers} <= {id(b) for b in first_buffers}
+
+
+async def test_a_reader_left_early_leaves_no_buffer_still_in_use(make_source: MakeSource) -> None:
+    # The part the consumer holds (and any part cancelled in flight) may still
+    # be used by someone: never handed to a later reader.
+    part = 4111
+    data = random_bytes(8 * part, seed=10)
+    async with make_source(data) as source:
+        info = await source.stat()
+        async with RangedReader(
+            source, start=0, end=len(data), etag=info.etag, settings=settings_for(part, 4)
+        ) as reader:
+            async for chunk in reader:
+                held = chunk.obj
+                break
+        again, buffers = await read_keeping_buffers(source, info.etag, len(data), part)
+    assert again == data
+    assert all(buffer is not held for buffer in buffers)
+
+
 async def test_stopping_early_cancels_in_flight_requests(make_source: MakeSource) -> None:
     data = random_bytes(64 * 1024, seed=11)
     async with make_source(data) as source:
