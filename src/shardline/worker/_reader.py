@@ -292,17 +292,16 @@ class RangedReader:
                 name=f"{TASK_NAME_PREFIX} {self.source.description} [{part.start}, {part.start + size})",
             )
             self._pending.append(part)
-            start = part.start
             self._next_start += size
-            if first_alone:
-                break  # the rest once it is in: nothing competes with it for the connection or the loop
             log.debug(
                 "%s: part [%d, %d) issued, %d bytes reserved",
                 self.source.description,
-                start,
-                start + size,
+                part.start,
+                part.start + size,
                 self._reserved_bytes,
             )
+            if first_alone:
+                break  # the rest once it is in: nothing competes with it for the connection or the loop
 
     async def _fill(self, part: _Part, spare: bytearray | None) -> None:
         """Read `part` into `spare`, or into a new buffer made here in its own task."""
