@@ -191,6 +191,11 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
     for pid in _children(me):
         if pid in _killed:
             continue  # reaped below
+        if pid != ending.session and pid in _live_sessions:
+            # Another running command's shell (its pid is its session id):
+            # not ours to reap, and still unreaped, so the pid is still it.
+            # Skipped unread: a process running many commands has many.
+            continue
         stat = _stat(pid)
         if stat is None or stat.parent != me:
             continue  # gone meanwhile
@@ -204,8 +209,6 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
                     os.kill(pid, signal.SIGKILL)
                 found = True
             continue
-        if pid in _live_sessions:
-            continue  # another running command's shell (its pid is its session id): not ours to reap
         if not _ends_with(ending, pid, stat, my_session):
             continue
         if stat.zombie:
