@@ -217,8 +217,9 @@ def _add_run(sub: Subcommands) -> None:
     local.add_argument(
         "--workers",
         choices=("process", "inprocess"),
-        default="process",
-        help="run shards as local worker processes (default) or as tasks inside this process",
+        default=None,
+        help="run shards as local worker processes or as tasks inside this process (default: inprocess for a "
+        "local file, whose bytes the kernel moves; process for S3, whose bytes pass through Python)",
     )
     local.add_argument(
         "--max-processes",

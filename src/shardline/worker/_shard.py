@@ -472,18 +472,17 @@ class _ShardRun:
 
     async def _emit_file_range(self, start: int, end: int) -> None:
         """Emit bytes [start, end) of the local file: each chunk is read once
-        into one reused buffer for the checksum, and reaches the command's
-        stdin by a kernel-side copy (`CommandOutput.write_file_range`), not
-        through that buffer."""
+        into one reused buffer and checksummed there, off the event loop
+        (`LocalFileSource.read_checksummed`), and reaches the command's stdin
+        by a kernel-side copy (`CommandOutput.write_file_range`), not through
+        that buffer."""
         assert isinstance(self.source, LocalFileSource) and isinstance(self.output, CommandOutput)
         descriptor = self.source.descriptor()
         buffer = memoryview(bytearray(min(_FILE_CHUNK_BYTES, max(end - start, 0))))
         position = start
         while position < end:
             count = min(len(buffer), end - position)
-            chunk = buffer[:count]
-            await self.source.read_into(position, chunk, etag=self.task.etag)
-            self._checksum(chunk)
+            await self.source.read_checksummed(position, buffer[:count], etag=self.task.etag, crc=self.crc)
             await self.output.write_file_range(descriptor, position, count)
             # What went into the pipe is what was checksummed: the same version.
             self.source.check_version(self.task.etag)
@@ -551,7 +550,8 @@ class _ShardRun:
         await self.output.write(view)
 
     def _checksum(self, data: bytes | memoryview) -> None:
-        """Add emitted bytes to the shard's checksum (the one place it is computed)."""
+        """Add emitted bytes to the shard's checksum (a local file's range into
+        a command adds its chunks where it reads them: `_emit_file_range`)."""
         self.crc.update(data)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
