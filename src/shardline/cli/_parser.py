@@ -225,7 +225,7 @@ def _add_run(sub: Subcommands) -> None:
         "--max-processes",
         type=positive_int,
         default=None,
-        help="shards running at once (default: 4 x CPUs, in one worker process per CPU; or 64 in-process tasks)",
+        help="shards running at once (default: 4 x CPUs; as worker processes, in one per CPU)",
     )
     local.add_argument(
         "--spool-dir",

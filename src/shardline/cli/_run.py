@@ -19,6 +19,7 @@ from ..errors import ConfigurationError, InputError
 from ..io.aws import AwsSettings, aws_configured
 from ..protocol import (
     COMPRESSION_MAGIC_BYTES,
+    DEFAULT_TASKS_PER_PROCESS,
     JobSpec,
     ShardRange,
     check_location,
@@ -121,7 +122,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
     """The job in this process: an in-process coordinator, local workers, markers in
     the SQLite store (or DynamoDB, by --store)."""
     from ..coordinator import Backend, CoordinatorSettings, LocalProcessBackend, OutputPolicy
-    from ..embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
+    from ..embedded import InProcessBackend, run_embedded
 
     if spec.backend not in (None, "local"):
         raise ConfigurationError(
@@ -160,7 +161,9 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             # Our commands must not read the job's secrets (or the
             # environment they were spared) from /proc/$PPID, as in a pool process.
             hide_environment()
-            backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
+            # As many commands at once as worker processes would run.
+            at_once = args.max_processes or (os.cpu_count() or 1) * DEFAULT_TASKS_PER_PROCESS
+            backend: Backend = InProcessBackend(max_concurrent=at_once)
         else:
             # The commands' stderr, tagged with their shards, reaches the user
             # (through the progress display, when one is shown).
