@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError, InputError
 from ..io.aws import AwsSettings, aws_configured
+from ..io.lifeline import start_lifeline
 from ..protocol import (
     COMPRESSION_MAGIC_BYTES,
     DEFAULT_TASKS_PER_PROCESS,
@@ -121,6 +122,10 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
 def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
     """The job in this process: an in-process coordinator, local workers, markers in
     the SQLite store (or DynamoDB, by --store)."""
+    in_process = _workers(args, spec) == "inprocess"
+    # Started first, so that its Python starts while ours imports; held (its
+    # stdin open) until we exit: then it ends whatever our commands left.
+    lifeline = start_lifeline() if in_process and not args.detach else None
     from ..coordinator import Backend, CoordinatorSettings, LocalProcessBackend, OutputPolicy
     from ..embedded import InProcessBackend, run_embedded
 
@@ -131,7 +136,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
         )
 
     _check_aws(spec)
-    from ..io.processes import hide_environment
+    from ..io.processes import adopt_orphans, hide_environment
     from ..io.rlimits import raise_open_files_limit
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
@@ -157,9 +162,14 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             if display is not None:
                 display.attach(snapshot)
 
-        if _workers(args, spec) == "inprocess":
-            # Our commands must not read the job's secrets (or the
-            # environment they were spared) from /proc/$PPID, as in a pool process.
+        if in_process:
+            # This process now runs the commands, as a pool process does: its
+            # only children in sessions of their own are commands (the
+            # lifeline shares our session), so whatever a command leaves
+            # behind ends with it, even what it hid from the sweep (`env -i`);
+            # and no command reads the job's secrets (or the environment it
+            # was spared) from /proc/$PPID.
+            adopt_orphans(dedicated=True)
             hide_environment()
             # As many commands at once as worker processes would run.
             at_once = args.max_processes or (os.cpu_count() or 1) * DEFAULT_TASKS_PER_PROCESS
@@ -195,7 +205,11 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             print(json.dumps(summary), file=sys.stderr)
         return 0
 
-    return run_job_loop(go, use_uvloop=not args.no_uvloop)
+    try:
+        return run_job_loop(go, use_uvloop=not args.no_uvloop)
+    finally:
+        if lifeline is not None and lifeline.stdin is not None:
+            lifeline.stdin.close()  # our commands have ended: the lifeline checks, and exits
 
 
 def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
