@@ -4,8 +4,9 @@ This module wires an in-process coordinator to workers, with its boundary
 markers in the SQLite store unless told otherwise.  It is the one place
 allowed to import both `coordinator` and
 `worker`: `InProcessBackend` runs shards as asyncio tasks in this process
-(same worker code, no process start-up cost), which benchmarks and tests
-with many shards use; `shardline run` uses local worker processes.
+(same worker code, no process start-up cost), which `shardline run` uses
+for a local file (and benchmarks and tests with many shards); for S3 it
+uses local worker processes.
 """
 
 from __future__ import annotations

@@ -109,6 +109,8 @@ def test_s3_source_on_moto(tmp_path, home, moto: Endpoint, s3, bucket):
     result = shardline("run", f"s3://{bucket}/dir/object.txt", "-n", "5", "--exact-shards", "--", "sed", SED, env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == sequential_reference(data, f"sed '{SED}'")
+    plan = shardline("run", f"s3://{bucket}/dir/object.txt", "--dry-run", env=env)
+    assert "backend: local (process workers)" in plan.stdout.decode().splitlines()  # S3 parts need the cores
 
 
 def test_s3_source_on_seaweedfs(tmp_path, home):
@@ -515,6 +517,7 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, home):
     assert f"source: {path}" in plan and "size: 100 bytes" in plan and "shards: 3" in plan
     assert plan[4:7] == ["  shard 0: [0, 33)", "  shard 1: [33, 66)", "  shard 2: [66, 100)"]
     assert any(line.startswith("etag: ") for line in plan) and any(line.startswith("store: sqlite:") for line in plan)
+    assert "backend: local (inprocess workers)" in plan  # a local file's default: the kernel moves its bytes
     assert not log.exists() and not (home / ".local").exists()  # nothing run, no state created
 
 

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from shardline.errors import ConfigurationError, RetryableStorageError, SourceAccessError, SourceNotFoundError
+from shardline.errors import (
+    ConfigurationError,
+    ObjectChangedError,
+    RetryableStorageError,
+    SourceAccessError,
+    SourceNotFoundError,
+)
 from shardline.io.aws import AwsSettings
+from shardline.io.checksum import Crc32c
 from shardline.io.sources import LocalFileSource, S3Source, open_source
 from shardline.io.urls import parse_s3_url
 
@@ -72,3 +79,30 @@ async def test_botocore_does_not_retry_on_its_own(s3, bucket: str, aws_settings:
             with pytest.raises(RetryableStorageError):
                 await source.stat()
     assert [r.method for r in proxy.records] == ["HEAD"]
+
+
+async def test_read_checksummed_fills_the_view_and_the_running_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    data = bytes(range(256)) * 40
+    path.write_bytes(data)
+    async with LocalFileSource(path) as source:
+        info = await source.stat()
+        crc, whole = Crc32c(), Crc32c()
+        view = memoryview(bytearray(1000))
+        await source.read_checksummed(0, view, etag=info.etag, crc=crc)
+        assert bytes(view) == data[:1000]
+        await source.read_checksummed(1000, view[:500], etag=info.etag, crc=crc)  # continues the same checksum
+        assert bytes(view[:500]) == data[1000:1500]
+    whole.update(data[:1500])
+    assert crc.value == whole.value
+
+
+async def test_read_checksummed_refuses_a_changed_file(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"line\n" * 100)
+    async with LocalFileSource(path) as source:
+        info = await source.stat()
+        with path.open("ab") as file:
+            file.write(b"more\n")
+        with pytest.raises(ObjectChangedError, match="changed during the job"):
+            await source.read_checksummed(0, memoryview(bytearray(10)), etag=info.etag, crc=Crc32c())

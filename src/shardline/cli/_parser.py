@@ -217,14 +217,15 @@ def _add_run(sub: Subcommands) -> None:
     local.add_argument(
         "--workers",
         choices=("process", "inprocess"),
-        default="process",
-        help="run shards as local worker processes (default) or as tasks inside this process",
+        default=None,
+        help="run shards as local worker processes or as tasks inside this process (default: inprocess for a "
+        "local file, whose bytes the kernel moves; process for S3, whose bytes pass through Python)",
     )
     local.add_argument(
         "--max-processes",
         type=positive_int,
         default=None,
-        help="shards running at once (default: 4 x CPUs, in one worker process per CPU; or 64 in-process tasks)",
+        help="shards running at once (default: 4 x CPUs; as worker processes, in one per CPU)",
     )
     local.add_argument(
         "--spool-dir",

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError, InputError
 from ..io.aws import AwsSettings, aws_configured
+from ..io.lifeline import start_lifeline
 from ..protocol import (
     COMPRESSION_MAGIC_BYTES,
+    DEFAULT_TASKS_PER_PROCESS,
     JobSpec,
     ShardRange,
     check_location,
@@ -120,8 +122,12 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
 def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
     """The job in this process: an in-process coordinator, local workers, markers in
     the SQLite store (or DynamoDB, by --store)."""
+    in_process = _workers(args, spec) == "inprocess"
+    # Started first, so that its Python starts while ours imports; held (its
+    # stdin open) until we exit: then it ends whatever our commands left.
+    lifeline = start_lifeline() if in_process and not args.detach else None
     from ..coordinator import Backend, CoordinatorSettings, LocalProcessBackend, OutputPolicy
-    from ..embedded import DEFAULT_INPROCESS_CONCURRENCY, InProcessBackend, run_embedded
+    from ..embedded import InProcessBackend, run_embedded
 
     if spec.backend not in (None, "local"):
         raise ConfigurationError(
@@ -130,6 +136,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
         )
 
     _check_aws(spec)
+    from ..io.processes import adopt_orphans, hide_environment
     from ..io.rlimits import raise_open_files_limit
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
@@ -155,8 +162,18 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             if display is not None:
                 display.attach(snapshot)
 
-        if args.workers == "inprocess":
-            backend: Backend = InProcessBackend(max_concurrent=args.max_processes or DEFAULT_INPROCESS_CONCURRENCY)
+        if in_process:
+            # This process now runs the commands, as a pool process does: its
+            # only children in sessions of their own are commands (the
+            # lifeline shares our session), so whatever a command leaves
+            # behind ends with it, even what it hid from the sweep (`env -i`);
+            # and no command reads the job's secrets (or the environment it
+            # was spared) from /proc/$PPID.
+            adopt_orphans(dedicated=True)
+            hide_environment()
+            # As many commands at once as worker processes would run.
+            at_once = args.max_processes or (os.cpu_count() or 1) * DEFAULT_TASKS_PER_PROCESS
+            backend: Backend = InProcessBackend(max_concurrent=at_once)
         else:
             # The commands' stderr, tagged with their shards, reaches the user
             # (through the progress display, when one is shown).
@@ -196,7 +213,11 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             print(json.dumps(summary), file=sys.stderr)
         return 0
 
-    return run_job_loop(go, use_uvloop=not args.no_uvloop)
+    try:
+        return run_job_loop(go, use_uvloop=not args.no_uvloop)
+    finally:
+        if lifeline is not None and lifeline.stdin is not None:
+            lifeline.stdin.close()  # our commands have ended: the lifeline checks, and exits
 
 
 def _run_remote(args: argparse.Namespace, spec: JobSpec) -> int:
@@ -262,7 +283,9 @@ def _dry_run(args: argparse.Namespace, spec: JobSpec) -> int:
                     raise InputError(compressed_input_message(spec.source, name))
         lowered = f" (-n {spec.shards} lowered: --min-shard-bytes {spec.min_shard_bytes})"
         ranges = [ShardRange.of(info.size, shards, index) for index in range(shards)]
-        workers = f"{args.workers} workers" + (f", at most {args.max_processes} at once" if args.max_processes else "")
+        workers = f"{_workers(args, spec)} workers" + (
+            f", at most {args.max_processes} at once" if args.max_processes else ""
+        )
         lines = [
             f"source: {spec.source}",
             f"size: {info.size} bytes",
@@ -278,6 +301,21 @@ def _dry_run(args: argparse.Namespace, spec: JobSpec) -> int:
         return 0
 
     return run_job_loop(plan, use_uvloop=not args.no_uvloop)
+
+
+def _workers(args: argparse.Namespace, spec: JobSpec) -> str:
+    """--workers, else the default for the source: "inprocess" for a local file,
+    "process" for S3.
+
+    A local file's range reaches its command by `os.splice` (the kernel moves
+    the bytes; this process checksums them at hardware speed), so its shards
+    need no core of their own, and a worker process per core would only add
+    its Python start (about 0.15 CPU-s each, half of a run's fixed start).
+    S3 parts pass through Python buffers: their shards need the cores.
+    """
+    if args.workers is not None:
+        return str(args.workers)
+    return "process" if spec.source.startswith("s3://") else "inprocess"
 
 
 def _check_aws(spec: JobSpec) -> None:

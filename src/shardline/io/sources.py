@@ -34,6 +34,7 @@ from ..errors import (
 from . import COPY_CHUNK_BYTES
 from .aio import wait_uncancellable
 from .aws import AwsSettings, ClientPool, LazyClient, translate_error
+from .checksum import Crc32c
 from .urls import is_s3_url, parse_s3_url
 
 __all__ = [
@@ -203,6 +204,22 @@ class LocalFileSource(ObjectSource):
                 f"{self.path}: asked for bytes from offset {offset} but the file has only {st.st_size} bytes"
             )
         return count
+
+    async def read_checksummed(self, start: int, view: memoryview, *, etag: str, crc: Crc32c) -> None:
+        """Fill `view` like `read_into` and add its bytes to `crc`, both in one
+        hop to the thread pool: CRC32C releases the GIL, so the checksum runs
+        beside the event loop (and beside other shards'), on bytes the read
+        has just brought into the CPU's cache.  No progress callback: the
+        view is filled, or this raises."""
+        _check_range(start, view)
+        if view:
+            await self._in_thread(self._read_all, self._open(), view, start, etag, crc)
+
+    def _read_all(self, fd: int, view: memoryview, start: int, etag: str, crc: Crc32c) -> None:
+        filled = 0
+        while filled < len(view):
+            filled += self._read_chunk(fd, view[filled:], start + filled, etag)
+        crc.update(view)
 
     def descriptor(self) -> int:
         """The open file's descriptor (opened on first use), for kernel-side

@@ -217,7 +217,11 @@ class ExchangeClient:
                         self._ack.set_result(frame)
                 elif isinstance(frame, Error):
                     self._refused(frame)
-                    log.warning("exchange closed our session: %s", frame.message)
+                    # A fenced attempt is routine (its job ended, or another
+                    # attempt won): it stops with StaleAttemptError, and no
+                    # user should see a warning about it on their terminal.
+                    level = logging.INFO if frame.stale else logging.WARNING
+                    log.log(level, "exchange closed our session: %s", frame.message)
                     break
         except (OSError, ProtocolError) as exc:
             log.warning("exchange session lost: %s", exc)

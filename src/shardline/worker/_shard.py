@@ -473,23 +473,41 @@ class _ShardRun:
 
     async def _emit_file_range(self, start: int, end: int) -> None:
         """Emit bytes [start, end) of the local file: each chunk is read once
-        into one reused buffer for the checksum, and reaches the command's
-        stdin by a kernel-side copy (`CommandOutput.write_file_range`), not
-        through that buffer."""
-        assert isinstance(self.source, LocalFileSource) and isinstance(self.output, CommandOutput)
-        descriptor = self.source.descriptor()
+        into one reused buffer and checksummed there, off the event loop
+        (`LocalFileSource.read_checksummed`), and reaches the command's stdin
+        by a kernel-side copy (`CommandOutput.write_file_range`), not through
+        that buffer.  So the next chunk is read while this one is spliced,
+        and the command never waits on a read."""
+        source, output = self.source, self.output
+        assert isinstance(source, LocalFileSource) and isinstance(output, CommandOutput)
+        descriptor = source.descriptor()
         buffer = memoryview(bytearray(min(_FILE_CHUNK_BYTES, max(end - start, 0))))
+
+        def read(position: int) -> asyncio.Future[None] | None:
+            if position >= end:
+                return None
+            chunk = buffer[: min(len(buffer), end - position)]
+            return asyncio.ensure_future(source.read_checksummed(position, chunk, etag=self.task.etag, crc=self.crc))
+
         position = start
-        while position < end:
-            count = min(len(buffer), end - position)
-            chunk = buffer[:count]
-            await self.source.read_into(position, chunk, etag=self.task.etag)
-            self._checksum(chunk)
-            await self.output.write_file_range(descriptor, position, count)
-            # What went into the pipe is what was checksummed: the same version.
-            self.source.check_version(self.task.etag)
-            self.emitted += count
-            position += count
+        reading = read(position)
+        try:
+            while reading is not None:
+                count = min(len(buffer), end - position)
+                await reading
+                # The next read starts once this one ended: chunks are checksummed in order.
+                reading = read(position + count)
+                await output.write_file_range(descriptor, position, count)
+                # What went into the pipe is what was checksummed: the same version.
+                source.check_version(self.task.etag)
+                self.emitted += count
+                position += count
+        finally:
+            if reading is not None:
+                reading.cancel()
+                await asyncio.wait({reading})
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: the failure that matters is already raising
 
     def _refuse_compressed(self, first: bytes | memoryview) -> None:
         """Shard 0 sees the object's first bytes: a compressed stream cannot be cut into byte ranges."""
@@ -552,7 +570,8 @@ class _ShardRun:
         await self.output.write(view)
 
     def _checksum(self, data: bytes | memoryview) -> None:
-        """Add emitted bytes to the shard's checksum (the one place it is computed)."""
+        """Add emitted bytes to the shard's checksum (a local file's range into
+        a command adds its chunks where it reads them: `_emit_file_range`)."""
         self.crc.update(data)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
