@@ -277,17 +277,26 @@ def _marker(pid: int) -> str | None:
 
 
 def _children(pid: int) -> list[int]:
-    """Direct children of `pid` (of every thread: an orphan goes to one of them)."""
-    try:
-        paths = [f"/proc/{pid}/task/{task}/children" for task in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        paths = []
-    if not paths or not os.path.exists(paths[0]):  # a kernel without CONFIG_PROC_CHILDREN: scan every process
-        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent_is(int(entry), pid)]
+    """Our direct children that can belong to commands (`pid` is ours).
+
+    The kernel lists a child under the thread that made it.  Commands are
+    spawned by this thread (the event loop's), and an orphan is re-parented
+    to the subreaper's first live thread, its leader while the process runs
+    (kernel/exit.c, find_new_reaper): so those two threads' lists hold every
+    child a sweep looks for, however many threads (executors, SQLite) the
+    process has.
+    """
+    paths = {f"/proc/{pid}/task/{tid}/children" for tid in (pid, threading.get_native_id())}
     children: list[int] = []
     for path in paths:
-        with contextlib.suppress(OSError), open(path) as f:
-            children.extend(int(child) for child in f.read().split())
+        try:
+            with open(path) as f:
+                children.extend(int(child) for child in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # no CONFIG_PROC_CHILDREN: scan them all
+                return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent_is(int(entry), pid)]
+        except OSError:
+            pass
     return children
 
 
