@@ -149,13 +149,19 @@ class _Connection:
     relay: _JobRelay | None = None  # its job's, once authenticated
     #: The cause it was refused for, once it has been (each connection counts once).
     refused: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Shards whose HEAD it waits for, each with the timer that will answer PENDING.
     wants: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)
 
+    def send_now(self, frame: Frame) -> None:
+        """Encode and hand `frame` to the transport, with no await in between:
+        frames leave in the order their MACs are numbered, with no lock."""
+        self.stream.write_now(self.session.send(frame))
+
     async def send(self, frame: Frame) -> None:
-        async with self.lock:
-            await self.stream.write(self.session.send(frame))
+        """`send_now`, then wait while the peer is slow to read (backpressure
+        on the session that caused the frame)."""
+        self.send_now(frame)
+        await self.stream.drain()
 
     @property
     def who(self) -> str:
@@ -226,7 +232,6 @@ class ExchangeServer:
         self._jobs: dict[str, _JobRelay] = {}
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._sends: set[asyncio.Task[None]] = set()  # PENDING answers sent by timers
         #: Connections closed by the exchange, by cause (REFUSAL_CAUSES).
         self.refused: Counter[str] = Counter(dict.fromkeys(REFUSAL_CAUSES, 0))
         self._refusals = Refusals(
@@ -274,9 +279,9 @@ class ExchangeServer:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in [*self._handlers, *self._sends]:
+            for task in self._handlers:
                 task.cancel()
-            await asyncio.gather(*self._handlers, *self._sends, return_exceptions=True)
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
@@ -385,11 +390,11 @@ class ExchangeServer:
         relay.sessions[frame.shard] += 1
         self._unauthenticated.remove(connection)
         refusal = relay.hooks.on_connect(frame)
-        await connection.send(session.welcome())
+        connection.send_now(session.welcome())
         if refusal is not None:
-            await connection.send(refusal)
-            return False
-        return True
+            connection.send_now(refusal)  # one write with the WELCOME
+        await connection.stream.drain()
+        return refusal is None
 
     async def _serve_session(self, connection: _Connection) -> None:
         hello, relay = connection.hello, connection.relay
@@ -430,8 +435,12 @@ class ExchangeServer:
                 timer = waiter.wants.pop(frame.shard, None)
                 if timer is not None:
                     timer.cancel()
-            # Every waiter at once: one slow reader must not delay the others, nor this session.
-            await asyncio.gather(*(self._push(waiter, head) for waiter in waiters))
+            # Every waiter at once, before anything else happens: a push is a
+            # write the transport buffers, so a slow reader delays neither the
+            # other waiters nor this session.  What a waiter may be sent without
+            # reading is bounded by its WANTs (each answered once).
+            for waiter in waiters:
+                self._push_now(waiter, head)
         elif isinstance(frame, Want):
             known = relay.heads.get(frame.shard)
             if known is not None:
@@ -467,18 +476,21 @@ class ExchangeServer:
             connection.wants[shard] = loop.call_at(due, self._hold_pending, connection, relay, shard, since)
             return
         connection.wants[shard] = None  # still waiting; PENDING sent
-        send = asyncio.ensure_future(self._send_pending(connection, shard))
-        self._sends.add(send)
-        send.add_done_callback(self._sends.discard)
-
-    async def _send_pending(self, connection: _Connection, shard: int) -> None:
-        try:
-            await connection.send(Pending(shard=shard))
-        except (OSError, ProtocolError) as exc:  # the waiter left; nothing to tell it
+        try:  # from this timer, no task: bounded like a push (one PENDING per WANT)
+            connection.send_now(Pending(shard=shard))
+        except (OSError, RuntimeError, ProtocolError) as exc:  # the waiter left; nothing to tell it
             log.debug("exchange: could not answer PENDING for shard %d to %s: %s", shard, connection.peer, exc)
 
     async def _push(self, connection: _Connection, head: Head) -> None:
+        """Answer `connection`'s own WANT with a head that is already here."""
         try:
             await connection.send(Fragment.relaying(head))
         except OSError as exc:  # the waiter left; it will use the marker or scan
+            log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)
+
+    def _push_now(self, connection: _Connection, head: Head) -> None:
+        """Push a head that just arrived to a session that waits for it."""
+        try:
+            connection.send_now(Fragment.relaying(head))
+        except (OSError, RuntimeError, ProtocolError) as exc:  # the waiter left; it will use the marker or scan
             log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)

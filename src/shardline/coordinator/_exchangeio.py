@@ -39,7 +39,15 @@ class Stream:
         return await self._reader.read(max_bytes)
 
     async def write(self, data: bytes) -> None:
+        self.write_now(data)
+        await self.drain()
+
+    def write_now(self, data: bytes) -> None:
+        """Hand `data` to the transport at once (it sends what the socket takes
+        and buffers the rest); `drain` waits for that buffer to empty."""
         self._writer.write(data)
+
+    async def drain(self) -> None:
         await self._writer.drain()
 
     def abort(self) -> None:
@@ -88,9 +96,11 @@ class TlsStream(Stream):
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 
-    async def write(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> None:
         self._tls.write(data)
-        await self._flush()
+        pending = self._outgoing.read()
+        if pending:
+            super().write_now(pending)
 
     async def _receive(self) -> bool:
         data = await self._reader.read(TLS_READ_BYTES)
