@@ -151,6 +151,11 @@ class _Connection:
     refused: str | None = None
     #: Shards whose HEAD it waits for, each with the timer that will answer PENDING.
     wants: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)
+    #: When its last frame arrived (loop time), once authenticated; the timer
+    #: that closes it after its job's heartbeat deadline without one; whether it did.
+    last_frame_at: float = 0.0
+    idle_timer: asyncio.TimerHandle | None = None
+    idled: bool = False
 
     def send_now(self, frame: Frame) -> None:
         """Encode and hand `frame` to the transport, with no await in between:
@@ -401,24 +406,44 @@ class ExchangeServer:
         assert hello is not None and relay is not None
         loop = asyncio.get_running_loop()
         idle_s = relay.hooks.session_idle_timeout_s()
-        last_frame_at = loop.time()
-        while True:
-            frame = connection.session.next_frame()
-            if frame is CLOSED:
-                return
-            if frame is NEED_DATA:
-                try:
-                    async with asyncio.timeout_at(last_frame_at + idle_s):
+        connection.last_frame_at = loop.time()
+        self._watch_idle(connection, idle_s)
+        try:
+            while True:
+                frame = connection.session.next_frame()
+                if frame is CLOSED:
+                    return
+                if frame is NEED_DATA:
+                    try:
                         data = await connection.stream.read(_READ_BYTES)
-                except TimeoutError:
-                    raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)") from None
-                connection.session.receive_data(data)
-                continue
-            last_frame_at = loop.time()
-            refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
-            if refusal is not None:
-                await connection.send(refusal)
-                return
+                    except OSError:
+                        if not connection.idled:
+                            raise
+                        data = b""
+                    if connection.idled:
+                        raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)")
+                    connection.session.receive_data(data)
+                    continue
+                connection.last_frame_at = loop.time()
+                refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
+                if refusal is not None:
+                    await connection.send(refusal)
+                    return
+        finally:
+            if connection.idle_timer is not None:
+                connection.idle_timer.cancel()
+
+    def _watch_idle(self, connection: _Connection, idle_s: float) -> None:
+        """Close `connection` once it has sent no frame for `idle_s`: one timer
+        per idle period, re-armed when it comes due, rather than one per read."""
+        loop = asyncio.get_running_loop()
+        due = connection.last_frame_at + idle_s
+        if loop.time() < due:
+            connection.idle_timer = loop.call_at(due, self._watch_idle, connection, idle_s)
+            return
+        connection.idle_timer = None
+        connection.idled = True
+        connection.stream.abort()  # its read ends, and the handler refuses it as idle
 
     async def _dispatch(self, connection: _Connection, hello: Hello, relay: _JobRelay, frame: Frame) -> Error | None:
         if isinstance(frame, Head):
