@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -79,7 +80,7 @@ from ..protocol import (
     Want,
     attempt_secret,
 )
-from ._exchangeio import Stream, TlsStream, Unauthenticated
+from ._exchangeio import Stream, TlsStream, Unauthenticated, delivering_protocol_factory
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 from ._refusals import REFUSAL_LOG_INTERVAL_S, Refusals
 
@@ -88,6 +89,12 @@ __all__ = ["REFUSAL_CAUSES", "ExchangeHooks", "ExchangeServer"]
 log = logging.getLogger("shardline.coordinator.exchange")
 
 _READ_BYTES = 256 * 1024
+#: Past this many bytes waiting in a session's transport, its frames wait
+#: until the peer has read them (what a WANT of a known head, or a flood of
+#: them, may queue up).
+_WRITE_BUFFER_HIGH_BYTES = 1024 * 1024
+#: A session's outcome: its peer must read before it is served more frames.
+_DRAIN = object()
 LISTEN_BACKLOG = 4096
 #: From accept to a verified HELLO, TLS handshake included: one deadline, not per read.
 HANDSHAKE_DEADLINE_S = 10.0
@@ -156,6 +163,15 @@ class _Connection:
     last_frame_at: float = 0.0
     idle_timer: asyncio.TimerHandle | None = None
     idled: bool = False
+    #: Once open, its frames are handled as they arrive until one needs its
+    #: task (`blocked`): `outcome` says what, `handoff` wakes the task.  While
+    #: blocked, what arrives is buffered, reading `paused` past _READ_BYTES.
+    blocked: bool = False
+    outcome: object | None = None
+    handoff: asyncio.Future[None] | None = None
+    paused: bool = False
+    ended: bool = False  # its end (EOF or loss) was received
+    failure: Exception | None = None  # what its bytes raised (TLS), for its task to raise
 
     def send_now(self, frame: Frame) -> None:
         """Encode and hand `frame` to the transport, with no await in between:
@@ -259,7 +275,9 @@ class ExchangeServer:
 
     async def start(self) -> None:
         # Every worker of a job dials in at once: a deep accept queue.
-        self._server = await asyncio.start_server(self._accept, self._host, self._port, backlog=LISTEN_BACKLOG)
+        self._server = await asyncio.get_running_loop().create_server(
+            delivering_protocol_factory(self._accept), self._host, self._port, backlog=LISTEN_BACKLOG
+        )
         log.info(
             "exchange listening on %s:%d%s; at most %d unauthenticated connections (%d per address), "
             "%.0fs to authenticate",
@@ -402,36 +420,107 @@ class ExchangeServer:
         return refusal is None
 
     async def _serve_session(self, connection: _Connection) -> None:
-        hello, relay = connection.hello, connection.relay
-        assert hello is not None and relay is not None
+        """Serve an open session.  Its frames are handled as they arrive, in
+        the transport's callback (`_received`): a HEAD is relayed before any
+        task runs.  This task does only what must await -- a DONE's output
+        check, a slow reader's drain -- and ends the session."""
+        relay = connection.relay
+        assert connection.hello is not None and relay is not None
         loop = asyncio.get_running_loop()
         idle_s = relay.hooks.session_idle_timeout_s()
         connection.last_frame_at = loop.time()
         self._watch_idle(connection, idle_s)
         try:
+            # From here on its frames are handled as they arrive (those already here first).
+            connection.stream.deliver_to(functools.partial(self._received, connection))
             while True:
-                frame = connection.session.next_frame()
-                if frame is CLOSED:
-                    return
-                if frame is NEED_DATA:
-                    try:
-                        data = await connection.stream.read(_READ_BYTES)
-                    except OSError:
-                        if not connection.idled:
-                            raise
-                        data = b""
+                if connection.outcome is None:
+                    connection.handoff = loop.create_future()
+                    await connection.handoff
+                outcome, connection.outcome = connection.outcome, None
+                try:
                     if connection.idled:
                         raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)")
-                    connection.session.receive_data(data)
-                    continue
-                connection.last_frame_at = loop.time()
-                refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
-                if refusal is not None:
-                    await connection.send(refusal)
-                    return
+                    if outcome is CLOSED:
+                        return
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    if isinstance(outcome, Error):  # a refusal: say why, and close
+                        await connection.send(outcome)
+                        return
+                    if isinstance(outcome, Done):
+                        committed = await relay.hooks.on_done(connection.hello, outcome)
+                        await connection.send(Ack(committed=committed))
+                    else:  # _DRAIN: the peer reads slower than it is sent frames
+                        await connection.stream.drain()
+                except OSError:
+                    if connection.idled:
+                        raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)") from None
+                    raise
+                if connection.failure is not None:
+                    raise connection.failure
+                connection.blocked = False
+                if connection.paused:
+                    connection.paused = False
+                    connection.stream.resume_reading()
+                self._take_frames(connection)
         finally:
+            connection.blocked = True  # nothing more is handled for it
             if connection.idle_timer is not None:
                 connection.idle_timer.cancel()
+
+    def _received(self, connection: _Connection, data: bytes | None) -> None:
+        """Bytes of an open session arrived (None: its end); called by the transport."""
+        if connection.ended:
+            return
+        try:
+            if data is None:
+                connection.ended = True
+                connection.session.receive_data(b"")
+            else:
+                plain = connection.stream.decode(data)
+                if plain:
+                    connection.session.receive_data(plain)
+        except Exception as exc:  # TLS that does not decrypt: raised by its task
+            connection.ended = True
+            connection.failure = exc
+            connection.stream.abort()
+            if not connection.blocked:
+                self._hand_over(connection, exc)
+            return
+        if not connection.blocked:
+            self._take_frames(connection)
+        elif not connection.paused and connection.session.buffered_bytes > _READ_BYTES:
+            connection.paused = True  # until its task has done what it awaits
+            connection.stream.pause_reading()
+
+    def _take_frames(self, connection: _Connection) -> None:
+        """Handle the session's whole frames in order, until one needs its task."""
+        loop = asyncio.get_running_loop()
+        while not connection.blocked:
+            outcome: object
+            try:
+                frame = connection.session.next_frame()
+                if frame is NEED_DATA:
+                    return
+                if frame is CLOSED:
+                    outcome = CLOSED
+                else:
+                    connection.last_frame_at = loop.time()
+                    outcome = self._handle(connection, frame)  # type: ignore[arg-type]
+                    if outcome is None and connection.stream.write_buffer_size() > _WRITE_BUFFER_HIGH_BYTES:
+                        outcome = _DRAIN
+            except Exception as exc:  # raised by its task, not into the transport's callback
+                outcome = exc
+            if outcome is not None:
+                self._hand_over(connection, outcome)
+
+    def _hand_over(self, connection: _Connection, outcome: object) -> None:
+        """Stop handling `connection`'s frames; its task does `outcome`."""
+        connection.blocked = True
+        connection.outcome = outcome
+        if connection.handoff is not None and not connection.handoff.done():
+            connection.handoff.set_result(None)
 
     def _watch_idle(self, connection: _Connection, idle_s: float) -> None:
         """Close `connection` once it has sent no frame for `idle_s`: one timer
@@ -445,7 +534,11 @@ class ExchangeServer:
         connection.idled = True
         connection.stream.abort()  # its read ends, and the handler refuses it as idle
 
-    async def _dispatch(self, connection: _Connection, hello: Hello, relay: _JobRelay, frame: Frame) -> Error | None:
+    def _handle(self, connection: _Connection, frame: Frame) -> Error | Done | None:
+        """Handle one frame of an open session now; returns what its task must
+        do instead: an ERROR to refuse it with, or a DONE to check and answer."""
+        hello, relay = connection.hello, connection.relay
+        assert hello is not None and relay is not None
         if isinstance(frame, Head):
             if frame.shard != hello.shard:
                 raise RemoteProtocolError(f"shard {hello.shard} sent a HEAD for shard {frame.shard}")
@@ -470,7 +563,7 @@ class ExchangeServer:
             known = relay.heads.get(frame.shard)
             if known is not None:
                 self.handshake_wait_s.observe(0.0)
-                await self._push(connection, known)
+                self._push_now(connection, known)
             elif frame.shard not in connection.wants:
                 relay.waiting.setdefault(frame.shard, {})[connection] = time.monotonic()
                 connection.wants[frame.shard] = None
@@ -478,11 +571,10 @@ class ExchangeServer:
         elif isinstance(frame, Progress):
             relay.hooks.on_progress(hello, frame)
         elif isinstance(frame, Done):
-            committed = await relay.hooks.on_done(hello, frame)
-            await connection.send(Ack(committed=committed))
+            return frame
         elif isinstance(frame, Failed):
             relay.hooks.on_failed(hello, frame)
-            await connection.send(Ack(committed=False))
+            connection.send_now(Ack(committed=False))
         elif isinstance(frame, Error):
             log.warning("exchange: worker shard %d attempt %d reported: %s", hello.shard, hello.attempt, frame.message)
         return None
@@ -506,15 +598,8 @@ class ExchangeServer:
         except (OSError, RuntimeError, ProtocolError) as exc:  # the waiter left; nothing to tell it
             log.debug("exchange: could not answer PENDING for shard %d to %s: %s", shard, connection.peer, exc)
 
-    async def _push(self, connection: _Connection, head: Head) -> None:
-        """Answer `connection`'s own WANT with a head that is already here."""
-        try:
-            await connection.send(Fragment.relaying(head))
-        except OSError as exc:  # the waiter left; it will use the marker or scan
-            log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)
-
     def _push_now(self, connection: _Connection, head: Head) -> None:
-        """Push a head that just arrived to a session that waits for it."""
+        """Push a head to a session that wants it."""
         try:
             connection.send_now(Fragment.relaying(head))
         except (OSError, RuntimeError, ProtocolError) as exc:  # the waiter left; it will use the marker or scan

@@ -187,6 +187,11 @@ class ExchangeSession:
         else:
             self._eof = True
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet taken as frames."""
+        return len(self._buffer)
+
     def next_frame(self) -> Frame | object:
         """The next verified frame, NEED_DATA, or CLOSED after a clean EOF."""
         if self.state is SessionState.BROKEN:
