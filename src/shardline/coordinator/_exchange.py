@@ -13,6 +13,13 @@
 # waits for that answer, and a push costs it nothing while a fallback costs
 # S3 reads.  Every per-event cost here is O(1) in the number of shards.
 #
+# Once a session is open its frames are handled in the transport's read
+# callback, as they arrive: a HEAD is pushed to its waiters (one write each,
+# no task) before any task of the coordinator runs, whatever else it is
+# doing.  Only what must await -- a DONE's output check, a slow reader's
+# drain -- goes to the session's task, which handles it and then lets the
+# callback go on with the frames that arrived meanwhile, in order.
+#
 # Everything a job needs to decide (accept a session, commit a result) is
 # asked of the job's `ExchangeHooks`; this module only moves frames.  A
 # misbehaving connection (garbage, wrong secret, replayed or oversized frames,
