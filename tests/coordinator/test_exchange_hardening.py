@@ -575,3 +575,22 @@ async def test_a_head_is_relayed_while_another_sessions_done_is_being_checked():
         assert isinstance(ack, Ack) and ack.committed
         for peer in (busy, waiter, head_peer):
             peer.close()
+
+
+async def test_a_tls_session_that_the_worker_closes_ends_at_once(tmp_path):
+    # The worker's close sends close_notify and waits for the exchange to close
+    # too (asyncio: up to 30 s); a Lambda worker would time out meanwhile.
+    ca = make_ca(tmp_path)
+    tls = server_tls_context(str(ca.server_cert), str(ca.server_key))
+    async with exchange(tls=tls) as (server, hooks):
+        context = ssl.create_default_context(cafile=str(ca.ca_cert))
+        reader, writer = await asyncio.open_connection(*server.address, ssl=context, server_hostname="localhost")
+        peer, session = Peer(reader, writer), client_session()
+        assert isinstance(await authenticate(peer, session), Welcome)
+        peer.send(session.send(Progress(bytes_emitted=1)))
+        writer.close()
+        # A hang guard: generous, yet below the 30 s asyncio would wait for an exchange that never closes.
+        async with asyncio.timeout(20.0):
+            await writer.wait_closed()
+        await eventually(lambda: hooks.disconnects == 1, "the exchange ends the session")
+        assert refused(server) == {}

@@ -488,6 +488,9 @@ class ExchangeServer:
                 plain = connection.stream.decode(data)
                 if plain:
                     connection.session.receive_data(plain)
+                if connection.stream.peer_closed:  # TLS close_notify: the end, as EOF is
+                    connection.ended = True
+                    connection.session.receive_data(b"")
         except Exception as exc:  # TLS that does not decrypt: raised by its task
             connection.ended = True
             connection.failure = exc

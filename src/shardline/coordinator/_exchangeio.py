@@ -105,8 +105,12 @@ class Stream:
             callback(None)
 
     def decode(self, data: bytes) -> bytes:
-        """The plaintext of bytes `deliver_to` passed on."""
+        """The plaintext of bytes `deliver_to` passed on (then see `peer_closed`)."""
         return data
+
+    #: Whether the peer ended the session inside the stream (TLS close_notify),
+    #: which ends it as the transport's EOF does.
+    peer_closed = False
 
     def pause_reading(self) -> None:
         self._writer.transport.pause_reading()  # type: ignore[attr-defined]
@@ -197,8 +201,9 @@ class TlsStream(Stream):
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                break  # the peer's close_notify: the end follows from the transport
-            if not chunk:
+                chunk = b""
+            if not chunk:  # its close_notify (read returns b"" then): the session's end, as EOF is
+                self.peer_closed = True
                 break
             plain += chunk
         pending = self._outgoing.read()  # a key update may want an answer
