@@ -320,13 +320,16 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     _raise_open_files()
+    with contextlib.suppress(ImportError):  # as `shardline serve` runs, unless --no-uvloop; generators too
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if len(sys.argv) > 1 and sys.argv[1] == "_coordinator":
         profile = os.environ.get("CAPACITY_PROFILE")  # a cProfile output file for the coordinator
-        with contextlib.suppress(ImportError):  # as `shardline serve` runs, unless --no-uvloop
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         if profile:
+            # bench/profile.py would shadow the stdlib's `profile`, which cProfile imports.
+            here = Path(__file__).resolve().parent
+            sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
             import cProfile
 
             cProfile.runctx("asyncio.run(_coordinator(int(sys.argv[2]), Path(sys.argv[3])))", globals(), {}, profile)

@@ -29,6 +29,7 @@ from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     MAX_HANDSHAKE_FRAME_BYTES,
     NEED_DATA,
+    Ack,
     Done,
     Error,
     ExchangeSession,
@@ -509,3 +510,87 @@ async def test_pending_for_a_neighbour_without_a_session_and_the_fragment_still_
         assert isinstance(answer, Fragment) and answer.shard == 1 and answer.head_end == 100
         wanting.close()
         neighbour.close()
+
+
+# --- frames handled as they arrive ---------------------------------------------------
+
+
+async def test_frames_sent_in_one_write_are_answered_in_order():
+    async with exchange() as (server, hooks):
+        head_peer, head_session = await Peer.connect(server.address), client_session(shard=1)
+        assert isinstance(await authenticate(head_peer, head_session), Welcome)
+        head_peer.send(
+            head_session.send(Head(shard=1, start=10, head_end=12, line_start=True, has_data=True, data=b"ab"))
+        )
+        probe, probe_session = await Peer.connect(server.address), client_session(shard=3)
+        assert isinstance(await authenticate(probe, probe_session), Welcome)
+        probe.send(probe_session.send(Want(shard=1)))
+        assert isinstance(await probe.next_frame(probe_session), Fragment)  # the head is known now
+        peer, session = await Peer.connect(server.address), client_session(shard=0)
+        assert isinstance(await authenticate(peer, session), Welcome)
+        done = Done(
+            emitted_start=0, emitted_end=10, line_start=True, bytes=10, checksum="c", output_bytes=0, tail_sources=[]
+        )
+        # WANT (answered at once), PROGRESS, DONE (its check awaits) and another WANT, in one write.
+        peer.send(b"".join(session.send(f) for f in (Want(shard=1), Progress(bytes_emitted=5), done, Want(shard=1))))
+        first, second, third = [await peer.next_frame(session) for _ in range(3)]
+        assert isinstance(first, Fragment) and first.data == b"ab"
+        assert isinstance(second, Ack) and second.committed and hooks.done == [done]
+        assert isinstance(third, Fragment) and third.data == b"ab"  # the frame after the DONE, after its ACK
+        assert refused(server) == {}
+        for each in (peer, head_peer, probe):
+            each.close()
+
+
+async def test_a_head_is_relayed_while_another_sessions_done_is_being_checked():
+    async with exchange() as (server, hooks):
+        checking = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow_done(hello: Hello, done: Done) -> bool:
+            checking.set()
+            await release.wait()  # e.g. the output's size asked of S3
+            return True
+
+        hooks.on_done = slow_done  # type: ignore[method-assign]
+        done = Done(
+            emitted_start=0, emitted_end=0, line_start=True, bytes=0, checksum="c", output_bytes=0, tail_sources=[]
+        )
+        busy, busy_session = await Peer.connect(server.address), client_session(shard=2)
+        assert isinstance(await authenticate(busy, busy_session), Welcome)
+        busy.send(busy_session.send(done))
+        async with asyncio.timeout(PATIENCE_S):
+            await checking.wait()
+        waiter, waiter_session = await Peer.connect(server.address), client_session(shard=0)
+        assert isinstance(await authenticate(waiter, waiter_session), Welcome)
+        waiter.send(waiter_session.send(Want(shard=1)))
+        head_peer, head_session = await Peer.connect(server.address), client_session(shard=1)
+        assert isinstance(await authenticate(head_peer, head_session), Welcome)
+        head_peer.send(head_session.send(Head(shard=1, start=5, head_end=6, line_start=True, has_data=True, data=b"z")))
+        fragment = await waiter.next_frame(waiter_session)
+        assert isinstance(fragment, Fragment) and fragment.data == b"z"
+        assert not release.is_set()  # the DONE's check is still pending
+        release.set()
+        ack = await busy.next_frame(busy_session)
+        assert isinstance(ack, Ack) and ack.committed
+        for peer in (busy, waiter, head_peer):
+            peer.close()
+
+
+async def test_a_tls_session_that_the_worker_closes_ends_at_once(tmp_path):
+    # The worker's close sends close_notify and waits for the exchange to close
+    # too (asyncio: up to 30 s); a Lambda worker would time out meanwhile.
+    ca = make_ca(tmp_path)
+    tls = server_tls_context(str(ca.server_cert), str(ca.server_key))
+    async with exchange(tls=tls) as (server, hooks):
+        context = ssl.create_default_context(cafile=str(ca.ca_cert))
+        reader, writer = await asyncio.open_connection(*server.address, ssl=context, server_hostname="localhost")
+        peer, session = Peer(reader, writer), client_session()
+        assert isinstance(await authenticate(peer, session), Welcome)
+        peer.send(session.send(Progress(bytes_emitted=1)))
+        writer.close()
+        # A hang guard: generous, yet below the 30 s asyncio would wait for an exchange that never closes.
+        async with asyncio.timeout(20.0):
+            await writer.wait_closed()
+        await eventually(lambda: hooks.disconnects == 1, "the exchange ends the session")
+        assert refused(server) == {}

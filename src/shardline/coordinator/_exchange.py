@@ -13,6 +13,13 @@
 # waits for that answer, and a push costs it nothing while a fallback costs
 # S3 reads.  Every per-event cost here is O(1) in the number of shards.
 #
+# Once a session is open its frames are handled in the transport's read
+# callback, as they arrive: a HEAD is pushed to its waiters (one write each,
+# no task) before any task of the coordinator runs, whatever else it is
+# doing.  Only what must await -- a DONE's output check, a slow reader's
+# drain -- goes to the session's task, which handles it and then lets the
+# callback go on with the frames that arrived meanwhile, in order.
+#
 # Everything a job needs to decide (accept a session, commit a result) is
 # asked of the job's `ExchangeHooks`; this module only moves frames.  A
 # misbehaving connection (garbage, wrong secret, replayed or oversized frames,
@@ -46,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -79,7 +87,7 @@ from ..protocol import (
     Want,
     attempt_secret,
 )
-from ._exchangeio import Stream, TlsStream, Unauthenticated
+from ._exchangeio import Stream, TlsStream, Unauthenticated, delivering_protocol_factory
 from ._metrics import HANDSHAKE_WAIT_BUCKETS_S, Histogram
 from ._refusals import REFUSAL_LOG_INTERVAL_S, Refusals
 
@@ -91,7 +99,12 @@ _READ_BYTES = 256 * 1024
 
 #: How many ended jobs an attempt may still connect for and be told to stop.
 _ENDED_JOBS_KEPT = 1024
-
+#: Past this many bytes waiting in a session's transport, its frames wait
+#: until the peer has read them (what a WANT of a known head, or a flood of
+#: them, may queue up).
+_WRITE_BUFFER_HIGH_BYTES = 1024 * 1024
+#: A session's outcome: its peer must read before it is served more frames.
+_DRAIN = object()
 LISTEN_BACKLOG = 4096
 #: From accept to a verified HELLO, TLS handshake included: one deadline, not per read.
 HANDSHAKE_DEADLINE_S = 10.0
@@ -153,13 +166,33 @@ class _Connection:
     relay: _JobRelay | None = None  # its job's, once authenticated
     #: The cause it was refused for, once it has been (each connection counts once).
     refused: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Shards whose HEAD it waits for, each with the timer that will answer PENDING.
     wants: dict[int, asyncio.TimerHandle | None] = field(default_factory=dict)
+    #: When its last frame arrived (loop time), once authenticated; the timer
+    #: that closes it after its job's heartbeat deadline without one; whether it did.
+    last_frame_at: float = 0.0
+    idle_timer: asyncio.TimerHandle | None = None
+    idled: bool = False
+    #: Once open, its frames are handled as they arrive until one needs its
+    #: task (`blocked`): `outcome` says what, `handoff` wakes the task.  While
+    #: blocked, what arrives is buffered, reading `paused` past _READ_BYTES.
+    blocked: bool = False
+    outcome: object | None = None
+    handoff: asyncio.Future[None] | None = None
+    paused: bool = False
+    ended: bool = False  # its end (EOF or loss) was received
+    failure: Exception | None = None  # what its bytes raised (TLS), for its task to raise
+
+    def send_now(self, frame: Frame) -> None:
+        """Encode and hand `frame` to the transport, with no await in between:
+        frames leave in the order their MACs are numbered, with no lock."""
+        self.stream.write_now(self.session.send(frame))
 
     async def send(self, frame: Frame) -> None:
-        async with self.lock:
-            await self.stream.write(self.session.send(frame))
+        """`send_now`, then wait while the peer is slow to read (backpressure
+        on the session that caused the frame)."""
+        self.send_now(frame)
+        await self.stream.drain()
 
     @property
     def who(self) -> str:
@@ -232,7 +265,6 @@ class ExchangeServer:
         self._ended: OrderedDict[str, bytes] = OrderedDict()
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._sends: set[asyncio.Task[None]] = set()  # PENDING answers sent by timers
         #: Connections closed by the exchange, by cause (REFUSAL_CAUSES).
         self.refused: Counter[str] = Counter(dict.fromkeys(REFUSAL_CAUSES, 0))
         self._refusals = Refusals(
@@ -255,7 +287,9 @@ class ExchangeServer:
 
     async def start(self) -> None:
         # Every worker of a job dials in at once: a deep accept queue.
-        self._server = await asyncio.start_server(self._accept, self._host, self._port, backlog=LISTEN_BACKLOG)
+        self._server = await asyncio.get_running_loop().create_server(
+            delivering_protocol_factory(self._accept), self._host, self._port, backlog=LISTEN_BACKLOG
+        )
         log.info(
             "exchange listening on %s:%d%s; at most %d unauthenticated connections (%d per address), "
             "%.0fs to authenticate",
@@ -280,9 +314,9 @@ class ExchangeServer:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in [*self._handlers, *self._sends]:
+            for task in self._handlers:
                 task.cancel()
-            await asyncio.gather(*self._handlers, *self._sends, return_exceptions=True)
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
@@ -393,7 +427,9 @@ class ExchangeServer:
         relay = self._jobs.get(frame.job_id)  # the secret lookup just proved it exists, or existed
         if relay is None:
             log.debug("exchange: %s connected after its job ended; telling it to stop", connection.peer)
-            await connection.send(Error(message=f"job {frame.job_id} has ended", stale=True))
+            connection.send_now(session.welcome())
+            connection.send_now(Error(message=f"job {frame.job_id} has ended", stale=True))  # as a job's refusal
+            await connection.stream.drain()
             return False
         if frame.nonce in relay.hello_nonces:
             raise _Refusal("replayed_hello", "replayed HELLO (its nonce was used before)")
@@ -402,37 +438,135 @@ class ExchangeServer:
         relay.sessions[frame.shard] += 1
         self._unauthenticated.remove(connection)
         refusal = relay.hooks.on_connect(frame)
-        await connection.send(session.welcome())
+        connection.send_now(session.welcome())
         if refusal is not None:
-            await connection.send(refusal)
-            return False
-        return True
+            connection.send_now(refusal)  # one write with the WELCOME
+        await connection.stream.drain()
+        return refusal is None
 
     async def _serve_session(self, connection: _Connection) -> None:
-        hello, relay = connection.hello, connection.relay
-        assert hello is not None and relay is not None
+        """Serve an open session.  Its frames are handled as they arrive, in
+        the transport's callback (`_received`): a HEAD is relayed before any
+        task runs.  This task does only what must await -- a DONE's output
+        check, a slow reader's drain -- and ends the session."""
+        relay = connection.relay
+        assert connection.hello is not None and relay is not None
         loop = asyncio.get_running_loop()
         idle_s = relay.hooks.session_idle_timeout_s()
-        last_frame_at = loop.time()
-        while True:
-            frame = connection.session.next_frame()
-            if frame is CLOSED:
-                return
-            if frame is NEED_DATA:
+        connection.last_frame_at = loop.time()
+        self._watch_idle(connection, idle_s)
+        try:
+            # From here on its frames are handled as they arrive (those already here first).
+            connection.stream.deliver_to(functools.partial(self._received, connection))
+            while True:
+                if connection.outcome is None:
+                    connection.handoff = loop.create_future()
+                    await connection.handoff
+                outcome, connection.outcome = connection.outcome, None
                 try:
-                    async with asyncio.timeout_at(last_frame_at + idle_s):
-                        data = await connection.stream.read(_READ_BYTES)
-                except TimeoutError:
-                    raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)") from None
-                connection.session.receive_data(data)
-                continue
-            last_frame_at = loop.time()
-            refusal = await self._dispatch(connection, hello, relay, frame)  # type: ignore[arg-type]
-            if refusal is not None:
-                await connection.send(refusal)
-                return
+                    if connection.idled:
+                        raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)")
+                    if outcome is CLOSED:
+                        return
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    if isinstance(outcome, Error):  # a refusal: say why, and close
+                        await connection.send(outcome)
+                        return
+                    if isinstance(outcome, Done):
+                        committed = await relay.hooks.on_done(connection.hello, outcome)
+                        await connection.send(Ack(committed=committed))
+                    else:  # _DRAIN: the peer reads slower than it is sent frames
+                        await connection.stream.drain()
+                except OSError:
+                    if connection.idled:
+                        raise _Refusal("idle", f"no frame for {idle_s:g}s (the job's heartbeat deadline)") from None
+                    raise
+                if connection.failure is not None:
+                    raise connection.failure
+                connection.blocked = False
+                if connection.paused:
+                    connection.paused = False
+                    connection.stream.resume_reading()
+                self._take_frames(connection)
+        finally:
+            connection.blocked = True  # nothing more is handled for it
+            if connection.idle_timer is not None:
+                connection.idle_timer.cancel()
 
-    async def _dispatch(self, connection: _Connection, hello: Hello, relay: _JobRelay, frame: Frame) -> Error | None:
+    def _received(self, connection: _Connection, data: bytes | None) -> None:
+        """Bytes of an open session arrived (None: its end); called by the transport."""
+        if connection.ended:
+            return
+        try:
+            if data is None:
+                connection.ended = True
+                connection.session.receive_data(b"")
+            else:
+                plain = connection.stream.decode(data)
+                if plain:
+                    connection.session.receive_data(plain)
+                if connection.stream.peer_closed:  # TLS close_notify: the end, as EOF is
+                    connection.ended = True
+                    connection.session.receive_data(b"")
+        except Exception as exc:  # TLS that does not decrypt: raised by its task
+            connection.ended = True
+            connection.failure = exc
+            connection.stream.abort()
+            if not connection.blocked:
+                self._hand_over(connection, exc)
+            return
+        if not connection.blocked:
+            self._take_frames(connection)
+        elif not connection.paused and connection.session.buffered_bytes > _READ_BYTES:
+            connection.paused = True  # until its task has done what it awaits
+            connection.stream.pause_reading()
+
+    def _take_frames(self, connection: _Connection) -> None:
+        """Handle the session's whole frames in order, until one needs its task."""
+        loop = asyncio.get_running_loop()
+        while not connection.blocked:
+            outcome: object
+            try:
+                frame = connection.session.next_frame()
+                if frame is NEED_DATA:
+                    return
+                if frame is CLOSED:
+                    outcome = CLOSED
+                else:
+                    connection.last_frame_at = loop.time()
+                    outcome = self._handle(connection, frame)  # type: ignore[arg-type]
+                    if outcome is None and connection.stream.write_buffer_size() > _WRITE_BUFFER_HIGH_BYTES:
+                        outcome = _DRAIN
+            except Exception as exc:  # raised by its task, not into the transport's callback
+                outcome = exc
+            if outcome is not None:
+                self._hand_over(connection, outcome)
+
+    def _hand_over(self, connection: _Connection, outcome: object) -> None:
+        """Stop handling `connection`'s frames; its task does `outcome`."""
+        connection.blocked = True
+        connection.outcome = outcome
+        if connection.handoff is not None and not connection.handoff.done():
+            connection.handoff.set_result(None)
+
+    def _watch_idle(self, connection: _Connection, idle_s: float) -> None:
+        """Close `connection` once it has sent no frame for `idle_s`: one timer
+        per idle period, re-armed when it comes due, rather than one per read."""
+        loop = asyncio.get_running_loop()
+        due = connection.last_frame_at + idle_s
+        if loop.time() < due:
+            connection.idle_timer = loop.call_at(due, self._watch_idle, connection, idle_s)
+            return
+        connection.idle_timer = None
+        connection.idled = True
+        connection.stream.abort()  # its read ends, and the handler refuses it as idle
+
+    def _handle(self, connection: _Connection, frame: Frame) -> Error | Done | None:
+        """Handle one frame of an open session now; returns what its task must
+        do instead: an ERROR to refuse it with, or a DONE to check and answer."""
+        hello, relay = connection.hello, connection.relay
+        assert hello is not None and relay is not None
         if isinstance(frame, Head):
             if frame.shard != hello.shard:
                 raise RemoteProtocolError(f"shard {hello.shard} sent a HEAD for shard {frame.shard}")
@@ -447,13 +581,17 @@ class ExchangeServer:
                 timer = waiter.wants.pop(frame.shard, None)
                 if timer is not None:
                     timer.cancel()
-            # Every waiter at once: one slow reader must not delay the others, nor this session.
-            await asyncio.gather(*(self._push(waiter, head) for waiter in waiters))
+            # Every waiter at once, before anything else happens: a push is a
+            # write the transport buffers, so a slow reader delays neither the
+            # other waiters nor this session.  What a waiter may be sent without
+            # reading is bounded by its WANTs (each answered once).
+            for waiter in waiters:
+                self._push_now(waiter, head)
         elif isinstance(frame, Want):
             known = relay.heads.get(frame.shard)
             if known is not None:
                 self.handshake_wait_s.observe(0.0)
-                await self._push(connection, known)
+                self._push_now(connection, known)
             elif frame.shard not in connection.wants:
                 relay.waiting.setdefault(frame.shard, {})[connection] = time.monotonic()
                 connection.wants[frame.shard] = None
@@ -461,11 +599,10 @@ class ExchangeServer:
         elif isinstance(frame, Progress):
             relay.hooks.on_progress(hello, frame)
         elif isinstance(frame, Done):
-            committed = await relay.hooks.on_done(hello, frame)
-            await connection.send(Ack(committed=committed))
+            return frame
         elif isinstance(frame, Failed):
             relay.hooks.on_failed(hello, frame)
-            await connection.send(Ack(committed=False))
+            connection.send_now(Ack(committed=False))
         elif isinstance(frame, Error):
             log.warning("exchange: worker shard %d attempt %d reported: %s", hello.shard, hello.attempt, frame.message)
         return None
@@ -484,18 +621,14 @@ class ExchangeServer:
             connection.wants[shard] = loop.call_at(due, self._hold_pending, connection, relay, shard, since)
             return
         connection.wants[shard] = None  # still waiting; PENDING sent
-        send = asyncio.ensure_future(self._send_pending(connection, shard))
-        self._sends.add(send)
-        send.add_done_callback(self._sends.discard)
-
-    async def _send_pending(self, connection: _Connection, shard: int) -> None:
-        try:
-            await connection.send(Pending(shard=shard))
-        except (OSError, ProtocolError) as exc:  # the waiter left; nothing to tell it
+        try:  # from this timer, no task: bounded like a push (one PENDING per WANT)
+            connection.send_now(Pending(shard=shard))
+        except (OSError, RuntimeError, ProtocolError) as exc:  # the waiter left; nothing to tell it
             log.debug("exchange: could not answer PENDING for shard %d to %s: %s", shard, connection.peer, exc)
 
-    async def _push(self, connection: _Connection, head: Head) -> None:
+    def _push_now(self, connection: _Connection, head: Head) -> None:
+        """Push a head to a session that wants it."""
         try:
-            await connection.send(Fragment.relaying(head))
-        except OSError as exc:  # the waiter left; it will use the marker or scan
+            connection.send_now(Fragment.relaying(head))
+        except (OSError, RuntimeError, ProtocolError) as exc:  # the waiter left; it will use the marker or scan
             log.info("exchange: could not push shard %d's head to %s: %s", head.shard, connection.peer, exc)

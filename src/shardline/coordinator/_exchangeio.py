@@ -8,13 +8,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, Protocol, SupportsIndex, TypeVar, cast
 
 from ..errors import (
     ConfigurationError,
 )
 
-__all__ = ["Stream", "TlsStream", "Unauthenticated", "server_tls_context"]
+__all__ = [
+    "DeliveringReader",
+    "Stream",
+    "TlsStream",
+    "Unauthenticated",
+    "delivering_protocol_factory",
+    "server_tls_context",
+]
 
 #: Raw reads while a TLS handshake runs: one TLS record.
 TLS_READ_BYTES = 16 * 1024
@@ -27,6 +35,58 @@ class _Peer(Protocol):
 C = TypeVar("C", bound=_Peer)
 
 
+class DeliveringReader(asyncio.StreamReader):
+    """A StreamReader that, once `deliver_to` is called, hands each chunk the
+    transport receives straight to a callback (b"" for the end), inside the
+    transport's own callback, instead of buffering it for a task's `read`.
+
+    The exchange reads a connection's handshake with `read` (under its
+    deadline), then has its frames handled the moment they arrive: a HEAD is
+    relayed before any task runs, whatever else the coordinator is doing.
+    """
+
+    _deliver: Callable[[bytes | None], None] | None = None
+
+    def deliver_to(self, callback: Callable[[bytes | None], None]) -> bytes:
+        """From now on, pass received bytes to `callback`; returns the bytes
+        already buffered, which the caller handles first."""
+        # StreamReader's own buffer (not public API, the same from 3.8 to 3.13):
+        # whatever arrived after the last read of the handshake.
+        pending: bytearray = self._buffer  # type: ignore[attr-defined]
+        buffered = bytes(pending)
+        pending.clear()
+        self._deliver = callback
+        return buffered
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        if self._deliver is not None:
+            self._deliver(cast(bytes, data))  # what transports feed
+        else:
+            super().feed_data(data)
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        if self._deliver is not None:
+            self._deliver(None)
+
+    def set_exception(self, exc: Exception) -> None:
+        super().set_exception(exc)
+        if self._deliver is not None:
+            self._deliver(None)  # the connection is lost: to the session, the end
+
+
+def delivering_protocol_factory(
+    connected: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> Callable[[], asyncio.Protocol]:
+    """What `asyncio.start_server` builds per connection, with a DeliveringReader."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.Protocol:
+        return asyncio.StreamReaderProtocol(DeliveringReader(loop=loop), connected, loop=loop)
+
+    return factory
+
+
 class Stream:
     """The bytes of one plain TCP connection."""
 
@@ -34,12 +94,48 @@ class Stream:
         self._reader = reader
         self._writer = writer
 
+    def deliver_to(self, callback: Callable[[bytes | None], None]) -> None:
+        """Hand the connection's received bytes (still encrypted: see `decode`)
+        to `callback` as they arrive, None at the end; what was received
+        already goes first, now (maybe b"")."""
+        assert isinstance(self._reader, DeliveringReader), "accepted through delivering_protocol_factory"
+        buffered = self._reader.deliver_to(callback)
+        callback(buffered)
+        if self._reader.at_eof() or self._reader.exception() is not None:
+            callback(None)
+
+    def decode(self, data: bytes) -> bytes:
+        """The plaintext of bytes `deliver_to` passed on (then see `peer_closed`)."""
+        return data
+
+    #: Whether the peer ended the session inside the stream (TLS close_notify),
+    #: which ends it as the transport's EOF does.
+    peer_closed = False
+
+    def pause_reading(self) -> None:
+        self._writer.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        if not self._writer.transport.is_closing():
+            self._writer.transport.resume_reading()  # type: ignore[attr-defined]
+
+    def write_buffer_size(self) -> int:
+        return self._writer.transport.get_write_buffer_size()
+
     async def read(self, max_bytes: int) -> bytes:
         """Up to `max_bytes`; b"" at EOF."""
         return await self._reader.read(max_bytes)
 
     async def write(self, data: bytes) -> None:
+        self.write_now(data)
+        await self.drain()
+
+    def write_now(self, data: bytes) -> None:
+        """Hand `data` to the transport at once (it sends what the socket takes
+        and buffers the rest); `drain` waits for that buffer to empty."""
         self._writer.write(data)
+
+    async def drain(self) -> None:
         await self._writer.drain()
 
     def abort(self) -> None:
@@ -88,9 +184,32 @@ class TlsStream(Stream):
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 
-    async def write(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> None:
         self._tls.write(data)
-        await self._flush()
+        pending = self._outgoing.read()
+        if pending:
+            super().write_now(pending)
+
+    def decode(self, data: bytes) -> bytes:
+        """Decrypt what arrived (b"": whatever the SSL object holds already)."""
+        if data:
+            self._incoming.write(data)
+        plain = bytearray()
+        while True:
+            try:
+                chunk = self._tls.read(TLS_READ_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""
+            if not chunk:  # its close_notify (read returns b"" then): the session's end, as EOF is
+                self.peer_closed = True
+                break
+            plain += chunk
+        pending = self._outgoing.read()  # a key update may want an answer
+        if pending:
+            super().write_now(pending)
+        return bytes(plain)
 
     async def _receive(self) -> bool:
         data = await self._reader.read(TLS_READ_BYTES)
@@ -104,7 +223,8 @@ class TlsStream(Stream):
     async def _flush(self) -> None:
         pending = self._outgoing.read()
         if pending:
-            await super().write(pending)
+            Stream.write_now(self, pending)  # already encrypted
+            await self.drain()
 
 
 class Unauthenticated(Generic[C]):

@@ -141,6 +141,7 @@ class Job:
         self._on_lost = on_lost
         self._lease_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._wake_scheduled = False
         self._runners: dict[tuple[int, int], asyncio.Task[None]] = {}
         #: The writer version of each shard's commit: shown, and released, as DONE only once durable.
         self._commits: dict[int, int] = {}
@@ -249,7 +250,15 @@ class Job:
         self.state = next_job_state(self.state, event)
 
     def notify(self) -> None:
-        """Wake whoever waits in `until` (something about the job changed)."""
+        """Wake whoever waits in `until` (something about the job changed):
+        once per turn of the event loop, however many changes that turn saw,
+        so a burst of shard events wakes each waiter once, not once per event."""
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_scheduled = False
         self._changed.set()
         self._changed = asyncio.Event()
 

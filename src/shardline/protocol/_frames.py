@@ -103,8 +103,11 @@ def _require(condition: bool, message: str) -> None:
         raise LocalProtocolError(message)
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def _is_nonce(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 2 * NONCE_BYTES and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and len(value) == 2 * NONCE_BYTES and _HEX_DIGITS.issuperset(value)
 
 
 def _check_remote(condition: bool, message: str) -> None:
@@ -124,11 +127,12 @@ class Frame:
     data: bytes = b""
 
     def meta(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "data"}
+        return {name: getattr(self, name) for name in _META_FIELDS[type(self)][0]}
 
     def _check_counts(self, *names: str) -> None:
         for name in names:
-            _require(_is_count(getattr(self, name)), f"{self.TYPE.name}.{name} must be an int >= 0")
+            if not _is_count(getattr(self, name)):  # the message only on failure: this runs per frame
+                raise LocalProtocolError(f"{self.TYPE.name}.{name} must be an int >= 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,16 +174,22 @@ class _BoundaryFrame(Frame):
 
     def __post_init__(self) -> None:
         self._check_counts("shard", "start", "head_end")
-        _require(self.head_end >= self.start, f"{self.TYPE.name}.head_end before start")
-        _require(isinstance(self.line_start, bool), f"{self.TYPE.name}.line_start must be a bool")
-        _require(isinstance(self.has_data, bool), f"{self.TYPE.name}.has_data must be a bool")
-        if self.has_data:
-            _require(
-                len(self.data) == self.head_end - self.start,
-                f"{self.TYPE.name} data is {len(self.data)} bytes, range says {self.head_end - self.start}",
-            )
-        else:
-            _require(not self.data, f"{self.TYPE.name} has data but has_data is false")
+        problem = self._boundary_problem()
+        if problem is not None:  # the message only on failure: this runs for every HEAD and FRAGMENT
+            raise LocalProtocolError(f"{self.TYPE.name}{problem}")
+
+    def _boundary_problem(self) -> str | None:
+        if self.head_end < self.start:
+            return ".head_end before start"
+        if not isinstance(self.line_start, bool):
+            return ".line_start must be a bool"
+        if not isinstance(self.has_data, bool):
+            return ".has_data must be a bool"
+        if self.has_data and len(self.data) != self.head_end - self.start:
+            return f" data is {len(self.data)} bytes, range says {self.head_end - self.start}"
+        if not self.has_data and self.data:
+            return " has data but has_data is false"
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -338,6 +348,19 @@ _FRAME_CLASSES: dict[FrameType, type[Frame]] = {
 }
 
 
+def _field_names(cls: type[Frame]) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]]:
+    names = tuple(f.name for f in fields(cls) if f.name != "data")
+    required = frozenset(
+        f.name for f in fields(cls) if f.name != "data" and f.default is MISSING and f.default_factory is MISSING
+    )
+    return names, frozenset(names), required
+
+
+#: Each frame class's JSON field names, all and required: computed once
+#: (`dataclasses.fields` is too slow to call for every frame).
+_META_FIELDS = {cls: _field_names(cls) for cls in _FRAME_CLASSES.values()}
+
+
 def encode_payload(frame: Frame) -> bytes:
     meta = json.dumps(frame.meta(), separators=(",", ":"), sort_keys=True).encode()
     return _META_LENGTH.pack(len(meta)) + meta + frame.data
@@ -355,12 +378,12 @@ def decode_payload(frame_type: FrameType, payload: bytes) -> Frame:
         raise RemoteProtocolError(f"{frame_type.name} meta is not valid JSON: {exc}") from None
     _check_remote(isinstance(meta, dict), f"{frame_type.name} meta is not an object")
     cls = _FRAME_CLASSES[frame_type]
-    expected = {f.name for f in fields(cls) if f.name != "data"}
-    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-    unknown = set(meta) - expected
-    missing = required - set(meta)
-    _check_remote(not unknown, f"{frame_type.name} has unknown fields {sorted(unknown)}")
-    _check_remote(not missing, f"{frame_type.name} lacks fields {sorted(missing)}")
+    _, expected, required = _META_FIELDS[cls]
+    if not (meta.keys() <= expected and required <= meta.keys()):
+        unknown = meta.keys() - expected
+        missing = required - meta.keys()
+        _check_remote(not unknown, f"{frame_type.name} has unknown fields {sorted(unknown)}")
+        _check_remote(not missing, f"{frame_type.name} lacks fields {sorted(missing)}")
     try:
         return cls(data=bytes(payload[end:]), **meta)
     except LocalProtocolError as exc:

@@ -75,10 +75,9 @@ _OPEN_FRAMES: dict[Role, frozenset[FrameType]] = {
 
 
 def _mac(key: bytes, sequence: int, header: bytes, payload: bytes) -> bytes:
-    mac = hmac.new(key, SEQUENCE.pack(sequence), hashlib.sha256)
-    mac.update(header)
-    mac.update(payload)
-    return mac.digest()
+    # One-shot HMAC (one C call): several times cheaper per frame than an
+    # `hmac.new` object, and copying the payload once costs less than hashing it.
+    return hmac.digest(key, SEQUENCE.pack(sequence) + header + payload, "sha256")
 
 
 def _session_key(secret: bytes, client_nonce: str, server_nonce: str) -> bytes:
@@ -187,6 +186,11 @@ class ExchangeSession:
             self._buffer += data
         else:
             self._eof = True
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet taken as frames."""
+        return len(self._buffer)
 
     def next_frame(self) -> Frame | object:
         """The next verified frame, NEED_DATA, or CLOSED after a clean EOF."""
