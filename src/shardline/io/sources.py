@@ -52,6 +52,10 @@ OnBytes = Callable[[int], None]
 
 _NOT_FOUND_STATUS = 404
 
+#: Local reads up to this size run on the event loop, not in the thread pool
+#: (`LocalFileSource._in_thread_unless_small`).
+_INLINE_READ_BYTES = 64 * 1024
+
 T = TypeVar("T")
 
 
@@ -183,7 +187,7 @@ class LocalFileSource(ObjectSource):
         filled = 0
         while filled < len(view):
             chunk = view[filled : filled + COPY_CHUNK_BYTES]
-            count = await self._in_thread(self._read_chunk, fd, chunk, start + filled, etag)
+            count = await self._in_thread_unless_small(len(chunk), self._read_chunk, fd, chunk, start + filled, etag)
             filled += count
             if on_bytes is not None:
                 on_bytes(count)
@@ -213,7 +217,7 @@ class LocalFileSource(ObjectSource):
         view is filled, or this raises."""
         _check_range(start, view)
         if view:
-            await self._in_thread(self._read_all, self._open(), view, start, etag, crc)
+            await self._in_thread_unless_small(len(view), self._read_all, self._open(), view, start, etag, crc)
 
     def _read_all(self, fd: int, view: memoryview, start: int, etag: str, crc: Crc32c) -> None:
         filled = 0
@@ -273,6 +277,15 @@ class LocalFileSource(ObjectSource):
         if exc.errno == errno.EISDIR:
             return SourceAccessError(f"cannot read {self.path}: is a directory")
         return SourceAccessError(f"cannot read {self.path}: {exc.strerror or exc}")
+
+    async def _in_thread_unless_small(self, size: int, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)` in the thread pool, or here if it reads at most
+        _INLINE_READ_BYTES: a small pread of a page-cached file takes
+        microseconds, a hop to the pool and back tens of them and a GIL
+        hand-off (a head scan's window, a tail: a small shard makes several)."""
+        if size <= _INLINE_READ_BYTES:
+            return function(*args)
+        return await self._in_thread(function, *args)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
         # Shielded: a cancelled caller must not leave a pread running on a
