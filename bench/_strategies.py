@@ -495,20 +495,26 @@ async def _timed_publish(self, boundary, fragment):  # type: ignore[no-untyped-d
 shard_module._ShardRun._publish = _timed_publish  # type: ignore[method-assign]
 
 
-class _TimedBackend(InProcessBackend):
-    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(**kwargs)
-        self.spans: dict[int, tuple[float, float]] = {}
+class _SpanTimer:
+    """Mixed in before a backend: each attempt's (start, end) by shard, in `spans`."""
+
+    spans: dict[int, tuple[float, float]]
 
     async def run(self, task, *, on_started):  # type: ignore[no-untyped-def]
         t = time.monotonic()
         try:
-            return await super().run(task, on_started=on_started)
+            return await super().run(task, on_started=on_started)  # type: ignore[misc]
         finally:
             self.spans[task.shard] = (t, time.monotonic())
 
 
-class WarmProcessPool(LocalProcessBackend):
+class _TimedBackend(_SpanTimer, InProcessBackend):
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.spans = {}
+
+
+class WarmProcessPool(_SpanTimer, LocalProcessBackend):
     """One local worker process per shard, kept across jobs as a daemon keeps
     its pool, timing each attempt from the task handed to a process to its
     answer.  Run one untimed job first: the processes import their libraries
@@ -516,14 +522,7 @@ class WarmProcessPool(LocalProcessBackend):
 
     def __init__(self, processes: int, env: dict[str, str] | None = None) -> None:
         super().__init__(max_processes=processes, max_concurrent=processes, env=env)
-        self.spans: dict[int, tuple[float, float]] = {}
-
-    async def run(self, task, *, on_started):  # type: ignore[no-untyped-def]
-        t = time.monotonic()
-        try:
-            return await super().run(task, on_started=on_started)
-        finally:
-            self.spans[task.shard] = (t, time.monotonic())
+        self.spans = {}
 
     async def aclose(self) -> None:
         """The job's end: the processes stay for the next job."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigurationError, InputError
 from ..io.aws import AwsSettings, aws_configured
 from ..io.lifeline import start_lifeline
+from ..io.urls import is_s3_url
 from ..protocol import (
     COMPRESSION_MAGIC_BYTES,
     DEFAULT_TASKS_PER_PROCESS,
@@ -93,9 +94,9 @@ def _job_spec(args: argparse.Namespace, command: str | None) -> JobSpec:
         check_location(output, what="--output")
     if args.coordinator:
         # The daemon resolves paths against its own working directory.
-        source = source if source.startswith("s3://") else os.path.abspath(source)
+        source = source if is_s3_url(source) else os.path.abspath(source)
     # Absolute, so that messages and the manifest name the directory plainly (".." resolved).
-    output = output if output is None or output.startswith("s3://") else os.path.abspath(output)
+    output = output if output is None or is_s3_url(output) else os.path.abspath(output)
     if args.overwrite and output is None:
         raise ConfigurationError("--overwrite needs --output DEST (output on stdout overwrites nothing)")
     return JobSpec(
@@ -138,6 +139,7 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
     _check_aws(spec)
     from ..io.processes import adopt_orphans, hide_environment
     from ..io.rlimits import raise_open_files_limit
+    from ..io.store import parse_location
 
     raise_open_files_limit()  # the in-process exchange's sessions and every worker's pipes are descriptors
     settings = CoordinatorSettings(
@@ -178,14 +180,9 @@ def _run_embedded(args: argparse.Namespace, spec: JobSpec) -> int:
             # The commands' stderr, tagged with their shards, reaches the user
             # (through the progress display, when one is shown).
             backend = LocalProcessBackend(max_concurrent=args.max_processes, forward_stderr=_CurrentStderr())
-            aws_services = [
-                service
-                for service, used in (
-                    ("s3", spec.source.startswith("s3://")),
-                    ("dynamodb", settings.markers.startswith("dynamodb:")),
-                )
-                if used
-            ]
+            aws_services = ["s3"] if is_s3_url(spec.source) else []
+            if parse_location(settings.markers)[0] == "dynamodb":
+                aws_services.append("dynamodb")
             await backend.prestart(spec.shards, aws_services=aws_services)
         try:
             report = await run_embedded(
@@ -315,11 +312,11 @@ def _workers(args: argparse.Namespace, spec: JobSpec) -> str:
     """
     if args.workers is not None:
         return str(args.workers)
-    return "process" if spec.source.startswith("s3://") else "inprocess"
+    return "process" if is_s3_url(spec.source) else "inprocess"
 
 
 def _check_aws(spec: JobSpec) -> None:
-    if spec.source.startswith("s3://") and not aws_configured():
+    if is_s3_url(spec.source) and not aws_configured():
         raise ConfigurationError(
             f"{spec.source} needs AWS configuration (credentials and region, or AWS_ENDPOINT_URL_S3 for an "
             "S3-compatible server); none was found in the environment"

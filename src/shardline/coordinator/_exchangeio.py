@@ -186,9 +186,7 @@ class TlsStream(Stream):
 
     def write_now(self, data: bytes) -> None:
         self._tls.write(data)
-        pending = self._outgoing.read()
-        if pending:
-            super().write_now(pending)
+        self._send_outgoing()
 
     def decode(self, data: bytes) -> bytes:
         """Decrypt what arrived (b"": whatever the SSL object holds already)."""
@@ -206,9 +204,7 @@ class TlsStream(Stream):
                 self.peer_closed = True
                 break
             plain += chunk
-        pending = self._outgoing.read()  # a key update may want an answer
-        if pending:
-            super().write_now(pending)
+        self._send_outgoing()  # a key update may want an answer
         return bytes(plain)
 
     async def _receive(self) -> bool:
@@ -221,10 +217,16 @@ class TlsStream(Stream):
         return True
 
     async def _flush(self) -> None:
+        if self._send_outgoing():
+            await self.drain()
+
+    def _send_outgoing(self) -> bool:
+        """Hand the transport what the SSL object has for the wire (already
+        encrypted, so past our own `write_now`); False if it had nothing."""
         pending = self._outgoing.read()
         if pending:
-            Stream.write_now(self, pending)  # already encrypted
-            await self.drain()
+            Stream.write_now(self, pending)
+        return bool(pending)
 
 
 class Unauthenticated(Generic[C]):
