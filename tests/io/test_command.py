@@ -366,6 +366,36 @@ async def test_cancelling_the_owning_task_cleans_up(tmp_path: Path) -> None:
 
 
 @needs_proc
+async def test_cancelling_a_finish_ends_the_command_and_what_it_started_before_aclose_returns(
+    tmp_path: Path,
+) -> None:
+    # The shell waits on a background child; finish() is cancelled while it waits.
+    pid_file = tmp_path / "sleep.pid"
+    output = CommandOutput(f"sleep 300 & echo $! > {pid_file}; wait", tmp_path / "out")
+    await output.start()
+    try:
+        sleeper = await eventually(lambda: read_pids(tmp_path).get(pid_file.name), "the background child's pid written")
+        waiting = asyncio.Event()
+
+        async def finish() -> None:
+            waiting.set()
+            await output.finish()  # runs up to its wait for the shell in this same step
+
+        finishing = asyncio.create_task(finish())
+        await waiting.wait()
+        finishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(finishing, 30)
+        # Not eventually: once the cancelled finish (and its abort) returned, both are gone.
+        assert output.pid is not None
+        with pytest.raises(ChildProcessError):
+            os.waitpid(output.pid, os.WNOHANG)  # the shell is reaped
+        assert not alive(sleeper)
+    finally:
+        await output.aclose()
+
+
+@needs_proc
 async def test_background_process_left_by_the_command_is_killed(tmp_path: Path) -> None:
     # The background sleep inherits stderr; finish() must not wait 30 s for it.
     output = CommandOutput("sleep 30 & echo done", tmp_path / "out")

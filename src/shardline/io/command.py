@@ -296,7 +296,10 @@ class CommandOutput(ShardOutput):
         try:
             # Nothing is buffered (write() waits for the pipe): EOF at once.
             self._close_stdin()
-            await self._child.exited
+            # Shielded: a cancelled `await` would cancel the future itself, and
+            # the abort that follows would then take the shell for reaped and
+            # sweep while it (and what it started) still runs.
+            await asyncio.shield(self._child.exited)
             await self._wait_for_background_processes()
             await self._end_processes()
             self._advance(State.FINISHING, State.FINISHING, "finish")  # not aborted meanwhile
