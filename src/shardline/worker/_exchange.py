@@ -169,6 +169,12 @@ class ExchangeClient:
         """True while `connect_soon()`'s handshake is still in progress."""
         return self._connecting is not None and not self._connecting.done()
 
+    @property
+    def _opening(self) -> bool:
+        """`connect_soon()`'s handshake is under way and has not yet reached
+        the point where it sends the kept HEAD and WANTs."""
+        return self.connecting and not self.connected
+
     async def _connect_or_warn(self) -> None:
         try:
             await self.connect()
@@ -280,12 +286,15 @@ class ExchangeClient:
     async def publish_head(self, head: Head) -> bool:
         """Send our HEAD (and again after any reconnect); False if not connected now."""
         self._head = head
+        if self._opening:
+            return False  # connect() sends it as the session opens
         return await self.send(head)
 
     async def want(self, shard: int) -> None:
         """Ask to be pushed `shard`'s head fragment as soon as it is known."""
         self._wanted.add(shard)
-        await self.send(Want(shard=shard))
+        if not self._opening:  # else connect() sends it as the session opens
+            await self.send(Want(shard=shard))
 
     async def fragment(self, shard: int, *, answer_timeout_s: float) -> Fragment | None:
         """The head of `shard` if it has been pushed to us, else None.
