@@ -37,7 +37,6 @@ import logging
 import os
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, BinaryIO
 
@@ -140,7 +139,7 @@ class S3Destination(Destination):
                     raise not_empty_error(self.url, found, more=bool(listing.get("IsTruncated")))
             # Writing (and deleting) a probe is the only way to learn that we
             # may write: HeadBucket succeeds with read-only access.
-            probe = f"{self.prefix}.shardline-write-check-{uuid.uuid4().hex}"
+            probe = f"{self.prefix}.shardline-write-check-{os.urandom(16).hex()}"
             what = f"cannot write to {self.url}"
             await self._bucket.request("put_object", what=what, Key=probe, Body=b"")
             await self._bucket.request("delete_object", what=what, Key=probe)

@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import AsyncExitStack
@@ -106,7 +105,7 @@ class Coordinator:
         self.exchange = exchange
         self.settings = settings
         self._coordinator_key = coordinator_key or new_coordinator_key()
-        self.owner = owner or f"coordinator-{uuid.uuid4().hex[:12]}"
+        self.owner = owner or f"coordinator-{os.urandom(6).hex()}"
         self.metrics = CoordinatorMetrics()
         self.accepting = True
         self._jobs: dict[str, Job] = {}
@@ -212,7 +211,7 @@ class Coordinator:
     async def _start_new_job(
         self, spec: JobSpec, info: ObjectInfo, backend: Backend, destination: Destination | None
     ) -> JobView:
-        job_id = uuid.uuid4().hex[:16]
+        job_id = os.urandom(8).hex()
         # Chosen and created with no await in between: the next job's choice sees this one's reservation.
         root = self.settings.spool_dir or choose_spool_dir(
             info.size,
