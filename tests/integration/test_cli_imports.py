@@ -95,3 +95,15 @@ def test_client_module_imports_no_coordinator_module(env):
     probe = "import json, sys, shardline.client; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert _of(json.loads(result.stdout), _DAEMON_MODULES) == []
+
+
+def test_a_local_run_to_stdout_loads_no_network_library_nor_what_it_does_not_use(env, tmp_path):
+    # The fixed start of a local run is mostly imports: no HTTP server, no
+    # Lambda backend, no output destination, no AWS library for a local file.
+    source = tmp_path / "lines.txt"
+    source.write_bytes(b"one\ntwo\n")
+    status, modules, messages = _loaded(["run", str(source), "-n", "1", "--no-progress", "--", "true"], env)
+    assert status == 0, messages
+    assert _of(modules, _NETWORK_LIBRARIES) == []
+    unused = ("shardline.coordinator._http", "shardline.coordinator._lambda", "shardline.coordinator._outputs")
+    assert _of(modules, unused) == []

@@ -5,8 +5,9 @@ Depends on `shardline.protocol` and the I/O layer (`shardline.io`), never on
 function, and results come back over the exchange.
 
 The HTTP API and the Lambda backend (aiohttp's server, about a quarter of a
-second of imports) load on first use of their names, so an embedded
-``shardline run`` that serves no HTTP never imports them.
+second of imports) and the output destinations load on first use of their
+names, so an embedded ``shardline run`` that serves no HTTP and writes to
+stdout never imports them.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,6 @@ from ._exchange import ExchangeHooks, ExchangeServer
 from ._exchangeio import server_tls_context
 from ._manifest import MANIFEST_VERSION, ManifestShard, build_manifest, file_checksum
 from ._metrics import CoordinatorMetrics, render_prometheus
-from ._outputs import LocalDirectoryDestination, S3Destination, open_destination
 from ._release import OutputPiece, ReduceRunner
 from ._runjob import JobProgress, JobReport, ShardReport, copy_piece, run_job
 from ._service import Coordinator
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._http import HttpServer, make_app, openapi_document
     from ._httpguard import HttpAccess, HttpLimits
     from ._lambda import DEFAULT_LAMBDA_CONCURRENCY, LambdaBackend
+    from ._outputs import LocalDirectoryDestination, S3Destination, open_destination
 
 #: Names imported on first use, by module.
 _LAZY = {
@@ -40,6 +41,9 @@ _LAZY = {
     "HttpLimits": "_httpguard",
     "DEFAULT_LAMBDA_CONCURRENCY": "_lambda",
     "LambdaBackend": "_lambda",
+    "LocalDirectoryDestination": "_outputs",
+    "S3Destination": "_outputs",
+    "open_destination": "_outputs",
 }
 
 

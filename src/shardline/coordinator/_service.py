@@ -53,7 +53,6 @@ from ._exchange import ExchangeServer
 from ._job import Job, job_view, shard_views
 from ._manifest import output_size
 from ._metrics import CoordinatorMetrics, render_prometheus
-from ._outputs import open_destination
 from ._release import OutputPiece, written_by_earlier_runs
 from ._spool import SpoolDir, choose_spool_dir, sweep_spools
 
@@ -465,6 +464,8 @@ class Coordinator:
         `submitting`) no running job writes it and it is empty or may be overwritten."""
         if spec.output is None:
             return None
+        from ._outputs import open_destination  # S3 and directory writers: only a job with an output loads them
+
         destination = open_destination(spec.output, self.aws, retry_policy=self.settings.retry)
         try:
             await asyncio.to_thread(self.settings.output_policy.check, spec.output)
