@@ -26,6 +26,7 @@ import select
 import termios
 import threading
 import time
+from collections.abc import Callable
 
 __all__ = ["PipePacer"]
 
@@ -37,6 +38,10 @@ _LARGE_READ_BYTES = 64 * 1024
 _MIN_SLEEP_S = 50e-6
 _MAX_SLEEP_S = 5e-3
 
+#: A reader that takes nothing for this long has paused: the pipe is
+#: refilled and the next wait blocks until it reads again.
+_PAUSE_S = 2e-3
+
 #: How often a wait for the reader checks whether the feed was stopped.
 _STOP_CHECK_S = 0.02
 
@@ -45,10 +50,12 @@ class PipePacer:
     """Waits, on the feeding thread, until the full pipe `fd` (its write end)
     should be refilled.  `capacity_bytes` is the pipe's capacity; where the
     bytes queued in a pipe cannot be asked for (no FIONREAD), it waits for
-    the first free page, as a plain poll would."""
+    the first free page, as a plain poll would.  `sleep` is how it sleeps
+    while the pipe drains (the tests' reader reads in it)."""
 
-    def __init__(self, fd: int, capacity_bytes: int) -> None:
+    def __init__(self, fd: int, capacity_bytes: int, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self._fd = fd
+        self._sleep = sleep
         self._low_bytes = capacity_bytes // 4
         self._poller = select.poll()
         self._poller.register(fd, select.POLLOUT)
@@ -66,24 +73,29 @@ class PipePacer:
         if queued is None or full - queued >= _LARGE_READ_BYTES:
             return
         since = time.perf_counter()
+        idle_s = 0.0  # slept since the reader last took something
         while queued > self._low_bytes and not stop.is_set():
-            if self._rate:
-                time.sleep(min(_MAX_SLEEP_S, max(_MIN_SLEEP_S, (queued - self._low_bytes) / self._rate)))
-            else:
-                time.sleep(_MIN_SLEEP_S)
+            if idle_s >= _PAUSE_S:
+                # The reader paused: refill now, so that the next wait blocks
+                # in poll() until it reads again instead of sleeping in turns.
+                return
+            nap_s = (
+                min(_MAX_SLEEP_S, max(_MIN_SLEEP_S, (queued - self._low_bytes) / self._rate))
+                if self._rate
+                else _MIN_SLEEP_S
+            )
+            nap_s = max(nap_s, idle_s)  # doubling while nothing is taken
+            self._sleep(nap_s)
             now, before = time.perf_counter(), queued
             queued = self._queued()
             if queued is None:
                 return
             if queued < before:
-                rate = (before - queued) / (now - since)
+                rate = (before - queued) / max(now - since, 1e-6)
                 self._rate = rate if not self._rate else (self._rate + rate) / 2
-                since = now
-            else:  # the reader paused: wait for it to take something again
-                if not self._wait_writable(stop):
-                    return
-                since = time.perf_counter()
-                queued = self._queued() or 0
+                since, idle_s = now, 0.0
+            else:
+                idle_s += nap_s
 
     def _wait_writable(self, stop: threading.Event) -> bool:
         """Until the pipe has a free page (True), or is broken or `stop` is set (False)."""
