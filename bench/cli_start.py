@@ -1,0 +1,216 @@
+"""`bench/run.py`'s shardline-cli phase alone: `shardline run s3://...` against naive, and its timeline.
+
+    .venv/bin/python bench/cli_start.py                       # N=16, 128 MiB, 5 pairs + 2 timelines (~1.5 min)
+    .venv/bin/python bench/cli_start.py --repeat 9 --timelines 0
+
+The same set-up as `run.py` (SeaweedFS behind `_s3proxy.py`'s first-byte
+latency and per-connection cap, moto behind a 5 ms proxy, the short-lines
+object, AWS_CA_BUNDLE of one certificate), the same two runners
+(`_strategies.naive`; `_strategies.shardline_cli`: `shardline run s3://... -n
+N --workers=process --max-processes=N --store=dynamodb`, timed from its spawn
+to its exit) and the same correctness check, run alternately `--repeat` times
+after an untimed warm-up of each.  Reported: medians and the median of the
+per-pair ratios shardline-cli / naive.
+
+Then `--timelines` more CLI runs with `_clitimeline` in every process (the CLI
+and its worker processes): when each step happened, in ms after the spawn --
+Python up, aioboto3 imported, the clients made, the markers-table check, the
+stat, the first task sent, the first GET of a worker, the output, the exit.
+Those runs are instrumented (a few file appends per event) and not in the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _clitimeline
+import _strategies
+import run as bench  # run.py also puts tests/ on sys.path (servers)
+import throughput
+
+from servers import MotoServer, SeaweedServer
+
+MiB = 1024 * 1024
+
+#: The timeline's rows: (what, process role, label, which: first or last occurrence).
+STEPS = [
+    ("CLI Python up", "cli", "python up", "first"),
+    ("CLI run_command (argv parsed)", "cli", "cli run_command", "first"),
+    ("CLI imports coordinator: begin", "cli", "import shardline.coordinator begin", "first"),
+    ("CLI imports coordinator: end", "cli", "import shardline.coordinator end", "first"),
+    ("CLI imports aioboto3: begin", "cli", "import aioboto3 begin", "first"),
+    ("CLI imports aioboto3: end", "cli", "import aioboto3 end", "first"),
+    ("CLI prestart: begin", "cli", "prestart begin", "first"),
+    ("CLI prestart: end (processes spawned)", "cli", "prestart end", "first"),
+    ("CLI dynamodb client: begin", "cli", "dynamodb client begin", "first"),
+    ("CLI dynamodb client: made", "cli", "dynamodb client made", "first"),
+    ("CLI markers table check: begin", "cli", "markers table check begin", "first"),
+    ("CLI markers table check: end", "cli", "markers table check end", "first"),
+    ("CLI submit: begin", "cli", "submit begin", "first"),
+    ("CLI s3 client: made", "cli", "s3 client made", "first"),
+    ("CLI stat: begin", "cli", "stat begin", "first"),
+    ("CLI stat: end", "cli", "stat end", "first"),
+    ("CLI first task sent", "cli", "task sent begin", "first"),
+    ("workers: first Python up", "worker", "python up", "first"),
+    ("workers: last Python up", "worker", "python up", "last"),
+    ("workers: first warm (clients) done", "worker", "worker warm end", "first"),
+    ("workers: last warm (clients) done", "worker", "worker warm end", "last"),
+    ("workers: first task begins", "worker", "worker task begin", "first"),
+    ("workers: first GET issued", "worker", "first GET begin", "first"),
+    ("workers: first GET's part complete", "worker", "first GET end", "first"),
+    ("workers: last first GET issued", "worker", "first GET begin", "last"),
+    ("CLI first output piece", "cli", "output piece", "first"),
+    ("workers: last task ends", "worker", "worker task end", "last"),
+    ("CLI last output piece", "cli", "output piece", "last"),
+    ("CLI exit", "cli", "cli exit", "first"),
+    ("harness: exit seen", "harness", "exit seen", "first"),
+]
+
+
+def timeline(path: Path, spawned: float) -> dict[str, float | None]:
+    """Each STEPS row's ms after the spawn, from one run's event file."""
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    cli_pids = {pid for pid, label, _ in events if label == "cli run_command"}
+    roles: dict[str, list[tuple[str, float]]] = {"cli": [], "worker": [], "harness": []}
+    for pid, label, t in events:
+        role = "harness" if pid == os.getpid() else "cli" if pid in cli_pids else "worker"
+        roles[role].append((label, t))
+    row: dict[str, float | None] = {}
+    for what, role, label, which in STEPS:
+        times = sorted(t for name, t in roles[role] if name == label)
+        row[what] = round((times[0 if which == "first" else -1] - spawned) * 1000, 1) if times else None
+    return row
+
+
+async def timed_pairs(args: argparse.Namespace, plan: _strategies.Plan, obj: dict, expected: list) -> list[dict]:
+    rows = []
+    for name in ("naive", "shardline-cli"):  # imports, first clients, bytecode: untimed
+        await bench.trial(name, plan, expected, obj, "warm-up", "short", 0)
+    order = ["naive", "shardline-cli"]
+    for rep in range(args.repeat):
+        for name in order:
+            rows.append(await bench.trial(name, plan, expected, obj, "cli", "short", rep))
+        order.reverse()  # noise hits both alike
+    return rows
+
+
+async def timelines(args: argparse.Namespace, plan: _strategies.Plan, scratch: str) -> list[dict]:
+    site = _clitimeline.site_dir(scratch)
+    runs = []
+    for index in range(args.timelines):
+        events = Path(scratch, f"timeline-{index}.jsonl")
+        extra = {"PYTHONPATH": site, _clitimeline.ENV: str(events)}
+        spool = tempfile.mkdtemp(prefix="bench-spool-", dir=scratch)
+        os.environ[_clitimeline.ENV] = str(events)
+        try:
+            spawned = time.monotonic()
+            await _strategies.shardline_cli(plan, _strategies.Sink(), spool, extra_env=extra)
+            _clitimeline.stamp("exit seen")
+        finally:
+            del os.environ[_clitimeline.ENV]
+            shutil.rmtree(spool, ignore_errors=True)
+        runs.append(timeline(events, spawned))
+        if args.events_dir is not None:  # the raw events, for a closer look
+            args.events_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(events, args.events_dir / f"{index}-spawned-{spawned:.6f}.jsonl")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--size-mib", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5, help="timed pairs (naive, shardline-cli)")
+    parser.add_argument("--timelines", type=int, default=2, help="instrumented CLI runs after the pairs")
+    parser.add_argument("--latency-ms", type=float, default=30.0)
+    parser.add_argument("--conn-mib-s", type=float, default=2.0)
+    parser.add_argument("--dynamodb-latency-ms", type=float, default=5.0)
+    parser.add_argument("--part-kib", type=int, default=1024)
+    parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument("--events-dir", type=Path, default=None, help="keep each timeline's raw events here")
+    parser.add_argument("--name", default="cli-start", help="results: bench/results/NAME.json")
+    args = parser.parse_args(argv)
+    scratch = tempfile.mkdtemp(prefix="bench-clistart-")
+    if bundle := bench.small_ca_bundle(scratch):
+        os.environ["AWS_CA_BUNDLE"] = bundle
+    seaweed, moto, proxies = SeaweedServer(), MotoServer(), []
+    result: dict = {
+        "command": "python bench/cli_start.py" + (" " + " ".join(sys.argv[1:]) if argv is None else ""),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        s3_endpoint = seaweed.start()
+        moto_endpoint = throughput.start_quietly(moto, Path(scratch) / "moto.log")
+        s3_proxy = bench.Proxy(s3_endpoint.url, args.latency_ms, args.conn_mib_s)
+        proxies.append(s3_proxy)
+        ddb_proxy = bench.Proxy(moto_endpoint.url, args.dynamodb_latency_ms, 0)
+        proxies.append(ddb_proxy)
+        s3 = throughput.s3_client(s3_endpoint)
+        throughput.create_bucket(s3)
+        throughput.create_marker_table(moto_endpoint, bench.MARKERS_TABLE)
+        data = bench.make_dataset("short", args.size_mib * MiB, 1, args.shards)
+        s3.put_object(Bucket=bench.BUCKET, Key="short", Body=data)
+        obj = bench.describe(data)
+        expected = bench.reference(data, args.shards)
+        del data
+        plan = _strategies.Plan(
+            bucket=bench.BUCKET,
+            key="short",
+            shards=args.shards,
+            aws=bench.aws_settings(s3_proxy.url, ddb_proxy.url),
+            part_bytes=args.part_kib * 1024,
+            inflight=args.inflight,
+            chain_table=bench.CHAIN_TABLE,
+            chain_poll_s=0.025,
+            markers_table=bench.MARKERS_TABLE,
+        )
+
+        async def both() -> tuple[list[dict], list[dict]]:
+            return await timed_pairs(args, plan, obj, expected), await timelines(args, plan, scratch)
+
+        rows, runs = asyncio.run(both())
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        moto.stop()
+        seaweed.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    result["loadavg_end"] = os.getloadavg()
+    result["trials"] = rows
+    ok = all(row.get("ok") for row in rows)
+    seconds = {
+        name: [row["seconds"] for row in rows if row["strategy"] == name and "seconds" in row]
+        for name in ("naive", "shardline-cli")
+    }
+    ratios = [cli / naive for naive, cli in zip(seconds["naive"], seconds["shardline-cli"], strict=False)]
+    result["summary"] = {
+        "naive_s": round(statistics.median(seconds["naive"]), 3) if seconds["naive"] else None,
+        "cli_s": round(statistics.median(seconds["shardline-cli"]), 3) if seconds["shardline-cli"] else None,
+        "cli_over_naive": round(statistics.median(ratios), 3) if ratios else None,
+        "ratios": [round(r, 3) for r in ratios],
+        "correct": ok,
+    }
+    result["timelines"] = runs
+    print(json.dumps(result["summary"]))
+    if runs:
+        print(f"\n{'ms after spawn':44s}" + "".join(f"{f'run {i}':>9s}" for i in range(len(runs))))
+        for what, *_ in STEPS:
+            print(f"{what:44s}" + "".join(f"{'-' if r[what] is None else r[what]:>9}" for r in runs))
+    throughput.write_json(result, bench.BENCH / "results" / f"{args.name}.json")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
