@@ -92,37 +92,58 @@ def timeline(path: Path, spawned: float) -> dict[str, float | None]:
     return row
 
 
-async def timed_pairs(args: argparse.Namespace, plan: _strategies.Plan, obj: dict, expected: list) -> list[dict]:
-    rows = []
-    for name in ("naive", "shardline-cli"):  # imports, first clients, bytecode: untimed
-        await bench.trial(name, plan, expected, obj, "warm-up", "short", 0)
-    order = ["naive", "shardline-cli"]
-    for rep in range(args.repeat):
+async def cli_run(plan: _strategies.Plan, scratch: str, env: dict[str, str]) -> tuple[float, _strategies.Sink]:
+    """One `shardline run`, spawn to exit: its wall seconds and what it wrote."""
+    sink = _strategies.Sink()
+    spool = tempfile.mkdtemp(prefix="bench-spool-", dir=_strategies.choose_spool_dir(0))
+    try:
+        started = time.monotonic()
+        await _strategies.shardline_cli(plan, sink, spool, extra_env=env)
+        return time.monotonic() - started, sink
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+async def timed_runs(
+    args: argparse.Namespace, plan: _strategies.Plan, obj: dict, expected: list, trees: dict[str, dict[str, str]]
+) -> list[dict]:
+    """naive and the CLI of every tree, `--repeat` rounds in rotating order, after an untimed warm-up of each."""
+    rows: list[dict] = []
+    order = ["naive", *trees]
+    for rep in range(-1, args.repeat):  # -1: the warm-up (imports, bytecode, first clients)
         for name in order:
-            rows.append(await bench.trial(name, plan, expected, obj, "cli", "short", rep))
-        order.reverse()  # noise hits both alike
+            if name == "naive":
+                row = await bench.trial("naive", plan, expected, obj, "cli", "short", rep)
+            else:
+                seconds, sink = await cli_run(plan, "", trees[name])
+                ok = sink.bytes == obj["size"] and sink.crc == obj["crc32c"]
+                row = {"strategy": f"shardline-cli:{name}", "rep": rep, "seconds": round(seconds, 4), "ok": ok}
+                print(f"  {row['strategy']:24s} {seconds:6.2f} s  {'ok' if ok else 'WRONG OUTPUT'}", flush=True)
+            if rep >= 0:
+                rows.append(row)
+        order = order[1:] + order[:1]  # noise hits every one alike
     return rows
 
 
-async def timelines(args: argparse.Namespace, plan: _strategies.Plan, scratch: str) -> list[dict]:
+async def timelines(
+    args: argparse.Namespace, plan: _strategies.Plan, scratch: str, name: str, env: dict[str, str]
+) -> list[dict]:
     site = _clitimeline.site_dir(scratch)
     runs = []
     for index in range(args.timelines):
-        events = Path(scratch, f"timeline-{index}.jsonl")
-        extra = {"PYTHONPATH": site, _clitimeline.ENV: str(events)}
-        spool = tempfile.mkdtemp(prefix="bench-spool-", dir=scratch)
+        events = Path(scratch, f"timeline-{name}-{index}.jsonl")
+        path = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
         os.environ[_clitimeline.ENV] = str(events)
         try:
             spawned = time.monotonic()
-            await _strategies.shardline_cli(plan, _strategies.Sink(), spool, extra_env=extra)
+            await cli_run(plan, scratch, {**env, "PYTHONPATH": path, _clitimeline.ENV: str(events)})
             _clitimeline.stamp("exit seen")
         finally:
             del os.environ[_clitimeline.ENV]
-            shutil.rmtree(spool, ignore_errors=True)
         runs.append(timeline(events, spawned))
         if args.events_dir is not None:  # the raw events, for a closer look
             args.events_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(events, args.events_dir / f"{index}-spawned-{spawned:.6f}.jsonl")
+            shutil.copy(events, args.events_dir / f"{name}-{index}-spawned-{spawned:.6f}.jsonl")
     return runs
 
 
@@ -137,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dynamodb-latency-ms", type=float, default=5.0)
     parser.add_argument("--part-kib", type=int, default=1024)
     parser.add_argument("--inflight", type=int, default=4)
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="also time the CLI with SRC first on PYTHONPATH (e.g. `git archive REV src | tar -x -C DIR`); repeatable",
+    )
     parser.add_argument("--events-dir", type=Path, default=None, help="keep each timeline's raw events here")
     parser.add_argument("--name", default="cli-start", help="results: bench/results/NAME.json")
     args = parser.parse_args(argv)
@@ -177,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             markers_table=bench.MARKERS_TABLE,
         )
 
-        async def both() -> tuple[list[dict], list[dict]]:
-            return await timed_pairs(args, plan, obj, expected), await timelines(args, plan, scratch)
+        trees = {"this": {}, **{name: {"PYTHONPATH": src} for name, src in (t.split("=", 1) for t in args.tree)}}
+
+        async def both() -> tuple[list[dict], dict[str, list[dict]]]:
+            rows = await timed_runs(args, plan, obj, expected, trees)
+            return rows, {name: await timelines(args, plan, scratch, name, env) for name, env in trees.items()}
 
         rows, runs = asyncio.run(both())
     finally:
@@ -190,24 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_end"] = os.getloadavg()
     result["trials"] = rows
     ok = all(row.get("ok") for row in rows)
-    seconds = {
-        name: [row["seconds"] for row in rows if row["strategy"] == name and "seconds" in row]
-        for name in ("naive", "shardline-cli")
-    }
-    ratios = [cli / naive for naive, cli in zip(seconds["naive"], seconds["shardline-cli"], strict=False)]
-    result["summary"] = {
-        "naive_s": round(statistics.median(seconds["naive"]), 3) if seconds["naive"] else None,
-        "cli_s": round(statistics.median(seconds["shardline-cli"]), 3) if seconds["shardline-cli"] else None,
-        "cli_over_naive": round(statistics.median(ratios), 3) if ratios else None,
-        "ratios": [round(r, 3) for r in ratios],
-        "correct": ok,
-    }
+    names = ["naive", *(f"shardline-cli:{name}" for name in trees)]
+    seconds = {name: {row["rep"]: row["seconds"] for row in rows if row["strategy"] == name} for name in names}
+    summary: dict = {"correct": ok, "median_s": {}}
+    for name in names:
+        summary["median_s"][name] = round(statistics.median(seconds[name].values()), 3) if seconds[name] else None
+        if name != "naive":  # the median of the per-round ratios: a round's runs share the box's load
+            ratios = [seconds[name][rep] / seconds["naive"][rep] for rep in seconds[name] if rep in seconds["naive"]]
+            summary[f"{name} / naive"] = round(statistics.median(ratios), 3) if ratios else None
+            summary[f"{name} / naive, rounds"] = [round(r, 3) for r in ratios]
+    result["summary"] = summary
     result["timelines"] = runs
-    print(json.dumps(result["summary"]))
-    if runs:
-        print(f"\n{'ms after spawn':44s}" + "".join(f"{f'run {i}':>9s}" for i in range(len(runs))))
+    print(json.dumps(summary, indent=1))
+    for name, tree_runs in runs.items():
+        if not tree_runs:
+            continue
+        print(f"\n{f'{name}: ms after spawn':44s}" + "".join(f"{f'run {i}':>9s}" for i in range(len(tree_runs))))
         for what, *_ in STEPS:
-            print(f"{what:44s}" + "".join(f"{'-' if r[what] is None else r[what]:>9}" for r in runs))
+            print(f"{what:44s}" + "".join(f"{'-' if r[what] is None else r[what]:>9}" for r in tree_runs))
     throughput.write_json(result, bench.BENCH / "results" / f"{args.name}.json")
     return 0 if ok else 1
 
