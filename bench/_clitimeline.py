@@ -2,7 +2,7 @@
 
 A process started with SHARDLINE_BENCH_CLITIMELINE=FILE and the
 `sitecustomize` of `site_dir()` first on PYTHONPATH appends one JSON line
-`[pid, label, monotonic seconds]` to FILE per event (CLOCK_MONOTONIC is one
+`[pid, label, monotonic seconds, the process's CPU seconds]` to FILE per event (CLOCK_MONOTONIC is one
 clock for every process on Linux).  Modules are instrumented *after* they
 are imported, by a finder that wraps their loader, so the run imports what
 it imports when it would have: the timeline moves no import earlier.
@@ -29,7 +29,7 @@ def stamp(label: str) -> None:
     path = os.environ.get(ENV)
     if path:
         with open(path, "a") as file:
-            file.write(f'[{os.getpid()}, "{label}", {time.monotonic():.6f}]\n')
+            file.write(f'[{os.getpid()}, "{label}", {time.monotonic():.6f}, {time.process_time():.6f}]\n')
 
 
 def site_dir(parent: str) -> str:
@@ -66,13 +66,17 @@ def _wrap_async(owner: Any, name: str, label: str, *, once: bool = False) -> Non
     setattr(owner, name, wrapped)
 
 
-def _wrap_sync(owner: Any, name: str, label: str) -> None:
+def _wrap_sync(owner: Any, name: str, label: str, *, end: bool = False) -> None:
     original = getattr(owner, name)
 
     @functools.wraps(original)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        stamp(label)
-        return original(*args, **kwargs)
+        stamp(f"{label} begin" if end else label)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if end:
+                stamp(f"{label} end")
 
     setattr(owner, name, wrapped)
 
@@ -83,6 +87,10 @@ def _cli(module: Any) -> None:
 
 def _run(module: Any) -> None:
     _wrap_sync(module, "run_command", "cli run_command")
+
+
+def _loop(module: Any) -> None:
+    _wrap_sync(module, "run_job_loop", "cli event loop", end=True)
 
 
 def _embedded(module: Any) -> None:
@@ -103,6 +111,7 @@ def _aws(module: Any) -> None:
             stamp(f"{self._service} client made")
 
     module.LazyClient.get = get
+    _wrap_async(module.ClientPool, "aclose", "client pool close")
 
 
 def _sources(module: Any) -> None:
@@ -127,6 +136,7 @@ def _sources(module: Any) -> None:
 def _backends(module: Any) -> None:
     _wrap_async(module.LocalProcessBackend, "prestart", "prestart")
     _wrap_async(module._WorkerProcess, "run", "task sent", once=True)
+    _wrap_async(module.LocalProcessBackend, "aclose", "worker processes stop")
 
 
 def _service(module: Any) -> None:
@@ -156,6 +166,7 @@ def _worker_main(module: Any) -> None:
 HOOKS: dict[str, Callable[[Any], None] | None] = {
     "shardline.cli": _cli,
     "shardline.cli._run": _run,
+    "shardline.cli._loop": _loop,
     "shardline.embedded": _embedded,
     "shardline.io.aws": _aws,
     "shardline.io.sources": _sources,
@@ -165,6 +176,7 @@ HOOKS: dict[str, Callable[[Any], None] | None] = {
     "shardline.coordinator._runjob": _runjob,
     "shardline.worker._main": _worker_main,
     "aioboto3": None,
+    "aiohttp": None,
     "aiobotocore.session": None,
     "botocore.session": None,
 }

@@ -48,8 +48,10 @@ STEPS = [
     ("CLI run_command (argv parsed)", "cli", "cli run_command", "first"),
     ("CLI imports coordinator: begin", "cli", "import shardline.coordinator begin", "first"),
     ("CLI imports coordinator: end", "cli", "import shardline.coordinator end", "first"),
-    ("CLI imports aioboto3: begin", "cli", "import aioboto3 begin", "first"),
-    ("CLI imports aioboto3: end", "cli", "import aioboto3 end", "first"),
+    ("CLI imports botocore.session: begin", "cli", "import botocore.session begin", "first"),
+    ("CLI imports botocore.session: end", "cli", "import botocore.session end", "first"),
+    ("CLI imports aiohttp: begin", "cli", "import aiohttp begin", "first"),
+    ("CLI imports aiohttp: end", "cli", "import aiohttp end", "first"),
     ("CLI prestart: begin", "cli", "prestart begin", "first"),
     ("CLI prestart: end (processes spawned)", "cli", "prestart end", "first"),
     ("CLI dynamodb client: begin", "cli", "dynamodb client begin", "first"),
@@ -72,23 +74,32 @@ STEPS = [
     ("CLI first output piece", "cli", "output piece", "first"),
     ("workers: last task ends", "worker", "worker task end", "last"),
     ("CLI last output piece", "cli", "output piece", "last"),
+    ("CLI worker processes stop: begin", "cli", "worker processes stop begin", "first"),
+    ("CLI worker processes stop: end", "cli", "worker processes stop end", "first"),
+    ("CLI client pool close: end", "cli", "client pool close end", "last"),
+    ("CLI event loop ends", "cli", "cli event loop end", "first"),
     ("CLI exit", "cli", "cli exit", "first"),
     ("harness: exit seen", "harness", "exit seen", "first"),
 ]
 
 
-def timeline(path: Path, spawned: float) -> dict[str, float | None]:
+def timeline(path: Path, spawned: float) -> dict[str, float | str | None]:
     """Each STEPS row's ms after the spawn, from one run's event file."""
     events = [json.loads(line) for line in path.read_text().splitlines()]
-    cli_pids = {pid for pid, label, _ in events if label == "cli run_command"}
+    cli_pids = {pid for pid, label, *_ in events if label == "cli run_command"}
     roles: dict[str, list[tuple[str, float]]] = {"cli": [], "worker": [], "harness": []}
-    for pid, label, t in events:
+    cpu: dict[int, float] = {}  # each process's CPU seconds at its last event
+    for pid, label, t, cpu_s in events:
         role = "harness" if pid == os.getpid() else "cli" if pid in cli_pids else "worker"
         roles[role].append((label, t))
-    row: dict[str, float | None] = {}
+        cpu[pid] = cpu_s
+    row: dict[str, float | str | None] = {}
     for what, role, label, which in STEPS:
         times = sorted(t for name, t in roles[role] if name == label)
         row[what] = round((times[0 if which == "first" else -1] - spawned) * 1000, 1) if times else None
+    row["CPU ms: CLI process"] = round(sum(cpu[pid] for pid in cli_pids) * 1000, 1)
+    workers = [cpu[pid] for pid in cpu if pid not in cli_pids and pid != os.getpid()]
+    row["CPU ms: each worker process"] = "/".join(f"{c * 1000:.0f}" for c in sorted(workers))
     return row
 
 
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if not tree_runs:
             continue
         print(f"\n{f'{name}: ms after spawn':44s}" + "".join(f"{f'run {i}':>9s}" for i in range(len(tree_runs))))
-        for what, *_ in STEPS:
+        for what in tree_runs[0]:
             print(f"{what:44s}" + "".join(f"{'-' if r[what] is None else r[what]:>9}" for r in tree_runs))
     throughput.write_json(result, bench.BENCH / "results" / f"{args.name}.json")
     return 0 if ok else 1

@@ -95,3 +95,17 @@ def test_client_module_imports_no_coordinator_module(env):
     probe = "import json, sys, shardline.client; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert _of(json.loads(result.stdout), _DAEMON_MODULES) == []
+
+
+def test_an_embedded_s3_run_loads_no_async_aws_stack(env, moto, s3, bucket, tmp_path):
+    # The coordinator's few calls (stat, table check) use blocking botocore
+    # clients in threads; the worker processes, not this one, read the parts.
+    data = b"".join(b"line %04d\n" % i for i in range(500))
+    s3.put_object(Bucket=bucket, Key="input", Body=data)
+    argv = ["run", f"s3://{bucket}/input", "-n", "3", "--exact-shards", "--workers=process", "--no-progress"]
+    argv += ["--store=dynamodb", f"--markers-table=imports-{bucket}", f"--output={tmp_path / 'out'}"]
+    status, modules, messages = _loaded(argv, {**env, **moto.env()})
+    assert status == 0, messages
+    assert b"".join(part.read_bytes() for part in sorted((tmp_path / "out").glob("part-*"))) == data
+    assert "botocore" in modules
+    assert _of(modules, ("aiohttp", "aiobotocore", "aioboto3")) == []
