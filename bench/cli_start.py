@@ -1,22 +1,27 @@
 """`bench/run.py`'s shardline-cli phase alone: `shardline run s3://...` against naive, and its timeline.
 
-    .venv/bin/python bench/cli_start.py                       # N=16, 128 MiB, 5 pairs + 2 timelines (~1.5 min)
-    .venv/bin/python bench/cli_start.py --repeat 9 --timelines 0
+    .venv/bin/python bench/cli_start.py                       # N=16, 128 MiB, 5 rounds + 2 timelines (~1 min)
+    git archive REV src | tar -x -C /tmp/before               # an older tree to compare with, same run
+    .venv/bin/python bench/cli_start.py --repeat 9 --tree before=/tmp/before/src
 
 The same set-up as `run.py` (SeaweedFS behind `_s3proxy.py`'s first-byte
 latency and per-connection cap, moto behind a 5 ms proxy, the short-lines
-object, AWS_CA_BUNDLE of one certificate), the same two runners
+object, AWS_CA_BUNDLE of one certificate), the same runners
 (`_strategies.naive`; `_strategies.shardline_cli`: `shardline run s3://... -n
 N --workers=process --max-processes=N --store=dynamodb`, timed from its spawn
-to its exit) and the same correctness check, run alternately `--repeat` times
-after an untimed warm-up of each.  Reported: medians and the median of the
-per-pair ratios shardline-cli / naive.
+to its exit, its output checked whole) run in rotating order `--repeat`
+times after an untimed warm-up of each: naive, this checkout's CLI, and the
+CLI of every `--tree NAME=SRC` (SRC first on PYTHONPATH, in the CLI and its
+worker processes).  Reported: medians and the median of the per-round
+ratios CLI / naive.
 
-Then `--timelines` more CLI runs with `_clitimeline` in every process (the CLI
-and its worker processes): when each step happened, in ms after the spawn --
-Python up, aioboto3 imported, the clients made, the markers-table check, the
-stat, the first task sent, the first GET of a worker, the output, the exit.
-Those runs are instrumented (a few file appends per event) and not in the ratio.
+Then `--timelines` more CLI runs of every tree, interleaved, with
+`_clitimeline` in every process (the CLI and its worker processes): when
+each step happened, in ms after the spawn -- Python up, the imports, the
+clients made, the markers-table check, the stat, the first task sent, the
+workers' warm-up and first GET, the output, the workers stopped, the exit --
+and each process's CPU.  Those runs are instrumented (a file append per
+event) and not in the ratio.  Results: bench/results/NAME.json.
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def timeline(path: Path, spawned: float) -> dict[str, float | str | None]:
     return row
 
 
-async def cli_run(plan: _strategies.Plan, scratch: str, env: dict[str, str]) -> tuple[float, _strategies.Sink]:
+async def cli_run(plan: _strategies.Plan, env: dict[str, str]) -> tuple[float, _strategies.Sink]:
     """One `shardline run`, spawn to exit: its wall seconds and what it wrote."""
     sink = _strategies.Sink()
     spool = tempfile.mkdtemp(prefix="bench-spool-", dir=_strategies.choose_spool_dir(0))
@@ -126,7 +131,7 @@ async def timed_runs(
             if name == "naive":
                 row = await bench.trial("naive", plan, expected, obj, "cli", "short", rep)
             else:
-                seconds, sink = await cli_run(plan, "", trees[name])
+                seconds, sink = await cli_run(plan, trees[name])
                 ok = sink.bytes == obj["size"] and sink.crc == obj["crc32c"]
                 row = {"strategy": f"shardline-cli:{name}", "rep": rep, "seconds": round(seconds, 4), "ok": ok}
                 print(f"  {row['strategy']:24s} {seconds:6.2f} s  {'ok' if ok else 'WRONG OUTPUT'}", flush=True)
@@ -137,24 +142,26 @@ async def timed_runs(
 
 
 async def timelines(
-    args: argparse.Namespace, plan: _strategies.Plan, scratch: str, name: str, env: dict[str, str]
-) -> list[dict]:
+    args: argparse.Namespace, plan: _strategies.Plan, scratch: str, trees: dict[str, dict[str, str]]
+) -> dict[str, list[dict]]:
+    """`--timelines` instrumented runs of every tree's CLI, the trees interleaved."""
     site = _clitimeline.site_dir(scratch)
-    runs = []
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
     for index in range(args.timelines):
-        events = Path(scratch, f"timeline-{name}-{index}.jsonl")
-        path = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
-        os.environ[_clitimeline.ENV] = str(events)
-        try:
-            spawned = time.monotonic()
-            await cli_run(plan, scratch, {**env, "PYTHONPATH": path, _clitimeline.ENV: str(events)})
-            _clitimeline.stamp("exit seen")
-        finally:
-            del os.environ[_clitimeline.ENV]
-        runs.append(timeline(events, spawned))
-        if args.events_dir is not None:  # the raw events, for a closer look
-            args.events_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(events, args.events_dir / f"{name}-{index}-spawned-{spawned:.6f}.jsonl")
+        for name, env in trees.items():
+            events = Path(scratch, f"timeline-{name}-{index}.jsonl")
+            path = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
+            os.environ[_clitimeline.ENV] = str(events)
+            try:
+                spawned = time.monotonic()
+                await cli_run(plan, {**env, "PYTHONPATH": path, _clitimeline.ENV: str(events)})
+                _clitimeline.stamp("exit seen")
+            finally:
+                del os.environ[_clitimeline.ENV]
+            runs[name].append(timeline(events, spawned))
+            if args.events_dir is not None:  # the raw events, for a closer look
+                args.events_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(events, args.events_dir / f"{name}-{index}-spawned-{spawned:.6f}.jsonl")
     return runs
 
 
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def both() -> tuple[list[dict], dict[str, list[dict]]]:
             rows = await timed_runs(args, plan, obj, expected, trees)
-            return rows, {name: await timelines(args, plan, scratch, name, env) for name, env in trees.items()}
+            return rows, await timelines(args, plan, scratch, trees)
 
         rows, runs = asyncio.run(both())
     finally:
