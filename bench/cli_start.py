@@ -70,6 +70,8 @@ STEPS = [
     ("CLI first task sent", "cli", "task sent begin", "first"),
     ("workers: first Python up", "worker", "python up", "first"),
     ("workers: last Python up", "worker", "python up", "last"),
+    ("workers: first S3 client made", "worker", "s3 client made", "first"),
+    ("workers: last S3 client made", "worker", "s3 client made", "last"),
     ("workers: first warm (clients) done", "worker", "worker warm end", "first"),
     ("workers: last warm (clients) done", "worker", "worker warm end", "last"),
     ("workers: first task begins", "worker", "worker task begin", "first"),
