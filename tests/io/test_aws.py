@@ -29,3 +29,4 @@ async def test_a_blocking_client_offers_operations_only(aws_settings):
         assert "TableNames" in await dynamodb.list_tables()
         with pytest.raises(AttributeError, match="aiobotocore"):
             dynamodb.get_paginator("list_tables")
+        assert dynamodb.meta.service_model.service_name == "dynamodb"

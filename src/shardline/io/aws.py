@@ -309,10 +309,12 @@ class BlockingClient:
 
         return await asyncio.get_running_loop().run_in_executor(_BLOCKING_CALLS, make)
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+    def __getattr__(self, name: str) -> Any:
         if name in ("get_paginator", "get_waiter") or name.startswith("_"):
             raise AttributeError(f"a BlockingClient has no {name!r}: use an aiobotocore client")
         operation = getattr(self._inner, name)
+        if not callable(operation):  # `meta`, `exceptions`: as they are
+            return operation
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             return await asyncio.get_running_loop().run_in_executor(
