@@ -571,8 +571,9 @@ async def shardline_embedded(plan: Plan, sink: Sink, spool: str, backend: Backen
     return result
 
 
-async def shardline_cli(plan: Plan, sink: Sink, spool: str) -> RunResult:
-    """`shardline run` as a user runs it: local worker processes (one per shard), stdout to the sink."""
+async def shardline_cli(plan: Plan, sink: Sink, spool: str, extra_env: dict[str, str] | None = None) -> RunResult:
+    """`shardline run` as a user runs it: local worker processes (one per shard), stdout to the sink;
+    `extra_env` is added to its environment (bench/cli_start.py's timeline)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "AWS_ENDPOINT_URL_S3": plan.aws.s3_endpoint_url or "",
@@ -582,6 +583,7 @@ async def shardline_cli(plan: Plan, sink: Sink, spool: str) -> RunResult:
         "AWS_DEFAULT_REGION": plan.aws.region or "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
         **({"AWS_CA_BUNDLE": os.environ["AWS_CA_BUNDLE"]} if "AWS_CA_BUNDLE" in os.environ else {}),
+        **(extra_env or {}),
     }
     argv = [
         CLI,

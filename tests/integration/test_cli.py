@@ -592,3 +592,24 @@ def test_part_files_honour_the_umask(tmp_path, home):
     assert result.returncode == 0, result.stderr.decode()
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_GETPIPE_SZ is Linux's")
+def test_a_pipe_on_stdout_is_widened_to_hold_1_mib(tmp_path, home):
+    import fcntl
+
+    data = b"".join(b"line %05d\n" % i for i in range(20000))
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as reader:
+        with subprocess.Popen(
+            [*SHARDLINE, "run", str(path), "-n", "3", "--no-progress"],
+            env=clean_env(home, SHARDLINE_STATE_DIR=str(home / "state")),
+            stdout=write_end,
+        ) as process:
+            os.close(write_end)
+            assert reader.read() == data
+            assert process.wait(timeout=120) == 0
+        # The same pipe, seen from its read end.
+        assert fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ) == 1024 * 1024

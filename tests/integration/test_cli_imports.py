@@ -107,3 +107,17 @@ def test_a_local_run_to_stdout_loads_no_network_library_nor_what_it_does_not_use
     assert _of(modules, _NETWORK_LIBRARIES) == []
     unused = ("shardline.coordinator._http", "shardline.coordinator._lambda", "shardline.coordinator._outputs")
     assert _of(modules, unused) == []
+
+
+def test_an_embedded_s3_run_loads_no_async_aws_stack(env, moto, s3, bucket, tmp_path):
+    # The coordinator's few calls (stat, table check) use blocking botocore
+    # clients in threads; the worker processes, not this one, read the parts.
+    data = b"".join(b"line %04d\n" % i for i in range(500))
+    s3.put_object(Bucket=bucket, Key="input", Body=data)
+    argv = ["run", f"s3://{bucket}/input", "-n", "3", "--exact-shards", "--workers=process", "--no-progress"]
+    argv += ["--store=dynamodb", f"--markers-table=imports-{bucket}", f"--output={tmp_path / 'out'}"]
+    status, modules, messages = _loaded(argv, {**env, **moto.env()})
+    assert status == 0, messages
+    assert b"".join(part.read_bytes() for part in sorted((tmp_path / "out").glob("part-*"))) == data
+    assert "botocore" in modules
+    assert _of(modules, ("aiohttp", "aiobotocore", "aioboto3")) == []

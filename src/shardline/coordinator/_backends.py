@@ -154,7 +154,9 @@ class LocalProcessBackend(Backend):
         with `aws_services` they import the AWS client stack and make those
         clients at once, in parallel with the coordinator's own work (the
         object's stat), instead of at their first task."""
-        self._warm_services = tuple(sorted({*self._warm_services, *aws_services}))
+        # In the order given: a process makes them one after another, and a
+        # task's first GET waits for the S3 client, not for DynamoDB's.
+        self._warm_services = tuple(dict.fromkeys([*self._warm_services, *aws_services]))
         async with self._spawning:
             for _ in range(min(count, self.max_processes) - len(self._processes)):
                 await self._spawn()

@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -77,10 +77,13 @@ async def run_job(
     settings: CoordinatorSettings = CoordinatorSettings(),
     on_start: Callable[[Callable[[], JobProgress]], None] | None = None,
     clients: ClientPool | None = None,
+    ready: Awaitable[object] | None = None,
 ) -> JobReport:
     """Run one job with an in-process coordinator, writing its ordered output to `out`.
 
     `clients`: the caller's AWS clients to use (and leave open), if any.
+    `ready`: awaited after the object's stat, before any attempt starts
+    (see `Coordinator.submit`).
 
     `on_start` receives a function returning a JobProgress snapshot.  Raises
     JobFailedError (naming the shard and cause) or a ShardlineError about the
@@ -96,7 +99,7 @@ async def run_job(
         clients=clients,
     ) as coordinator:
         await coordinator.sweep_spools()  # what earlier runs, killed, left behind
-        view = await coordinator.submit(spec)
+        view = await coordinator.submit(spec, ready=ready)
         job_id = view.id
         if on_start is not None:
 

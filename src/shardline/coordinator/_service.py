@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
@@ -183,8 +183,13 @@ class Coordinator:
 
     # -- jobs ---------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> JobView:
-        """Accept `spec` and start it; errors about the request name the field."""
+    async def submit(self, spec: JobSpec, *, ready: Awaitable[object] | None = None) -> JobView:
+        """Accept `spec` and start it; errors about the request name the field.
+
+        `ready`, if given, is awaited after the object's stat and before the
+        job is created: what else must succeed before any attempt starts (an
+        embedded run's marker-table check, made concurrently with the stat);
+        its error is the submission's."""
         if not self.accepting:
             raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
         self.settings.job_limits.check(spec)  # what was asked for, before -n is lowered to fit
@@ -194,6 +199,8 @@ class Coordinator:
             # the job: the same retry loop as every other storage call.
             info = await retry(source.stat, policy=self.settings.retry, describe=f"stat {spec.source}")
             spec = replace(spec, shards=usable_shards(info.size, spec.shards, spec.min_shard_bytes))
+        if ready is not None:
+            await ready
         destination = await self._destination(spec, submitting=True)
         try:
             return await self._start_new_job(spec, info, backend, destination)

@@ -13,9 +13,11 @@ retry loop, and it needs to see every failure to resume ranged GETs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +40,7 @@ from .aio import wait_uncancellable
 __all__ = [
     "AWS_CREDENTIAL_VARIABLES",
     "AwsSettings",
+    "BlockingClient",
     "ClientPool",
     "LazyClient",
     "aws_configured",
@@ -171,11 +174,11 @@ def aws_configured(environ: dict[str, str] | None = None, home: Path | None = No
 
 
 def import_libraries() -> None:
-    """Import the AWS client stack now (about half a CPU-second), not at the
-    first request: a worker process started ahead of an S3 job does it while
-    the coordinator is still statting the object."""
-    import aioboto3  # noqa: F401
-    import aiobotocore.config  # noqa: F401
+    """Import the AWS client stack now (about a quarter of a CPU-second), not
+    at the first request: a worker process started ahead of an S3 job does it
+    while the coordinator is still statting the object."""
+    import aiobotocore.config
+    import aiobotocore.session  # noqa: F401
     import botocore.exceptions  # noqa: F401
 
 
@@ -190,18 +193,62 @@ def client_environment() -> tuple[str | None, ...]:
     return tuple(os.environ.get(name) for name in _CLIENT_VARIABLES)
 
 
-@functools.lru_cache(maxsize=16)
-def _session(settings: AwsSettings, service: str, environment: tuple[str | None, ...]) -> Any:
-    """One session per configuration: clients made from it share loaded models
-    (a new session costs ~100 ms of CPU to load them).  `environment` is
-    `client_environment()`, part of the key because a session keeps the
-    credentials it resolved first, and hands them to every later client."""
-    import aioboto3
-
-    key, secret = settings.access_key_id, settings.secret_access_key
+def _credentials(settings: AwsSettings, service: str) -> tuple[str | None, str | None]:
+    """The static credentials `settings` give `service` (None, None: botocore's chain)."""
     if service == "dynamodb" and settings.dynamodb_access_key_id:
-        key, secret = settings.dynamodb_access_key_id, settings.dynamodb_secret_access_key
-    return aioboto3.Session(aws_access_key_id=key, aws_secret_access_key=secret, region_name=settings.region)
+        return settings.dynamodb_access_key_id, settings.dynamodb_secret_access_key
+    return settings.access_key_id, settings.secret_access_key
+
+
+@functools.lru_cache(maxsize=16)
+def _session(
+    credentials: tuple[str | None, str | None],
+    region: str | None,
+    environment: tuple[str | None, ...],
+    *,
+    blocking: bool = False,
+) -> Any:
+    """One aiobotocore session per set of credentials, whatever the service:
+    its clients share what the session loaded and resolved (the endpoint
+    data, the credentials, the config files), so a second service's client
+    costs ~35 ms of CPU instead of ~60 in a session of its own.  botocore's
+    session, not aioboto3's: the boto3 layer (resources, transfer methods)
+    is not used, and importing it costs ~10 ms per process.  `environment`
+    is `client_environment()`, part of the key because a session keeps the
+    credentials it resolved first, and hands them to every later client.
+    `blocking`: botocore's own session, for `BlockingClient`s."""
+    if blocking:
+        from botocore.session import get_session
+    else:
+        from aiobotocore.session import get_session
+
+    session = get_session()
+    key, secret = credentials
+    if key or secret:
+        session.set_credentials(key, secret)
+    if region is not None:
+        session.set_config_variable("region", region)
+    return session
+
+
+def _client_args(settings: AwsSettings, service: str, session: Any, max_pool_connections: int | None) -> dict[str, Any]:
+    """`create_client`'s arguments but the config class: endpoint, region and the config's fields."""
+    endpoint = {
+        "s3": settings.s3_endpoint_url,
+        "dynamodb": settings.dynamodb_endpoint_url,
+        "lambda": settings.lambda_endpoint_url,
+    }[service]
+    config = dict(
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        # total_max_attempts counts the first request too: exactly one try.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=max_pool_connections or settings.max_pool_connections,
+        # S3-compatible servers (moto, SeaweedFS, MinIO) want path-style URLs.
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    region = settings.region or session.get_config_variable("region") or DEFAULT_REGION
+    return {"endpoint_url": endpoint, "region_name": region, "config": config}
 
 
 @asynccontextmanager
@@ -213,25 +260,71 @@ async def client(settings: AwsSettings, service: str, *, max_pool_connections: i
     """
     from aiobotocore.config import AioConfig
 
-    session = _session(settings, service, client_environment())
-    endpoint = {
-        "s3": settings.s3_endpoint_url,
-        "dynamodb": settings.dynamodb_endpoint_url,
-        "lambda": settings.lambda_endpoint_url,
-    }[service]
-    config = AioConfig(
-        connect_timeout=settings.connect_timeout_s,
-        read_timeout=settings.read_timeout_s,
-        # total_max_attempts counts the first request too: exactly one try.
-        retries={"total_max_attempts": 1, "mode": "standard"},
-        max_pool_connections=max_pool_connections or settings.max_pool_connections,
-        # S3-compatible servers (moto, SeaweedFS, MinIO) want path-style URLs.
-        s3={"addressing_style": "path"} if endpoint else None,
-    )
-    region = settings.region or session.region_name or DEFAULT_REGION
-    async with session.client(service, endpoint_url=endpoint, region_name=region, config=config) as c:
-        log.debug("created a %s client (endpoint %s)", service, endpoint or "botocore's")
+    session = _session(_credentials(settings, service), settings.region, client_environment())
+    args = _client_args(settings, service, session, max_pool_connections)
+    args["config"] = AioConfig(**args["config"])
+    async with session.create_client(service, **args) as c:
+        log.debug("created a %s client (endpoint %s)", service, args["endpoint_url"] or "botocore's")
         yield c
+
+
+#: The threads `BlockingClient` calls run in: not the loop's default executor,
+#: whose shutdown at the loop's end would wait for a call abandoned by a
+#: cancelled caller (up to its timeout).
+_BLOCKING_CALLS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="aws-blocking")
+#: botocore's sessions are not thread-safe: its clients are made one at a time.
+_BLOCKING_CREATION = threading.Lock()
+
+
+class BlockingClient:
+    """A botocore (blocking) client awaited like an aiobotocore one: every
+    operation, ``await client.head_object(...)``, runs in a thread.
+
+    For a process whose AWS calls are a few small requests answered by a
+    dict (an embedded coordinator's stat, table check and fences): botocore
+    alone imports in about half the CPU time that aiohttp and aiobotocore
+    add to it (~0.09 s against ~0.17-0.2 s here), a cost on `shardline
+    run`'s path to its first task.
+    Operations only: no streaming bodies (`get_object`), paginators or
+    waiters -- those belong to aiobotocore clients.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    @classmethod
+    async def create(cls, settings: AwsSettings, service: str, *, max_pool_connections: int | None = None) -> Any:
+        """A client for `service`, made in a thread (loading its model is ~25-80 ms of CPU)."""
+        from botocore.config import Config
+
+        def make() -> BlockingClient:
+            with _BLOCKING_CREATION:
+                credentials = _credentials(settings, service)
+                session = _session(credentials, settings.region, client_environment(), blocking=True)
+                args = _client_args(settings, service, session, max_pool_connections)
+                args["config"] = Config(**args["config"])
+                made = cls(session.create_client(service, **args))
+            log.debug("created a blocking %s client (endpoint %s)", service, args["endpoint_url"] or "botocore's")
+            return made
+
+        return await asyncio.get_running_loop().run_in_executor(_BLOCKING_CALLS, make)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("get_paginator", "get_waiter") or name.startswith("_"):
+            raise AttributeError(f"a BlockingClient has no {name!r}: use an aiobotocore client")
+        operation = getattr(self._inner, name)
+        if not callable(operation):  # `meta`, `exceptions`: as they are
+            return operation
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(
+                _BLOCKING_CALLS, functools.partial(operation, *args, **kwargs)
+            )
+
+        return call
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 def error_code(exc: BaseException) -> str:
@@ -291,14 +384,18 @@ def translate_error(exc: BaseException, *, what: str) -> ShardlineError:
 
 
 class LazyClient:
-    """One aiobotocore client for `service`, created on first use (so an
-    owner that never calls costs nothing; concurrent first uses share one)
-    and closed by `aclose()`, after which it refuses to make another."""
+    """One aiobotocore client for `service` (a `BlockingClient` if
+    `blocking`), created on first use (so an owner that never calls costs
+    nothing; concurrent first uses share one) and closed by `aclose()`,
+    after which it refuses to make another."""
 
-    def __init__(self, aws: AwsSettings, service: str, *, max_pool_connections: int | None = None) -> None:
+    def __init__(
+        self, aws: AwsSettings, service: str, *, max_pool_connections: int | None = None, blocking: bool = False
+    ) -> None:
         self._aws = aws
         self._service = service
         self._max_pool_connections = max_pool_connections
+        self._blocking = blocking
         self._exit_stack = AsyncExitStack()
         self._client: Any = None
         self._lock = asyncio.Lock()
@@ -314,7 +411,13 @@ class LazyClient:
             raise RuntimeError(f"the {self._service} client is closed")
         if self._client is None:
             async with self._lock:
-                if self._client is None:
+                if self._client is None and self._blocking:
+                    made = await BlockingClient.create(
+                        self._aws, self._service, max_pool_connections=self._max_pool_connections
+                    )
+                    self._exit_stack.callback(made.close)
+                    self._client = made
+                elif self._client is None:
                     self._client = await self._exit_stack.enter_async_context(
                         client(self._aws, self._service, max_pool_connections=self._max_pool_connections)
                     )
@@ -341,12 +444,16 @@ class ClientPool:
     connections, what that many shards with a client each could hold.
     Other per-process resources (a SQLite store's connection and thread)
     are kept the same way with `shared`.
+
+    `blocking`: its clients are `BlockingClient`s (operations only), for a
+    process that never needs aiobotocore otherwise.
     """
 
-    def __init__(self, *, shards_at_once: int = 1) -> None:
+    def __init__(self, *, shards_at_once: int = 1, blocking: bool = False) -> None:
         if shards_at_once < 1:
             raise ValueError(f"shards_at_once must be >= 1, got {shards_at_once}")
         self._shards_at_once = shards_at_once
+        self._blocking = blocking
         self._clients: dict[tuple[AwsSettings, str], LazyClient] = {}
         self._resources: dict[Hashable, tuple[Any, Callable[[Any], Awaitable[None]]]] = {}
         self._closed = False
@@ -359,7 +466,7 @@ class ClientPool:
         shared = self._clients.get(key)
         if shared is None:
             limit = aws.max_pool_connections * self._shards_at_once
-            shared = self._clients[key] = LazyClient(aws, service, max_pool_connections=limit)
+            shared = self._clients[key] = LazyClient(aws, service, max_pool_connections=limit, blocking=self._blocking)
         return shared
 
     async def get(self, aws: AwsSettings, service: str) -> Any:
