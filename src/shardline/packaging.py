@@ -2,7 +2,7 @@
 
 The zip holds shardline's `worker`, `protocol` and `io` packages (the layers
 a worker may import; a test checks the imports), and the worker's one
-third-party requirement, aioboto3, with its dependencies,
+third-party requirements, aiobotocore and crc32c, with their dependencies,
 installed by pip for Lambda's platform (manylinux, the chosen architecture
 and Python version).  Not included: the coordinator, the CLI, moto, uvloop,
 and awslambdaric (Lambda's Python runtime provides it).
@@ -31,7 +31,7 @@ __all__ = ["HANDLER", "WorkerPackage", "build_worker_zip", "worker_requirements"
 HANDLER = "shardline.worker.lambda_handler.handler"
 #: Third-party distributions the worker imports (the rest of the project's
 #: dependencies serve the coordinator and the embedded mode).
-_WORKER_DISTRIBUTIONS = ("aioboto3", "crc32c")
+_WORKER_DISTRIBUTIONS = ("aiobotocore", "crc32c")
 #: Lambda's limit on a function's unzipped code.
 LAMBDA_UNZIPPED_LIMIT_BYTES = 250 * 1024 * 1024
 _PLATFORMS = {"x86_64": "manylinux2014_x86_64", "arm64": "manylinux2014_aarch64"}

@@ -1,5 +1,5 @@
 """The Lambda test harness itself: real RIE processes behind the Invoke API,
-driven by a real aioboto3 ``lambda`` client.
+driven by a real aiobotocore ``lambda`` client.
 
 The handler is a tiny module written into a temporary directory that is put
 on the RIE processes' PYTHONPATH; one ``dispatch`` function switches on the
@@ -21,9 +21,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import aioboto3
 import pytest
 from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from lambdaemu import LambdaEmulator, RieUnavailableError, find_or_fetch_rie, is_rie_line
@@ -123,10 +123,11 @@ def emulator(rie_binary: Path, probe_dir: Path, tmp_path: Path) -> Iterator[Call
 
 @asynccontextmanager
 async def lambda_client(emu: LambdaEmulator) -> AsyncIterator[Any]:
-    session = aioboto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=emu.region)
+    session = get_session()
+    session.set_credentials("testing", "testing")
     # One attempt: botocore would otherwise retry 429s and hide them.
     config = AioConfig(retries={"total_max_attempts": 1, "mode": "standard"}, read_timeout=60)
-    async with session.client("lambda", endpoint_url=emu.url, config=config) as client:
+    async with session.create_client("lambda", region_name=emu.region, endpoint_url=emu.url, config=config) as client:
         yield client
 
 

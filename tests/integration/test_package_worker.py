@@ -31,7 +31,6 @@ def test_zip_holds_the_worker_and_its_dependencies(worker_package):
         "shardline/worker/_shard.py",
         "shardline/protocol/_frames.py",
         "shardline/io/s3bucket.py",
-        "aioboto3/__init__.py",
         "aiobotocore/__init__.py",
         "botocore/__init__.py",
     ):
@@ -53,12 +52,12 @@ def test_handler_imports_from_the_package_alone(worker_package_dir):
         "import shardline.worker.lambda_handler as h\n"
         "print(json.dumps({'handler': h.handler.__module__, 'file': h.__file__,"
         " 'modules': sorted(m for m in sys.modules if m.split('.')[0] in"
-        " ('shardline', 'moto', 'uvloop', 'aioboto3'))}))"
+        " ('shardline', 'moto', 'uvloop', 'boto3'))}))"
     )
     result = subprocess.run([sys.executable, "-S", "-E", "-c", probe], capture_output=True, text=True, check=True)
     found = json.loads(result.stdout)
     assert found["file"].startswith(str(worker_package_dir))
-    assert not any(m.startswith(("shardline.coordinator", "moto", "uvloop")) for m in found["modules"])
+    assert not any(m.startswith(("shardline.coordinator", "moto", "uvloop", "boto3")) for m in found["modules"])
 
 
 def test_cli_writes_the_zip(tmp_path):

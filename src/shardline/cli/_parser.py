@@ -332,7 +332,7 @@ def _add_package_worker(sub: Subcommands) -> None:
         "package-worker",
         help="build the AWS Lambda deployment zip of the worker",
         description="Build a Lambda deployment zip holding only what the worker needs: shardline's worker and "
-        "protocol code and aioboto3 with its dependencies, fetched by pip for Lambda's platform. The handler is "
+        "protocol code and aiobotocore with its dependencies, fetched by pip for Lambda's platform. The handler is "
         "shardline.worker.lambda_handler.handler (runtime python3.11). deploy/README.md shows how to deploy it.",
     )
     package.add_argument(

@@ -12,7 +12,7 @@
 #   one, ``cancel ID`` cancels it (its command and what that started end
 #   before the answer), and every task is answered by one stdout line
 #   ``{"id": ID, "ok": bool, "detail": str}`` when it ends.  Importing
-#   aioboto3 costs about half a CPU-second (paid by the first task that
+#   aiobotocore costs about a quarter of a CPU-second (paid by the first task that
 #   needs AWS), so a process is reused rather than started per shard.  The
 #   parent's end of stdin is the lifeline: EOF (the coordinator exited, even
 #   by SIGKILL) cancels every running task and exits; SIGTERM does the same.
@@ -276,7 +276,7 @@ def _warm_services(options: list[str]) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    # aioboto3 (about half a CPU-second of imports) is not imported here: a
+    # aiobotocore (about a quarter of a CPU-second of imports) is not imported here: a
     # task that reads S3 or DynamoDB loads it on first use, once per process,
     # and a local file's task (the first run a newcomer makes) never does --
     # unless the coordinator, starting us ahead of an AWS job, asks us to make

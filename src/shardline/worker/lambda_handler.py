@@ -95,7 +95,7 @@ def _configure_logging(**fields: Any) -> None:
         end = "" if isinstance(log_handler, logging.StreamHandler) else "\n"
         log_handler.setFormatter(JsonLogFormatter(end=end, **fields))
     root.setLevel(os.environ.get("SHARDLINE_LOG_LEVEL", "INFO").upper())
-    for noisy in ("botocore", "aiobotocore", "aioboto3", "urllib3"):
+    for noisy in ("botocore", "aiobotocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
