@@ -50,8 +50,8 @@ async def download_range(
 
 
 async def _main(args: argparse.Namespace) -> dict:
-    import aioboto3
     from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
 
     t_imported = time.monotonic()
     config = AioConfig(
@@ -60,7 +60,7 @@ async def _main(args: argparse.Namespace) -> dict:
         connect_timeout=10,
         read_timeout=60,
     )
-    async with aioboto3.Session().client("s3", config=config) as client:
+    async with get_session().create_client("s3", config=config) as client:
         if args.wait_go:
             # Ready: let the parent start every downloader at once, none of them
             # downloading while another still imports.

@@ -1,4 +1,4 @@
-"""One worker's download path against the bare aioboto3 ceiling, in one process.
+"""One worker's download path against the bare aiobotocore ceiling, in one process.
 
 `throughput.py` times whole commands, so process start-up, the spool and the
 coordinator all count.  This isolates the piece DESIGN §4 makes a promise

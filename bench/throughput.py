@@ -7,7 +7,7 @@ gateway on 127.0.0.1).  For every shard count N in `--shards`, two strategies
 are timed alternately (raw, shardline, raw, shardline, ...) `--repeat` times,
 so machine noise hits both alike:
 
-* raw -- the ceiling: N worker processes (`bench/_rawget.py`, aioboto3 from
+* raw -- the ceiling: N worker processes (`bench/_rawget.py`, aiobotocore from
   the same venv), worker i downloading its nominal byte range
   [i*size//N, (i+1)*size//N) in parts of `--part-mib` MiB with `--inflight`
   ranged GETs outstanding, each GET read completely into memory and dropped.
@@ -590,7 +590,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        import aioboto3  # noqa: F401
+        import aiobotocore  # noqa: F401
         import boto3  # noqa: F401
     except ImportError as exc:
         sys.exit(f"{exc}: run with the dev venv, e.g. .venv/bin/python bench/throughput.py")

@@ -199,7 +199,7 @@ def test_coordinator_serves_jobs_healthy_and_stops_cleanly(coordinator_image: st
 
 _HANDLER_CHECK = r"""
 import importlib.util, json
-import aioboto3
+import aiobotocore
 from shardline.worker import lambda_handler
 
 assert importlib.util.find_spec("moto") is None, "moto must not be in the worker image"
