@@ -24,6 +24,9 @@ from shardline.worker import _exchange, _main, _shard
 
 MiB = 1024 * 1024
 ENV = "SHARDLINE_BENCH_TIMELINE"
+#: While the file this names exists, outputs are not pre-allocated (A/B runs
+#: of `delivery.py --compare-preallocation`, worker processes included).
+NO_PREALLOCATE_ENV = "SHARDLINE_BENCH_NO_PREALLOCATE"
 
 #: (label, monotonic time) per shard index.
 EVENTS: dict[int, list[tuple[str, float]]] = defaultdict(list)
@@ -133,9 +136,12 @@ def instrument() -> None:
     aws.LazyClient.get = lazy_get  # type: ignore[method-assign]
     original_run_task = _shard.run_task
     dump = os.environ.get(ENV)
+    fallocate = shardoutput._fallocate
 
     async def run_task(task, **kwargs):  # type: ignore[no-untyped-def]
         _SHARD.set(task.shard)
+        if no_preallocate := os.environ.get(NO_PREALLOCATE_ENV):
+            shardoutput._fallocate = None if os.path.exists(no_preallocate) else fallocate
         _stamp("run_task begin")
         try:
             return await original_run_task(task, **kwargs)

@@ -14,6 +14,8 @@ or headers (raw) and last byte, and for shardline the exchange session, the
 boundary published, own range, tail, DONE acknowledged, plus its output
 writes' and checksum updates' total time.  The stamps come from wrappers
 around shardline's functions (`_timeline.py`; nothing else changes).
+`--compare-preallocation` runs shardline twice per repetition, without and
+with the output's pre-allocation (`PassthroughOutput(expected_bytes=...)`).
 `--profile FILE` also writes cProfiles (CPU time of the harness's event-loop
 thread) of the shardline runs to FILE and of the raw runs to FILE.raw.
 """
@@ -150,7 +152,9 @@ async def shardline_once(
     return [(starts[i + 1] - starts[i]) / MiB / (b - a) for i, (a, b) in enumerate(result.spans)]
 
 
-async def main_async(args: argparse.Namespace, aws: AwsSettings, size: int, etag: str, timeline: str) -> None:
+async def main_async(
+    args: argparse.Namespace, aws: AwsSettings, size: int, etag: str, timeline: str, no_preallocate: str
+) -> None:
     plan = Plan(
         bucket=throughput.BUCKET,
         key="bulk",
@@ -169,14 +173,26 @@ async def main_async(args: argparse.Namespace, aws: AwsSettings, size: int, etag
         await shardline_once(plan, size, None, pool, timeline)
         raw_rates: list[float] = []
         ours_rates: list[float] = []
+        unallocated_rates: list[float] = []
         for rep in range(args.repeat):
             print(f"repetition {rep}")
             rates = await raw_once(plan, size, etag, raw_profiler)
             raw_rates.append(statistics.median(rates))
             print(f"  raw MiB/s per worker: {[round(r, 1) for r in rates]}")
-            rates = await shardline_once(plan, size, profiler, pool, timeline)
-            ours_rates.append(statistics.median(rates))
-            print(f"  shardline MiB/s per worker: {[round(r, 1) for r in rates]}")
+            # Without pre-allocation first in even repetitions, second in odd ones.
+            for allocated in (True, False) if rep % 2 else (False, True):
+                if allocated:
+                    rates = await shardline_once(plan, size, profiler, pool, timeline)
+                    ours_rates.append(statistics.median(rates))
+                    print(f"  shardline MiB/s per worker: {[round(r, 1) for r in rates]}")
+                elif args.compare_preallocation:
+                    Path(no_preallocate).touch()
+                    try:
+                        rates = await shardline_once(plan, size, None, pool, timeline)
+                    finally:
+                        os.unlink(no_preallocate)
+                    unallocated_rates.append(statistics.median(rates))
+                    print(f"  shardline without pre-allocation MiB/s per worker: {[round(r, 1) for r in rates]}")
     finally:
         if pool is not None:
             await pool.shutdown()
@@ -185,6 +201,12 @@ async def main_async(args: argparse.Namespace, aws: AwsSettings, size: int, etag
         f"median per-worker MiB/s: raw {statistics.median(raw_rates):.1f}, shardline "
         f"{statistics.median(ours_rates):.1f}; median of the per-repetition ratios {statistics.median(ratios):.3f}"
     )
+    if unallocated_rates:
+        ratios = [u / r for u, r in zip(unallocated_rates, raw_rates, strict=True)]
+        print(
+            f"without pre-allocation: shardline {statistics.median(unallocated_rates):.1f} MiB/s per worker,"
+            f" median of the per-repetition ratios {statistics.median(ratios):.3f}"
+        )
     if profiler is not None:
         profiler.dump_stats(args.profile)
         assert raw_profiler is not None
@@ -199,6 +221,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", default=None, metavar="FILE")
     parser.add_argument(
+        "--compare-preallocation",
+        action="store_true",
+        help="each repetition also runs shardline without pre-allocating its outputs",
+    )
+    parser.add_argument(
         "--workers",
         choices=["inprocess", "process"],
         default="inprocess",
@@ -210,6 +237,8 @@ def main() -> int:
     timeline = os.path.join(scratch, "timeline.jsonl")
     # Worker processes (inherit this environment) instrument themselves and write here.
     os.environ[_timeline.ENV] = timeline
+    no_preallocate = os.path.join(scratch, "no-preallocate")
+    os.environ[_timeline.NO_PREALLOCATE_ENV] = no_preallocate
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (_timeline.site_dir(scratch), os.environ.get("PYTHONPATH")) if p
     )
@@ -235,7 +264,7 @@ def main() -> int:
         )
         import uvloop
 
-        uvloop.run(main_async(args, aws, len(data), etag, timeline))
+        uvloop.run(main_async(args, aws, len(data), etag, timeline, no_preallocate))
     finally:
         moto.stop()
         seaweed.stop()

@@ -3,22 +3,66 @@
 # finish, abort).  `PassthroughOutput` copies them unchanged into the output
 # file, writing in a worker thread so a slow disk never stalls the event loop;
 # `command.CommandOutput` feeds them to a shell command.
+#
+# Pre-allocation: the output usually lives on tmpfs (the memory spool), where
+# a write into pages the file does not have yet costs two to three times the
+# copy itself (the kernel allocates and zeroes each page; 40-55 ms against
+# 17 ms for 128 MiB into pages already there, on this project's 2-core VM).
+# Given the size it expects, `PassthroughOutput` has a thread allocate the
+# file's pages ahead of the writes (Linux `fallocate` with KEEP_SIZE, one
+# chunk at a time) from the moment it opens: that work then runs while the
+# first GETs wait for their first byte and beside the event loop, instead of
+# inside each write, which holds its part buffer -- and so the next GET --
+# until it returns.  KEEP_SIZE never changes the file's size or any byte in
+# it, so the writes (and a reader of the finished file) see only what was
+# written; `finish` frees pages allocated past the end.
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import ctypes
 import enum
 import logging
 import os
+import sys
+import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import BinaryIO, Self
 
 from ..errors import StorageError
+from .aio import wait_uncancellable
 
 __all__ = ["PassthroughOutput", "ShardOutput", "State", "storage_error"]
 
 log = logging.getLogger("shardline.io.shardoutput")
+
+#: `PassthroughOutput` pre-allocates this much per step, and only outputs
+#: expected to be at least this large (a thread is not worth it for less).
+PREALLOCATE_CHUNK_BYTES = 8 * 1024 * 1024
+
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux's fallocate(2) (ctypes releases the GIL around the call), or None.
+
+    Not `os.posix_fallocate`: where a file system lacks fallocate, glibc
+    emulates it by writing into the file, which would race with our writes.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
 
 
 class State(enum.Enum):
@@ -98,13 +142,50 @@ def storage_error(action: str, path: str, exc: OSError) -> StorageError:
     return StorageError(f"cannot {action} shard output {path!r}: {exc.strerror or exc}")
 
 
-class PassthroughOutput(ShardOutput):
-    """Writes the input unchanged to `output_path` (created or truncated)."""
+class _Preallocator:
+    """Allocates a file's pages [0, size) ahead of its writes, in a thread.
 
-    def __init__(self, output_path: str | os.PathLike[str]) -> None:
+    A hint only: it stops at the first error (a file system without
+    fallocate, no space: the writes then allocate, or fail, on their own).
+    """
+
+    def __init__(self, fd: int, size_bytes: int) -> None:
+        self._fd = fd
+        self._size_bytes = size_bytes
+        self._stopping = threading.Event()
+        #: Bytes allocated so far (for tests and the bench).
+        self.allocated_bytes = 0
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().run_in_executor(None, self._run)
+
+    def _run(self) -> None:
+        assert _fallocate is not None
+        while self.allocated_bytes < self._size_bytes and not self._stopping.is_set():
+            length = min(PREALLOCATE_CHUNK_BYTES, self._size_bytes - self.allocated_bytes)
+            if _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, self.allocated_bytes, length) != 0:
+                log.debug("pre-allocating %d bytes stopped: %s", self._size_bytes, os.strerror(ctypes.get_errno()))
+                return
+            self.allocated_bytes += length
+
+    def stop(self) -> asyncio.Future[None]:
+        """Stop after the current step; the thread's end, to await before the fd closes."""
+        self._stopping.set()
+        return self._done
+
+
+class PassthroughOutput(ShardOutput):
+    """Writes the input unchanged to `output_path` (created or truncated).
+
+    With `expected_bytes` (the size the output will probably have), the
+    file's pages are allocated ahead of the writes (see the module comment);
+    the output's bytes and size are the same either way.
+    """
+
+    def __init__(self, output_path: str | os.PathLike[str], *, expected_bytes: int | None = None) -> None:
         super().__init__()
         self._path = os.fspath(output_path)
+        self._expected_bytes = expected_bytes
         self._file: BinaryIO | None = None
+        self._preallocator: _Preallocator | None = None
         # The write running in a worker thread; an abort waits for it rather
         # than closing the file under its feet.
         self._pending_write: asyncio.Future[int] | None = None
@@ -118,6 +199,14 @@ class PassthroughOutput(ShardOutput):
         except OSError as exc:
             self._state = State.CLOSED
             raise storage_error("open", self._path, exc) from exc
+        if _fallocate is not None and (self._expected_bytes or 0) >= PREALLOCATE_CHUNK_BYTES:
+            assert self._expected_bytes is not None
+            self._preallocator = _Preallocator(self._file.fileno(), self._expected_bytes)
+
+    @property
+    def preallocated_bytes(self) -> int:
+        """Bytes of the file allocated ahead of its writes so far."""
+        return 0 if self._preallocator is None else self._preallocator.allocated_bytes
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self._require_running("write to")
@@ -138,7 +227,8 @@ class PassthroughOutput(ShardOutput):
         self._advance(State.RUNNING, State.FINISHING, "finish")
         assert self._file is not None
         try:
-            await asyncio.to_thread(self._file.close)  # flushes
+            await self._stop_preallocating()
+            await asyncio.to_thread(self._close, self._file)
         except OSError as exc:
             await self.aclose()
             raise storage_error("write", self._path, exc) from exc
@@ -149,7 +239,19 @@ class PassthroughOutput(ShardOutput):
         self._state = State.FINISHED
         return self.bytes_in
 
+    async def _stop_preallocating(self) -> None:
+        if self._preallocator is not None:
+            await wait_uncancellable(self._preallocator.stop())
+
+    def _close(self, file: BinaryIO) -> None:
+        """Flush and close; first free what was allocated past the end (thread pool)."""
+        if self._preallocator is not None and self._preallocator.allocated_bytes > self.bytes_in:
+            file.flush()
+            os.ftruncate(file.fileno(), self.bytes_in)
+        file.close()
+
     async def _abort(self) -> None:
+        await self._stop_preallocating()
         if self._pending_write is not None:
             await asyncio.wait({self._pending_write})
             if not self._pending_write.cancelled():

@@ -251,7 +251,8 @@ def _remove_quietly(path: str) -> None:
 
 def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) -> ShardOutput:
     if task.command is None:
-        return PassthroughOutput(output_path)
+        # The output is about the shard's range: its pages are allocated ahead of the writes.
+        return PassthroughOutput(output_path, expected_bytes=task.range.end - task.range.start)
     env = {
         "SHARDLINE_JOB_ID": task.job_id,
         "SHARDLINE_SHARD": str(task.shard),

@@ -1,0 +1,112 @@
+"""`PassthroughOutput`'s pre-allocation: a hint that changes where the
+kernel's page allocation happens, never what the file holds.
+
+Each case writes real files (the test's directory, and tmpfs, where the
+shard outputs usually live) and checks the bytes and the size, whatever
+the expected size said; nothing is asserted about how long anything took.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardline.io import shardoutput
+from shardline.io.shardoutput import PREALLOCATE_CHUNK_BYTES, PassthroughOutput
+
+from polling import eventually
+
+MIB = 1024 * 1024
+
+needs_fallocate = pytest.mark.skipif(shardoutput._fallocate is None, reason="needs Linux fallocate(2)")
+
+
+@pytest.fixture(params=["tmp_path", "tmpfs"])
+def directory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """The test's directory, or one on tmpfs (/dev/shm, the memory spool's file system)."""
+    if request.param == "tmp_path":
+        yield tmp_path
+        return
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    shm = Path(tempfile.mkdtemp(prefix="shardline-test-", dir="/dev/shm"))
+    try:
+        yield shm
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+@needs_fallocate
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (0, 16 * MIB),  # nothing written at all
+        (3 * MIB + 5, 24 * MIB),  # far less than expected
+        (16 * MIB, 16 * MIB),  # exactly as expected
+        (20 * MIB + 1, 8 * MIB),  # more than expected: the writes allocate the rest
+    ],
+    ids=["empty", "smaller", "exact", "larger"],
+)
+async def test_a_preallocated_output_holds_exactly_what_was_written(directory: Path, size: int, expected: int) -> None:
+    data = random.Random(size).randbytes(size)
+    path = directory / "out"
+    path.write_bytes(b"stale content, longer than nothing" * 1000)
+    async with PassthroughOutput(path, expected_bytes=expected) as output:
+        # The first writes go into allocated pages, the later ones race the allocation.
+        await eventually(lambda: output.preallocated_bytes >= PREALLOCATE_CHUNK_BYTES, "a chunk was allocated")
+        for offset in range(0, size, 3 * MIB):
+            await output.write(memoryview(data)[offset : offset + 3 * MIB])
+        assert await output.finish() == size
+    assert path.stat().st_size == size
+    assert path.read_bytes() == data
+
+
+@needs_fallocate
+@pytest.mark.parametrize("directory", ["tmpfs"], indirect=True)
+async def test_pages_allocated_past_the_end_are_freed_at_finish(directory: Path) -> None:
+    path = directory / "out"
+    async with PassthroughOutput(path, expected_bytes=64 * MIB) as output:
+        await output.write(b"x" * MIB)
+        await eventually(lambda: output.preallocated_bytes == 64 * MIB, "the 64 MiB were allocated")
+        assert path.stat().st_size == MIB  # KEEP_SIZE: the size is what was written
+        assert path.stat().st_blocks * 512 >= 64 * MIB
+        await output.finish()
+    # tmpfs counts the pages it holds; past the end there are none left.
+    assert path.stat().st_blocks * 512 <= MIB + PREALLOCATE_CHUNK_BYTES // 8
+
+
+@needs_fallocate
+async def test_an_abort_waits_for_the_preallocation_and_keeps_the_written_bytes(directory: Path) -> None:
+    path = directory / "out"
+    output = PassthroughOutput(path, expected_bytes=256 * MIB)
+    await output.start()
+    await output.write(b"partial\n")
+    await output.aclose()  # while the allocation may still be running
+    await output.aclose()
+    assert path.read_bytes() == b"partial\n"
+    allocated = output.preallocated_bytes
+    assert allocated % PREALLOCATE_CHUNK_BYTES == 0 and allocated <= 256 * MIB
+
+
+async def test_small_or_unknown_outputs_are_not_preallocated(tmp_path: Path) -> None:
+    for expected in (None, 0, PREALLOCATE_CHUNK_BYTES - 1):
+        async with PassthroughOutput(tmp_path / "out", expected_bytes=expected) as output:
+            await output.write(b"line\n")
+            await output.finish()
+            assert output.preallocated_bytes == 0
+        assert (tmp_path / "out").read_bytes() == b"line\n"
+
+
+async def test_without_fallocate_the_output_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shardoutput, "_fallocate", None)  # as on a platform without it
+    data = random.Random(7).randbytes(9 * MIB)
+    async with PassthroughOutput(tmp_path / "out", expected_bytes=16 * MIB) as output:
+        await output.write(data)
+        await output.finish()
+        assert output.preallocated_bytes == 0
+    assert (tmp_path / "out").read_bytes() == data
