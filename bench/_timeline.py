@@ -104,10 +104,10 @@ def instrument() -> None:
 
     original_write = shardoutput.PassthroughOutput.write
 
-    async def write(self, data):  # type: ignore[no-untyped-def]
+    async def write(self, data, **kwargs):  # type: ignore[no-untyped-def]
         t = time.monotonic()
         try:
-            return await original_write(self, data)
+            return await original_write(self, data, **kwargs)
         finally:
             WRITES.append((memoryview(data).nbytes, time.monotonic() - t))
 

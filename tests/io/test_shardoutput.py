@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
 
 from shardline.io import shardoutput
+from shardline.io.checksum import Crc32c
 from shardline.io.shardoutput import PREALLOCATE_CHUNK_BYTES, PassthroughOutput
 
 from polling import eventually
@@ -110,3 +112,18 @@ async def test_without_fallocate_the_output_is_the_same(tmp_path: Path, monkeypa
         await output.finish()
         assert output.preallocated_bytes == 0
     assert (tmp_path / "out").read_bytes() == data
+
+
+async def test_a_write_with_a_checksum_adds_exactly_the_written_bytes(directory: Path) -> None:
+    data = random.Random(3).randbytes(10 * MIB + 3)
+    crc = Crc32c()
+    buffer = bytearray(MIB)
+    async with PassthroughOutput(directory / "out", expected_bytes=len(data)) as output:
+        await output.write(b"")  # nothing written, nothing added
+        for offset in range(0, len(data), MIB):
+            piece = data[offset : offset + MIB]
+            buffer[: len(piece)] = piece  # one reused buffer, as the reader's parts
+            await output.write(memoryview(buffer)[: len(piece)], checksum=crc)
+        await output.finish()
+    assert crc.value == crc32c(data)
+    assert (directory / "out").read_bytes() == data

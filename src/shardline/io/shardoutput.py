@@ -33,6 +33,7 @@ from typing import BinaryIO, Self
 
 from ..errors import StorageError
 from .aio import wait_uncancellable
+from .checksum import Crc32c
 
 __all__ = ["PassthroughOutput", "ShardOutput", "State", "storage_error"]
 
@@ -188,7 +189,7 @@ class PassthroughOutput(ShardOutput):
         self._preallocator: _Preallocator | None = None
         # The write running in a worker thread; an abort waits for it rather
         # than closing the file under its feet.
-        self._pending_write: asyncio.Future[int] | None = None
+        self._pending_write: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         self._advance(State.NEW, State.RUNNING, "start")
@@ -208,13 +209,16 @@ class PassthroughOutput(ShardOutput):
         """Bytes of the file allocated ahead of its writes so far."""
         return 0 if self._preallocator is None else self._preallocator.allocated_bytes
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
+    async def write(self, data: bytes | bytearray | memoryview, *, checksum: Crc32c | None = None) -> None:
+        """`ShardOutput.write`; with `checksum`, `data` is also added to it
+        in the same hop to the thread pool, after the write: CRC32C releases
+        the GIL, so it runs beside the event loop instead of on it."""
         self._require_running("write to")
         assert self._file is not None
         size = memoryview(data).nbytes
         if not size:
             return
-        self._pending_write = asyncio.ensure_future(asyncio.to_thread(self._file.write, data))
+        self._pending_write = asyncio.ensure_future(asyncio.to_thread(self._write, self._file, data, checksum))
         try:
             # Shielded: if we are cancelled the thread keeps writing anyway,
             # and `_abort()` waits for it.
@@ -222,6 +226,12 @@ class PassthroughOutput(ShardOutput):
         except OSError as exc:
             raise storage_error("write", self._path, exc) from exc
         self.bytes_in += size
+
+    @staticmethod
+    def _write(file: BinaryIO, data: bytes | bytearray | memoryview, checksum: Crc32c | None) -> None:
+        file.write(data)
+        if checksum is not None:
+            checksum.update(data)
 
     async def finish(self) -> int:
         self._advance(State.RUNNING, State.FINISHING, "finish")
