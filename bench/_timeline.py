@@ -24,14 +24,16 @@ from shardline.worker import _exchange, _main, _shard
 
 MiB = 1024 * 1024
 ENV = "SHARDLINE_BENCH_TIMELINE"
-#: While the file this names exists, outputs are not pre-allocated (A/B runs
-#: of `delivery.py --compare-preallocation`, worker processes included).
-NO_PREALLOCATE_ENV = "SHARDLINE_BENCH_NO_PREALLOCATE"
+#: While the file this names exists, the feature it names is off in the next
+#: attempts: "preallocation" (outputs not pre-allocated).  For the A/B runs of
+#: `delivery.py --compare FEATURE`, worker processes included.
+WITHOUT_ENV = "SHARDLINE_BENCH_WITHOUT"
 
 #: (label, monotonic time) per shard index.
 EVENTS: dict[int, list[tuple[str, float]]] = defaultdict(list)
-#: (bytes, seconds) of every output write; seconds of every checksum update.
-WRITES: list[tuple[int, float]] = []
+#: (bytes, seconds, whether the file's pages were already allocated for
+#: all of it) of every output write; seconds of every checksum update.
+WRITES: list[tuple[int, float, bool]] = []
 CRCS: list[float] = []
 #: The shard the current task works for (so a GET knows whose it is).
 _SHARD: contextvars.ContextVar[int] = contextvars.ContextVar("shard", default=-1)
@@ -105,11 +107,13 @@ def instrument() -> None:
     original_write = shardoutput.PassthroughOutput.write
 
     async def write(self, data, **kwargs):  # type: ignore[no-untyped-def]
+        size = memoryview(data).nbytes
+        allocated = self.preallocated_bytes >= self.bytes_in + size
         t = time.monotonic()
         try:
             return await original_write(self, data, **kwargs)
         finally:
-            WRITES.append((memoryview(data).nbytes, time.monotonic() - t))
+            WRITES.append((size, time.monotonic() - t, allocated))
 
     shardoutput.PassthroughOutput.write = write  # type: ignore[method-assign]
     original_update = checksum.Crc32c.update
@@ -140,8 +144,12 @@ def instrument() -> None:
 
     async def run_task(task, **kwargs):  # type: ignore[no-untyped-def]
         _SHARD.set(task.shard)
-        if no_preallocate := os.environ.get(NO_PREALLOCATE_ENV):
-            shardoutput._fallocate = None if os.path.exists(no_preallocate) else fallocate
+        if flag := os.environ.get(WITHOUT_ENV):
+            try:
+                without = Path(flag).read_text()
+            except FileNotFoundError:
+                without = ""
+            shardoutput._fallocate = None if without == "preallocation" else fallocate
         _stamp("run_task begin")
         try:
             return await original_run_task(task, **kwargs)
