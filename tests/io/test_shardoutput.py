@@ -19,7 +19,7 @@ from crc32c import crc32c
 
 from shardline.io import shardoutput
 from shardline.io.checksum import Crc32c
-from shardline.io.shardoutput import PREALLOCATE_CHUNK_BYTES, PassthroughOutput
+from shardline.io.shardoutput import PREALLOCATE_AHEAD_BYTES, PREALLOCATE_CHUNK_BYTES, PassthroughOutput
 
 from polling import eventually
 
@@ -74,9 +74,9 @@ async def test_pages_allocated_past_the_end_are_freed_at_finish(directory: Path)
     path = directory / "out"
     async with PassthroughOutput(path, expected_bytes=64 * MIB) as output:
         await output.write(b"x" * MIB)
-        await eventually(lambda: output.preallocated_bytes == 64 * MIB, "the 64 MiB were allocated")
+        await eventually(lambda: output.preallocated_bytes >= PREALLOCATE_AHEAD_BYTES, "a budget was allocated")
         assert path.stat().st_size == MIB  # KEEP_SIZE: the size is what was written
-        assert path.stat().st_blocks * 512 >= 64 * MIB
+        assert path.stat().st_blocks * 512 >= PREALLOCATE_AHEAD_BYTES
         await output.finish()
     # tmpfs counts the pages it holds; past the end there are none left.
     assert path.stat().st_blocks * 512 <= MIB + PREALLOCATE_CHUNK_BYTES // 8
@@ -127,3 +127,23 @@ async def test_a_write_with_a_checksum_adds_exactly_the_written_bytes(directory:
         await output.finish()
     assert crc.value == crc32c(data)
     assert (directory / "out").read_bytes() == data
+
+
+@needs_fallocate
+async def test_the_allocation_follows_the_writes_at_most_a_budget_ahead(directory: Path) -> None:
+    expected = 4 * PREALLOCATE_AHEAD_BYTES
+    chunk = bytes(3 * MIB)
+
+    def bound(output: PassthroughOutput) -> int:
+        return min(expected, output.bytes_in + PREALLOCATE_AHEAD_BYTES + PREALLOCATE_CHUNK_BYTES)
+
+    async with PassthroughOutput(directory / "out", expected_bytes=expected) as output:
+        await eventually(lambda: output.preallocated_bytes >= PREALLOCATE_AHEAD_BYTES, "the first budget")
+        assert output.preallocated_bytes <= bound(output)
+        while output.bytes_in < expected - len(chunk):
+            await output.write(chunk)
+            assert output.preallocated_bytes <= bound(output)
+        # It keeps up: everything expected ends up allocated.
+        await eventually(lambda: output.preallocated_bytes == expected, "the whole expected size")
+        await output.finish()
+    assert (directory / "out").stat().st_size == output.bytes_in

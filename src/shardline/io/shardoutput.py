@@ -8,14 +8,15 @@
 # a write into pages the file does not have yet costs two to three times the
 # copy itself (the kernel allocates and zeroes each page; 40-55 ms against
 # 17 ms for 128 MiB into pages already there, on this project's 2-core VM).
-# Given the size it expects, `PassthroughOutput` has a thread allocate the
-# file's pages ahead of the writes (Linux `fallocate` with KEEP_SIZE, one
-# chunk at a time) from the moment it opens: that work then runs while the
-# first GETs wait for their first byte and beside the event loop, instead of
-# inside each write, which holds its part buffer -- and so the next GET --
-# until it returns.  KEEP_SIZE never changes the file's size or any byte in
-# it, so the writes (and a reader of the finished file) see only what was
-# written; `finish` frees pages allocated past the end.
+# Given the size it expects, `PassthroughOutput` has the thread pool
+# allocate the file's pages ahead of the writes (Linux `fallocate` with
+# KEEP_SIZE, one chunk at a time, at most a reader's budget ahead) from the
+# moment it opens: that work then runs while the first GETs wait for their
+# first byte and beside the event loop, instead of inside each write, which
+# holds its part buffer -- and so the next GET -- until it returns.
+# KEEP_SIZE never changes the file's size or any byte in it, so the writes
+# (and a reader of the finished file) see only what was written; `finish`
+# frees pages allocated past the end.
 
 from __future__ import annotations
 
@@ -26,13 +27,12 @@ import enum
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import BinaryIO, Self
 
 from ..errors import StorageError
-from .aio import wait_uncancellable
+from ..protocol import DEFAULT_MAX_IN_FLIGHT_BYTES
 from .checksum import Crc32c
 
 __all__ = ["PassthroughOutput", "ShardOutput", "State", "storage_error"]
@@ -42,6 +42,9 @@ log = logging.getLogger("shardline.io.shardoutput")
 #: `PassthroughOutput` pre-allocates this much per step, and only outputs
 #: expected to be at least this large (a thread is not worth it for less).
 PREALLOCATE_CHUNK_BYTES = 8 * 1024 * 1024
+#: ... and at most this far ahead of its writes: a reader's parts in flight,
+#: the bytes the next writes will bring.
+PREALLOCATE_AHEAD_BYTES = DEFAULT_MAX_IN_FLIGHT_BYTES
 
 _FALLOC_FL_KEEP_SIZE = 1
 
@@ -144,33 +147,56 @@ def storage_error(action: str, path: str, exc: OSError) -> StorageError:
 
 
 class _Preallocator:
-    """Allocates a file's pages [0, size) ahead of its writes, in a thread.
+    """Allocates a file's pages [0, size) in steps run in the thread pool,
+    staying at most `ahead_bytes` ahead of what was written (`wrote`).
 
+    Bounded so that its first steps -- the ones running while the first GETs
+    are sent and answered -- take a few milliseconds of CPU, not one per
+    MiB of the whole output; later steps follow the writes, one at a time.
     A hint only: it stops at the first error (a file system without
     fallocate, no space: the writes then allocate, or fail, on their own).
     """
 
-    def __init__(self, fd: int, size_bytes: int) -> None:
+    def __init__(self, fd: int, size_bytes: int, ahead_bytes: int) -> None:
         self._fd = fd
         self._size_bytes = size_bytes
-        self._stopping = threading.Event()
+        self._ahead_bytes = ahead_bytes
+        self._target_bytes = min(size_bytes, ahead_bytes)
+        self._stopped = False
+        self._step: asyncio.Future[int] | None = None
         #: Bytes allocated so far (for tests and the bench).
         self.allocated_bytes = 0
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().run_in_executor(None, self._run)
+        self._next_step()
 
-    def _run(self) -> None:
+    def wrote(self, end: int) -> None:
+        """The file now holds [0, end): allocate up to `ahead_bytes` past it."""
+        self._target_bytes = max(self._target_bytes, min(self._size_bytes, end + self._ahead_bytes))
+        self._next_step()
+
+    def _next_step(self) -> None:
+        if self._stopped or self._step is not None or self.allocated_bytes >= self._target_bytes:
+            return
         assert _fallocate is not None
-        while self.allocated_bytes < self._size_bytes and not self._stopping.is_set():
-            length = min(PREALLOCATE_CHUNK_BYTES, self._size_bytes - self.allocated_bytes)
-            if _fallocate(self._fd, _FALLOC_FL_KEEP_SIZE, self.allocated_bytes, length) != 0:
-                log.debug("pre-allocating %d bytes stopped: %s", self._size_bytes, os.strerror(ctypes.get_errno()))
-                return
-            self.allocated_bytes += length
+        length = min(PREALLOCATE_CHUNK_BYTES, self._size_bytes - self.allocated_bytes)
+        step = asyncio.get_running_loop().run_in_executor(
+            None, _fallocate, self._fd, _FALLOC_FL_KEEP_SIZE, self.allocated_bytes, length
+        )
+        step.add_done_callback(lambda done: self._stepped(done, length))
+        self._step = step
 
-    def stop(self) -> asyncio.Future[None]:
-        """Stop after the current step; the thread's end, to await before the fd closes."""
-        self._stopping.set()
-        return self._done
+    def _stepped(self, step: asyncio.Future[int], length: int) -> None:
+        self._step = None
+        if step.cancelled() or step.exception() is not None or step.result() != 0:
+            log.debug("pre-allocating %d bytes stopped at %d", self._size_bytes, self.allocated_bytes)
+            self._stopped = True
+            return
+        self.allocated_bytes += length
+        self._next_step()
+
+    def stop(self) -> asyncio.Future[int] | None:
+        """Take no further step; the one still running, to await before the fd closes."""
+        self._stopped = True
+        return self._step
 
 
 class PassthroughOutput(ShardOutput):
@@ -202,7 +228,9 @@ class PassthroughOutput(ShardOutput):
             raise storage_error("open", self._path, exc) from exc
         if _fallocate is not None and (self._expected_bytes or 0) >= PREALLOCATE_CHUNK_BYTES:
             assert self._expected_bytes is not None
-            self._preallocator = _Preallocator(self._file.fileno(), self._expected_bytes)
+            self._preallocator = _Preallocator(
+                self._file.fileno(), self._expected_bytes, ahead_bytes=PREALLOCATE_AHEAD_BYTES
+            )
 
     @property
     def preallocated_bytes(self) -> int:
@@ -226,6 +254,8 @@ class PassthroughOutput(ShardOutput):
         except OSError as exc:
             raise storage_error("write", self._path, exc) from exc
         self.bytes_in += size
+        if self._preallocator is not None:
+            self._preallocator.wrote(self.bytes_in)
 
     @staticmethod
     def _write(file: BinaryIO, data: bytes | bytearray | memoryview, checksum: Crc32c | None) -> None:
@@ -250,12 +280,13 @@ class PassthroughOutput(ShardOutput):
         return self.bytes_in
 
     async def _stop_preallocating(self) -> None:
-        if self._preallocator is not None:
-            await wait_uncancellable(self._preallocator.stop())
+        step = None if self._preallocator is None else self._preallocator.stop()
+        if step is not None:
+            await asyncio.wait({step})  # its outcome is the step's own (`_stepped`)
 
     def _close(self, file: BinaryIO) -> None:
         """Flush and close; first free what was allocated past the end (thread pool)."""
-        if self._preallocator is not None and self._preallocator.allocated_bytes > self.bytes_in:
+        if self._preallocator is not None:
             file.flush()
             os.ftruncate(file.fileno(), self.bytes_in)
         file.close()
