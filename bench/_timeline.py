@@ -24,11 +24,16 @@ from shardline.worker import _exchange, _main, _shard
 
 MiB = 1024 * 1024
 ENV = "SHARDLINE_BENCH_TIMELINE"
+#: While the file this names exists, the feature it names is off in the next
+#: attempts: "preallocation" (outputs not pre-allocated).  For the A/B runs of
+#: `delivery.py --compare FEATURE`, worker processes included.
+WITHOUT_ENV = "SHARDLINE_BENCH_WITHOUT"
 
 #: (label, monotonic time) per shard index.
 EVENTS: dict[int, list[tuple[str, float]]] = defaultdict(list)
-#: (bytes, seconds) of every output write; seconds of every checksum update.
-WRITES: list[tuple[int, float]] = []
+#: (bytes, seconds, whether the file's pages were already allocated for
+#: all of it) of every output write; seconds of every checksum update.
+WRITES: list[tuple[int, float, bool]] = []
 CRCS: list[float] = []
 #: The shard the current task works for (so a GET knows whose it is).
 _SHARD: contextvars.ContextVar[int] = contextvars.ContextVar("shard", default=-1)
@@ -101,12 +106,14 @@ def instrument() -> None:
 
     original_write = shardoutput.PassthroughOutput.write
 
-    async def write(self, data):  # type: ignore[no-untyped-def]
+    async def write(self, data, **kwargs):  # type: ignore[no-untyped-def]
+        size = memoryview(data).nbytes
+        allocated = self.preallocated_bytes >= self.bytes_in + size
         t = time.monotonic()
         try:
-            return await original_write(self, data)
+            return await original_write(self, data, **kwargs)
         finally:
-            WRITES.append((memoryview(data).nbytes, time.monotonic() - t))
+            WRITES.append((size, time.monotonic() - t, allocated))
 
     shardoutput.PassthroughOutput.write = write  # type: ignore[method-assign]
     original_update = checksum.Crc32c.update
@@ -133,9 +140,16 @@ def instrument() -> None:
     aws.LazyClient.get = lazy_get  # type: ignore[method-assign]
     original_run_task = _shard.run_task
     dump = os.environ.get(ENV)
+    fallocate = shardoutput._fallocate
 
     async def run_task(task, **kwargs):  # type: ignore[no-untyped-def]
         _SHARD.set(task.shard)
+        if flag := os.environ.get(WITHOUT_ENV):
+            try:
+                without = Path(flag).read_text()
+            except FileNotFoundError:
+                without = ""
+            shardoutput._fallocate = None if without == "preallocation" else fallocate
         _stamp("run_task begin")
         try:
             return await original_run_task(task, **kwargs)

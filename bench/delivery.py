@@ -14,6 +14,9 @@ or headers (raw) and last byte, and for shardline the exchange session, the
 boundary published, own range, tail, DONE acknowledged, plus its output
 writes' and checksum updates' total time.  The stamps come from wrappers
 around shardline's functions (`_timeline.py`; nothing else changes).
+`--compare FEATURE` runs shardline twice per repetition, without and with
+FEATURE: `preallocation` (the output's pages allocated ahead of the writes,
+`PassthroughOutput(expected_bytes=...)`).
 `--profile FILE` also writes cProfiles (CPU time of the harness's event-loop
 thread) of the shardline runs to FILE and of the raw runs to FILE.raw.
 """
@@ -140,17 +143,22 @@ async def shardline_once(
         writes, crcs = lines[0]["writes"], lines[0]["crcs"]
     t0 = min(t for label, t in events if label == "run_task begin")
     show(f"shardline worker 0 ({'own process' if pool else 'in-process'})", events, t0)
-    big = [s for n, s in writes if n >= MiB]
+    big = [(s, allocated) for n, s, allocated in writes if n >= MiB]
     if big:
+        ahead = [s for s, allocated in big if allocated]
         print(
-            f"  worker 0: output writes >= 1 MiB: {len(big)}, median {statistics.median(big) * 1000:.1f} ms, "
-            f"total {sum(big) * 1000:.0f} ms; checksum updates: {len(crcs)}, total {sum(crcs) * 1000:.0f} ms"
+            f"  worker 0: output writes >= 1 MiB: {len(big)}, median {statistics.median(s for s, _ in big) * 1000:.1f}"
+            f" ms, total {sum(s for s, _ in big) * 1000:.0f} ms ({len(ahead)} into pages allocated ahead"
+            f"{f', median {statistics.median(ahead) * 1000:.1f} ms' if ahead else ''}); checksum updates: {len(crcs)},"
+            f" total {sum(crcs) * 1000:.0f} ms"
         )
     starts = nominal(size, plan.shards)
     return [(starts[i + 1] - starts[i]) / MiB / (b - a) for i, (a, b) in enumerate(result.spans)]
 
 
-async def main_async(args: argparse.Namespace, aws: AwsSettings, size: int, etag: str, timeline: str) -> None:
+async def main_async(
+    args: argparse.Namespace, aws: AwsSettings, size: int, etag: str, timeline: str, without: str
+) -> None:
     plan = Plan(
         bucket=throughput.BUCKET,
         key="bulk",
@@ -169,14 +177,26 @@ async def main_async(args: argparse.Namespace, aws: AwsSettings, size: int, etag
         await shardline_once(plan, size, None, pool, timeline)
         raw_rates: list[float] = []
         ours_rates: list[float] = []
+        without_rates: list[float] = []
         for rep in range(args.repeat):
             print(f"repetition {rep}")
             rates = await raw_once(plan, size, etag, raw_profiler)
             raw_rates.append(statistics.median(rates))
             print(f"  raw MiB/s per worker: {[round(r, 1) for r in rates]}")
-            rates = await shardline_once(plan, size, profiler, pool, timeline)
-            ours_rates.append(statistics.median(rates))
-            print(f"  shardline MiB/s per worker: {[round(r, 1) for r in rates]}")
+            # Without the feature first in even repetitions, second in odd ones.
+            for featured in (True, False) if rep % 2 else (False, True):
+                if featured:
+                    rates = await shardline_once(plan, size, profiler, pool, timeline)
+                    ours_rates.append(statistics.median(rates))
+                    print(f"  shardline MiB/s per worker: {[round(r, 1) for r in rates]}")
+                elif args.compare:
+                    Path(without).write_text(args.compare)
+                    try:
+                        rates = await shardline_once(plan, size, None, pool, timeline)
+                    finally:
+                        os.unlink(without)
+                    without_rates.append(statistics.median(rates))
+                    print(f"  shardline without {args.compare} MiB/s per worker: {[round(r, 1) for r in rates]}")
     finally:
         if pool is not None:
             await pool.shutdown()
@@ -185,6 +205,12 @@ async def main_async(args: argparse.Namespace, aws: AwsSettings, size: int, etag
         f"median per-worker MiB/s: raw {statistics.median(raw_rates):.1f}, shardline "
         f"{statistics.median(ours_rates):.1f}; median of the per-repetition ratios {statistics.median(ratios):.3f}"
     )
+    if without_rates:
+        ratios = [u / r for u, r in zip(without_rates, raw_rates, strict=True)]
+        print(
+            f"without {args.compare}: shardline {statistics.median(without_rates):.1f} MiB/s per worker,"
+            f" median of the per-repetition ratios {statistics.median(ratios):.3f}"
+        )
     if profiler is not None:
         profiler.dump_stats(args.profile)
         assert raw_profiler is not None
@@ -199,6 +225,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", default=None, metavar="FILE")
     parser.add_argument(
+        "--compare",
+        choices=["preallocation"],
+        default=None,
+        metavar="FEATURE",
+        help="each repetition also runs shardline without FEATURE (preallocation)",
+    )
+    parser.add_argument(
         "--workers",
         choices=["inprocess", "process"],
         default="inprocess",
@@ -210,6 +243,8 @@ def main() -> int:
     timeline = os.path.join(scratch, "timeline.jsonl")
     # Worker processes (inherit this environment) instrument themselves and write here.
     os.environ[_timeline.ENV] = timeline
+    without = os.path.join(scratch, "without")
+    os.environ[_timeline.WITHOUT_ENV] = without
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (_timeline.site_dir(scratch), os.environ.get("PYTHONPATH")) if p
     )
@@ -235,7 +270,7 @@ def main() -> int:
         )
         import uvloop
 
-        uvloop.run(main_async(args, aws, len(data), etag, timeline))
+        uvloop.run(main_async(args, aws, len(data), etag, timeline, without))
     finally:
         moto.stop()
         seaweed.stop()

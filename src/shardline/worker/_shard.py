@@ -251,7 +251,8 @@ def _remove_quietly(path: str) -> None:
 
 def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) -> ShardOutput:
     if task.command is None:
-        return PassthroughOutput(output_path)
+        # The output is about the shard's range: its pages are allocated ahead of the writes.
+        return PassthroughOutput(output_path, expected_bytes=task.range.end - task.range.start)
     env = {
         "SHARDLINE_JOB_ID": task.job_id,
         "SHARDLINE_SHARD": str(task.shard),
@@ -565,13 +566,18 @@ class _ShardRun:
         if self.guard is not None:
             self.guard.feed(data, start, stop)
         view = memoryview(data)[start:stop] if (start, stop) != (0, len(data)) else data
-        self._checksum(view)
         self.emitted += stop - start
+        if isinstance(self.output, PassthroughOutput):
+            # Checksummed in the write's thread, off the event loop.
+            await self.output.write(view, checksum=self.crc)
+            return
+        self._checksum(view)
         await self.output.write(view)
 
     def _checksum(self, data: bytes | memoryview) -> None:
-        """Add emitted bytes to the shard's checksum (a local file's range into
-        a command adds its chunks where it reads them: `_emit_file_range`)."""
+        """Add emitted bytes to the shard's checksum (a passthrough output adds
+        them as it writes them, a local file's range into a command where it
+        reads them: `_emit_file_range`)."""
         self.crc.update(data)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
