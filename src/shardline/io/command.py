@@ -53,6 +53,7 @@ from .aio import completes_within
 from .child import Child, spawn
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
+from .simplecommand import direct_argv, shell_status, with_shell_pwd
 from .stderrlines import TaggedLines
 
 __all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
@@ -98,6 +99,23 @@ def command_environment(
     env = {k: v for k, v in inherited.items() if not k.startswith(_OWN_PREFIX) and k not in dropped}
     env.update(add)
     return env
+
+
+_environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None
+
+
+def _environment_now() -> dict[str, str]:
+    """`os.environ` as a plain dict (do not modify it).  Reading os.environ
+    decodes every name and value again, about 0.1 ms for each command
+    started; the decoded copy is kept while the raw environment compares
+    equal (one C-level dict comparison), so a change is still seen."""
+    global _environ_cache
+    raw = getattr(os.environ, "_data", None)  # CPython's bytes mapping behind os.environ
+    if not isinstance(raw, dict):
+        return dict(os.environ)
+    if _environ_cache is None or _environ_cache[0] != raw:
+        _environ_cache = dict(raw), dict(os.environ)
+    return _environ_cache[1]
 
 
 def _kill_group(pgid: int) -> None:
@@ -157,6 +175,8 @@ class CommandOutput(ShardOutput):
         #: The command closed its stdin (a write met EPIPE).
         self._stdin_closed = False
         self._processes: CommandProcesses | None = None
+        #: The command runs without a shell (`direct_argv`).
+        self._direct = False
 
     @property
     def pid(self) -> int | None:
@@ -185,11 +205,16 @@ class CommandOutput(ShardOutput):
         _enlarge_pipe(self._stdin_fd)
         processes = self._processes = CommandProcesses()
         env = command_environment(
-            os.environ, add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
+            _environment_now(), add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
         )
+        # A plain `prog args` runs without the shell in between (simplecommand.py).
+        argv = direct_argv(self._command, env)
+        self._direct = argv is not None
+        if argv is not None:
+            env = with_shell_pwd(env)
         try:
             self._child = spawn(
-                ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
+                argv or ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
                 env=env,
                 stdin_fd=stdin_read,
                 stdout_fd=self._output_fd,
@@ -308,6 +333,8 @@ class CommandOutput(ShardOutput):
             raise
         returncode = self._child.returncode
         assert returncode is not None
+        if self._direct:
+            returncode = shell_status(returncode)  # what `sh -c` would have said
         output_bytes = self._output_size()
         self._child.close()
         self._close_output_fd()
