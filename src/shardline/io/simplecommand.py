@@ -76,7 +76,8 @@ def _find(program: str, env: Mapping[str, str]) -> str | None:
 
 
 def _is_executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
+    # access() first: a PATH entry without the program costs one failed call, no exception.
+    return os.access(path, os.X_OK) and os.path.isfile(path)
 
 
 def with_shell_pwd(env: dict[str, str]) -> dict[str, str]:
