@@ -50,7 +50,7 @@ from typing import IO
 
 from ..errors import CommandExitError, CommandFailedError
 from .aio import completes_within
-from .child import Child, spawn
+from .child import Child, spawn_soon
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
 from .simplecommand import direct_argv, shell_status, with_shell_pwd
@@ -213,7 +213,8 @@ class CommandOutput(ShardOutput):
         if argv is not None:
             env = with_shell_pwd(env)
         try:
-            self._child = spawn(
+            # The exec is waited for off the loop (child.py): other shards go on meanwhile.
+            self._child = await spawn_soon(
                 argv or ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
                 env=env,
                 stdin_fd=stdin_read,
@@ -228,6 +229,12 @@ class CommandOutput(ShardOutput):
             self._state = State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
             raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
+        except BaseException:  # cancelled: spawn_soon has ended whatever it started
+            processes.spawned(None)
+            self._close_output_fd()
+            self._close_stdin()
+            self._state = State.CLOSED
+            raise
         finally:
             os.close(stdin_read)  # the child has its copy
         self._pid = self._child.pid
