@@ -139,6 +139,7 @@ class CommandOutput(ShardOutput):
     the event loop, so give it something that does not block for long, such
     as ``sys.stderr.buffer``).  Exit statuses in `ok_exit` count as success;
     any other raises `CommandExitError` (a signal, `CommandFailedError`).
+    `spawn_off_loop`: wait for the command's exec in a thread (`child.spawn_soon`).
     """
 
     def __init__(
@@ -152,8 +153,10 @@ class CommandOutput(ShardOutput):
         stderr_tail_bytes: int = 8192,
         forward_stderr: IO[bytes] | TaggedLines | None = None,
         ok_exit: Collection[int] = (0,),
+        spawn_off_loop: bool = True,
     ) -> None:
         super().__init__()
+        self._spawn_off_loop = spawn_off_loop
         self._ok_exit = frozenset(ok_exit)
         self._args = tuple(args)
         if stderr_tail_bytes < 0:
@@ -213,7 +216,7 @@ class CommandOutput(ShardOutput):
         if argv is not None:
             env = with_shell_pwd(env)
         try:
-            # The exec is waited for off the loop (child.py): other shards go on meanwhile.
+            # Off the loop, the exec is waited for in a thread while other shards go on (child.py).
             self._child = await spawn_soon(
                 argv or ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
                 env=env,
@@ -221,6 +224,7 @@ class CommandOutput(ShardOutput):
                 stdout_fd=self._output_fd,
                 stderr_tail_bytes=self._stderr_tail_bytes,
                 forward_stderr=self._forward_stderr,
+                off_loop=self._spawn_off_loop,
             )
         except OSError as exc:
             processes.spawned(None)
