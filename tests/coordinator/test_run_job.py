@@ -118,3 +118,28 @@ async def test_backend_that_cannot_start_a_shard_fails_the_job(tmp_path, aws_set
         run = run_job(spec, aws=aws_settings, backend=BrokenForShardOne(), exchange=exchange, out=out)
         with pytest.raises(JobFailedError, match=r"shard 1 failed: backend inprocess could not run .*open files"):
             await asyncio.wait_for(run, 60)
+
+
+@pytest.mark.parametrize("shards", [2, 40], ids=["pieces over 64 KiB: in a thread", "small pieces: on the loop"])
+async def test_output_into_a_regular_file_is_exact(tmp_path, aws_settings, shards):
+    data = b"".join(b"line %06d %s\n" % (i, b"x" * (i % 90)) for i in range(4000))  # ~230 KiB
+    path = tmp_path / "input"
+    path.write_bytes(data)
+    async with client(aws_settings, "dynamodb") as dynamodb:
+        await ensure_marker_table(dynamodb, "shardline-markers")
+    backend = InProcessBackend()
+    try:
+        with open(tmp_path / "out", "wb") as out:
+            async with ExchangeServer() as exchange:
+                report = await run_job(
+                    JobSpec(source=str(path), shards=shards, min_shard_bytes=1),
+                    aws=aws_settings,
+                    backend=backend,
+                    exchange=exchange,
+                    out=out,
+                )
+    finally:
+        await backend.aclose()
+    assert (tmp_path / "out").read_bytes() == data
+    assert report.output_bytes == len(data)
+    assert [s.bytes for s in report.shards] == [len(p) for p in reference_split(data, shards, b"\n")]

@@ -14,9 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from shardline.io.child import spawn
+from shardline.io.child import Child, spawn, spawn_soon
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+
+
+@pytest.fixture(params=["on the loop", "off the loop"], autouse=True)
+def how(request: pytest.FixtureRequest) -> str:
+    """Every property holds for `spawn` (os.posix_spawn) and `spawn_soon` (glibc's, from a thread)."""
+    global _soon
+    _soon = request.param == "off the loop"
+    return str(request.param)
+
+
+_soon = False
+
+
+async def start(argv: tuple[str, ...], **spawn_args: object) -> Child:
+    if _soon:
+        return await spawn_soon(argv, **spawn_args)  # type: ignore[arg-type]
+    return spawn(argv, **spawn_args)  # type: ignore[arg-type]
 
 
 async def run(script: str, tmp_path: Path, **spawn_args: object) -> tuple[int | None, str, bytes]:
@@ -26,14 +43,14 @@ async def run(script: str, tmp_path: Path, **spawn_args: object) -> tuple[int | 
     os.close(stdin_write)
     out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        child = spawn(
+        child = await start(
             ("sh", "-c", script),
             env=dict(os.environ),
             stdin_fd=stdin_read,
             stdout_fd=out,
             stderr_tail_bytes=4096,
             forward_stderr=None,
-            **spawn_args,  # type: ignore[arg-type]
+            **spawn_args,
         )
     finally:
         os.close(stdin_read)
@@ -93,7 +110,7 @@ async def test_stderr_is_kept_after_the_process_exits(tmp_path: Path) -> None:
 
 async def test_an_executable_missing_from_path_is_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        spawn(
+        await start(
             ("no-such-program-xyz",),
             env={"PATH": str(tmp_path)},
             stdin_fd=0,
@@ -101,3 +118,61 @@ async def test_an_executable_missing_from_path_is_file_not_found(tmp_path: Path)
             stderr_tail_bytes=0,
             forward_stderr=None,
         )
+
+
+async def test_a_null_byte_is_refused_not_cut_short(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="null byte"):
+        await run("echo safe\0; rm -rf /nothing-here", tmp_path)
+
+
+async def test_a_cancelled_spawn_leaves_no_process_behind(tmp_path: Path) -> None:
+    marker = f"shardline-cancelled-{os.getpid()}-{id(tmp_path)}"
+    stdin_read, stdin_write = os.pipe()
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(20):  # cancelled at various points of the spawn
+            spawning = asyncio.ensure_future(
+                start(
+                    ("sleep", "30"),
+                    env={**os.environ, "CANCEL_MARKER": marker},
+                    stdin_fd=stdin_read,
+                    stdout_fd=out,
+                    stderr_tail_bytes=0,
+                    forward_stderr=None,
+                )
+            )
+            await asyncio.sleep(0)
+            spawning.cancel()
+            try:
+                child = await spawning
+            except asyncio.CancelledError:
+                continue
+            os.killpg(child.pid, signal.SIGKILL)  # it finished before the cancel: ours to end
+            await asyncio.wait_for(child.exited, 10)
+            child.close()
+    finally:
+        for fd in (stdin_read, stdin_write, out):
+            os.close(fd)
+    deadline = asyncio.get_running_loop().time() + 10
+    while _processes_marked(marker) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert _processes_marked(marker) == []
+
+
+def _processes_marked(marker: str) -> list[int]:
+    """Live (not zombie) processes whose environment holds `marker`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    continue
+        except OSError:
+            continue
+        found.append(int(entry))
+    return found

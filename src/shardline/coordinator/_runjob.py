@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -117,7 +118,10 @@ async def run_job(
         written = 0
         try:
             async for piece in coordinator.output(job_id, consume=True):
-                written += await asyncio.to_thread(copy_piece, piece, out)
+                if _copies_at_once(out, piece.end - piece.start):
+                    written += copy_piece(piece, out)  # a thread hop per shard would cost more
+                else:
+                    written += await asyncio.to_thread(copy_piece, piece, out)
             final = coordinator.view(job_id)
             supervisor = coordinator._job(job_id).supervisor
             committed = [supervisor.committed(index) for index in range(len(supervisor))]
@@ -147,6 +151,24 @@ async def run_job(
         retries=final.retries,
         relayed_output_bytes=relayed,
     )
+
+
+#: A piece up to this size is copied on the event loop when the copy cannot
+#: wait on a reader (`_copies_at_once`); larger ones, and any other `out`, in a thread.
+_COPY_ON_LOOP_BYTES = 64 * 1024
+
+
+def _copies_at_once(out: BinaryIO, size: int) -> bool:
+    """Whether copying `size` bytes to `out` returns without waiting: a small
+    piece into a regular file (the page cache takes it).  Not a pipe, however
+    empty it looks: pieces are spliced into it page by page, and a pipe
+    holding 16 small pieces is full, so a slow reader would stall the loop."""
+    if size > _COPY_ON_LOOP_BYTES:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(out.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def copy_piece(piece: OutputPiece, out: BinaryIO) -> int:

@@ -57,10 +57,11 @@ from typing import IO
 
 from ..errors import CommandExitError, CommandFailedError
 from .aio import completes_within
-from .child import Child, spawn
+from .child import Child, spawn_soon
 from .pipepacer import PipePacer
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
+from .simplecommand import direct_argv, shell_status, with_shell_pwd
 from .stderrlines import TaggedLines
 
 __all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
@@ -108,6 +109,23 @@ def command_environment(
     return env
 
 
+_environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None
+
+
+def _environment_now() -> dict[str, str]:
+    """`os.environ` as a plain dict (do not modify it).  Reading os.environ
+    decodes every name and value again, about 0.1 ms for each command
+    started; the decoded copy is kept while the raw environment compares
+    equal (one C-level dict comparison), so a change is still seen."""
+    global _environ_cache
+    raw = getattr(os.environ, "_data", None)  # CPython's bytes mapping behind os.environ
+    if not isinstance(raw, dict):
+        return dict(os.environ)
+    if _environ_cache is None or _environ_cache[0] != raw:
+        _environ_cache = dict(raw), dict(os.environ)
+    return _environ_cache[1]
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -129,6 +147,7 @@ class CommandOutput(ShardOutput):
     the event loop, so give it something that does not block for long, such
     as ``sys.stderr.buffer``).  Exit statuses in `ok_exit` count as success;
     any other raises `CommandExitError` (a signal, `CommandFailedError`).
+    `spawn_off_loop`: wait for the command's exec in a thread (`child.spawn_soon`).
     """
 
     def __init__(
@@ -142,8 +161,10 @@ class CommandOutput(ShardOutput):
         stderr_tail_bytes: int = 8192,
         forward_stderr: IO[bytes] | TaggedLines | None = None,
         ok_exit: Collection[int] = (0,),
+        spawn_off_loop: bool = True,
     ) -> None:
         super().__init__()
+        self._spawn_off_loop = spawn_off_loop
         self._ok_exit = frozenset(ok_exit)
         self._args = tuple(args)
         if stderr_tail_bytes < 0:
@@ -170,6 +191,8 @@ class CommandOutput(ShardOutput):
         self._feeder: ThreadPoolExecutor | None = None
         self._pacer: PipePacer | None = None
         self._feed_stop: threading.Event | None = None
+        #: The command runs without a shell (`direct_argv`).
+        self._direct = False
 
     @property
     def pid(self) -> int | None:
@@ -198,16 +221,23 @@ class CommandOutput(ShardOutput):
         _enlarge_pipe(self._stdin_fd)
         processes = self._processes = CommandProcesses()
         env = command_environment(
-            os.environ, add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
+            _environment_now(), add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
         )
+        # A plain `prog args` runs without the shell in between (simplecommand.py).
+        argv = direct_argv(self._command, env)
+        self._direct = argv is not None
+        if argv is not None:
+            env = with_shell_pwd(env)
         try:
-            self._child = spawn(
-                ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
+            # Off the loop, the exec is waited for in a thread while other shards go on (child.py).
+            self._child = await spawn_soon(
+                argv or ("sh", "-c", self._command, "sh", *self._args),  # "sh" is $0
                 env=env,
                 stdin_fd=stdin_read,
                 stdout_fd=self._output_fd,
                 stderr_tail_bytes=self._stderr_tail_bytes,
                 forward_stderr=self._forward_stderr,
+                off_loop=self._spawn_off_loop,
             )
         except OSError as exc:
             processes.spawned(None)
@@ -216,6 +246,12 @@ class CommandOutput(ShardOutput):
             self._state = State.CLOSED
             status = _STATUS_NOT_FOUND if exc.errno == errno.ENOENT else _STATUS_NOT_EXECUTABLE
             raise CommandFailedError(returncode=status, stderr_tail=f"cannot run sh: {exc.strerror or exc}") from exc
+        except BaseException:  # cancelled: spawn_soon has ended whatever it started
+            processes.spawned(None)
+            self._close_output_fd()
+            self._close_stdin()
+            self._state = State.CLOSED
+            raise
         finally:
             os.close(stdin_read)  # the child has its copy
         self._pid = self._child.pid
@@ -364,6 +400,8 @@ class CommandOutput(ShardOutput):
             raise
         returncode = self._child.returncode
         assert returncode is not None
+        if self._direct:
+            returncode = shell_status(returncode)  # what `sh -c` would have said
         output_bytes = self._output_size()
         self._child.close()
         self._close_output_fd()

@@ -227,6 +227,11 @@ def _sweep_once(ending: CommandProcesses, killed: set[int]) -> bool:
 
 def _ends_with(ending: CommandProcesses, pid: int, stat: _Stat, my_session: int) -> bool:
     """Whether child `pid` must end now that `ending` ends."""
+    if stat.session == my_session:
+        # Commands run in sessions of their own, and no process can join an
+        # existing session: this child (a worker process, the lifeline) is not
+        # a command's, and its environment need not be read.
+        return False
     marker = None if stat.zombie else _marker(pid)
     if marker is not None:
         owner = _live.get(marker)

@@ -176,7 +176,9 @@ async def serve_pool(*, warm_services: Collection[str] = ()) -> int:
     settings of our environment, while no task has arrived yet; a task with
     the same settings (an embedded run's) then finds them made."""
     _become_command_runner()
-    settings = WorkerSettings(route_stderr=True)  # several attempts share our stderr
+    # Several attempts share our stderr; a few at once: an exec is waited for
+    # on the loop, cheaper than a thread hop (measured: bench/README.md).
+    settings = WorkerSettings(route_stderr=True, spawn_off_loop=False)
     loop = asyncio.get_running_loop()
     stopped = loop.create_future()
 

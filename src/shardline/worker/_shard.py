@@ -103,6 +103,10 @@ class WorkerSettings:
     #: Put each attempt's route ahead of its tagged stderr lines: a pool
     #: process's attempts share one stderr, which the backend splits by route.
     route_stderr: bool = False
+    #: Wait for a command's exec in a thread (io/child.py's `spawn_soon`): right
+    #: where one loop runs many shards; a pool process, running a few, saves CPU
+    #: by waiting on its loop.
+    spawn_off_loop: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,6 +277,7 @@ def _make_output(task: ShardTask, output_path: str, settings: WorkerSettings) ->
         # local backend passes on (embedded runs) or keeps the tail of (a daemon).
         forward_stderr=TaggedLines(stderr, tag) if stderr is not None else None,
         ok_exit=task.ok_exit,
+        spawn_off_loop=settings.spawn_off_loop,
     )
 
 
