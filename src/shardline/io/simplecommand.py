@@ -45,16 +45,17 @@ _SHELL_OWN = frozenset(
 
 
 def direct_argv(command: str, env: Mapping[str, str]) -> list[str] | None:
-    """The argv to run instead of ``sh -c command`` in `env` (its first
-    element the program's path), or None: let the shell run it."""
+    """The argv to run instead of ``sh -c command`` in `env`, or None: let
+    the shell run it.  Its first element is the program as written, as the
+    shell passes it (programs name themselves by it in their messages); the
+    spawn finds it along the same PATH."""
     match = _SIMPLE.fullmatch(command)
     if match is None:
         return None
     program, rest = match.group(1), match.group(2).split()
     if program in _SHELL_OWN or any(name.startswith("BASH_FUNC_") for name in env):
         return None
-    executable = _find(program, env)
-    return None if executable is None else [executable, *rest]
+    return None if _find(program, env) is None else [program, *rest]
 
 
 def _find(program: str, env: Mapping[str, str]) -> str | None:
