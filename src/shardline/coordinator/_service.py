@@ -160,12 +160,18 @@ class Coordinator:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        await asyncio.gather(*(job.suspend() for job in self._jobs.values()))
-        for job in self._jobs.values():
+        # A snapshot: a job lost to another coordinator meanwhile leaves
+        # `_jobs` from its own stopping task (`_lost`), which is awaited too.
+        jobs = list(self._jobs.values())
+        await asyncio.gather(*(job.suspend() for job in jobs))
+        for stopped in await asyncio.gather(*list(self._stopping), return_exceptions=True):
+            if isinstance(stopped, Exception):
+                log.warning("stopping a job lost to another coordinator failed: %s", stopped)
+        for job in jobs:
             if not job.finished.is_set() and job.writer.lost is None:
                 with contextlib.suppress(ShardlineError):
                     await self.store.release(job.writer.lease)
-        for job in self._jobs.values():
+        for job in jobs:
             self.exchange.unregister(job.id)
             if job.destination is not None:
                 await job.destination.aclose()
