@@ -39,12 +39,10 @@ def _settings(table: str, tmp_path) -> CoordinatorSettings:
     return CoordinatorSettings(markers=dynamodb_location(table), spool_dir=str(tmp_path / "spool"))
 
 
-async def test_a_missing_marker_table_fails_the_job_before_any_attempt_starts(tmp_path, aws_settings, s3, bucket):
-    s3.put_object(Bucket=bucket, Key="input", Body=DATA)
-    table = f"missing-{uuid.uuid4().hex[:8]}"
+async def _run_starting_nothing(spec: JobSpec, table: str, tmp_path, aws_settings) -> None:
+    """`run_embedded` without creating tables; it must fail before any attempt starts."""
     backend = RecordingBackend()
-    spec = JobSpec(source=f"s3://{bucket}/input", shards=4, min_shard_bytes=None)
-    with pytest.raises(ConfigurationError, match=f"DynamoDB table '{table}' does not exist"):
+    try:
         await run_embedded(
             spec,
             out=io.BytesIO(),
@@ -53,23 +51,23 @@ async def test_a_missing_marker_table_fails_the_job_before_any_attempt_starts(tm
             settings=_settings(table, tmp_path),
             create_tables=False,
         )
-    assert backend.started == []
+    finally:
+        assert backend.started == []
+
+
+async def test_a_missing_marker_table_fails_the_job_before_any_attempt_starts(tmp_path, aws_settings, s3, bucket):
+    s3.put_object(Bucket=bucket, Key="input", Body=DATA)
+    table = f"missing-{uuid.uuid4().hex[:8]}"
+    spec = JobSpec(source=f"s3://{bucket}/input", shards=4, min_shard_bytes=None)
+    with pytest.raises(ConfigurationError, match=f"DynamoDB table '{table}' does not exist"):
+        await _run_starting_nothing(spec, table, tmp_path, aws_settings)
 
 
 async def test_a_missing_object_is_named_even_when_the_table_is_missing_too(tmp_path, aws_settings, bucket):
     table = f"missing-{uuid.uuid4().hex[:8]}"
-    backend = RecordingBackend()
     spec = JobSpec(source=f"s3://{bucket}/no-such-key", shards=4)
     with pytest.raises(SourceNotFoundError, match="no-such-key"):
-        await run_embedded(
-            spec,
-            out=io.BytesIO(),
-            aws=aws_settings,
-            backend=backend,
-            settings=_settings(table, tmp_path),
-            create_tables=False,
-        )
-    assert backend.started == []
+        await _run_starting_nothing(spec, table, tmp_path, aws_settings)
 
 
 async def test_a_missing_marker_table_is_created_and_the_job_runs(tmp_path, aws_settings, s3, bucket):
