@@ -58,8 +58,8 @@ def reading_once_soon(read_end: int, chunk_bytes: int) -> threading.Thread:
     return thread
 
 
-def wait(pacer: PipePacer, stop: threading.Event) -> None:
-    waiting = threading.Thread(target=pacer.wait_for_room, args=(stop,), daemon=True)
+def wait(pacer: PipePacer, write_end: int, stop: threading.Event) -> None:
+    waiting = threading.Thread(target=pacer.wait_for_room, args=(write_end, stop), daemon=True)
     waiting.start()
     waiting.join(30)
     assert not waiting.is_alive(), "wait_for_room returned"
@@ -72,7 +72,7 @@ def test_a_reader_taking_4_kib_at_a_time_drains_the_pipe_to_a_quarter_first(full
     def sleep(_: float) -> None:  # while the pacer sleeps, the reader takes 4 KiB
         os.read(read_end, 4096)
 
-    wait(PipePacer(write_end, CAPACITY, sleep=sleep), threading.Event())
+    wait(PipePacer(CAPACITY, sleep=sleep), write_end, threading.Event())
     assert CAPACITY // 4 - 4096 < queued(write_end) <= CAPACITY // 4
 
 
@@ -80,7 +80,7 @@ def test_a_reader_that_pauses_is_refilled_at_once_and_waited_for_in_poll(full_pi
     read_end, write_end = full_pipe
     os.read(read_end, 4096)
     sleeps: list[float] = []
-    wait(PipePacer(write_end, CAPACITY, sleep=sleeps.append), threading.Event())
+    wait(PipePacer(CAPACITY, sleep=sleeps.append), write_end, threading.Event())
     assert queued(write_end) == CAPACITY - 4096
     assert len(sleeps) < 100  # not sleeping in turns until it reads again
 
@@ -88,7 +88,7 @@ def test_a_reader_that_pauses_is_refilled_at_once_and_waited_for_in_poll(full_pi
 def test_a_reader_taking_much_at_once_is_refilled_at_once(full_pipe):
     read_end, write_end = full_pipe
     reader = reading_once_soon(read_end, 256 * 1024)
-    wait(PipePacer(write_end, CAPACITY), threading.Event())
+    wait(PipePacer(CAPACITY), write_end, threading.Event())
     reader.join(30)
     assert queued(write_end) == CAPACITY - 256 * 1024  # did not wait for a drain that never comes
 
@@ -97,13 +97,13 @@ def test_a_stop_ends_the_wait_of_a_reader_that_never_reads(full_pipe):
     _, write_end = full_pipe
     stop = threading.Event()
     threading.Timer(0.1, stop.set).start()
-    wait(PipePacer(write_end, CAPACITY), stop)
+    wait(PipePacer(CAPACITY), write_end, stop)
     assert queued(write_end) == CAPACITY
 
 
 def test_a_closed_read_end_ends_the_wait(full_pipe):
     read_end, write_end = full_pipe
     os.close(read_end)
-    wait(PipePacer(write_end, CAPACITY), threading.Event())
+    wait(PipePacer(CAPACITY), write_end, threading.Event())
     with pytest.raises(BrokenPipeError):
         os.write(write_end, b"x")

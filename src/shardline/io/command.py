@@ -324,7 +324,7 @@ class CommandOutput(ShardOutput):
         assert self._stdin_fd is not None and self._child is not None
         if self._feeder is None:
             self._feeder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardline-stdin")
-            self._pacer = PipePacer(self._stdin_fd, _pipe_capacity(self._stdin_fd))
+            self._pacer = PipePacer(_pipe_capacity(self._stdin_fd))
         stop = self._feed_stop = threading.Event()
 
         def stop_feeding(_: object) -> None:
@@ -360,7 +360,7 @@ class CommandOutput(ShardOutput):
                 try:
                     done += move(fd, done, min(_STDIN_CHUNK_BYTES, size - done))
                 except BlockingIOError:
-                    self._pacer.wait_for_room(stop)
+                    self._pacer.wait_for_room(fd, stop)
                 except BrokenPipeError:
                     self._stdin_closed = True
                     break

@@ -47,29 +47,30 @@ _STOP_CHECK_S = 0.02
 
 
 class PipePacer:
-    """Waits, on the feeding thread, until the full pipe `fd` (its write end)
-    should be refilled.  `capacity_bytes` is the pipe's capacity; where the
-    bytes queued in a pipe cannot be asked for (no FIONREAD), it waits for
-    the first free page, as a plain poll would.  `sleep` is how it sleeps
-    while the pipe drains (the tests' reader reads in it)."""
+    """Waits, on the feeding thread, until a full pipe of `capacity_bytes`
+    should be refilled, keeping what it learns of its reader from one wait to
+    the next.  Where the bytes queued in a pipe cannot be asked for (no
+    FIONREAD), it waits for the first free page, as a plain poll would.
+    `sleep` is how it sleeps while the pipe drains (the tests' reader reads
+    in it)."""
 
-    def __init__(self, fd: int, capacity_bytes: int, *, sleep: Callable[[float], None] = time.sleep) -> None:
-        self._fd = fd
+    def __init__(self, capacity_bytes: int, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self._sleep = sleep
         self._low_bytes = capacity_bytes // 4
-        self._poller = select.poll()
-        self._poller.register(fd, select.POLLOUT)
         self._queued_buffer = array.array("i", [0])
         #: The reader's measured rate (bytes/s), 0.0 until measured.
         self._rate = 0.0
 
-    def wait_for_room(self, stop: threading.Event) -> None:
-        """Return once the pipe is worth refilling, or `stop` is set, or the
-        pipe is broken (the next write says so)."""
-        full = self._queued()
-        if not self._wait_writable(stop) or full is None:
+    def wait_for_room(self, fd: int, stop: threading.Event) -> None:
+        """Return once the pipe whose write end is `fd` (the descriptor the
+        caller writes to) is worth refilling, or `stop` is set, or the pipe
+        is broken (the next write says so)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        full = self._queued(fd)
+        if not self._wait_writable(poller, stop) or full is None:
             return
-        queued = self._queued()
+        queued = self._queued(fd)
         if queued is None or full - queued >= _LARGE_READ_BYTES:
             return
         since = time.perf_counter()
@@ -87,7 +88,7 @@ class PipePacer:
             nap_s = max(nap_s, idle_s)  # doubling while nothing is taken
             self._sleep(nap_s)
             now, before = time.perf_counter(), queued
-            queued = self._queued()
+            queued = self._queued(fd)
             if queued is None:
                 return
             if queued < before:
@@ -97,17 +98,18 @@ class PipePacer:
             else:
                 idle_s += nap_s
 
-    def _wait_writable(self, stop: threading.Event) -> bool:
+    @staticmethod
+    def _wait_writable(poller: select.poll, stop: threading.Event) -> bool:
         """Until the pipe has a free page (True), or is broken or `stop` is set (False)."""
         while not stop.is_set():
-            for _, events in self._poller.poll(_STOP_CHECK_S * 1000):
+            for _, events in poller.poll(_STOP_CHECK_S * 1000):
                 return not events & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
         return False
 
-    def _queued(self) -> int | None:
+    def _queued(self, fd: int) -> int | None:
         """Bytes in the pipe, or None where that cannot be asked."""
         try:
-            fcntl.ioctl(self._fd, termios.FIONREAD, self._queued_buffer)
+            fcntl.ioctl(fd, termios.FIONREAD, self._queued_buffer)
         except OSError:
             return None
         return self._queued_buffer[0]
