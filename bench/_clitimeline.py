@@ -16,11 +16,11 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+import _sitehook
 
 ENV = "SHARDLINE_BENCH_CLITIMELINE"
 
@@ -35,15 +35,7 @@ def stamp(label: str) -> None:
 def site_dir(parent: str) -> str:
     """A new directory under `parent` with a `sitecustomize.py` that installs the hooks
     when SHARDLINE_BENCH_CLITIMELINE is set; put it first on the run's PYTHONPATH."""
-    directory = tempfile.mkdtemp(prefix="clitimeline-site-", dir=parent)
-    Path(directory, "sitecustomize.py").write_text(
-        "import os, sys\n"
-        f"if os.environ.get({ENV!r}):\n"
-        f"    sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "    import _clitimeline\n"
-        "    _clitimeline.install()\n"
-    )
-    return directory
+    return _sitehook.site_dir(parent, prefix="clitimeline-site-", env=ENV, module="_clitimeline", call="install")
 
 
 def _wrap_async(owner: Any, name: str, label: str, *, once: bool = False) -> None:

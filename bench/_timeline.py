@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import _sitehook
 
 from shardline.io import aws, checksum, shardoutput, sources
 from shardline.worker import _exchange, _main, _shard
@@ -53,15 +54,7 @@ def site_dir(parent: str) -> str:
     """A new directory under `parent` holding a `sitecustomize.py` that instruments
     a worker process when SHARDLINE_BENCH_TIMELINE is set; put it on the
     process's PYTHONPATH."""
-    directory = tempfile.mkdtemp(prefix="timeline-site-", dir=parent)
-    Path(directory, "sitecustomize.py").write_text(
-        "import os, sys\n"
-        f"if os.environ.get({ENV!r}):\n"
-        f"    sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "    import _timeline\n"
-        "    _timeline.instrument()\n"
-    )
-    return directory
+    return _sitehook.site_dir(parent, prefix="timeline-site-", env=ENV, module="_timeline", call="instrument")
 
 
 def instrument() -> None:
