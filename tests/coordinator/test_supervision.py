@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +27,11 @@ from shardline.coordinator import (
     WorkerExit,
 )
 from shardline.embedded import InProcessBackend
-from shardline.errors import JobCancelledError, JobFailedError, StaleAttemptError
+from shardline.errors import JobCancelledError, JobFailedError, NotAcceptingJobsError, StaleAttemptError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
 from shardline.io.store import DynamoJobStore, DynamoMarkerStore, JobStore, ensure_jobs_table
+from shardline.io.store._sqlite import SqliteDatabase, SqliteJobStore
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     Boundary,
@@ -271,6 +273,70 @@ async def test_resume_after_the_coordinator_stops_keeps_committed_shards(source,
     assert resumed.shards[3].attempt >= 1
     lines = runs.read_text().split("\n")
     assert sorted(line for line in lines if line and line.split()[0] != "3") == ["0 0", "1 0", "2 0"]
+
+
+#: Only against a hang: these tests assert on what happens, never on how fast.
+HANG_GUARD_S = 60.0
+
+
+class GatedCreateStore(SqliteJobStore):
+    """The real SQLite store, whose `create_job` waits for `gate` after it has
+    written the job: a submission caught at its commit point."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(SqliteDatabase(str(path)), retry_policy=RetryPolicy())
+        self.created = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def create_job(self, job, shards, *, owner, lease_s):
+        lease = await super().create_job(job, shards, owner=owner, lease_s=lease_s)
+        self.created.set()
+        await self.gate.wait()
+        return lease
+
+
+async def test_a_submission_still_checking_when_the_close_begins_is_refused(source, aws_settings, tmp_path):
+    store = GatedCreateStore(tmp_path / "jobs.db")
+    store.gate.set()  # a submission that reached the store would go through
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async with coordinator(aws_settings, InProcessBackend(), store=store) as service:
+        submitting = asyncio.create_task(service.submit(JobSpec(source=source, shards=2), ready=ready))
+        await eventually(lambda: service.accepting and not submitting.done() and _awaits(submitting), "stat done")
+        closing = asyncio.create_task(service.aclose())
+        await eventually(lambda: not service.accepting, "the close began")
+        ready.set_result(None)
+        with pytest.raises(NotAcceptingJobsError, match="shutting down"):
+            await asyncio.wait_for(submitting, HANG_GUARD_S)
+        await asyncio.wait_for(closing, HANG_GUARD_S)
+    assert await store.list_jobs() == []  # nothing was created that nobody runs
+    assert not store.created.is_set()
+
+
+async def test_a_submission_at_its_commit_when_the_close_begins_is_suspended_and_resumable(
+    source, aws_settings, tmp_path
+):
+    store = GatedCreateStore(tmp_path / "jobs.db")
+    settings = CoordinatorSettings(spool_dir=str(tmp_path / "spool"), retry_backoff_s=0.05, supervise_interval_s=0.05)
+    async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as first:
+        submitting = asyncio.create_task(first.submit(JobSpec(source=source, shards=3, command="cat")))
+        await store.created.wait()  # the store holds the job; its submission has not returned
+        closing = asyncio.create_task(first.aclose())
+        await eventually(lambda: not first.accepting, "the close began")
+        assert not closing.done()  # it waits for the submission in flight
+        store.gate.set()
+        view = await asyncio.wait_for(submitting, HANG_GUARD_S)  # accepted: the job is the store's, to resume
+        await asyncio.wait_for(closing, HANG_GUARD_S)
+    (stored,) = await store.list_jobs()
+    assert stored.record.job_id == view.id and not stored.record.state.is_final
+    assert stored.lease is None or not stored.lease.valid(time.time())  # given up by the close
+    async with coordinator(aws_settings, InProcessBackend(), store=store, settings=settings) as second:
+        assert await second.resume() == [view.id]
+        assert await collect(second, view.id) == sequential_reference(DATA, "cat")
+
+
+def _awaits(task: asyncio.Task) -> bool:
+    """Whether `task` is parked on an await (it has started and is not running)."""
+    return bool(task.get_stack())
 
 
 async def test_reduce_and_output_directory(source, aws_settings, tmp_path):

@@ -119,6 +119,12 @@ class Coordinator:
         self._janitor: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # jobs lost to other coordinators, stopping
+        #: Submissions past their last `accepting` check whose job the store
+        #: may already hold, not yet in `_jobs`: the close waits for them, so
+        #: that it suspends every job it let in (none is left running).
+        self._committing = 0
+        self._none_committing = asyncio.Event()
+        self._none_committing.set()
         #: Locked for as long as the job is known here (see _spool.py).
         self._spools: dict[str, SpoolDir] = {}
 
@@ -160,6 +166,8 @@ class Coordinator:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        # A submission that got past its check is registered before the snapshot.
+        await self._none_committing.wait()
         # A snapshot: a job lost to another coordinator meanwhile leaves
         # `_jobs` from its own stopping task (`_lost`), which is awaited too.
         jobs = list(self._jobs.values())
@@ -196,8 +204,7 @@ class Coordinator:
         job is created: what else must succeed before any attempt starts (an
         embedded run's marker-table check, made concurrently with the stat);
         its error is the submission's."""
-        if not self.accepting:
-            raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
+        self._refuse_if_closing()
         self.settings.job_limits.check(spec)  # what was asked for, before -n is lowered to fit
         backend = self._backend(spec.backend)
         async with open_source(spec.source, self.aws, clients=self._clients) as source:
@@ -220,9 +227,16 @@ class Coordinator:
             if destination is not None:
                 self._claimed_destinations.discard(destination.url)
 
+    def _refuse_if_closing(self) -> None:
+        if not self.accepting:
+            raise NotAcceptingJobsError("the coordinator is shutting down and accepts no new jobs")
+
     async def _start_new_job(
         self, spec: JobSpec, info: ObjectInfo, backend: Backend, destination: Destination | None
     ) -> JobView:
+        # Checked again after the stat: a close that began meanwhile refuses
+        # the job before the store has it (and the submitter is told so).
+        self._refuse_if_closing()
         job_id = os.urandom(8).hex()
         # Chosen and created with no await in between: the next job's choice sees this one's reservation.
         root = self.settings.spool_dir or choose_spool_dir(
@@ -251,14 +265,22 @@ class Coordinator:
         )
         # No shard records: a shard without one is fresh (one write, whatever the number of shards).
         shards = shards_as_stored(record, ())
+        # From here the store may hold the job: the close waits until it is in `_jobs`.
+        self._committing += 1
+        self._none_committing.clear()
         try:
-            lease = await self.store.create_job(record, (), owner=self.owner, lease_s=self.settings.lease_s)
-        except BaseException:
-            spool.remove()
-            raise
-        self._spools[job_id] = spool
-        job = self._make_job(record, shards, backend, destination, lease, fresh=True)
-        self._start(job)
+            try:
+                lease = await self.store.create_job(record, (), owner=self.owner, lease_s=self.settings.lease_s)
+            except BaseException:
+                spool.remove()
+                raise
+            self._spools[job_id] = spool
+            job = self._make_job(record, shards, backend, destination, lease, fresh=True)
+            self._start(job)
+        finally:
+            self._committing -= 1
+            if not self._committing:
+                self._none_committing.set()
         log.info("job %s: %s, %d bytes, etag %s, %d shards", job_id, spec.source, info.size, info.etag, spec.shards)
         return job_view(job)
 
