@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import ConfigurationError, ShardlineError
+from ..io.collector import pause_for_start_up, start_up_done
 from ._parser import build_parser, split_command
 
 if TYPE_CHECKING:
@@ -39,6 +40,10 @@ log = logging.getLogger("shardline.cli")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``shardline`` command line `argv` (default: ``sys.argv[1:]``); return its exit status."""
+    if argv is None:
+        # The program itself: no garbage collection while it imports what
+        # it will keep (io/collector.py), until `_start_up_done`.
+        pause_for_start_up()
     own_args, command = split_command(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, stray = parser.parse_known_args(own_args)
@@ -57,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.subcommand == "run":
             from ._run import run_command
 
+            _start_up_done(argv)
             status = run_command(args, command)
             if argv is None:
                 # The program itself, not a caller in this process: the run
@@ -68,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return status
         if command is not None:
             parser.error(f"'{args.subcommand}' takes no command after --")
-        return _subcommand(args.subcommand)(args)
+        subcommand = _subcommand(args.subcommand)
+        _start_up_done(argv)
+        return subcommand(args)
     except ConfigurationError as exc:
         print(f"shardline: {exc}", file=sys.stderr)
         return 2
@@ -86,7 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 141
     finally:
+        if argv is None:
+            start_up_done()  # if it failed before it was done (else nothing)
         log.debug("finished in %.2fs", time.monotonic() - started)
+
+
+def _start_up_done(argv: Sequence[str] | None) -> None:
+    """The subcommand's modules are imported: for the program itself, what
+    exists now stays out of later collections, which resume."""
+    if argv is None:
+        start_up_done()
 
 
 def _exit_now(status: int) -> NoReturn:

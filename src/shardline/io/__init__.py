@@ -14,6 +14,8 @@ on behalf of both the worker and the coordinator.
 - `markers`: the boundary-marker store (the worker's conditional put and
   read, the coordinator's fence) and `tables`: creating its tables.
 - `statedir`, `rlimits`: the private state directory, the open-file limit.
+- `collector`: the garbage collector paused while a process builds what it
+  keeps (imports, AWS clients).
 
 It imports `shardline.protocol` and `shardline.errors`, never `worker` or
 `coordinator`.

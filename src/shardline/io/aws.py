@@ -36,6 +36,7 @@ from ..errors import (
     StorageTimeoutError,
 )
 from .aio import wait_uncancellable
+from .collector import collection_paused
 
 __all__ = [
     "AWS_CREDENTIAL_VARIABLES",
@@ -177,9 +178,10 @@ def import_libraries() -> None:
     """Import the AWS client stack now (about a quarter of a CPU-second), not
     at the first request: a worker process started ahead of an S3 job does it
     while the coordinator is still statting the object."""
-    import aiobotocore.config
-    import aiobotocore.session  # noqa: F401
-    import botocore.exceptions  # noqa: F401
+    with collection_paused():
+        import aiobotocore.config
+        import aiobotocore.session  # noqa: F401
+        import botocore.exceptions  # noqa: F401
 
 
 def client_environment() -> tuple[str | None, ...]:
@@ -258,14 +260,17 @@ async def client(settings: AwsSettings, service: str, *, max_pool_connections: i
     `max_pool_connections` overrides the settings' limit of connections
     the client keeps open at once (a client shared by many shards needs more).
     """
-    from aiobotocore.config import AioConfig
+    async with AsyncExitStack() as stack:
+        # Its model's objects live as long as the client (io/collector.py).
+        with collection_paused():
+            from aiobotocore.config import AioConfig
 
-    session = _session(_credentials(settings, service), settings.region, client_environment())
-    args = _client_args(settings, service, session, max_pool_connections)
-    args["config"] = AioConfig(**args["config"])
-    async with session.create_client(service, **args) as c:
+            session = _session(_credentials(settings, service), settings.region, client_environment())
+            args = _client_args(settings, service, session, max_pool_connections)
+            args["config"] = AioConfig(**args["config"])
+            made = await stack.enter_async_context(session.create_client(service, **args))
         log.debug("created a %s client (endpoint %s)", service, args["endpoint_url"] or "botocore's")
-        yield c
+        yield made
 
 
 #: The threads `BlockingClient` calls run in: not the loop's default executor,
@@ -295,10 +300,11 @@ class BlockingClient:
     @classmethod
     async def create(cls, settings: AwsSettings, service: str, *, max_pool_connections: int | None = None) -> Any:
         """A client for `service`, made in a thread (loading its model is ~25-80 ms of CPU)."""
-        from botocore.config import Config
 
         def make() -> BlockingClient:
-            with _BLOCKING_CREATION:
+            with _BLOCKING_CREATION, collection_paused():  # what it loads lives as long as the client
+                from botocore.config import Config
+
                 credentials = _credentials(settings, service)
                 session = _session(credentials, settings.region, client_environment(), blocking=True)
                 args = _client_args(settings, service, session, max_pool_connections)
