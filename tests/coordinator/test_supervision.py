@@ -30,8 +30,14 @@ from shardline.embedded import InProcessBackend
 from shardline.errors import JobCancelledError, JobFailedError, NotAcceptingJobsError, StaleAttemptError
 from shardline.io.aws import AwsSettings, client
 from shardline.io.retry import RetryPolicy
-from shardline.io.store import DynamoJobStore, DynamoMarkerStore, JobStore, ensure_jobs_table
-from shardline.io.store._sqlite import SqliteDatabase, SqliteJobStore
+from shardline.io.store import (
+    DynamoJobStore,
+    DynamoMarkerStore,
+    JobStore,
+    SqliteDatabase,
+    SqliteJobStore,
+    ensure_jobs_table,
+)
 from shardline.protocol import (
     DEFAULT_MARKER_TABLE,
     Boundary,
