@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 
-__all__ = ["direct_argv", "shell_status", "with_shell_pwd"]
+__all__ = ["direct_argv", "direct_program", "has_bash_functions", "shell_status", "with_shell_pwd"]
 
 #: Words made only of characters no POSIX shell treats specially, separated by
 #: blanks; ``=`` is literal after the first word (in it, it would make an assignment).
@@ -47,15 +47,33 @@ _SHELL_OWN = frozenset(
 def direct_argv(command: str, env: Mapping[str, str]) -> list[str] | None:
     """The argv to run instead of ``sh -c command`` in `env`, or None: let
     the shell run it.  Its first element is the program as written, as the
-    shell passes it (programs name themselves by it in their messages); the
-    spawn finds it along the same PATH."""
+    shell passes it (programs name themselves by it in their messages)."""
+    found = direct_program(command, env)
+    return None if found is None else found[0]
+
+
+def direct_program(
+    command: str, env: Mapping[str, str], *, bash_functions: bool | None = None
+) -> tuple[list[str], str] | None:
+    """`direct_argv` and the program's path, found along `env`'s PATH as the
+    shell would find it: the spawn execs that path rather than searching
+    PATH a second time.  `bash_functions`: whether `env` holds an exported
+    bash function, when the caller knows (it spares a pass over `env`)."""
     match = _SIMPLE.fullmatch(command)
     if match is None:
         return None
     program, rest = match.group(1), match.group(2).split()
-    if program in _SHELL_OWN or any(name.startswith("BASH_FUNC_") for name in env):
+    if bash_functions is None:
+        bash_functions = has_bash_functions(env)
+    if program in _SHELL_OWN or bash_functions:
         return None
-    return None if _find(program, env) is None else [program, *rest]
+    executable = _find(program, env)
+    return None if executable is None else ([program, *rest], executable)
+
+
+def has_bash_functions(env: Mapping[str, str]) -> bool:
+    """Whether `env` exports a bash function (which could shadow a program of its name)."""
+    return any(name.startswith("BASH_FUNC_") for name in env)
 
 
 def _find(program: str, env: Mapping[str, str]) -> str | None:
