@@ -282,12 +282,24 @@ class ExchangeClient:
             log.info("exchange send of %s skipped: %s", frame.TYPE.name, exc)
             return False
 
-    async def publish_head(self, head: Head) -> bool:
-        """Send our HEAD (and again after any reconnect); False if not connected now."""
+    def publish_head(self, head: Head) -> bool:
+        """Send our HEAD now (and again after any reconnect); False if not connected now.
+
+        Written without waiting for it to drain: a HEAD is one frame of at
+        most a fragment's push limit, and the shard has nothing else to send
+        until its tail."""
         self._head = head
         if self._opening:
             return False  # connect() sends it as the session opens
-        return await self.send(head)
+        connection = self._connection
+        try:
+            if connection is None or not connection.open:
+                raise ExchangeNetworkError("not connected to the exchange")
+            connection.write(connection.session.send(head))
+            return True
+        except (OSError, ExchangeUnavailable) as exc:
+            log.info("exchange send of HEAD skipped: %s", exc)
+            return False
 
     async def want(self, shard: int) -> None:
         """Ask to be pushed `shard`'s head fragment as soon as it is known."""
