@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -81,17 +82,27 @@ def _find(program: str, env: Mapping[str, str]) -> str | None:
     given, else the first executable file along an absolute-only PATH."""
     if "/" in program:
         return program if _is_executable(program) else None
-    path = env.get("PATH")
+    directories = _search_path(env.get("PATH"))
+    if directories is None:
+        return None
+    for directory in directories:
+        candidate = directory + program
+        if _is_executable(candidate):
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _search_path(path: str | None) -> tuple[str, ...] | None:
+    """PATH's directories, each ending in "/", if the shell would search
+    them as we do; else None.  A pure function of the string, so worked out
+    once per PATH, not per command."""
     if not path:
         return None  # the shell's built-in default path differs from ours
     directories = path.split(":")
     if not all(os.path.isabs(directory) for directory in directories):
         return None  # "" or "." mean the current directory: leave that to the shell
-    for directory in directories:
-        candidate = os.path.join(directory, program)
-        if _is_executable(candidate):
-            return candidate
-    return None
+    return tuple(directory if directory.endswith("/") else directory + "/" for directory in directories)
 
 
 def _is_executable(path: str) -> bool:
