@@ -512,6 +512,30 @@ async def test_shardlines_own_variables_and_dropped_names_are_not_inherited(
     assert seen["PATH"] == os.environ["PATH"]
 
 
+async def test_each_command_sees_the_environment_and_drops_of_its_own_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The filtered environment is reused between commands: a change, or another drop list, must still show.
+    def seen(name: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in (tmp_path / name).read_text().splitlines() if "=" in line)
+
+    monkeypatch.setenv("TEST_CHANGING", "first")
+    for name, drop in (("one", ()), ("two", ()), ("three", ("TEST_CHANGING",))):
+        async with CommandOutput("env", tmp_path / name, drop_env=drop) as output:
+            await output.finish()
+        monkeypatch.setenv("TEST_CHANGING", "second")
+    assert seen("one")["TEST_CHANGING"] == "first"
+    assert seen("two")["TEST_CHANGING"] == "second"
+    assert "TEST_CHANGING" not in seen("three")
+
+
+async def test_an_added_bash_function_sends_the_command_to_the_shell(tmp_path: Path) -> None:
+    # bash as sh would run the exported function, not the program: only the shell can decide.
+    async with CommandOutput("env", tmp_path / "out", env={"BASH_FUNC_env%%": "() { :; }"}) as output:
+        await output.finish()
+    assert not output._direct
+
+
 # --- every process a command starts ends with it ---------------------------------
 
 

@@ -25,5 +25,7 @@ async def wait_uncancellable(future: asyncio.Future[Any]) -> None:
 
 async def completes_within(future: asyncio.Future[Any], timeout_s: float) -> bool:
     """Wait up to `timeout_s` for `future` without cancelling it on timeout; True if it is done."""
+    if future.done():
+        return True  # the common case (a command's stderr closed as it exited): no timer, no loop turn
     done, _ = await asyncio.wait({future}, timeout=timeout_s)
     return bool(done)

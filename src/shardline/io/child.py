@@ -174,13 +174,15 @@ def spawn(
     stdout_fd: int,
     stderr_tail_bytes: int,
     forward_stderr: IO[bytes] | TaggedLines | None,
+    executable: str | None = None,
 ) -> Child:
-    """Start `argv` (its first element looked up in `env`'s PATH) as the
-    leader of a new session, with `stdin_fd` and `stdout_fd` as its stdin and
-    stdout and a pipe of ours as its stderr.  Raises OSError if it cannot be
-    executed.  Call it from the event loop's thread; it waits there for the
-    child's exec (`spawn_soon` does not)."""
-    executable, stderr_read, stderr_write = _prepare(argv, env)
+    """Start `argv` (its first element looked up in `env`'s PATH, unless the
+    caller found it already: `executable`) as the leader of a new session,
+    with `stdin_fd` and `stdout_fd` as its stdin and stdout and a pipe of
+    ours as its stderr.  Raises OSError if it cannot be executed.  Call it
+    from the event loop's thread; it waits there for the child's exec
+    (`spawn_soon` does not)."""
+    executable, stderr_read, stderr_write = _prepare(argv, env, executable)
     try:
         pid = _posix_spawn(executable, argv, env, (stdin_fd, stdout_fd, stderr_write), _python_spawn)
     except BaseException:
@@ -200,6 +202,7 @@ async def spawn_soon(
     stderr_tail_bytes: int,
     forward_stderr: IO[bytes] | TaggedLines | None,
     off_loop: bool = True,
+    executable: str | None = None,
 ) -> Child:
     """`spawn`, with the exec waited for in a thread while the loop goes on
     (Linux with glibc; elsewhere, or with `off_loop` false, the same as
@@ -217,8 +220,9 @@ async def spawn_soon(
             stdout_fd=stdout_fd,
             stderr_tail_bytes=stderr_tail_bytes,
             forward_stderr=forward_stderr,
+            executable=executable,
         )
-    executable, stderr_read, stderr_write = _prepare(argv, env)
+    executable, stderr_read, stderr_write = _prepare(argv, env, executable)
     try:
         stdio = (stdin_fd, stdout_fd, stderr_write)
         started = _spawner().submit(_posix_spawn, executable, argv, env, stdio, _ctypes_spawn)
@@ -244,10 +248,11 @@ def _kill_and_reap_soon(pid: int) -> None:
     threading.Thread(target=_wait, args=(pid,), name=f"reap-{pid}", daemon=True).start()
 
 
-def _prepare(argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, int, int]:
-    """The executable's path and the child's stderr pipe (read end, write end)."""
+def _prepare(argv: Sequence[str], env: Mapping[str, str], executable: str | None) -> tuple[str, int, int]:
+    """The executable's path (`executable`, else looked up) and the child's stderr pipe (read end, write end)."""
     _seal_inherited_descriptors()
-    executable = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    if executable is None:
+        executable = shutil.which(argv[0], path=env.get("PATH", os.defpath))
     if executable is None:
         raise FileNotFoundError(2, "not found on PATH", argv[0])
     stderr_read, stderr_write = os.pipe()

@@ -61,7 +61,7 @@ from .child import Child, spawn_soon
 from .pipepacer import PipePacer
 from .processes import COMMAND_ID_VARIABLE, CommandProcesses, adopt_orphans
 from .shardoutput import ShardOutput, State, storage_error
-from .simplecommand import direct_argv, shell_status, with_shell_pwd
+from .simplecommand import direct_program, has_bash_functions, shell_status, with_shell_pwd
 from .stderrlines import TaggedLines
 
 __all__ = ["COMMAND_VARIABLES", "CommandOutput", "command_environment"]
@@ -124,6 +124,25 @@ def _environment_now() -> dict[str, str]:
     if _environ_cache is None or _environ_cache[0] != raw:
         _environ_cache = dict(raw), dict(os.environ)
     return _environ_cache[1]
+
+
+#: The last `_inherited_environment`: (the `_environment_now` dict it came
+#: from, the names dropped, the result, whether it exports a bash function).
+_inherited_cache: tuple[dict[str, str], frozenset[str], dict[str, str], bool] | None = None
+
+
+def _inherited_environment(drop: frozenset[str]) -> tuple[dict[str, str], bool]:
+    """`command_environment(_environment_now(), drop=drop)` (do not modify
+    it), and whether it exports a bash function: worked out again only when
+    the environment or `drop` changed, not for every command started (a
+    pass over every variable, twice, for each of thousands of shards)."""
+    global _inherited_cache
+    now = _environment_now()
+    cached = _inherited_cache
+    if cached is None or cached[0] is not now or cached[1] != drop:
+        inherited = command_environment(now, drop=drop)
+        cached = _inherited_cache = now, drop, inherited, has_bash_functions(inherited)
+    return cached[2], cached[3]
 
 
 def _kill_group(pgid: int) -> None:
@@ -220,13 +239,16 @@ class CommandOutput(ShardOutput):
         os.set_blocking(self._stdin_fd, False)
         _enlarge_pipe(self._stdin_fd)
         processes = self._processes = CommandProcesses()
-        env = command_environment(
-            _environment_now(), add={**self._extra_env, COMMAND_ID_VARIABLE: processes.marker}, drop=self._drop_env
-        )
+        inherited, bash_functions = _inherited_environment(self._drop_env)
+        # = command_environment(os.environ, add={**extra, ID: marker}, drop=...)
+        env = {**inherited, **self._extra_env, COMMAND_ID_VARIABLE: processes.marker}
         # A plain `prog args` runs without the shell in between (simplecommand.py).
-        argv = direct_argv(self._command, env)
-        self._direct = argv is not None
-        if argv is not None:
+        direct = direct_program(
+            self._command, env, bash_functions=bash_functions or has_bash_functions(self._extra_env)
+        )
+        self._direct = direct is not None
+        argv, executable = direct if direct is not None else (None, None)
+        if direct is not None:
             env = with_shell_pwd(env)
         try:
             # Off the loop, the exec is waited for in a thread while other shards go on (child.py).
@@ -238,6 +260,7 @@ class CommandOutput(ShardOutput):
                 stderr_tail_bytes=self._stderr_tail_bytes,
                 forward_stderr=self._forward_stderr,
                 off_loop=self._spawn_off_loop,
+                executable=executable,
             )
         except OSError as exc:
             processes.spawned(None)

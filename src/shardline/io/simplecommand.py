@@ -19,11 +19,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
 
-__all__ = ["direct_argv", "shell_status", "with_shell_pwd"]
+__all__ = ["direct_argv", "direct_program", "has_bash_functions", "shell_status", "with_shell_pwd"]
 
 #: Words made only of characters no POSIX shell treats specially, separated by
 #: blanks; ``=`` is literal after the first word (in it, it would make an assignment).
@@ -47,15 +48,33 @@ _SHELL_OWN = frozenset(
 def direct_argv(command: str, env: Mapping[str, str]) -> list[str] | None:
     """The argv to run instead of ``sh -c command`` in `env`, or None: let
     the shell run it.  Its first element is the program as written, as the
-    shell passes it (programs name themselves by it in their messages); the
-    spawn finds it along the same PATH."""
+    shell passes it (programs name themselves by it in their messages)."""
+    found = direct_program(command, env)
+    return None if found is None else found[0]
+
+
+def direct_program(
+    command: str, env: Mapping[str, str], *, bash_functions: bool | None = None
+) -> tuple[list[str], str] | None:
+    """`direct_argv` and the program's path, found along `env`'s PATH as the
+    shell would find it: the spawn execs that path rather than searching
+    PATH a second time.  `bash_functions`: whether `env` holds an exported
+    bash function, when the caller knows (it spares a pass over `env`)."""
     match = _SIMPLE.fullmatch(command)
     if match is None:
         return None
     program, rest = match.group(1), match.group(2).split()
-    if program in _SHELL_OWN or any(name.startswith("BASH_FUNC_") for name in env):
+    if bash_functions is None:
+        bash_functions = has_bash_functions(env)
+    if program in _SHELL_OWN or bash_functions:
         return None
-    return None if _find(program, env) is None else [program, *rest]
+    executable = _find(program, env)
+    return None if executable is None else ([program, *rest], executable)
+
+
+def has_bash_functions(env: Mapping[str, str]) -> bool:
+    """Whether `env` exports a bash function (which could shadow a program of its name)."""
+    return any(name.startswith("BASH_FUNC_") for name in env)
 
 
 def _find(program: str, env: Mapping[str, str]) -> str | None:
@@ -63,17 +82,27 @@ def _find(program: str, env: Mapping[str, str]) -> str | None:
     given, else the first executable file along an absolute-only PATH."""
     if "/" in program:
         return program if _is_executable(program) else None
-    path = env.get("PATH")
+    directories = _search_path(env.get("PATH"))
+    if directories is None:
+        return None
+    for directory in directories:
+        candidate = directory + program
+        if _is_executable(candidate):
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _search_path(path: str | None) -> tuple[str, ...] | None:
+    """PATH's directories, each ending in "/", if the shell would search
+    them as we do; else None.  A pure function of the string, so worked out
+    once per PATH, not per command."""
     if not path:
         return None  # the shell's built-in default path differs from ours
     directories = path.split(":")
     if not all(os.path.isabs(directory) for directory in directories):
         return None  # "" or "." mean the current directory: leave that to the shell
-    for directory in directories:
-        candidate = os.path.join(directory, program)
-        if _is_executable(candidate):
-            return candidate
-    return None
+    return tuple(directory if directory.endswith("/") else directory + "/" for directory in directories)
 
 
 def _is_executable(path: str) -> bool:

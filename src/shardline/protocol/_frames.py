@@ -361,8 +361,13 @@ def _field_names(cls: type[Frame]) -> tuple[tuple[str, ...], frozenset[str], fro
 _META_FIELDS = {cls: _field_names(cls) for cls in _FRAME_CLASSES.values()}
 
 
+#: `json.dumps(..., separators=(",", ":"), sort_keys=True)` made once: dumps
+#: with options builds a new encoder for every call, i.e. every frame.
+_META_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def encode_payload(frame: Frame) -> bytes:
-    meta = json.dumps(frame.meta(), separators=(",", ":"), sort_keys=True).encode()
+    meta = _META_ENCODER.encode(frame.meta()).encode()
     return _META_LENGTH.pack(len(meta)) + meta + frame.data
 
 

@@ -3,9 +3,13 @@
 # A thin asyncio shell around protocol.ExchangeSession: the worker dials out
 # (Lambda accepts no inbound TCP), says HELLO, then sends its HEAD fragment,
 # asks for its neighbours' heads with WANT, heartbeats with PROGRESS and
-# reports DONE or FAILED.  A background task reads pushed FRAGMENTs into a
-# dict.  Losing the session never stops the shard: fragments it did not get
-# are taken from markers or S3 instead; only the final report needs the
+# reports DONE or FAILED.  The connection is an `asyncio.Protocol`: frames are
+# taken as their bytes arrive, in the loop's read callback (pushed FRAGMENTs
+# into a dict), and written straight to the transport -- no reader task, no
+# coroutine per frame read or written, no lock: a pool process runs
+# thousands of short attempts, each with its own session.  Losing the
+# session never stops the shard: fragments it did not get are taken from
+# markers or S3 instead; only the final report needs the
 # coordinator, and for that the client reconnects, with backoff, for up to
 # its whole timeout: a flood of strangers on the exchange port may cost a
 # worker's connections (the exchange evicts the oldest unauthenticated
@@ -23,6 +27,7 @@ import contextlib
 import functools
 import logging
 import ssl
+import typing
 
 from ..errors import (
     ConfigurationError,
@@ -45,6 +50,7 @@ from ..protocol import (
     Head,
     Pending,
     Want,
+    Welcome,
 )
 
 __all__ = ["ExchangeClient", "client_tls_context"]
@@ -76,11 +82,8 @@ class ExchangeClient:
         self._tls = tls
         self._identity = dict(job_id=job_id, shard=shard, attempt=attempt, secret=secret)
         self._connect_timeout_s = connect_timeout_s
-        self._session: ExchangeSession | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._read_task: asyncio.Task[None] | None = None
-        self._send_lock = asyncio.Lock()
+        #: The open session's connection (None before connect() and once it is dropped).
+        self._connection: _Connection | None = None
         self._fragments: dict[int, Fragment] = {}
         self._wanted: set[int] = set()
         self._answered: set[int] = set()  # WANTs answered with FRAGMENT or PENDING
@@ -89,7 +92,6 @@ class ExchangeClient:
         self._ack: asyncio.Future[Ack] | None = None
         self._fenced = asyncio.Event()
         self._connecting: asyncio.Task[None] | None = None  # connect_soon()'s
-        self.connected = False
         self.rejection: str | None = None  # set when the coordinator sent ERROR
 
     async def __aenter__(self) -> ExchangeClient:
@@ -97,6 +99,12 @@ class ExchangeClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is open (WELCOME received, the connection not lost)."""
+        connection = self._connection
+        return connection is not None and connection.open
 
     async def connect(self, *, timeout_s: float | None = None) -> None:
         """Open the session (HELLO / WELCOME) and resend earlier WANTs.
@@ -107,12 +115,16 @@ class ExchangeClient:
         timeout_s = self._connect_timeout_s if timeout_s is None else timeout_s
         await self._drop_connection()
         session = ExchangeSession.client(**self._identity)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
         try:
             # asyncio.timeout rather than wait_for throughout: on 3.11 wait_for
             # can swallow a cancellation that arrives as its operation finishes.
             async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(
-                    *self._address, ssl=self._tls, server_hostname=self._address[0] if self._tls else None
+                _, connection = await loop.create_connection(
+                    functools.partial(_Connection, self, session),
+                    *self._address,
+                    ssl=self._tls,
+                    server_hostname=self._address[0] if self._tls else None,
                 )
         except ssl.SSLCertVerificationError as exc:
             # No retry fixes a certificate we do not trust: say so at once.
@@ -126,12 +138,12 @@ class ExchangeClient:
             ) from exc
         except OSError as exc:
             raise ExchangeNetworkError(f"cannot reach the exchange at {self._where()}: {exc}") from exc
-        self._session, self._reader, self._writer = session, reader, writer
+        self._connection = connection
         try:
-            writer.write(session.send(session.hello))  # type: ignore[arg-type]
-            await writer.drain()
+            connection.write(session.send(session.hello))  # type: ignore[arg-type]
             async with asyncio.timeout(timeout_s):
-                welcome = await self._read_frame()
+                await connection.drain()
+                welcome = await connection.welcome
         except TimeoutError as exc:
             await self._drop_connection()
             raise ExchangeTimeoutError(
@@ -144,11 +156,9 @@ class ExchangeClient:
             await self._drop_connection()
             if isinstance(welcome, Error):
                 self._refused(welcome)
-            if isinstance(welcome, Error):
                 raise ExchangeRefusedError(f"exchange refused the session: {welcome.message}")
             raise ExchangeNetworkError("the exchange closed the connection during the handshake")
-        self.connected = True
-        self._read_task = asyncio.create_task(self._read_loop(), name="exchange-reader")
+        connection.opened()
         if self._head is not None:
             await self._send(self._head)
         for shard in sorted(self._wanted):
@@ -197,50 +207,38 @@ class ExchangeClient:
         if connecting.done() and not connecting.cancelled() and connecting.exception() is not None:
             raise connecting.exception()  # type: ignore[misc]
 
-    async def _read_frame(self) -> Frame | None:
-        assert self._session is not None and self._reader is not None
-        while True:
-            frame = self._session.next_frame()
-            if frame is CLOSED:
-                return None
-            if frame is not NEED_DATA:
-                return frame  # type: ignore[return-value]
-            self._session.receive_data(await self._reader.read(_READ_BYTES))
-
-    async def _read_loop(self) -> None:
-        try:
-            while True:
-                frame = await self._read_frame()
-                if frame is None:
-                    break
-                if isinstance(frame, (Fragment, Pending)):
-                    if isinstance(frame, Fragment):
-                        self._fragments[frame.shard] = frame
-                    self._answered.add(frame.shard)
-                    self._answer_arrived.set()
-                elif isinstance(frame, Ack):
-                    if self._ack is not None and not self._ack.done():
-                        self._ack.set_result(frame)
-                elif isinstance(frame, Error):
-                    self._refused(frame)
-                    # A fenced attempt is routine (its job ended, or another
-                    # attempt won): it stops with StaleAttemptError, and no
-                    # user should see a warning about it on their terminal.
-                    level = logging.INFO if frame.stale else logging.WARNING
-                    log.log(level, "exchange closed our session: %s", frame.message)
-                    break
-        except (OSError, ProtocolError) as exc:
-            log.warning("exchange session lost: %s", exc)
-        finally:
-            self.connected = False
+    def _frame_arrived(self, frame: Frame) -> bool:
+        """Take a frame of the open session (from the read callback); False: the session ends here."""
+        if isinstance(frame, (Fragment, Pending)):
+            if isinstance(frame, Fragment):
+                self._fragments[frame.shard] = frame
+            self._answered.add(frame.shard)
             self._answer_arrived.set()
+        elif isinstance(frame, Ack):
             if self._ack is not None and not self._ack.done():
-                lost: ExchangeUnavailable = (
-                    ExchangeRefusedError(self.rejection)
-                    if self.rejection is not None
-                    else ExchangeNetworkError("exchange session lost before ACK")
-                )
-                self._ack.set_exception(lost)
+                self._ack.set_result(frame)
+        elif isinstance(frame, Error):
+            self._refused(frame)
+            # A fenced attempt is routine (its job ended, or another
+            # attempt won): it stops with StaleAttemptError, and no
+            # user should see a warning about it on their terminal.
+            level = logging.INFO if frame.stale else logging.WARNING
+            log.log(level, "exchange closed our session: %s", frame.message)
+            return False
+        return True
+
+    def _session_ended(self, connection: _Connection) -> None:
+        """`connection`'s session is over (lost, closed, refused, broken): wake whoever waits on it."""
+        if connection is not self._connection:
+            return  # an earlier connection, already dropped
+        self._answer_arrived.set()
+        if self._ack is not None and not self._ack.done():
+            lost: ExchangeUnavailable = (
+                ExchangeRefusedError(self.rejection)
+                if self.rejection is not None
+                else ExchangeNetworkError("exchange session lost before ACK")
+            )
+            self._ack.set_exception(lost)
 
     def _refused(self, error: Error) -> None:
         self.rejection = error.message
@@ -264,15 +262,16 @@ class ExchangeClient:
             raise StaleAttemptError(f"the coordinator fenced this attempt: {self.rejection}")
 
     async def _send(self, frame: Frame) -> None:
-        async with self._send_lock:
-            if not self.connected or self._writer is None or self._session is None:
-                raise ExchangeNetworkError("not connected to the exchange")
-            try:
-                self._writer.write(self._session.send(frame))
-                await self._writer.drain()
-            except OSError as exc:
-                self.connected = False
-                raise ExchangeNetworkError(f"exchange write failed: {exc}") from exc
+        connection = self._connection
+        if connection is None or not connection.open:
+            raise ExchangeNetworkError("not connected to the exchange")
+        try:
+            # Encoded and written in one step: frames reach the wire in the
+            # order of their sequence numbers, whoever else is sending.
+            connection.write(connection.session.send(frame))
+            await connection.drain()
+        except OSError as exc:
+            raise ExchangeNetworkError(f"exchange write failed: {exc}") from exc
 
     async def send(self, frame: Frame) -> bool:
         """Best-effort send; False if the session is gone (the shard goes on)."""
@@ -283,12 +282,24 @@ class ExchangeClient:
             log.info("exchange send of %s skipped: %s", frame.TYPE.name, exc)
             return False
 
-    async def publish_head(self, head: Head) -> bool:
-        """Send our HEAD (and again after any reconnect); False if not connected now."""
+    def publish_head(self, head: Head) -> bool:
+        """Send our HEAD now (and again after any reconnect); False if not connected now.
+
+        Written without waiting for it to drain: a HEAD is one frame of at
+        most a fragment's push limit, and the shard has nothing else to send
+        until its tail."""
         self._head = head
         if self._opening:
             return False  # connect() sends it as the session opens
-        return await self.send(head)
+        connection = self._connection
+        try:
+            if connection is None or not connection.open:
+                raise ExchangeNetworkError("not connected to the exchange")
+            connection.write(connection.session.send(head))
+            return True
+        except (OSError, ExchangeUnavailable) as exc:
+            log.info("exchange send of HEAD skipped: %s", exc)
+            return False
 
     async def want(self, shard: int) -> None:
         """Ask to be pushed `shard`'s head fragment as soon as it is known."""
@@ -363,17 +374,10 @@ class ExchangeClient:
         return f"{self._address[0]}:{self._address[1]}"
 
     async def _drop_connection(self) -> None:
-        self.connected = False
-        task, self._read_task = self._read_task, None
-        writer, self._writer = self._writer, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.aclose()
+            self._answer_arrived.set()  # whoever waits for an answer on it: none will come
 
     async def aclose(self) -> None:
         if self._connecting is not None and not self._connecting.done():
@@ -381,6 +385,125 @@ class ExchangeClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._connecting
         await asyncio.shield(self._drop_connection())
+
+
+class _Connection(asyncio.Protocol):
+    """One connection of an `ExchangeClient`: bytes go into its session as
+    they arrive, and each verified frame goes to the client at once."""
+
+    def __init__(self, client: ExchangeClient, session: ExchangeSession) -> None:
+        loop = asyncio.get_running_loop()
+        self._client = client
+        self.session = session
+        self._transport: asyncio.Transport | None = None
+        #: The WELCOME, an ERROR refusing the session, or None: closed first.
+        self.welcome: asyncio.Future[Frame | None] = loop.create_future()
+        #: Set once the connection is gone (`connection_lost`).
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._ended = False  # no more frames are taken (EOF, ERROR, a protocol error, closed)
+        #: The client has taken the WELCOME and nothing has ended the session since.
+        self.open = False
+        self._writable: asyncio.Future[None] | None = None  # while the transport's buffer is full
+        self._write_error: OSError | None = None
+
+    def opened(self) -> None:
+        """The client took the WELCOME: from now on it sends on this session
+        (frames that arrived meanwhile went to it already)."""
+        self.open = not self._ended
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is no asyncio.Transport subclass, but has its methods.
+        self._transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return
+        self.session.receive_data(data)
+        self._take_frames()
+
+    def eof_received(self) -> bool:
+        if not self._ended:
+            self.session.receive_data(b"")
+            self._take_frames()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError):
+            self._write_error = exc
+        self._end(None)
+        self._set_writable()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        self._set_writable()
+
+    # -- frames ----------------------------------------------------------------
+
+    def _take_frames(self) -> None:
+        session = self.session
+        try:
+            while not self._ended:
+                frame = session.next_frame()
+                if frame is NEED_DATA:
+                    return
+                if frame is CLOSED:
+                    self._end(None)
+                elif not self.welcome.done():
+                    self.welcome.set_result(frame)  # type: ignore[arg-type]
+                    if not isinstance(frame, Welcome):
+                        self._end(None)  # an ERROR: refused
+                elif not self._client._frame_arrived(frame):  # type: ignore[arg-type]
+                    self._end(None)
+        except ProtocolError as exc:
+            if self.welcome.done():
+                log.warning("exchange session lost: %s", exc)
+            self._end(exc)
+
+    def _end(self, error: ProtocolError | None) -> None:
+        """Take no more frames, close the connection, and tell the client."""
+        if self._ended:
+            return
+        self._ended = True
+        self.open = False
+        if not self.welcome.done():
+            if error is not None:
+                self.welcome.set_exception(error)
+            else:
+                self.welcome.set_result(None)
+        if self._transport is not None:
+            self._transport.close()
+        self._client._session_ended(self)
+
+    # -- writing ---------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._ended or self._transport is None:
+            raise self._write_error or ConnectionResetError("the exchange connection is closed")
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its limit; OSError if the connection broke."""
+        if self._writable is not None:
+            await asyncio.shield(self._writable)
+        if self._write_error is not None:
+            raise self._write_error
+
+    def _set_writable(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    async def aclose(self) -> None:
+        """Close the connection and wait until it is closed."""
+        self._end(None)
+        await asyncio.shield(self._closed)
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,7 +27,6 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -586,7 +585,7 @@ class _ShardRun:
         self.crc.update(data)
 
     async def _publish(self, boundary: Boundary, fragment: bytes | None) -> None:
-        """Marker to DynamoDB and head fragment to the exchange, concurrently."""
+        """Head fragment to the exchange and marker to DynamoDB."""
         marker = Marker(
             job_id=self.task.job_id,
             shard=self.shard.index,
@@ -594,18 +593,19 @@ class _ShardRun:
             boundary=boundary,
             etag=self.task.etag,
         )
-        steps: list[Awaitable[object]] = [self.markers.publish(marker)]
         if self.exchange is not None:
-            head = Head(
-                shard=self.shard.index,
-                start=boundary.start,
-                head_end=boundary.head_end,
-                line_start=boundary.line_start,
-                has_data=fragment is not None,
-                data=fragment or b"",
+            # Written at once (the exchange relays it to the neighbour that wants it), then the marker.
+            self.exchange.publish_head(
+                Head(
+                    shard=self.shard.index,
+                    start=boundary.start,
+                    head_end=boundary.head_end,
+                    line_start=boundary.line_start,
+                    has_data=fragment is not None,
+                    data=fragment or b"",
+                )
             )
-            steps.append(self.exchange.publish_head(head))
-        await asyncio.gather(*steps)
+        await self.markers.publish(marker)
 
     # -- step 3: the tail --------------------------------------------------------
 
