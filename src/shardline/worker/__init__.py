@@ -10,9 +10,14 @@ benchmarks): the ranged reader (`RangedReader`, `fetch_range`) and the
 exchange client (`ExchangeClient`).
 """
 
-from ._exchange import ExchangeClient, client_tls_context
-from ._reader import RangedReader, ReaderSettings, ReaderStats, fetch_range
-from ._shard import ShardResult, WorkerSettings, run_task
+from ..io.collector import collection_paused
+
+# What a worker process (a pool's, a Lambda's) imports first, and keeps for
+# good: built with the garbage collector paused (io/collector.py).
+with collection_paused():
+    from ._exchange import ExchangeClient, client_tls_context
+    from ._reader import RangedReader, ReaderSettings, ReaderStats, fetch_range
+    from ._shard import ShardResult, WorkerSettings, run_task
 
 __all__ = [
     "ExchangeClient",
