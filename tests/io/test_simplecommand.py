@@ -10,7 +10,7 @@ import pytest
 
 from shardline.errors import CommandFailedError
 from shardline.io.command import CommandOutput
-from shardline.io.simplecommand import direct_argv, shell_status, with_shell_pwd
+from shardline.io.simplecommand import direct_program, shell_status, with_shell_pwd
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
@@ -27,7 +27,8 @@ ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 )
 def test_a_program_and_its_words_run_directly(command: str, words: list[str]) -> None:
     program = command.split()[0]
-    assert direct_argv(command, ENV) == [program, *words]
+    found = direct_program(command, ENV)
+    assert found is not None and found[0] == [program, *words]
 
 
 @pytest.mark.parametrize(
@@ -68,18 +69,18 @@ def test_a_program_and_its_words_run_directly(command: str, words: list[str]) ->
     ],
 )
 def test_anything_the_shell_would_treat_specially_stays_with_the_shell(command: str) -> None:
-    assert direct_argv(command, ENV) is None
+    assert direct_program(command, ENV) is None
 
 
 def test_an_exported_bash_function_could_shadow_the_program(tmp_path: Path) -> None:
-    assert direct_argv("wc -l", {**ENV, "BASH_FUNC_wc%%": "() { :; }"}) is None
+    assert direct_program("wc -l", {**ENV, "BASH_FUNC_wc%%": "() { :; }"}) is None
 
 
 def test_a_path_the_shell_would_not_search_the_same_way_stays_with_the_shell(tmp_path: Path) -> None:
-    assert direct_argv("wc -l", {}) is None  # no PATH: the shell's built-in default applies
-    assert direct_argv("wc -l", {"PATH": ""}) is None
-    assert direct_argv("wc -l", {"PATH": f".:{ENV['PATH']}"}) is None
-    assert direct_argv("wc -l", {"PATH": f"{ENV['PATH']}:"}) is None
+    assert direct_program("wc -l", {}) is None  # no PATH: the shell's built-in default applies
+    assert direct_program("wc -l", {"PATH": ""}) is None
+    assert direct_program("wc -l", {"PATH": f".:{ENV['PATH']}"}) is None
+    assert direct_program("wc -l", {"PATH": f"{ENV['PATH']}:"}) is None
 
 
 def test_path_order_and_executability_decide_like_the_shell(tmp_path: Path) -> None:
@@ -90,9 +91,10 @@ def test_path_order_and_executability_decide_like_the_shell(tmp_path: Path) -> N
     program = second / "prog"
     program.write_text("#!/bin/sh\n")
     program.chmod(program.stat().st_mode | stat.S_IXUSR)
-    assert direct_argv("prog -x", {"PATH": f"{first}:{second}"}) == ["prog", "-x"]
-    assert direct_argv(f"{program} -x", {"PATH": str(first)}) == [str(program), "-x"]
-    assert direct_argv(f"{first / 'prog'}", {"PATH": str(first)}) is None
+    # The argv as written, the path as found: the spawn execs the path.
+    assert direct_program("prog -x", {"PATH": f"{first}:{second}"}) == (["prog", "-x"], str(program))
+    assert direct_program(f"{program} -x", {"PATH": str(first)}) == ([str(program), "-x"], str(program))
+    assert direct_program(f"{first / 'prog'}", {"PATH": str(first)}) is None
 
 
 def test_pwd_is_set_as_dash_sets_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -210,7 +210,7 @@ class CommandOutput(ShardOutput):
         self._feeder: ThreadPoolExecutor | None = None
         self._pacer: PipePacer | None = None
         self._feed_stop: threading.Event | None = None
-        #: The command runs without a shell (`direct_argv`).
+        #: The command runs without a shell (`direct_program`).
         self._direct = False
 
     @property

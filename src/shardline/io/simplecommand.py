@@ -5,7 +5,8 @@
 # and -- dash, Debian's /bin/sh, does not exec its last command -- forks
 # again to run it: two execs and two processes per shard, half of a 5,000
 # shard job's command CPU (bench/README.md).  When COMMAND is plainly one
-# program and its arguments, `direct_argv` gives that program's argv, and
+# program and its arguments, `direct_program` gives that program's argv
+# (and its path), and
 # the caller runs it as the shell would have: same argv, same environment
 # (plus PWD, which dash sets when it is missing or stale), same descriptors,
 # the same session; an exit by signal N is reported as the shell would
@@ -24,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 
-__all__ = ["direct_argv", "direct_program", "has_bash_functions", "shell_status", "with_shell_pwd"]
+__all__ = ["direct_program", "has_bash_functions", "shell_status", "with_shell_pwd"]
 
 #: Words made only of characters no POSIX shell treats specially, separated by
 #: blanks; ``=`` is literal after the first word (in it, it would make an assignment).
@@ -45,21 +46,17 @@ _SHELL_OWN = frozenset(
 )
 
 
-def direct_argv(command: str, env: Mapping[str, str]) -> list[str] | None:
-    """The argv to run instead of ``sh -c command`` in `env`, or None: let
-    the shell run it.  Its first element is the program as written, as the
-    shell passes it (programs name themselves by it in their messages)."""
-    found = direct_program(command, env)
-    return None if found is None else found[0]
-
-
 def direct_program(
     command: str, env: Mapping[str, str], *, bash_functions: bool | None = None
 ) -> tuple[list[str], str] | None:
-    """`direct_argv` and the program's path, found along `env`'s PATH as the
-    shell would find it: the spawn execs that path rather than searching
-    PATH a second time.  `bash_functions`: whether `env` holds an exported
-    bash function, when the caller knows (it spares a pass over `env`)."""
+    """The argv to run instead of ``sh -c command`` in `env`, and the
+    program's path, or None: let the shell run it.  The argv's first element
+    is the program as written, as the shell passes it (programs name
+    themselves by it in their messages); the path is found along `env`'s
+    PATH as the shell would find it, and the spawn execs it rather than
+    searching PATH a second time.  `bash_functions`: whether `env` holds an
+    exported bash function, when the caller knows (it spares a pass over
+    `env`)."""
     match = _SIMPLE.fullmatch(command)
     if match is None:
         return None
