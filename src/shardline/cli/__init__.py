@@ -94,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 141
     finally:
-        if argv is None:
-            start_up_done()  # if it failed before it was done (else nothing)
+        _start_up_done(argv)  # if it failed before it was done (else nothing)
         log.debug("finished in %.2fs", time.monotonic() - started)
 
 
